@@ -1,0 +1,21 @@
+/*
+ * ferry/ferry.h - the whole public API of libferry.
+ *
+ *   common.h     export macro, error object and the 0/-errno convention
+ *   channel.h    buffered byte channels with sticky errors
+ *   stream.h     wire constants and the checked record layer
+ *   vmstate.h    declarative field tables for non-iterable device state
+ *   migration.h  context, device registry, hooks, save and load loops
+ *   transport.h  tcp:/unix:/fd:/file: URIs
+ */
+#ifndef FERRY_FERRY_H
+#define FERRY_FERRY_H
+
+#include "ferry/common.h"
+#include "ferry/channel.h"
+#include "ferry/stream.h"
+#include "ferry/vmstate.h"
+#include "ferry/migration.h"
+#include "ferry/transport.h"
+
+#endif

@@ -1,0 +1,230 @@
+/*
+ * ferry/migration.h - the migration context, device registry, hooks, and the
+ * save and load loops that drive them.
+ *
+ * Everything hangs off a struct ferry_ctx; there is no global state, so two
+ * migrations (or a source and a destination) can live in one process.
+ *
+ * A device or subsystem registers either
+ *   - a vmstate description (non-iterable state, one FULL section), or
+ *   - a struct ferry_dev_ops (iterable state such as RAM, or state with its
+ *     own encoding), with an opaque pointer passed back to every hook.
+ *
+ * The save side emits, in order (see docs/stream-format.md):
+ *   header; START section per iterable device (save_setup);
+ *   rounds of PART sections (save_iterate) while data remains;
+ *   at switchover, with vCPUs paused: END sections (save_complete) while
+ *   save_complete_thread hooks run in their own threads and send DEVSTATE
+ *   buffers; FULL sections for non-iterable devices (save_state / vmstate);
+ *   a VMDESC record (JSON description); EOF.
+ *
+ * Hook return convention, all hooks: 0 on success, -errno on failure with
+ * @err filled (err may be NULL). A failing save hook fails the migration,
+ * never the source VM: the VMM keeps running. A failing load hook fails the
+ * load; the destination must not run the VM.
+ *
+ * Buffer ownership: channels passed to hooks belong to the library and are
+ * valid only during the call. Buffers passed to load_buffer belong to the
+ * library and are valid only during the call; buffers given to
+ * ferry_devstate_send() are copied before it returns.
+ */
+#ifndef FERRY_MIGRATION_H
+#define FERRY_MIGRATION_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ferry/channel.h"
+#include "ferry/common.h"
+#include "ferry/stream.h"
+#include "ferry/vmstate.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ferry_ctx;
+struct ferry_devstate_sink;
+
+struct ferry_dev_ops {
+	/* ---- save side (source) ---- */
+
+	/* Thread: migration thread. Phase: setup, vCPUs running.
+	 * Write the START section payload (e.g. the RAM block list) and start
+	 * dirty tracking. Only called for iterable devices (save_iterate set). */
+	int (*save_setup)(struct ferry_chan *c, void *opaque,
+			  struct ferry_error *err);
+	/* Thread: migration thread. Phase: precopy, vCPUs running (or paused
+	 * at switchover). Report bytes still to send: those that must go
+	 * before the destination runs, and those postcopy could fetch later.
+	 * @exact asks for a precise figure (e.g. after a dirty-log sync).
+	 * Cannot fail. */
+	void (*save_pending)(void *opaque, bool exact, uint64_t *must_precopy,
+			     uint64_t *can_postcopy);
+	/* Thread: migration thread. Phase: precopy, vCPUs running.
+	 * Write one PART section: send some of the pending data, at most about
+	 * @budget bytes (0 = no limit), and return. Returns 0 or -errno. */
+	int (*save_iterate)(struct ferry_chan *c, void *opaque, uint64_t budget,
+			    struct ferry_error *err);
+	/* Thread: migration thread. Phase: switchover, vCPUs paused.
+	 * Write the END section: everything that remains. */
+	int (*save_complete)(struct ferry_chan *c, void *opaque,
+			     struct ferry_error *err);
+	/* Thread: its own thread, started at switchover, vCPUs paused; runs
+	 * concurrently with save_complete of other devices and with the FULL
+	 * sections. Sends device state as buffers with ferry_devstate_send();
+	 * the destination gets them, in order, through load_buffer. */
+	int (*save_complete_thread)(struct ferry_devstate_sink *sink,
+				    void *opaque, struct ferry_error *err);
+	/* Thread: migration thread. Phase: switchover, vCPUs paused.
+	 * Non-iterable devices: write the FULL section payload. */
+	int (*save_state)(struct ferry_chan *c, void *opaque,
+			  struct ferry_error *err);
+	/* Thread: migration thread. Phase: after completion or failure.
+	 * Undo save_setup (stop dirty tracking, free buffers). Idempotent and
+	 * safe when save_setup never ran. */
+	void (*save_cleanup)(void *opaque);
+
+	/* ---- load side (destination) ---- */
+
+	/* Thread: load thread. Phase: before the first record is read. */
+	int (*load_setup)(void *opaque, struct ferry_error *err);
+	/* Thread: load thread. Phase: incoming, VM not running.
+	 * Load one section payload (START, PART, END or FULL) of stream
+	 * version @version from @c. Must consume exactly the payload; leftover
+	 * bytes fail the load. */
+	int (*load_state)(struct ferry_chan *c, void *opaque, uint32_t version,
+			  struct ferry_error *err);
+	/* Thread: the device's own load thread (never the main load thread).
+	 * Phase: incoming. One DEVSTATE buffer, in the order sent. */
+	int (*load_buffer)(void *opaque, const void *buf, size_t len,
+			   struct ferry_error *err);
+	/* Thread: load thread. Phase: when SWITCHOVER_START arrives (the
+	 * source is about to send the final state). */
+	int (*switchover_start)(void *opaque, struct ferry_error *err);
+	/* Thread: load thread. Phase: after the load, success or failure.
+	 * Idempotent and safe when load_setup never ran. */
+	void (*load_cleanup)(void *opaque);
+};
+
+/* ---- context and registry --------------------------------------------- */
+
+FERRY_API struct ferry_ctx *ferry_ctx_new(struct ferry_error *err);
+/* Frees the context; registered devices are forgotten, not freed. */
+FERRY_API void ferry_ctx_free(struct ferry_ctx *ctx);
+
+/*
+ * Register a device. (@idstr, @instance) must be unique. @version is the
+ * version written; loads accept [@min_version, @version]. @ops is not
+ * copied and must outlive the registration. A device with save_iterate is
+ * iterable; otherwise it needs save_state and load_state.
+ */
+FERRY_API int ferry_register(struct ferry_ctx *ctx, const char *idstr,
+			     uint32_t instance, uint32_t version,
+			     uint32_t min_version,
+			     const struct ferry_dev_ops *ops, void *opaque,
+			     struct ferry_error *err);
+/* Register non-iterable state described by @vmsd at @obj; the idstr is
+ * vmsd->name. @vmsd and @obj must outlive the registration. */
+FERRY_API int ferry_register_vmstate(struct ferry_ctx *ctx,
+				     const struct ferry_vmsd *vmsd,
+				     uint32_t instance, void *obj,
+				     struct ferry_error *err);
+FERRY_API int ferry_unregister(struct ferry_ctx *ctx, const char *idstr,
+			       uint32_t instance);
+
+/*
+ * JSON (malloc'd string, caller frees) describing every registered device,
+ * with the full vmstate schema of vmstate devices. Stable key order, so two
+ * builds can be diffed. NULL on ENOMEM.
+ */
+FERRY_API char *ferry_ctx_describe_json(struct ferry_ctx *ctx, bool pretty);
+
+/* ---- device state over parallel channels ------------------------------ */
+
+/* Thread-safe: callable only from save_complete_thread. @buf is copied or
+ * written before return. Returns 0 or -errno. */
+FERRY_API int ferry_devstate_send(struct ferry_devstate_sink *sink,
+				  const void *buf, size_t len,
+				  struct ferry_error *err);
+
+/* ---- saving ----------------------------------------------------------- */
+
+struct ferry_save;  /* one outgoing migration */
+
+/*
+ * Start saving to @out (not owned; must outlive the save). Writes the header
+ * and the START sections (save_setup hooks). Thread: migration thread.
+ */
+FERRY_API struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
+					      struct ferry_chan *out,
+					      struct ferry_error *err);
+/* Sum of save_pending over iterable devices. */
+FERRY_API void ferry_save_pending(struct ferry_save *s, bool exact,
+				  uint64_t *must_precopy,
+				  uint64_t *can_postcopy);
+/* One precopy round: a PART section per iterable device with data pending,
+ * each given @budget bytes (0 = unlimited). */
+FERRY_API int ferry_save_round(struct ferry_save *s, uint64_t budget,
+			       struct ferry_error *err);
+/* Send a command record (payload already encoded per enum ferry_cmd). */
+FERRY_API int ferry_save_command(struct ferry_save *s, uint16_t cmd,
+				 const void *payload, size_t len,
+				 struct ferry_error *err);
+/*
+ * Switchover, vCPUs must be paused by the caller: END sections, complete-
+ * in-thread hooks, FULL sections, VMDESC, EOF, flush.
+ */
+FERRY_API int ferry_save_complete(struct ferry_save *s,
+				  struct ferry_error *err);
+/* Run save_cleanup hooks and free. Safe at any point; NULL is a no-op. */
+FERRY_API void ferry_save_end(struct ferry_save *s);
+
+/* Stop-and-copy in one call: begin, rounds until nothing is pending (at
+ * most @max_rounds, 0 = 64), complete, end. For saving a paused VM. */
+FERRY_API int ferry_save_all(struct ferry_ctx *ctx, struct ferry_chan *out,
+			     unsigned max_rounds, struct ferry_error *err);
+
+/* ---- loading ---------------------------------------------------------- */
+
+/* A decoded command, as delivered to ferry_load_opts.on_command. */
+struct ferry_cmd_msg {
+	uint16_t cmd;
+	union {
+		uint32_t ping;
+		struct { uint64_t host_page_size, target_page_size; } advise;
+		struct {
+			char block[FERRY_IDSTR_MAX + 1];
+			uint32_t n;
+			const uint8_t *ranges; /* n x (be64 start, be64 len) */
+		} discard;
+	} u;
+};
+
+struct ferry_load_opts {
+	/* Cap on one record body (0 = FERRY_RECORD_MAX_DEFAULT). */
+	uint32_t max_record;
+	/* Called in the load thread for every command except PACKAGED and
+	 * SWITCHOVER_START (handled by the library). May be NULL: then
+	 * OPEN_RETURN_PATH and PING are accepted and ignored, and postcopy
+	 * commands fail the load ("postcopy not enabled"). */
+	int (*on_command)(void *opaque, const struct ferry_cmd_msg *cmd,
+			  struct ferry_error *err);
+	void *opaque;
+};
+
+/*
+ * Load a whole stream from @in until EOF: header, records, commands, device
+ * state buffers (into per-device load threads), then load_cleanup hooks.
+ * Every record is verified before any byte reaches a device; errors name the
+ * stream offset and the section. Thread: the caller's (the load thread).
+ */
+FERRY_API int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
+			 const struct ferry_load_opts *opts,
+			 struct ferry_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

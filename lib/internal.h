@@ -1,0 +1,53 @@
+/*
+ * internal.h - library-private structures shared by registry.c, save.c,
+ * load.c and describe.c. Not installed; nothing here is exported.
+ */
+#ifndef FERRY_INTERNAL_H
+#define FERRY_INTERNAL_H
+
+#include <pthread.h>
+
+#include "ferry/migration.h"
+
+/* Lock helpers: a failing pthread call is a broken invariant, not bad
+ * input, so it aborts (the one place the library may). */
+void ferry__mutex_lock(pthread_mutex_t *m);
+void ferry__mutex_unlock(pthread_mutex_t *m);
+
+/* One registered device. Immutable after registration. */
+struct ferry_dev {
+	char idstr[FERRY_IDSTR_MAX + 1];
+	uint32_t instance;
+	uint32_t version, min_version;
+	uint32_t section_id;              /* source-side id, from 1 */
+	const struct ferry_dev_ops *ops;
+	void *opaque;
+	const struct ferry_vmsd *vmsd;    /* vmstate devices only */
+	void *obj;                        /* vmstate devices only */
+	struct ferry_dev *next;
+};
+
+/*
+ * The context. The registry may change only while no save or load runs on
+ * the context (the VMM registers devices at start-up, on its main thread);
+ * save and load only read it, so they take no lock on it.
+ */
+struct ferry_ctx {
+	struct ferry_dev *devs;   /* registration order = stream order */
+	struct ferry_dev **tail;
+	unsigned ndevs;
+	uint32_t next_section_id;
+};
+
+static inline bool ferry__dev_iterable(const struct ferry_dev *d)
+{
+	return d->ops->save_iterate != NULL;
+}
+
+struct ferry_dev *ferry__find_dev(struct ferry_ctx *ctx, const char *idstr,
+				  uint32_t instance);
+
+/* Build the VMDESC/describe document (jansson), used by save and the CLI. */
+char *ferry__describe(struct ferry_ctx *ctx, bool pretty);
+
+#endif

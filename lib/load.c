@@ -1,0 +1,601 @@
+/*
+ * load.c - the load loop: verify each record, then dispatch it.
+ *
+ * Order of trust: ferry_record_read() has verified a record's length and
+ * check before we look inside, so everything here is about *meaning*: a
+ * section for a device we do not have, a PART before its START, a version
+ * outside the window, a device that leaves bytes unread. Each is a load
+ * failure whose message names the stream offset and the section.
+ *
+ * Device-state buffers (DEVSTATE records) are handed to a per-device load
+ * thread through a bounded queue: the main load thread keeps reading the
+ * stream while devices with expensive loads (think VFIO) work in parallel,
+ * and a slow device applies backpressure instead of eating memory.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* Bytes of device-state buffers queued for one device before the reader
+ * waits for the device's load thread to catch up. */
+#define DEVSTATE_QUEUE_BYTES (64u << 20)
+/* PACKAGED may nest records one level deep, never a package in a package. */
+#define MAX_PACKAGE_DEPTH 1
+
+enum slot_state { SLOT_NONE, SLOT_STARTED, SLOT_ENDED, SLOT_FULL };
+
+struct dsbuf {
+	struct dsbuf *next;
+	size_t len;
+	uint8_t data[];
+};
+
+/* A device's load thread and its queue. */
+struct dsworker {
+	pthread_t thread;
+	bool running;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;          /* signalled on push, pop and close */
+	struct dsbuf *head, **tail;   /* guarded by lock */
+	size_t queued;                /* guarded by lock */
+	bool closed;                  /* guarded by lock: no more pushes */
+	bool failed;                  /* guarded by lock */
+	uint32_t next_seq;            /* reader thread only */
+	struct ferry_error err;       /* worker thread; read after join */
+};
+
+struct slot {
+	struct ferry_dev *dev;
+	enum slot_state state;
+	uint32_t stream_id;           /* section id chosen by the source */
+	uint32_t version;
+	bool loaded;                  /* any state arrived */
+	struct dsworker *ds;
+};
+
+struct loader {
+	struct ferry_ctx *ctx;
+	const struct ferry_load_opts *opts;
+	struct slot *slots;           /* one per registered device */
+	unsigned nslots;
+	struct ferry_error *err;
+	char last[FERRY_IDSTR_MAX + 32]; /* last section loaded, for messages */
+};
+
+static struct slot *slot_by_dev(struct loader *L, const char *idstr,
+				uint32_t instance)
+{
+	for (unsigned i = 0; i < L->nslots; i++)
+		if (L->slots[i].dev->instance == instance &&
+		    !strcmp(L->slots[i].dev->idstr, idstr))
+			return &L->slots[i];
+	return NULL;
+}
+
+static struct slot *slot_by_id(struct loader *L, uint32_t id)
+{
+	for (unsigned i = 0; i < L->nslots; i++)
+		if (L->slots[i].state != SLOT_NONE && L->slots[i].stream_id == id)
+			return &L->slots[i];
+	return NULL;
+}
+
+/* ---- device-state load threads ---------------------------------------- */
+
+static void *ds_main(void *arg)
+{
+	struct slot *sl = arg;
+	struct dsworker *w = sl->ds;
+
+	for (;;) {
+		struct dsbuf *b;
+		int r;
+
+		ferry__mutex_lock(&w->lock);
+		while (!w->head && !w->closed)
+			pthread_cond_wait(&w->cond, &w->lock);
+		b = w->head;
+		if (b) {
+			w->head = b->next;
+			if (!w->head)
+				w->tail = &w->head;
+			w->queued -= b->len;
+			pthread_cond_broadcast(&w->cond);
+		}
+		ferry__mutex_unlock(&w->lock);
+		if (!b)
+			return NULL;
+		/* After a failure, drain without loading. */
+		if (!w->err.code) {
+			r = sl->dev->ops->load_buffer(sl->dev->opaque, b->data,
+						      b->len, &w->err);
+			if (r) {
+				if (!w->err.code)
+					ferry_error_set(&w->err, r, "load_buffer failed");
+				ferry__mutex_lock(&w->lock);
+				w->failed = true;
+				ferry__mutex_unlock(&w->lock);
+			}
+		}
+		free(b);
+	}
+}
+
+static int ds_start(struct slot *sl, struct ferry_error *err)
+{
+	struct dsworker *w = calloc(1, sizeof(*w));
+	int e;
+
+	if (!w)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	pthread_mutex_init(&w->lock, NULL);
+	pthread_cond_init(&w->cond, NULL);
+	w->tail = &w->head;
+	sl->ds = w;
+	e = pthread_create(&w->thread, NULL, ds_main, sl);
+	if (e)
+		return ferry_error_set(err, -e, "cannot start load thread: %s",
+				       strerror(e));
+	w->running = true;
+	return 0;
+}
+
+static int ds_push(struct slot *sl, const uint8_t *data, size_t len,
+		   struct ferry_error *err)
+{
+	struct dsworker *w = sl->ds;
+	struct dsbuf *b = malloc(sizeof(*b) + len);
+	bool failed;
+
+	if (!b)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	b->next = NULL;
+	b->len = len;
+	memcpy(b->data, data, len);
+	ferry__mutex_lock(&w->lock);
+	while (w->queued && w->queued + len > DEVSTATE_QUEUE_BYTES && !w->failed)
+		pthread_cond_wait(&w->cond, &w->lock);
+	*w->tail = b;
+	w->tail = &b->next;
+	w->queued += len;
+	failed = w->failed;
+	pthread_cond_broadcast(&w->cond);
+	ferry__mutex_unlock(&w->lock);
+	/* Stop reading early if the device already failed. */
+	return failed ? -ECANCELED : 0;
+}
+
+/* Close every queue, join every worker, report the first device error. */
+static int ds_finish(struct loader *L, int r)
+{
+	for (unsigned i = 0; i < L->nslots; i++) {
+		struct dsworker *w = L->slots[i].ds;
+
+		if (!w)
+			continue;
+		if (w->running) {
+			ferry__mutex_lock(&w->lock);
+			w->closed = true;
+			pthread_cond_broadcast(&w->cond);
+			ferry__mutex_unlock(&w->lock);
+			pthread_join(w->thread, NULL);
+		}
+		/* -ECANCELED means the reader stopped because this worker
+		 * failed; the worker's error is the real one. */
+		if (w->err.code && (!r || r == -ECANCELED)) {
+			ferry_error_propagate(L->err, &w->err);
+			r = ferry_error_prefix(L->err,
+				"device '%s' instance %u (load thread): ",
+				L->slots[i].dev->idstr, L->slots[i].dev->instance);
+		}
+		pthread_mutex_destroy(&w->lock);
+		pthread_cond_destroy(&w->cond);
+		free(w);
+		L->slots[i].ds = NULL;
+	}
+	return r;
+}
+
+/* ---- records ------------------------------------------------------------ */
+
+static int load_section(struct loader *L, const struct ferry_record *rec)
+{
+	struct ferry_chan *c = ferry_chan_new_mem_reader(rec->body, rec->len);
+	struct ferry_error *err = L->err;
+	char idstr[FERRY_IDSTR_MAX + 1] = "";
+	uint32_t id, instance = 0, version = 0;
+	struct slot *sl = NULL;
+	size_t left;
+	int r;
+
+	if (!c)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	id = ferry_get_be32(c);
+	if (rec->type == FERRY_REC_SECTION_START ||
+	    rec->type == FERRY_REC_SECTION_FULL) {
+		ferry_get_str8(c, idstr, sizeof(idstr));
+		instance = ferry_get_be32(c);
+		version = ferry_get_be32(c);
+	}
+	if ((r = ferry_chan_error(c, err))) {
+		ferry_error_prefix(err, "offset %llu: %s section header: ",
+				   (unsigned long long)rec->offset,
+				   ferry_record_type_name(rec->type));
+		goto out;
+	}
+	if (rec->type == FERRY_REC_SECTION_START ||
+	    rec->type == FERRY_REC_SECTION_FULL) {
+		bool full = rec->type == FERRY_REC_SECTION_FULL;
+
+		sl = slot_by_dev(L, idstr, instance);
+		if (!sl) {
+			r = ferry_error_set(err, -ENOENT,
+				"offset %llu: section '%s' instance %u: no such device here",
+				(unsigned long long)rec->offset, idstr, instance);
+			goto out;
+		}
+		if (sl->state != SLOT_NONE || slot_by_id(L, id)) {
+			r = ferry_error_set(err, -EBADMSG,
+				"offset %llu: section '%s' instance %u (id %u) appears twice",
+				(unsigned long long)rec->offset, idstr, instance, id);
+			goto out;
+		}
+		if (ferry__dev_iterable(sl->dev) == full) {
+			r = ferry_error_set(err, -EBADMSG,
+				"offset %llu: section '%s' instance %u: %s section for %s device",
+				(unsigned long long)rec->offset, idstr, instance,
+				full ? "FULL" : "START",
+				full ? "an iterable" : "a non-iterable");
+			goto out;
+		}
+		if (version < sl->dev->min_version || version > sl->dev->version) {
+			r = ferry_error_set(err, -EINVAL,
+				"offset %llu: section '%s' instance %u: version %u "
+				"outside [%u, %u] supported here",
+				(unsigned long long)rec->offset, idstr, instance,
+				version, sl->dev->min_version, sl->dev->version);
+			goto out;
+		}
+		sl->state = full ? SLOT_FULL : SLOT_STARTED;
+		sl->stream_id = id;
+		sl->version = version;
+	} else {
+		sl = slot_by_id(L, id);
+		if (!sl || sl->state != SLOT_STARTED) {
+			r = ferry_error_set(err, -EBADMSG,
+				"offset %llu: %s for section id %u %s",
+				(unsigned long long)rec->offset,
+				ferry_record_type_name(rec->type), id,
+				!sl ? "that was never started" :
+				sl->state == SLOT_ENDED ? "after its END" :
+				"of a non-iterable device");
+			goto out;
+		}
+		if (rec->type == FERRY_REC_SECTION_END)
+			sl->state = SLOT_ENDED;
+	}
+	sl->loaded = true;
+	snprintf(L->last, sizeof(L->last), "'%s' instance %u", sl->dev->idstr,
+		 sl->dev->instance);
+	r = sl->dev->ops->load_state(c, sl->dev->opaque, sl->version, err);
+	if (!r)
+		r = ferry_chan_error(c, err);
+	if (!r && (left = ferry_chan_mem_remaining(c)))
+		r = ferry_error_set(err, -EBADMSG,
+			"%zu bytes left unread (format mismatch)", left);
+	if (r) {
+		if (!err || !err->code)
+			ferry_error_set(err, r, "load failed");
+		ferry_error_prefix(err, "offset %llu: section '%s' instance %u (%s): ",
+				   (unsigned long long)rec->offset, sl->dev->idstr,
+				   sl->dev->instance,
+				   ferry_record_type_name(rec->type));
+	}
+out:
+	ferry_chan_free(c);
+	return r;
+}
+
+static int load_devstate(struct loader *L, const struct ferry_record *rec)
+{
+	struct ferry_chan *c = ferry_chan_new_mem_reader(rec->body, rec->len);
+	struct ferry_error *err = L->err;
+	char idstr[FERRY_IDSTR_MAX + 1];
+	uint32_t instance, seq;
+	struct slot *sl;
+	int r;
+
+	if (!c)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	ferry_get_str8(c, idstr, sizeof(idstr));
+	instance = ferry_get_be32(c);
+	seq = ferry_get_be32(c);
+	if ((r = ferry_chan_error(c, err))) {
+		ferry_error_prefix(err, "offset %llu: DEVSTATE header: ",
+				   (unsigned long long)rec->offset);
+		goto out;
+	}
+	sl = slot_by_dev(L, idstr, instance);
+	if (!sl || !sl->dev->ops->load_buffer) {
+		r = ferry_error_set(err, -ENOENT,
+			"offset %llu: device state for '%s' instance %u, which %s",
+			(unsigned long long)rec->offset, idstr, instance,
+			sl ? "takes no buffers" : "does not exist here");
+		goto out;
+	}
+	if (!sl->ds && (r = ds_start(sl, err)))
+		goto out;
+	if (seq != sl->ds->next_seq) {
+		r = ferry_error_set(err, -EBADMSG,
+			"offset %llu: device state for '%s' instance %u: buffer %u "
+			"arrived, expected %u",
+			(unsigned long long)rec->offset, idstr, instance, seq,
+			sl->ds->next_seq);
+		goto out;
+	}
+	sl->ds->next_seq++;
+	sl->loaded = true;
+	{
+		size_t off = rec->len - ferry_chan_mem_remaining(c);
+		r = ds_push(sl, rec->body + off, rec->len - off, err);
+	}
+out:
+	ferry_chan_free(c);
+	return r;
+}
+
+static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth);
+
+static int load_command(struct loader *L, const struct ferry_record *rec,
+			unsigned depth)
+{
+	struct ferry_error *err = L->err;
+	struct ferry_cmd_msg m;
+	const uint8_t *p = rec->body + 2;
+	size_t plen;
+	int r = 0;
+
+	if (rec->len < 2)
+		return ferry_error_set(err, -EBADMSG,
+			"offset %llu: COMMAND record too short",
+			(unsigned long long)rec->offset);
+	memset(&m, 0, sizeof(m));
+	m.cmd = (uint16_t)(rec->body[0] << 8 | rec->body[1]);
+	plen = rec->len - 2;
+
+#define WANT_LEN(n) do { if (plen != (n)) goto bad_len; } while (0)
+	switch (m.cmd) {
+	case FERRY_CMD_OPEN_RETURN_PATH:
+	case FERRY_CMD_POSTCOPY_LISTEN:
+	case FERRY_CMD_POSTCOPY_RUN:
+	case FERRY_CMD_SWITCHOVER_START:
+		WANT_LEN(0);
+		break;
+	case FERRY_CMD_PING:
+		WANT_LEN(4);
+		m.u.ping = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+			   (uint32_t)p[2] << 8 | p[3];
+		break;
+	case FERRY_CMD_POSTCOPY_ADVISE:
+		WANT_LEN(16);
+		for (int i = 0; i < 8; i++) {
+			m.u.advise.host_page_size = m.u.advise.host_page_size << 8 | p[i];
+			m.u.advise.target_page_size =
+				m.u.advise.target_page_size << 8 | p[8 + i];
+		}
+		break;
+	case FERRY_CMD_POSTCOPY_DISCARD: {
+		size_t nl;
+		uint32_t n;
+
+		if (plen < 1 || plen < 1 + (size_t)p[0] + 4)
+			goto bad_len;
+		nl = p[0];
+		memcpy(m.u.discard.block, p + 1, nl);
+		m.u.discard.block[nl] = 0;
+		if (memchr(p + 1, 0, nl))
+			goto bad_len;
+		n = (uint32_t)p[1 + nl] << 24 | (uint32_t)p[2 + nl] << 16 |
+		    (uint32_t)p[3 + nl] << 8 | p[4 + nl];
+		if (n > FERRY_DISCARD_MAX_RANGES)
+			goto bad_len;
+		WANT_LEN(1 + nl + 4 + (size_t)n * 16);
+		m.u.discard.n = n;
+		m.u.discard.ranges = p + 1 + nl + 4;
+		break;
+	}
+	case FERRY_CMD_PACKAGED: {
+		struct ferry_chan *c;
+
+		if (depth >= MAX_PACKAGE_DEPTH)
+			return ferry_error_set(err, -EBADMSG,
+				"offset %llu: PACKAGED inside PACKAGED",
+				(unsigned long long)rec->offset);
+		/* The nested records live in the current record buffer, which
+		 * the nested reader must not reuse: copy them out first. */
+		{
+			uint8_t *copy = malloc(plen ? plen : 1);
+			if (!copy)
+				return ferry_error_set(err, -ENOMEM, "out of memory");
+			memcpy(copy, p, plen);
+			c = ferry_chan_new_mem_reader(copy, plen);
+			if (!c) {
+				free(copy);
+				return ferry_error_set(err, -ENOMEM, "out of memory");
+			}
+			r = load_records(L, c, depth + 1);
+			if (!r && ferry_chan_mem_remaining(c))
+				r = ferry_error_set(err, -EBADMSG,
+					"%zu bytes after the package's EOF",
+					ferry_chan_mem_remaining(c));
+			ferry_chan_free(c);
+			free(copy);
+		}
+		if (r)
+			ferry_error_prefix(err, "in PACKAGED at offset %llu: ",
+					   (unsigned long long)rec->offset);
+		return r;
+	}
+	default:
+		return ferry_error_set(err, -EBADMSG,
+			"offset %llu: unknown command %u",
+			(unsigned long long)rec->offset, m.cmd);
+	}
+#undef WANT_LEN
+
+	if (m.cmd == FERRY_CMD_SWITCHOVER_START) {
+		for (unsigned i = 0; i < L->nslots && !r; i++) {
+			struct ferry_dev *d = L->slots[i].dev;
+			if (d->ops->switchover_start)
+				r = d->ops->switchover_start(d->opaque, err);
+			if (r)
+				ferry_error_prefix(err, "device '%s' switchover_start: ",
+						   d->idstr);
+		}
+		return r;
+	}
+	if (L->opts && L->opts->on_command) {
+		r = L->opts->on_command(L->opts->opaque, &m, err);
+		if (r)
+			ferry_error_prefix(err, "offset %llu: command %s: ",
+					   (unsigned long long)rec->offset,
+					   ferry_cmd_name(m.cmd));
+		return r;
+	}
+	if (m.cmd == FERRY_CMD_OPEN_RETURN_PATH || m.cmd == FERRY_CMD_PING)
+		return 0;
+	return ferry_error_set(err, -EOPNOTSUPP,
+		"offset %llu: command %s: postcopy not enabled on this destination",
+		(unsigned long long)rec->offset, ferry_cmd_name(m.cmd));
+bad_len:
+	return ferry_error_set(err, -EBADMSG,
+		"offset %llu: command %s with a malformed %zu-byte payload",
+		(unsigned long long)rec->offset, ferry_cmd_name(m.cmd), plen);
+}
+
+/* Say which section a record that failed verification belongs to: from
+ * its own (untrusted) header bytes if they survived, else the last good. */
+static void name_damaged(struct loader *L, const struct ferry_record *rec)
+{
+	char idstr[FERRY_IDSTR_MAX + 1];
+	uint32_t id = 0;
+	int h = ferry_record_section_hint(rec, &id, idstr, sizeof(idstr));
+	struct slot *sl = (h & 1) ? slot_by_id(L, id) : NULL;
+
+	if (h & 2)
+		ferry_error_prefix(L->err, "section '%s' (id %u): ", idstr, id);
+	else if (sl)
+		ferry_error_prefix(L->err, "section '%s' instance %u (id %u): ",
+				   sl->dev->idstr, sl->dev->instance, id);
+	else if (L->last[0])
+		ferry_error_prefix(L->err, "after section %s: ", L->last);
+	else
+		ferry_error_prefix(L->err, "before the first section: ");
+}
+
+/* Records until EOF. The record buffer belongs to this level's reader. */
+static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
+{
+	struct ferry_record_io io = {
+		.chan = in,
+		.max_len = L->opts ? L->opts->max_record : 0,
+	};
+	struct ferry_record rec;
+	int r;
+
+	for (;;) {
+		r = ferry_record_read(&io, &rec, L->err);
+		if (r) {
+			name_damaged(L, &rec);
+			break;
+		}
+		switch (rec.type) {
+		case FERRY_REC_SECTION_START:
+		case FERRY_REC_SECTION_PART:
+		case FERRY_REC_SECTION_END:
+		case FERRY_REC_SECTION_FULL:
+			r = load_section(L, &rec);
+			break;
+		case FERRY_REC_COMMAND:
+			r = load_command(L, &rec, depth);
+			break;
+		case FERRY_REC_DEVSTATE:
+			r = load_devstate(L, &rec);
+			break;
+		case FERRY_REC_VMDESC:
+			/* Descriptive only (for `ferry inspect`); verified by its
+			 * check like everything else, not interpreted. */
+			break;
+		case FERRY_REC_EOF:
+			if (rec.len)
+				r = ferry_error_set(L->err, -EBADMSG,
+					"offset %llu: EOF record with a body",
+					(unsigned long long)rec.offset);
+			ferry_record_io_release(&io);
+			return r;
+		default:
+			/* Types with the high bit set are optional: skip them.
+			 * Anything else we do not know could be state we would
+			 * silently drop, so refuse it. */
+			if (rec.type & 0x80)
+				break;
+			r = ferry_error_set(L->err, -EBADMSG,
+				"offset %llu: unknown record type 0x%02x",
+				(unsigned long long)rec.offset, rec.type);
+		}
+		if (r)
+			break;
+	}
+	ferry_record_io_release(&io);
+	return r;
+}
+
+int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
+	       const struct ferry_load_opts *opts, struct ferry_error *err)
+{
+	struct ferry_error local = { 0 };
+	struct loader L = { .ctx = ctx, .opts = opts, .err = err ? err : &local };
+	unsigned i = 0;
+	int r;
+
+	L.slots = calloc(ctx->ndevs ? ctx->ndevs : 1, sizeof(*L.slots));
+	if (!L.slots)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	for (struct ferry_dev *d = ctx->devs; d; d = d->next)
+		L.slots[i++].dev = d;
+	L.nslots = i;
+
+	r = ferry_stream_read_header(in, L.err);
+	for (i = 0; i < L.nslots && !r; i++) {
+		struct ferry_dev *d = L.slots[i].dev;
+		if (d->ops->load_setup && (r = d->ops->load_setup(d->opaque, L.err)))
+			ferry_error_prefix(L.err, "device '%s' instance %u load_setup: ",
+					   d->idstr, d->instance);
+	}
+	if (!r)
+		r = load_records(&L, in, 0);
+	r = ds_finish(&L, r);
+	/* A complete stream carries every device: a missing one would leave a
+	 * device in its reset state on the destination - silent data loss. */
+	for (i = 0; i < L.nslots && !r; i++) {
+		struct slot *sl = &L.slots[i];
+		if (sl->state == SLOT_STARTED)
+			r = ferry_error_set(L.err, -EBADMSG,
+				"section '%s' instance %u: stream ended without its END",
+				sl->dev->idstr, sl->dev->instance);
+		else if (!sl->loaded)
+			r = ferry_error_set(L.err, -ENODATA,
+				"device '%s' instance %u: no state in the stream",
+				sl->dev->idstr, sl->dev->instance);
+	}
+	for (i = 0; i < L.nslots; i++) {
+		struct ferry_dev *d = L.slots[i].dev;
+		if (d->ops->load_cleanup)
+			d->ops->load_cleanup(d->opaque);
+	}
+	free(L.slots);
+	return r;
+}

@@ -1,0 +1,343 @@
+/*
+ * save.c - the save loop: header, setup sections, precopy rounds, and the
+ * switchover sequence.
+ *
+ * Every section body is built in a memory channel first, because a record
+ * carries its length and check before its body. The copy costs little next
+ * to the wire (memcpy runs at ~13 GB/s here, loopback TCP at ~1.7 GB/s), and
+ * it buys records that can be skipped and verified. Iterable devices bound
+ * each chunk with the budget, so section buffers stay small.
+ *
+ * Threads: everything runs in the caller's thread (the migration thread)
+ * except save_complete_thread hooks, which get one thread each at
+ * switchover. They write DEVSTATE records into the same stream, so every
+ * record write takes out_lock.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+struct ferry_save {
+	struct ferry_ctx *ctx;          /* immutable */
+	struct ferry_record_io io;      /* guarded by out_lock */
+	pthread_mutex_t out_lock;
+	struct ferry_chan *body;        /* migration thread only */
+	bool setup_ran;                 /* save_setup hooks were called */
+	bool completed;
+};
+
+struct ferry_devstate_sink {
+	struct ferry_save *s;
+	struct ferry_dev *dev;
+	uint32_t seq;                   /* next buffer sequence number */
+	uint8_t prefix[FERRY_IDSTR_MAX + 1 + 12];
+	size_t prefix_len;
+	pthread_t thread;
+	struct ferry_error err;
+	int ret;
+};
+
+static int write_record2(struct ferry_save *s, uint8_t type, const void *a,
+			 size_t alen, const void *b, size_t blen,
+			 struct ferry_error *err)
+{
+	int r;
+
+	ferry__mutex_lock(&s->out_lock);
+	r = ferry_record_write2(&s->io, type, a, alen, b, blen, err);
+	ferry__mutex_unlock(&s->out_lock);
+	return r;
+}
+
+/* Section header prefix: START/FULL carry the identity, PART/END the id. */
+static size_t section_prefix(uint8_t *p, uint8_t type, const struct ferry_dev *d)
+{
+	size_t n = 0, idlen = strlen(d->idstr);
+
+	p[n++] = (uint8_t)(d->section_id >> 24);
+	p[n++] = (uint8_t)(d->section_id >> 16);
+	p[n++] = (uint8_t)(d->section_id >> 8);
+	p[n++] = (uint8_t)d->section_id;
+	if (type == FERRY_REC_SECTION_START || type == FERRY_REC_SECTION_FULL) {
+		p[n++] = (uint8_t)idlen;
+		memcpy(p + n, d->idstr, idlen);
+		n += idlen;
+		for (int i = 3; i >= 0; i--)
+			p[n++] = (uint8_t)(d->instance >> (8 * i));
+		for (int i = 3; i >= 0; i--)
+			p[n++] = (uint8_t)(d->version >> (8 * i));
+	}
+	return n;
+}
+
+typedef int (*section_fn)(struct ferry_save *s, struct ferry_dev *d,
+			  uint64_t budget, struct ferry_error *err);
+
+static int write_section(struct ferry_save *s, uint8_t type,
+			 struct ferry_dev *d, section_fn fn, uint64_t budget,
+			 struct ferry_error *err)
+{
+	uint8_t prefix[FERRY_IDSTR_MAX + 13];
+	const uint8_t *body;
+	size_t plen, blen;
+	int r;
+
+	ferry_chan_mem_reset(s->body);
+	r = fn(s, d, budget, err);
+	if (!r)
+		r = ferry_chan_error(s->body, err);
+	if (r)
+		return ferry_error_prefix(err, "section '%s' instance %u (%s): ",
+					  d->idstr, d->instance,
+					  ferry_record_type_name(type));
+	plen = section_prefix(prefix, type, d);
+	body = ferry_chan_mem_data(s->body, &blen);
+	return write_record2(s, type, prefix, plen, body, blen, err);
+}
+
+static int do_setup(struct ferry_save *s, struct ferry_dev *d, uint64_t b,
+		    struct ferry_error *err)
+{
+	(void)b;
+	return d->ops->save_setup(s->body, d->opaque, err);
+}
+
+static int do_iterate(struct ferry_save *s, struct ferry_dev *d, uint64_t b,
+		      struct ferry_error *err)
+{
+	return d->ops->save_iterate(s->body, d->opaque, b, err);
+}
+
+static int do_complete(struct ferry_save *s, struct ferry_dev *d, uint64_t b,
+		       struct ferry_error *err)
+{
+	(void)b;
+	return d->ops->save_complete(s->body, d->opaque, err);
+}
+
+static int do_state(struct ferry_save *s, struct ferry_dev *d, uint64_t b,
+		    struct ferry_error *err)
+{
+	(void)b;
+	return d->ops->save_state(s->body, d->opaque, err);
+}
+
+struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
+				    struct ferry_chan *out,
+				    struct ferry_error *err)
+{
+	struct ferry_save *s = calloc(1, sizeof(*s));
+
+	if (!s) {
+		ferry_error_set(err, -ENOMEM, "out of memory");
+		return NULL;
+	}
+	s->ctx = ctx;
+	s->io.chan = out;
+	pthread_mutex_init(&s->out_lock, NULL);
+	s->body = ferry_chan_new_mem_writer(FERRY_RECORD_MAX_DEFAULT -
+					    (FERRY_IDSTR_MAX + 13));
+	if (!s->body) {
+		ferry_error_set(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	if (ferry_stream_write_header(out, err))
+		goto fail;
+	s->setup_ran = true;
+	for (struct ferry_dev *d = ctx->devs; d; d = d->next)
+		if (ferry__dev_iterable(d) &&
+		    write_section(s, FERRY_REC_SECTION_START, d, do_setup, 0, err))
+			goto fail;
+	return s;
+fail:
+	ferry_save_end(s);
+	return NULL;
+}
+
+void ferry_save_pending(struct ferry_save *s, bool exact, uint64_t *must,
+			uint64_t *can)
+{
+	*must = *can = 0;
+	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next) {
+		uint64_t m = 0, c = 0;
+		if (!ferry__dev_iterable(d))
+			continue;
+		d->ops->save_pending(d->opaque, exact, &m, &c);
+		*must += m;
+		*can += c;
+	}
+}
+
+int ferry_save_round(struct ferry_save *s, uint64_t budget,
+		     struct ferry_error *err)
+{
+	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next) {
+		uint64_t m = 0, c = 0;
+		int r;
+
+		if (!ferry__dev_iterable(d))
+			continue;
+		d->ops->save_pending(d->opaque, false, &m, &c);
+		if (!m && !c)
+			continue;
+		r = write_section(s, FERRY_REC_SECTION_PART, d, do_iterate,
+				  budget, err);
+		if (r)
+			return r;
+	}
+	/* Push the round out now: the wire, not our buffer, should hold it. */
+	if (ferry_chan_flush(s->io.chan))
+		return ferry_chan_error(s->io.chan, err);
+	return 0;
+}
+
+int ferry_save_command(struct ferry_save *s, uint16_t cmd, const void *payload,
+		       size_t len, struct ferry_error *err)
+{
+	uint8_t c[2] = { (uint8_t)(cmd >> 8), (uint8_t)cmd };
+	return write_record2(s, FERRY_REC_COMMAND, c, 2, payload, len, err);
+}
+
+int ferry_devstate_send(struct ferry_devstate_sink *k, const void *buf,
+			size_t len, struct ferry_error *err)
+{
+	uint8_t p[sizeof(k->prefix)];
+	size_t n = k->prefix_len;
+
+	memcpy(p, k->prefix, n);
+	p[n++] = (uint8_t)(k->seq >> 24);
+	p[n++] = (uint8_t)(k->seq >> 16);
+	p[n++] = (uint8_t)(k->seq >> 8);
+	p[n++] = (uint8_t)k->seq;
+	k->seq++;
+	return write_record2(k->s, FERRY_REC_DEVSTATE, p, n, buf, len, err);
+}
+
+static void *complete_thread(void *arg)
+{
+	struct ferry_devstate_sink *k = arg;
+
+	k->ret = k->dev->ops->save_complete_thread(k, k->dev->opaque, &k->err);
+	if (k->ret && !k->err.code)
+		ferry_error_set(&k->err, k->ret, "failed");
+	return NULL;
+}
+
+int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
+{
+	struct ferry_devstate_sink *sinks = NULL;
+	unsigned nthreads = 0, started = 0;
+	char *desc;
+	int r = 0;
+
+	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
+		nthreads += d->ops->save_complete_thread != NULL;
+	if (nthreads) {
+		/* Tell the destination the final state follows, so devices that
+		 * receive buffers can get ready (switchover_start hook). */
+		r = ferry_save_command(s, FERRY_CMD_SWITCHOVER_START, NULL, 0, err);
+		if (r)
+			return r;
+		sinks = calloc(nthreads, sizeof(*sinks));
+		if (!sinks)
+			return ferry_error_set(err, -ENOMEM, "out of memory");
+		for (struct ferry_dev *d = s->ctx->devs; d; d = d->next) {
+			struct ferry_devstate_sink *k = &sinks[started];
+			size_t idlen = strlen(d->idstr);
+			int e;
+
+			if (!d->ops->save_complete_thread)
+				continue;
+			k->s = s;
+			k->dev = d;
+			k->prefix[0] = (uint8_t)idlen;
+			memcpy(k->prefix + 1, d->idstr, idlen);
+			for (int i = 0; i < 4; i++)
+				k->prefix[1 + idlen + i] =
+					(uint8_t)(d->instance >> (24 - 8 * i));
+			k->prefix_len = 1 + idlen + 4;
+			e = pthread_create(&k->thread, NULL, complete_thread, k);
+			if (e) {
+				r = ferry_error_set(err, -e,
+					"cannot start save thread for '%s'", d->idstr);
+				break;
+			}
+			started++;
+		}
+	}
+	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
+		if (ferry__dev_iterable(d))
+			r = write_section(s, FERRY_REC_SECTION_END, d,
+					  do_complete, 0, err);
+	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
+		if (!ferry__dev_iterable(d) && d->ops->save_state)
+			r = write_section(s, FERRY_REC_SECTION_FULL, d,
+					  do_state, 0, err);
+	for (unsigned i = 0; i < started; i++) {
+		pthread_join(sinks[i].thread, NULL);
+		if (sinks[i].ret && !r) {
+			ferry_error_propagate(err, &sinks[i].err);
+			r = ferry_error_prefix(err, "device '%s' instance %u "
+					       "(complete in thread): ",
+					       sinks[i].dev->idstr,
+					       sinks[i].dev->instance);
+		}
+	}
+	free(sinks);
+	if (r)
+		return r;
+	desc = ferry__describe(s->ctx, false);
+	if (!desc)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	r = write_record2(s, FERRY_REC_VMDESC, desc, strlen(desc), NULL, 0, err);
+	free(desc);
+	if (!r)
+		r = write_record2(s, FERRY_REC_EOF, NULL, 0, NULL, 0, err);
+	if (!r && ferry_chan_flush(s->io.chan))
+		r = ferry_chan_error(s->io.chan, err);
+	s->completed = !r;
+	return r;
+}
+
+void ferry_save_end(struct ferry_save *s)
+{
+	if (!s)
+		return;
+	if (s->setup_ran)
+		for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
+			if (d->ops->save_cleanup)
+				d->ops->save_cleanup(d->opaque);
+	ferry_chan_free(s->body);
+	pthread_mutex_destroy(&s->out_lock);
+	free(s);
+}
+
+/* Sections stay well under the record cap with this per-round budget. */
+#define SAVE_ALL_BUDGET (64ull << 20)
+
+int ferry_save_all(struct ferry_ctx *ctx, struct ferry_chan *out,
+		   unsigned max_rounds, struct ferry_error *err)
+{
+	struct ferry_save *s = ferry_save_begin(ctx, out, err);
+	int r = 0;
+
+	if (!s)
+		return err && err->code ? err->code : -EIO;
+	if (!max_rounds)
+		max_rounds = 64;
+	for (unsigned i = 0; i < max_rounds; i++) {
+		uint64_t must, can;
+		ferry_save_pending(s, true, &must, &can);
+		if (!must && !can)
+			break;
+		r = ferry_save_round(s, SAVE_ALL_BUDGET, err);
+		if (r)
+			break;
+	}
+	if (!r)
+		r = ferry_save_complete(s, err);
+	ferry_save_end(s);
+	return r;
+}

@@ -1,0 +1,14 @@
+#!/bin/sh
+# Run every test. Usage: scripts/check.sh BUILD_DIR
+# Builds the libFuzzer target when clang can, so the runner's fuzz smoke test
+# runs instead of skipping. The runner's closing line is the last line.
+set -u
+B=${1:-build}
+cd "$(dirname "$0")/.." || exit 1
+export FERRY_BIN="$PWD/$B/ferry"
+if command -v clang >/dev/null 2>&1 && make --no-print-directory -s "$B/fuzz-load" >/dev/null 2>"$B/fuzz-build.log"; then
+	export FERRY_FUZZ_BIN="$PWD/$B/fuzz-load"
+else
+	echo "note: fuzz target not built (see $B/fuzz-build.log)"
+fi
+exec "$B/ferry-test" "$@"
