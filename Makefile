@@ -126,11 +126,19 @@ check: deps
 	$(Q)$(MAKE) --no-print-directory all $(B)/ferry-test
 	$(Q)./scripts/check.sh $(B)
 
-bench: deps all
+BENCHES := $(B)/bench-stream
+$(B)/bench-%: $(B)/bench/bench-%.o $(B)/libferry.a
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
+
+bench: deps all $(BENCHES)
 	$(Q)./scripts/bench.sh $(B)
 
-demo: deps all
-	$(Q)$(B)/ferry demo
+# Until the live demo lands (issue 4): save/restore of the test VM, then
+# decode a saved stream.
+demo: deps all $(B)/ferry-test
+	$(Q)FERRY_BIN=$(B)/ferry $(B)/ferry-test --filter migration_file_roundtrip
+	$(Q)$(B)/ferry inspect tests/fuzz/seeds/small-vm.ferry
 
 clean:
 	rm -rf build build-*

@@ -12,12 +12,16 @@
  *  - Memory values are native, wire values big-endian: every element moves
  *    through memcpy at the width implied by its type, never through a typed
  *    pointer, so a table can describe packed structs.
- *  - A subsection is length-prefixed so an old destination could skip or
- *    bound it. The length is only known after the body is encoded, so the
- *    body is saved into a memory writer first; on load it is read into a
- *    buffer (grown as bytes arrive, so a lying length costs nothing) and
- *    parsed through a memory reader, so a lying body can never read the
- *    bytes that follow it, and leftovers are detected exactly.
+ *  - A subsection is length-prefixed so its body is bounded. The length is
+ *    only known after the body is encoded, so the body is saved into a
+ *    memory writer first; on load it is read into a buffer (grown as bytes
+ *    arrive, so a lying length costs little) and parsed through a memory
+ *    reader of its own, so a lying body can never read the bytes that
+ *    follow it, and leftovers are detected exactly. channel.h cannot say
+ *    what kind a channel is, but ferry_chan_mem_remaining() is nonzero only
+ *    for memory readers, which is all the up-front length check needs.
+ *  - Unknown subsections and versions outside a window are -EINVAL (the
+ *    two builds disagree); damaged or truncated bytes are -EBADMSG.
  *  - Messages are built in a private error object and prefixed as the
  *    walker unwinds ("vmstate 'dev': field 'regs[3].x': ..."), then copied
  *    out, so an error the caller already holds is never rewritten.
@@ -445,7 +449,8 @@ static int walk_struct(struct walk *w, struct ferry_chan *c,
 		r = hook_result(w, vmsd, "post_load",
 				vmsd->post_load(obj, version, &he), &he);
 	else if (!w->load && vmsd->post_save) {
-		/* Also after a failure: it undoes what pre_save did. */
+		/* Also after a failure: it undoes what pre_save did (but not
+		 * when pre_save itself failed; it cleans up after itself). */
 		r2 = vmsd->post_save(obj, &he);
 		if (!r)
 			r = hook_result(w, vmsd, "post_save", r2, &he);

@@ -4,6 +4,7 @@
 # runs instead of skipping. The runner's closing line is the last line.
 set -u
 B=${1:-build}
+[ $# -gt 0 ] && shift
 cd "$(dirname "$0")/.." || exit 1
 export FERRY_BIN="$PWD/$B/ferry"
 if command -v clang >/dev/null 2>&1 && make --no-print-directory -s "$B/fuzz-load" >/dev/null 2>"$B/fuzz-build.log"; then

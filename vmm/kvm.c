@@ -98,22 +98,29 @@ struct kvm_vcpu {
 };
 
 /*
- * MSRs saved and restored with the vCPU, in restore order.  Each one was
- * checked on the kvm_pvm host this was written on: KVM_GET_MSRS on a vCPU
- * that ran the guest, KVM_SET_MSRS of that value on a fresh vCPU in a new
- * VM, KVM_GET_MSRS again returns the same value (kvmprobe --msrs).
- * MSRs not in the host's KVM_GET_MSR_INDEX_LIST are dropped at VM creation
- * (TSC_AUX, SPEC_CTRL are absent on this host).
+ * MSRs saved and restored with the vCPU, in restore order.  Measured on the
+ * kvm_pvm host this was written on (kvmprobe): each was read from a vCPU
+ * that had run the guest, written to a fresh vCPU of another VM and read
+ * back unchanged.  Candidates missing from the host's
+ * KVM_GET_MSR_INDEX_LIST are dropped at VM creation; TSC_AUX and SPEC_CTRL
+ * are missing there, which leaves 19 MSRs.
  *
- * Deliberately left out:
- *   MSR_KVM_ASYNC_PF_INT (0x4b564d06): writing back 0 is rejected.
- *   IA32_ARCH_CAPABILITIES, IA32_PERF_CAPABILITIES, PLATFORM_INFO, HWCR,
- *   microcode revision, MCG_*, SMI_COUNT, VM_HSAVE_PA, VIRT_SPEC_CTRL,
- *   LBR MSRs: feature/host-describing or unused by a CPL-3 guest, and
- *   KVM_SET_MSRS of some of them fails under kvm_pvm.
- *   TSC_DEADLINE: needs an in-kernel LAPIC.
- * TSC comes last: KVM treats a host write to IA32_TSC as a request to make
- * the guest's TSC read that value from now on.
+ * Left out on purpose:
+ *   - KVM_ASYNC_PF_INT (0x4b564d06): KVM_SET_MSRS rejects even the 0 it
+ *     returns from KVM_GET_MSRS.
+ *   - IA32_ARCH_CAPABILITIES (0x10a): writing the host's feature value
+ *     (KVM_GET_MSRS on /dev/kvm) is rejected under kvm_pvm; the vCPU's own
+ *     value is 0.  Feature MSRs (ARCH_CAPABILITIES, PERF_CAPABILITIES,
+ *     PLATFORM_INFO, microcode revision) describe the CPU model: the VMM
+ *     configures them identically on both sides, they are not state.
+ *   - MCG_*, SMI_COUNT, HWCR, VM_HSAVE_PA, VIRT_SPEC_CTRL, POWER_CTL, LBR
+ *     MSRs: they round-trip but a CPL-3 guest cannot touch them.
+ *   - TSC_DEADLINE: meaningless without an in-kernel LAPIC.
+ * TSC comes last: KVM takes a host write to IA32_TSC as "make the guest's
+ * TSC read this value now", so the guest TSC stands still while the vCPU
+ * is stopped and continues from where it was.  (KVM_VCPU_TSC_OFFSET would
+ * instead keep the offset to the host TSC, which only makes sense on the
+ * same host.)
  */
 static const uint32_t msr_candidates[] = {
 	0x00000174,	/* IA32_SYSENTER_CS */
@@ -1042,31 +1049,34 @@ static void sregs2_to_sregs(const struct kvm_sregs2 *s2, struct kvm_sregs *s)
 	/* interrupt_bitmap stays empty: pending interrupts travel in events */
 }
 
-/* kvm_msrs header followed by the entries, as KVM_GET/SET_MSRS want it. */
-struct msr_buf {
-	struct kvm_msrs hdr;
-	struct kvm_msr_entry entries[KVM_VCPU_STATE_MAX_MSRS];
-};
+/*
+ * Room for a struct kvm_msrs header and its entries, as KVM_GET/SET_MSRS
+ * take them.  A plain word array keeps it on the stack without the GNU
+ * extension of a flexible-array struct inside another struct.
+ */
+#define MSR_BUF_WORDS							\
+	((sizeof(struct kvm_msrs) + KVM_VCPU_STATE_MAX_MSRS *		\
+	  sizeof(struct kvm_msr_entry)) / sizeof(uint64_t))
 
 static int save_msrs(struct kvm_vcpu *vcpu, struct kvm_vcpu_state *st,
 		     struct kvm_err *err)
 {
 	struct kvm_vm *vm = vcpu->vm;
-	struct msr_buf buf;
+	uint64_t buf[MSR_BUF_WORDS] = { 0 };
+	struct kvm_msrs *msrs = (struct kvm_msrs *)buf;
 	size_t i;
 	int r;
 
-	memset(&buf, 0, sizeof(buf));
-	buf.hdr.nmsrs = (uint32_t)vm->nmsrs;
+	msrs->nmsrs = (uint32_t)vm->nmsrs;
 	for (i = 0; i < vm->nmsrs; i++)
-		buf.entries[i].index = vm->msrs[i];
-	r = kvm_ioctl(vcpu->fd, KVM_GET_MSRS, &buf.hdr);
+		msrs->entries[i].index = vm->msrs[i];
+	r = kvm_ioctl(vcpu->fd, KVM_GET_MSRS, msrs);
 	if (r < 0)
 		return fail_errno(err, "KVM_GET_MSRS");
 	if ((size_t)r != vm->nmsrs)
 		return fail(err, -EIO, "KVM_GET_MSRS: MSR %#x unreadable",
 			    vm->msrs[r]);
-	memcpy(st->msrs, buf.entries, vm->nmsrs * sizeof(buf.entries[0]));
+	memcpy(st->msrs, msrs->entries, vm->nmsrs * sizeof(st->msrs[0]));
 	st->nmsrs = (uint32_t)vm->nmsrs;
 	return 0;
 }
@@ -1074,16 +1084,16 @@ static int save_msrs(struct kvm_vcpu *vcpu, struct kvm_vcpu_state *st,
 static int load_msrs(struct kvm_vcpu *vcpu, const struct kvm_vcpu_state *st,
 		     struct kvm_err *err)
 {
-	struct msr_buf buf;
+	uint64_t buf[MSR_BUF_WORDS] = { 0 };
+	struct kvm_msrs *msrs = (struct kvm_msrs *)buf;
 	int r;
 
 	if (st->nmsrs > KVM_VCPU_STATE_MAX_MSRS)
 		return fail(err, -EINVAL, "state has %u MSRs, max %u",
 			    st->nmsrs, KVM_VCPU_STATE_MAX_MSRS);
-	memset(&buf, 0, sizeof(buf));
-	buf.hdr.nmsrs = st->nmsrs;
-	memcpy(buf.entries, st->msrs, st->nmsrs * sizeof(buf.entries[0]));
-	r = kvm_ioctl(vcpu->fd, KVM_SET_MSRS, &buf.hdr);
+	msrs->nmsrs = st->nmsrs;
+	memcpy(msrs->entries, st->msrs, st->nmsrs * sizeof(st->msrs[0]));
+	r = kvm_ioctl(vcpu->fd, KVM_SET_MSRS, msrs);
 	if (r < 0)
 		return fail_errno(err, "KVM_SET_MSRS");
 	/* KVM stops at the first MSR it rejects and returns the count. */

@@ -175,9 +175,11 @@ struct kvm_run *kvm_vcpu_run_page(const struct kvm_vcpu *vcpu);
 
 /*
  * Put the vCPU in 64-bit mode at CPL 3: paging on cr3 (see
- * kvm_vm_build_identity_map()), flat CS/SS with DPL 3, RFLAGS.IOPL = 3 so
- * in/out are allowed, IF = 0, no GDT and no IDT (an exception becomes a
- * triple fault, KVM_EXIT_SHUTDOWN).  rsp should be 16-byte aligned minus 8.
+ * kvm_vm_build_identity_map()), flat CS/SS with DPL 3, IF = 0, no GDT and
+ * no IDT (an exception becomes a triple fault, KVM_EXIT_SHUTDOWN).
+ * RFLAGS.IOPL is 3 so that in/out work under hardware virtualization;
+ * kvm_pvm ignores it and raises #GP, so use MMIO to reach the VMM.
+ * rsp should be 16-byte aligned minus 8.
  */
 int kvm_vcpu_setup_user_long_mode(struct kvm_vcpu *vcpu, uint64_t cr3,
 				  uint64_t rip, uint64_t rsp,
@@ -216,7 +218,12 @@ struct kvm_vcpu_exit {
 			uint64_t gpa;
 			uint32_t len;
 			bool write;
-			uint8_t *data;	/* 8 bytes in the kvm_run page */
+			/*
+			 * 8 bytes in the kvm_run page: the data of a write,
+			 * or where to put the data of a read before the next
+			 * kvm_vcpu_run().
+			 */
+			uint8_t *data;
 		} mmio;
 	};
 };

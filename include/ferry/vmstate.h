@@ -86,15 +86,19 @@ struct ferry_vmsd {
 
 /* ---- field macros ------------------------------------------------------ */
 
+/* Zero at runtime; a compile error ("negative array size") if the
+ * expression @e is not of type T. (Not a null-pointer subtraction: clang's
+ * -Wextra warns about those.) */
+#define FERRY__SAME_TYPE(e, T) \
+	(0 * sizeof(char[1 - 2 * !__builtin_types_compatible_p(__typeof__(e), T)]))
 /* Zero at runtime; a compile error if the field is not of type T. */
-#define FERRY__TYPECHECK(S, f, T) \
-	(0 * sizeof((__typeof__(((S *)0)->f) *)0 - (T *)0))
+#define FERRY__TYPECHECK(S, f, T) FERRY__SAME_TYPE(((S *)0)->f, T)
 #define FERRY__FIELD(S, f, T) (offsetof(S, f) + FERRY__TYPECHECK(S, f, T))
 #define FERRY__ARRAY_LEN(S, f) \
 	(sizeof(((S *)0)->f) / sizeof(((S *)0)->f[0]))
 /* Zero at runtime; a compile error if S.f is not an array of T. */
 #define FERRY__ARRAYCHECK(S, f, T) \
-	(0 * sizeof((__typeof__(((S *)0)->f[0]) *)0 - (T *)0) + \
+	(FERRY__SAME_TYPE(((S *)0)->f[0], T) + \
 	 0 * sizeof(char[1 - 2 * !!__builtin_types_compatible_p( \
 		__typeof__(((S *)0)->f), __typeof__(&((S *)0)->f[0]))]))
 
