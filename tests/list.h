@@ -86,3 +86,8 @@ X(cli_inspect_json, 20)
 X(cli_inspect_damaged, 20)
 X(cli_vmstate_schema, 20)
 X(cli_unknown_command, 20)
+/* ---- memory map and virtio-like devices (tests/unit/test-memmap.c) ---- */
+/* ---- control socket and ferry ctl (tests/unit/test-control.c) ---- */
+/* ---- dirty tracking and thread backend (tests/unit/test-backend.c) ---- */
+/* ---- RAM precopy device (tests/unit/test-ram.c) ---- */
+/* ---- reference VMM end to end (tests/e2e/test-vm.c) ---- */

@@ -28,7 +28,9 @@
  * MSRs.  Only MSRs that survive a KVM_GET_MSRS on one vCPU followed by
  * KVM_SET_MSRS on a fresh vCPU of another VM are saved; see msr_candidates.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include "kvm.h"
 
 #include <errno.h>
