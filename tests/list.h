@@ -90,4 +90,8 @@ X(cli_unknown_command, 20)
 /* ---- control socket and ferry ctl (tests/unit/test-control.c) ---- */
 /* ---- dirty tracking and thread backend (tests/unit/test-backend.c) ---- */
 /* ---- RAM precopy device (tests/unit/test-ram.c) ---- */
+X(ram_stopped_vm_roundtrip, 20)
+X(ram_precopy_with_dirtying, 20)
+X(ram_hostile_records, 10)
+X(ram_rejects_bad_blocks, 10)
 /* ---- reference VMM end to end (tests/e2e/test-vm.c) ---- */

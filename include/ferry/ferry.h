@@ -7,6 +7,7 @@
  *   vmstate.h    declarative field tables for non-iterable device state
  *   migration.h  context, device registry, hooks, save and load loops
  *   transport.h  tcp:/unix:/fd:/file: URIs
+ *   ram.h        guest RAM as an iterable device (precopy)
  */
 #ifndef FERRY_FERRY_H
 #define FERRY_FERRY_H
@@ -17,5 +18,6 @@
 #include "ferry/vmstate.h"
 #include "ferry/migration.h"
 #include "ferry/transport.h"
+#include "ferry/ram.h"
 
 #endif
