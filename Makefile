@@ -74,7 +74,7 @@ VMM_OBJS := $(VMM_SRCS:%.c=$(B)/%.o) $(B)/vmm/guest/image.o
 $(VMM_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 
 # ---- CLI -------------------------------------------------------------------
-CLI_SRCS := cli/main.c cli/cmd-inspect.c cli/cmd-vmstate-schema.c
+CLI_SRCS := cli/main.c cli/cmd-inspect.c cli/cmd-vmstate-schema.c cli/cmd-ctl.c
 CLI_OBJS := $(CLI_SRCS:%.c=$(B)/%.o) $(VMM_OBJS)
 $(CLI_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 

@@ -12,6 +12,8 @@ struct cli_cmd {
 
 int cmd_inspect(int argc, char **argv);
 int cmd_vmstate_schema(int argc, char **argv);
+int cmd_ctl(int argc, char **argv);
+int cmd_vm(int argc, char **argv);
 
 /* Print "ferry: <msg>" to stderr. */
 void cli_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

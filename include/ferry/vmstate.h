@@ -105,6 +105,14 @@ struct ferry_vmsd {
 #define FERRY__SCALAR(S, f, T, TY, V) {				\
 	.name = #f, .type = TY, .offset = FERRY__FIELD(S, f, T),	\
 	.size = sizeof(T), .n = 1, .version_id = (V) }
+/* 64-bit fields: uint64_t and the kernel's __u64 (unsigned long long) are
+ * distinct C types of identical width and signedness; accept both. */
+#define FERRY__SCALAR64(S, f, T, T2, TY, V) {				\
+	.name = #f, .type = TY,						\
+	.offset = offsetof(S, f) + 0 * sizeof(char[1 - 2 * !(		\
+		__builtin_types_compatible_p(__typeof__(((S *)0)->f), T) ||	\
+		__builtin_types_compatible_p(__typeof__(((S *)0)->f), T2))]),	\
+	.size = sizeof(T), .n = 1, .version_id = (V) }
 #define FERRY__ARRAY(S, f, T, TY, V) {					\
 	.name = #f, .type = TY,						\
 	.offset = offsetof(S, f) + FERRY__ARRAYCHECK(S, f, T),		\
@@ -127,11 +135,11 @@ struct ferry_vmsd {
 #define FERRY_VMS_U8_V(S, f, v)   FERRY__SCALAR(S, f, uint8_t, FERRY_VMS_T_U8, v)
 #define FERRY_VMS_U16_V(S, f, v)  FERRY__SCALAR(S, f, uint16_t, FERRY_VMS_T_U16, v)
 #define FERRY_VMS_U32_V(S, f, v)  FERRY__SCALAR(S, f, uint32_t, FERRY_VMS_T_U32, v)
-#define FERRY_VMS_U64_V(S, f, v)  FERRY__SCALAR(S, f, uint64_t, FERRY_VMS_T_U64, v)
+#define FERRY_VMS_U64_V(S, f, v)  FERRY__SCALAR64(S, f, uint64_t, unsigned long long, FERRY_VMS_T_U64, v)
 #define FERRY_VMS_I8_V(S, f, v)   FERRY__SCALAR(S, f, int8_t, FERRY_VMS_T_I8, v)
 #define FERRY_VMS_I16_V(S, f, v)  FERRY__SCALAR(S, f, int16_t, FERRY_VMS_T_I16, v)
 #define FERRY_VMS_I32_V(S, f, v)  FERRY__SCALAR(S, f, int32_t, FERRY_VMS_T_I32, v)
-#define FERRY_VMS_I64_V(S, f, v)  FERRY__SCALAR(S, f, int64_t, FERRY_VMS_T_I64, v)
+#define FERRY_VMS_I64_V(S, f, v)  FERRY__SCALAR64(S, f, int64_t, long long, FERRY_VMS_T_I64, v)
 #define FERRY_VMS_BOOL_V(S, f, v) FERRY__SCALAR(S, f, bool, FERRY_VMS_T_BOOL, v)
 #define FERRY_VMS_U8(S, f)   FERRY_VMS_U8_V(S, f, 0)
 #define FERRY_VMS_U16(S, f)  FERRY_VMS_U16_V(S, f, 0)
@@ -154,6 +162,14 @@ struct ferry_vmsd {
 	.name = #f, .type = FERRY_VMS_T_BUFFER,				\
 	.offset = offsetof(S, f) + 0 * sizeof(char[1 - 2 * !(sizeof(((S *)0)->f[0]) == 1)]), \
 	.size = sizeof(((S *)0)->f), .n = 1 }
+/*
+ * Raw bytes of any field, e.g. a kernel ABI struct (struct kvm_regs) that
+ * is only ever moved between hosts of the same architecture. The schema
+ * records its size, not its layout: prefer typed fields where they exist.
+ */
+#define FERRY_VMS_RAW(S, f) {						\
+	.name = #f, .type = FERRY_VMS_T_BUFFER,				\
+	.offset = offsetof(S, f), .size = sizeof(((S *)0)->f), .n = 1 }
 /* Variable byte buffer: S.f is uint8_t[cap], S.len holds the used length. */
 #define FERRY_VMS_VBUFFER(S, f, len) \
 	FERRY__VARRAY(S, f, uint8_t, FERRY_VMS_T_U8, len, 0)

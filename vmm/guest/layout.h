@@ -13,9 +13,10 @@
  *   0x0000_1000  PML4                       \
  *   0x0000_2000  PDPT                        > page tables, built by the VMM
  *   0x0000_3000  PD x 9 (2 MiB pages, 9 GiB) /
+ *   0x0000_d000  workload state (guest private; see struct guest_work)
  *   0x0000_e000  status block   (guest writes, VMM reads)
  *   0x0000_f000  command block  (VMM writes, guest reads)
- *   0x0001_0000  stack, 64 KiB, grows down from 0x2_0000
+ *   0x0001_0000  stacks, 64 KiB: 8 KiB per vCPU, vCPU 0 at the top
  *   0x0010_0000  guest image (text, rodata, data, bss), at most 1 MiB
  *   0x0020_0000  generation table: uint64_t gen[page], 16 MiB
  *   0x0200_0000  data area, up to the end of RAM (at most 8 GiB)
@@ -25,6 +26,17 @@
  * mode at CPL 3 with IF=0 and no IDT, so any exception is a triple fault
  * (KVM_EXIT_SHUTDOWN).  It signals the VMM through MMIO doorbells
  * (KVM_EXIT_MMIO), see below.
+ *
+ * The same workload code (workload.h) also runs hosted, in host threads
+ * over the same RAM layout (the thread backend).  Every piece of mutable
+ * workload state therefore lives in RAM at a fixed address (the status
+ * block and struct guest_work), never in globals: a guest snapshot is its
+ * RAM (plus, under KVM, its registers), and a thread-backend guest started
+ * over a copy of RAM whose status.magic is set resumes where it was.
+ *
+ * vCPUs: vCPU 0 runs the workload; every other vCPU only bumps its
+ * status.cpu_heartbeat[] slot and waits on the idle doorbell.  Under KVM the
+ * VMM passes the vCPU index in RDI and points RSP at GUEST_VCPU_RSP(index).
  *
  * Communication is through the two blocks in RAM, not through exits, so a
  * report costs nothing and is migrated along with the rest of memory:
@@ -62,14 +74,24 @@
 #define GUEST_PT_SIZE		((2 + GUEST_PD_PAGES) * GUEST_PAGE_SIZE)
 #define GUEST_MAX_RAM		(8ULL << 30)
 
+#define GUEST_WORK_GPA		0xd000ULL
 #define GUEST_STATUS_GPA	0xe000ULL
 #define GUEST_CMD_GPA		0xf000ULL
+
+/* vCPUs the layout has room for (stacks, heartbeat slots). */
+#define GUEST_MAX_VCPUS		8
 
 #define GUEST_STACK_GPA		0x10000ULL
 #define GUEST_STACK_SIZE	0x10000ULL
 #define GUEST_STACK_TOP		(GUEST_STACK_GPA + GUEST_STACK_SIZE)
-/* Initial RSP: 16-byte aligned minus 8, as if _start had been called. */
-#define GUEST_INITIAL_RSP	(GUEST_STACK_TOP - 8)
+#define GUEST_VCPU_STACK_SIZE	(GUEST_STACK_SIZE / GUEST_MAX_VCPUS)
+/*
+ * Initial RSP of vCPU n: 16-byte aligned minus 8, as if _start had been
+ * called.  vCPU 0 keeps the top of the stack area (GUEST_INITIAL_RSP).
+ */
+#define GUEST_VCPU_RSP(n)	(GUEST_STACK_TOP - (uint64_t)(n) * \
+				 GUEST_VCPU_STACK_SIZE - 8)
+#define GUEST_INITIAL_RSP	GUEST_VCPU_RSP(0)
 
 /* The image is linked here (guest.ld must agree) and loaded here. */
 #define GUEST_IMAGE_GPA		0x100000ULL
@@ -112,7 +134,9 @@
 
 #define GUEST_STATUS_MAGIC	0x53595246U	/* "FRYS" */
 #define GUEST_CMD_MAGIC		0x43595246U	/* "FRYC" */
-#define GUEST_LAYOUT_VERSION	1
+#define GUEST_WORK_MAGIC	0x57595246U	/* "FRYW" */
+/* 2: struct guest_work at GUEST_WORK_GPA, per-vCPU stacks and heartbeats. */
+#define GUEST_LAYOUT_VERSION	2
 
 /* Sentinel for "no page" in page-index fields. */
 #define GUEST_NO_PAGE		UINT64_MAX
@@ -193,6 +217,32 @@ struct guest_status {
 
 	uint64_t panic_code;	/* enum guest_panic, 0 if none */
 	uint8_t panic_msg[64];	/* NUL-terminated */
+
+	/* Loop iterations of each vCPU (vCPU 0: main-loop iterations too). */
+	uint64_t cpu_heartbeat[GUEST_MAX_VCPUS];
+};
+
+/*
+ * The workload's own state, one page at GUEST_WORK_GPA.  Written only by
+ * vCPU 0 running the workload; the VMM never writes it (it may read it for
+ * debugging).  It is here rather than in guest globals so that RAM alone
+ * says where the workload is: see the top of this file.  Fields marked
+ * "latched" are copied from the command block when cmd.seq changes.
+ */
+struct guest_work {
+	uint32_t magic;		/* GUEST_WORK_MAGIC once initialised */
+	uint32_t kind;		/* latched: enum guest_workload */
+	uint32_t pattern;	/* latched: enum guest_pattern */
+	uint32_t throttle_pct;	/* latched, clamped to 0..99 */
+	uint64_t ws_pages;	/* latched, clamped to 1..data_pages */
+	uint64_t rate_mbps;	/* latched */
+	uint64_t data_pages;	/* from cmd.data_pages at first boot */
+	uint64_t generation;	/* last generation handed out */
+	uint64_t rng;		/* xorshift64 state for the random pattern */
+	uint64_t cursor;	/* next page for the seq pattern and fill */
+	uint64_t tsc_hz;	/* the value cycles_per_page was computed for */
+	uint64_t cycles_per_page;	/* pacer: 0 = no pacing */
+	uint64_t next_tsc;	/* pacer deadline for the next page */
 };
 
 /* Byte offsets inside a data page. */
@@ -202,11 +252,18 @@ struct guest_status {
 
 #ifndef __cplusplus
 _Static_assert(sizeof(struct guest_cmd) == 80, "guest_cmd layout");
-_Static_assert(sizeof(struct guest_status) == 192, "guest_status layout");
+_Static_assert(sizeof(struct guest_status) == 256, "guest_status layout");
+_Static_assert(sizeof(struct guest_work) == 88, "guest_work layout");
 _Static_assert(GUEST_STATUS_GPA + GUEST_PAGE_SIZE <= GUEST_CMD_GPA,
 	       "status block overlaps command block");
-_Static_assert(GUEST_PT_GPA + GUEST_PT_SIZE <= GUEST_STATUS_GPA,
-	       "page tables overlap status block");
+_Static_assert(GUEST_WORK_GPA + GUEST_PAGE_SIZE <= GUEST_STATUS_GPA,
+	       "workload state overlaps status block");
+_Static_assert(GUEST_PT_GPA + GUEST_PT_SIZE <= GUEST_WORK_GPA,
+	       "page tables overlap workload state");
+_Static_assert(GUEST_CMD_GPA + GUEST_PAGE_SIZE <= GUEST_STACK_GPA,
+	       "command block overlaps the stacks");
+_Static_assert(GUEST_VCPU_STACK_SIZE >= 4096 &&
+	       GUEST_VCPU_STACK_SIZE % 16 == 0, "per-vCPU stacks too small");
 _Static_assert(GUEST_GEN_ENTRIES >= GUEST_DATA_PAGES(GUEST_MAX_RAM),
 	       "generation table too small for GUEST_MAX_RAM");
 _Static_assert(GUEST_PD_PAGES << 30 >= GUEST_MAP_SIZE,

@@ -1,0 +1,509 @@
+// SPDX-License-Identifier: MIT
+/*
+ * dirty-uffd.c - dirty tracking with async userfaultfd write-protection and
+ * PAGEMAP_SCAN.  See dirty-uffd.h for the model.
+ *
+ * Kernel details this relies on (Linux >= 6.7):
+ *   - UFFD_FEATURE_WP_ASYNC: a write to a uffd-wp protected page is
+ *     resolved inside the fault handler by clearing the PTE's uffd-wp bit;
+ *     no message is queued, nobody has to read the userfaultfd.  It implies
+ *     WP_UNPOPULATED: write-protecting a never-touched page installs a PTE
+ *     marker, so its first write is tracked like any other.
+ *   - PAGEMAP_SCAN reports PAGE_IS_WRITTEN for a page whose PTE lacks the
+ *     uffd-wp bit, and with PM_SCAN_WP_MATCHING sets the bit again on every
+ *     page it reports, in the same page-table walk under the PTE lock.
+ *     PM_SCAN_CHECK_WPASYNC makes it fail (-EPERM) rather than silently
+ *     report nothing for a range not registered in async wp mode.
+ * Shared memory (shmem, memfd) needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM too.
+ *
+ * The system headers may predate these; the ABI constants are defined here
+ * when missing (values from the kernel's uapi headers).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "dirty-uffd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <linux/fs.h>
+#include <linux/userfaultfd.h>
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY		1
+#endif
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM	(1 << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED	(1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC		(1 << 15)
+#endif
+
+#ifndef PAGEMAP_SCAN
+struct page_region {
+	uint64_t start;
+	uint64_t end;
+	uint64_t categories;
+};
+
+struct pm_scan_arg {
+	uint64_t size;
+	uint64_t flags;
+	uint64_t start;
+	uint64_t end;
+	uint64_t walk_end;
+	uint64_t vec;
+	uint64_t vec_len;
+	uint64_t max_pages;
+	uint64_t category_inverted;
+	uint64_t category_mask;
+	uint64_t category_anyof_mask;
+	uint64_t return_mask;
+};
+
+#define PAGEMAP_SCAN		_IOWR('f', 16, struct pm_scan_arg)
+#define PM_SCAN_WP_MATCHING	(1 << 0)
+#define PM_SCAN_CHECK_WPASYNC	(1 << 1)
+#define PAGE_IS_WPALLOWED	(1 << 0)
+#define PAGE_IS_WRITTEN		(1 << 1)
+#define PAGE_IS_FILE		(1 << 2)
+#define PAGE_IS_PRESENT		(1 << 3)
+#define PAGE_IS_SWAPPED		(1 << 4)
+#define PAGE_IS_PFNZERO		(1 << 5)
+#endif
+
+#define PAGE_SIZE_	4096ULL
+#define SCAN_VEC_LEN	512	/* regions per PAGEMAP_SCAN call */
+
+/* Everything belongs to the one thread using the handle (see the header). */
+struct uffd_dirty {
+	int uffd;		/* userfaultfd, registered over the range */
+	int pagemap_fd;		/* /proc/self/pagemap, for PAGEMAP_SCAN */
+	uintptr_t base;
+	size_t len;
+	bool started;
+	struct page_region vec[SCAN_VEC_LEN];
+};
+
+/* Set bits [first, first + n) of bitmap. */
+static void set_bits(uint64_t *bitmap, uint64_t first, uint64_t n)
+{
+	while (n) {
+		uint64_t bit = first % 64;
+		uint64_t take = 64 - bit < n ? 64 - bit : n;
+		uint64_t mask = take == 64 ? ~0ULL : ((1ULL << take) - 1) << bit;
+
+		bitmap[first / 64] |= mask;
+		first += take;
+		n -= take;
+	}
+}
+
+/*
+ * One PAGEMAP_SCAN pass over [start, end): set the bitmap bits of every
+ * reported page (bit 0 = page at base).  The kernel stops early when vec
+ * fills up and says where in walk_end; go on from there.
+ */
+static int scan(int pagemap_fd, struct page_region *vec, size_t vec_len,
+		uintptr_t base, uintptr_t start, uintptr_t end,
+		uint64_t flags, uint64_t mask, uint64_t inverted,
+		uint64_t anyof, uint64_t *bitmap)
+{
+	while (start < end) {
+		struct pm_scan_arg arg = {
+			.size = sizeof(arg),
+			.flags = flags,
+			.start = start,
+			.end = end,
+			.vec = (uintptr_t)vec,
+			.vec_len = vec_len,
+			.category_inverted = inverted,
+			.category_mask = mask,
+			.category_anyof_mask = anyof,
+			.return_mask = mask | anyof,
+		};
+		long n, i;
+
+		n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+		if (n < 0)
+			return -errno;
+		for (i = 0; i < n; i++)
+			set_bits(bitmap, (vec[i].start - base) / PAGE_SIZE_,
+				 (vec[i].end - vec[i].start) / PAGE_SIZE_);
+		if (arg.walk_end <= start)	/* no progress: kernel bug */
+			return -EIO;
+		start = (uintptr_t)arg.walk_end;
+	}
+	return 0;
+}
+
+/* ---- uffd dirty tracking -------------------------------------------- */
+
+static int open_uffd(struct ferry_error *err)
+{
+	int fd;
+
+	/*
+	 * User-mode-only faults are all we need: async wp faults are resolved
+	 * before the kernel looks at who faulted.  It also keeps working when
+	 * vm.unprivileged_userfaultfd is 0.  Kernels before 5.11 lack the flag.
+	 */
+	fd = (int)syscall(SYS_userfaultfd,
+			  O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+	if (fd < 0 && errno == EINVAL)
+		fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd >= 0)
+		return fd;
+	if (errno == ENOSYS)
+		return ferry_error_set(err, -EOPNOTSUPP,
+				       "userfaultfd: not built into this kernel");
+	if (errno == EPERM)
+		return ferry_error_set(err, -EPERM, "userfaultfd: not permitted "
+				       "(vm.unprivileged_userfaultfd = 0?)");
+	return ferry_error_set(err, -errno, "userfaultfd: %s", strerror(errno));
+}
+
+/* Which of the features we care about this kernel offers. */
+static int probe_features(uint64_t *features, struct ferry_error *err)
+{
+	struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+	int fd = open_uffd(err), r = 0;
+
+	if (fd < 0)
+		return fd;
+	/* Asking for no feature makes the kernel report all it has. */
+	if (ioctl(fd, UFFDIO_API, &api) < 0)
+		r = ferry_error_set(err, -errno, "UFFDIO_API: %s",
+				    strerror(errno));
+	else
+		*features = api.features;
+	close(fd);
+	return r;
+}
+
+int uffd_dirty_create(struct uffd_dirty **out, void *base, size_t len,
+		      struct ferry_error *err)
+{
+	uint64_t have = 0, want;
+	struct uffdio_api api = { .api = UFFD_API };
+	struct uffdio_register reg = {
+		.range = { .start = (uintptr_t)base, .len = len },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	struct uffd_dirty *d;
+	int r;
+
+	*out = NULL;
+	if (!len || ((uintptr_t)base | len) & (PAGE_SIZE_ - 1))
+		return ferry_error_set(err, -EINVAL, "uffd dirty tracking: "
+				       "range %p+%#zx not page aligned", base, len);
+
+	r = probe_features(&have, err);
+	if (r)
+		return r;
+	if (!(have & UFFD_FEATURE_WP_ASYNC))
+		return ferry_error_set(err, -EOPNOTSUPP, "uffd dirty tracking: "
+				       "kernel lacks UFFD_FEATURE_WP_ASYNC "
+				       "(needs Linux >= 6.7; features %#" PRIx64
+				       ")", have);
+	want = UFFD_FEATURE_WP_ASYNC;
+	/* Both are optional: WP_ASYNC implies WP_UNPOPULATED; shmem needs
+	 * the second, and registering shmem fails cleanly without it. */
+	want |= have & (UFFD_FEATURE_WP_UNPOPULATED |
+			UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+
+	d = calloc(1, sizeof(*d));
+	if (!d)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	d->base = (uintptr_t)base;
+	d->len = len;
+	d->pagemap_fd = -1;
+
+	d->uffd = open_uffd(err);
+	if (d->uffd < 0) {
+		r = d->uffd;
+		goto fail;
+	}
+	api.features = want;
+	if (ioctl(d->uffd, UFFDIO_API, &api) < 0) {
+		r = ferry_error_set(err, -errno, "UFFDIO_API(features %#" PRIx64
+				    "): %s", want, strerror(errno));
+		goto fail;
+	}
+	if (ioctl(d->uffd, UFFDIO_REGISTER, &reg) < 0) {
+		r = -errno;
+		if (r == -EINVAL)
+			r = ferry_error_set(err, -EOPNOTSUPP, "uffd dirty "
+					    "tracking: cannot write-protect "
+					    "%p+%#zx (only anonymous, shmem and "
+					    "memfd memory; shmem needs "
+					    "WP_HUGETLBFS_SHMEM)", base, len);
+		else
+			r = ferry_error_set(err, r, "UFFDIO_REGISTER(wp, %p+%#zx):"
+					    " %s", base, len, strerror(-r));
+		goto fail;
+	}
+	if (!(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
+		r = ferry_error_set(err, -EOPNOTSUPP, "uffd dirty tracking: "
+				    "UFFDIO_WRITEPROTECT not offered for this "
+				    "memory");
+		goto fail_unreg;
+	}
+
+	d->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (d->pagemap_fd < 0) {
+		r = ferry_error_set(err, -errno, "open /proc/self/pagemap: %s",
+				    strerror(errno));
+		goto fail_unreg;
+	}
+	/*
+	 * Probe PAGEMAP_SCAN with the flags sync uses, but no WP_MATCHING and
+	 * room for one region: it fails with ENOTTY (or EINVAL) on kernels
+	 * without it, and with EPERM if the range is not async-wp registered.
+	 */
+	{
+		struct pm_scan_arg arg = {
+			.size = sizeof(arg),
+			.flags = PM_SCAN_CHECK_WPASYNC,
+			.start = d->base,
+			.end = d->base + len,
+			.vec = (uintptr_t)d->vec,
+			.vec_len = 1,
+			.max_pages = 1,
+			.category_mask = PAGE_IS_WRITTEN,
+			.return_mask = PAGE_IS_WRITTEN,
+		};
+
+		if (ioctl(d->pagemap_fd, PAGEMAP_SCAN, &arg) < 0) {
+			r = -errno;
+			if (r == -ENOTTY || r == -EINVAL)
+				r = ferry_error_set(err, -EOPNOTSUPP, "uffd dirty "
+						    "tracking: kernel lacks "
+						    "PAGEMAP_SCAN (Linux >= 6.7)");
+			else
+				r = ferry_error_set(err, r, "PAGEMAP_SCAN probe: "
+						    "%s", strerror(-r));
+			goto fail_unreg;
+		}
+	}
+
+	*out = d;
+	return 0;
+
+fail_unreg:
+	ioctl(d->uffd, UFFDIO_UNREGISTER, &reg.range);
+fail:
+	if (d->pagemap_fd >= 0)
+		close(d->pagemap_fd);
+	if (d->uffd >= 0)
+		close(d->uffd);
+	free(d);
+	return r;
+}
+
+static int writeprotect(struct uffd_dirty *d, bool on, struct ferry_error *err)
+{
+	struct uffdio_writeprotect wp = {
+		.range = { .start = d->base, .len = d->len },
+		.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+	};
+
+	if (ioctl(d->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+		return ferry_error_set(err, -errno, "UFFDIO_WRITEPROTECT(%s): %s",
+				       on ? "protect" : "unprotect",
+				       strerror(errno));
+	return 0;
+}
+
+int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err)
+{
+	int r = writeprotect(d, true, err);
+
+	if (!r)
+		d->started = true;
+	return r;
+}
+
+int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
+		    struct ferry_error *err)
+{
+	int r;
+
+	if (!d->started)
+		return ferry_error_set(err, -EINVAL,
+				       "uffd dirty tracking not started");
+	r = scan(d->pagemap_fd, d->vec, SCAN_VEC_LEN, d->base, d->base,
+		 d->base + d->len, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+		 PAGE_IS_WRITTEN, 0, 0, bitmap);
+	if (r)
+		return ferry_error_set(err, r, "PAGEMAP_SCAN(written, "
+				       "re-protect): %s", strerror(-r));
+	return 0;
+}
+
+int uffd_dirty_stop(struct uffd_dirty *d, struct ferry_error *err)
+{
+	int r;
+
+	if (!d->started)
+		return 0;
+	r = writeprotect(d, false, err);
+	if (!r)
+		d->started = false;
+	return r;
+}
+
+void uffd_dirty_destroy(struct uffd_dirty *d)
+{
+	struct uffdio_range range;
+
+	if (!d)
+		return;
+	uffd_dirty_stop(d, NULL);
+	/* Unregistering also drops any protection left behind. */
+	range.start = d->base;
+	range.len = d->len;
+	ioctl(d->uffd, UFFDIO_UNREGISTER, &range);
+	close(d->uffd);
+	close(d->pagemap_fd);
+	free(d);
+}
+
+/* ---- populated pages ------------------------------------------------ */
+
+/*
+ * For every part of [start, end) that is not private anonymous memory
+ * (shared, or backed by a file), set all its bits: page tables cannot tell
+ * which of those pages hold data.  Parts not mapped at all are -EFAULT.
+ */
+static int mark_non_anon(uintptr_t start, uintptr_t end, uint64_t *bitmap,
+			 struct ferry_error *err)
+{
+	FILE *f = fopen("/proc/self/maps", "re");
+	uintptr_t covered = start;
+	char line[512];
+	int r = 0;
+
+	if (!f)
+		return ferry_error_set(err, -errno, "open /proc/self/maps: %s",
+				       strerror(errno));
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long long lo, hi, ino;
+		char perms[8];
+		uintptr_t a, b;
+		int n;
+
+		n = sscanf(line, "%llx-%llx %7s %*s %*s %llu", &lo, &hi, perms,
+			   &ino);
+		/* A line longer than the buffer: skip its remainder. */
+		if (!strchr(line, '\n')) {
+			int ch;
+
+			while ((ch = fgetc(f)) != EOF && ch != '\n')
+				;
+		}
+		if (n != 4 || hi <= start || lo >= end)
+			continue;
+		a = lo > start ? (uintptr_t)lo : start;
+		b = hi < end ? (uintptr_t)hi : end;
+		if (a > covered)
+			break;	/* a gap: reported below */
+		covered = b;
+		if (perms[3] != 'p' || ino != 0)
+			set_bits(bitmap, (a - start) / PAGE_SIZE_,
+				 (b - a) / PAGE_SIZE_);
+		if (covered >= end)
+			break;
+	}
+	fclose(f);
+	if (covered < end)
+		r = ferry_error_set(err, -EFAULT, "mem_present_pages: %#lx is "
+				    "not mapped", (unsigned long)covered);
+	return r;
+}
+
+/* Fallback for kernels without PAGEMAP_SCAN: one 64-bit entry per page. */
+static int present_from_pagemap(int fd, uintptr_t base, size_t len,
+				uint64_t *bitmap, struct ferry_error *err)
+{
+	enum { CHUNK = 4096 };
+	uint64_t *ent = malloc(CHUNK * sizeof(*ent));
+	uint64_t npages = len / PAGE_SIZE_, i = 0;
+	int r = 0;
+
+	if (!ent)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	while (i < npages) {
+		size_t want = npages - i < CHUNK ? (size_t)(npages - i) : CHUNK;
+		off_t off = (off_t)((base / PAGE_SIZE_ + i) * sizeof(*ent));
+		ssize_t got = pread(fd, ent, want * sizeof(*ent), off);
+		size_t j;
+
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0 || got % (ssize_t)sizeof(*ent)) {
+			r = ferry_error_set(err, got < 0 ? -errno : -EIO,
+					    "read /proc/self/pagemap: %s",
+					    got < 0 ? strerror(errno) : "short");
+			break;
+		}
+		for (j = 0; j < (size_t)got / sizeof(*ent); j++)
+			if (ent[j] >> 62)	/* bit 63 present, 62 swapped */
+				bitmap[(i + j) / 64] |= 1ULL << ((i + j) % 64);
+		i += (uint64_t)got / sizeof(*ent);
+	}
+	free(ent);
+	return r;
+}
+
+int mem_present_pages(void *base, size_t len, uint64_t *bitmap,
+		      struct ferry_error *err)
+{
+	struct page_region *vec;
+	uintptr_t b = (uintptr_t)base;
+	int fd, r;
+
+	if (((uintptr_t)base | len) & (PAGE_SIZE_ - 1))
+		return ferry_error_set(err, -EINVAL, "mem_present_pages: range "
+				       "%p+%#zx not page aligned", base, len);
+	if (!len)
+		return 0;
+
+	fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return ferry_error_set(err, -errno, "open /proc/self/pagemap: %s",
+				       strerror(errno));
+	vec = malloc(SCAN_VEC_LEN * sizeof(*vec));
+	if (!vec) {
+		close(fd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	/*
+	 * Present or swapped, and not mapping the shared zero page (a page
+	 * only ever read): the inverted PFNZERO bit must be set.
+	 */
+	r = scan(fd, vec, SCAN_VEC_LEN, b, b, b + len, 0, PAGE_IS_PFNZERO,
+		 PAGE_IS_PFNZERO, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, bitmap);
+	if (r == -ENOTTY || r == -EINVAL)
+		r = present_from_pagemap(fd, b, len, bitmap, err);
+	else if (r)
+		r = ferry_error_set(err, r, "PAGEMAP_SCAN(present): %s",
+				    strerror(-r));
+	free(vec);
+	close(fd);
+	if (!r)
+		r = mark_non_anon(b, b + len, bitmap, err);
+	return r;
+}

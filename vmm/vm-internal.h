@@ -1,0 +1,78 @@
+/*
+ * vmm/vm-internal.h - struct vm, shared by vm.c, vm-migrate.c,
+ * vm-control.c and vm-devices.c. Locking rules: see vm.c.
+ */
+#ifndef FERRY_VMM_VM_INTERNAL_H
+#define FERRY_VMM_VM_INTERNAL_H
+
+#include <pthread.h>
+#include <signal.h>
+
+#include "vm.h"
+
+struct control;
+struct memmap;
+struct virtio_dev;
+
+/* Source-side migration states (query-migrate "status"). */
+enum mig_status {
+	MIG_NONE, MIG_SETUP, MIG_ACTIVE, MIG_DEVICE, MIG_COMPLETED,
+	MIG_FAILED, MIG_CANCELLING, MIG_CANCELLED, MIG__MAX
+};
+const char *mig_status_name(enum mig_status s);
+
+struct vm {
+	struct vm_config cfg;          /* immutable after create */
+	bool trace;                    /* immutable: FERRY_TRACE=1 */
+
+	pthread_mutex_t lock;          /* guards the fields below */
+	enum vm_run_state run_state;
+	bool started;                  /* vCPU threads exist */
+	bool quit;
+	volatile sig_atomic_t quit_async; /* set from signal handlers */
+	pthread_cond_t quit_cond;
+
+	uint8_t *ram;                  /* guest RAM; immutable mapping */
+	const struct backend_ops *be;  /* immutable after create */
+	void *be_priv;
+
+	struct ferry_ctx *ctx;         /* registry: changed only at create */
+	struct ferry_ram *ram_dev;
+
+	/* Devices: state guarded by the migration protocol (saved and loaded
+	 * only while vCPUs are paused). */
+	struct serial_state serial;
+	struct timer_state timer;
+	struct memmap *memmap;
+	struct virtio_dev **virtio;
+	unsigned nvirtio;
+
+	struct control *control;
+
+	/* Outgoing migration: the thread handle is the main/control thread's;
+	 * mig_* fields are guarded by mig_lock. */
+	pthread_mutex_t mig_lock;
+	pthread_t mig_thread;
+	bool mig_thread_live;          /* a thread exists (running or done) */
+	enum mig_status mig_status;
+	char mig_uri[4096];
+	char mig_error[FERRY_ERROR_MSG_MAX];
+	uint64_t mig_start_ns, mig_end_ns, mig_downtime_ns, mig_setup_ns;
+	bool mig_cancel;               /* set by migrate-cancel */
+};
+
+void vm_trace(struct vm *vm, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+void vm_set_run_state(struct vm *vm, enum vm_run_state to);
+int vm_resume_locked(struct vm *vm, struct ferry_error *err);
+void vm_request_quit(struct vm *vm);
+uint64_t vm_now_ns(void);
+
+int vm_control_start(struct vm *vm, struct ferry_error *err);
+void vm_control_stop(struct vm *vm);
+void vm_migrate_join(struct vm *vm);
+int vm_migrate_cancel(struct vm *vm, struct ferry_error *err);
+int vm_devices_create(struct vm *vm, struct ferry_error *err);
+void vm_devices_destroy(struct vm *vm);
+
+#endif

@@ -1,0 +1,104 @@
+/*
+ * vmm/vm.h - the reference VMM: one guest, its RAM, devices, backend,
+ * control socket, and its migrations.
+ *
+ * The VMM uses libferry only through the public headers, as any VMM would.
+ */
+#ifndef FERRY_VMM_VM_H
+#define FERRY_VMM_VM_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "ferry/ferry.h"
+#include "backend.h"
+#include "devices.h"
+#include "guest/layout.h"
+
+enum vm_backend_kind { VM_BACKEND_AUTO, VM_BACKEND_KVM, VM_BACKEND_THREAD };
+
+/* The guest workload, as given by --workload. */
+struct vm_workload {
+	uint32_t kind;        /* enum guest_workload */
+	uint32_t pattern;     /* enum guest_pattern */
+	uint64_t ws_bytes;    /* 0 = all of the data area */
+	uint64_t rate_mbps;   /* 0 = flat out */
+};
+
+struct vm_config {
+	uint64_t mem;                 /* bytes of guest RAM */
+	unsigned vcpus;
+	enum vm_backend_kind backend;
+	struct vm_workload workload;
+	unsigned ndevices;            /* virtio-like devices */
+	const char *control;          /* unix socket path, or NULL */
+	const char *incoming;         /* URI to load from, or NULL */
+	bool paused;                  /* stay paused after start/load */
+	bool memfd;                   /* memfd-backed RAM instead of anonymous */
+};
+
+/* Run states, as QEMU's query-status reports them. */
+enum vm_run_state {
+	VM_PRELAUNCH,       /* created, never run */
+	VM_INMIGRATE,       /* waiting for / loading incoming state */
+	VM_RUNNING,
+	VM_PAUSED,          /* stopped by the user (or --paused) */
+	VM_FINISH_MIGRATE,  /* stopped for a migration's switchover */
+	VM_POSTMIGRATE,     /* stopped after a completed outgoing migration */
+	VM_GUEST_PANICKED,
+	VM_SHUTDOWN,
+	VM_RUN_STATE__MAX
+};
+
+const char *vm_run_state_name(enum vm_run_state s);
+int vm_parse_workload(const char *spec, struct vm_workload *wl,
+		      struct ferry_error *err);
+int vm_parse_size(const char *s, uint64_t *out);
+
+struct vm;
+
+struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err);
+void vm_destroy(struct vm *vm);
+
+/* Boot a fresh guest, or load cfg->incoming first; then run unless paused. */
+int vm_start(struct vm *vm, struct ferry_error *err);
+/* Serve the control socket until quit or the guest fails. Returns the
+ * process exit status. */
+int vm_main_loop(struct vm *vm);
+
+/* Ask the main loop to return; async-signal-safe. */
+void vm_request_quit_async(struct vm *vm);
+
+int vm_stop(struct vm *vm, struct ferry_error *err);
+int vm_cont(struct vm *vm, struct ferry_error *err);
+enum vm_run_state vm_run_state(struct vm *vm);
+
+/* Guest view, from the status block. */
+struct vm_guest_info {
+	uint64_t generation, heartbeat, verify_passes, bad_pages;
+	uint64_t first_bad_page, last_bad_page, verify_seq;
+	uint32_t state, workload;
+	bool booted;
+};
+void vm_guest_info(struct vm *vm, struct vm_guest_info *gi);
+/* Ask the guest for a verify pass; returns the sequence number to wait for. */
+uint64_t vm_guest_verify(struct vm *vm);
+/* Wait until the guest finished verify pass @seq (timeout_ms, -1 forever). */
+int vm_guest_wait_verify(struct vm *vm, uint64_t seq, int timeout_ms,
+			 struct ferry_error *err);
+
+/* XXH3-128 of all guest RAM, as 32 hex digits; VM must be stopped. */
+int vm_ram_digest(struct vm *vm, char out[33], struct ferry_error *err);
+
+/* Outgoing migration to @uri, in the migration thread; see vm.c. */
+int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err);
+
+/* Backends use these. */
+uint8_t *vm_ram(struct vm *vm);
+uint64_t vm_ram_size(struct vm *vm);
+unsigned vm_vcpus(struct vm *vm);
+/* Fill the command block for a first boot (workload, TSC frequency). */
+void vm_guest_setup_cmd(struct vm *vm, uint64_t tsc_hz);
+
+#endif

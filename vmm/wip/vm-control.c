@@ -1,0 +1,238 @@
+/*
+ * vmm/vm-control.c - the VM's QMP-style commands.
+ *
+ * Handlers run on the control server thread, one at a time. They never
+ * block for long: a migration runs in its own thread and reports through
+ * MIGRATION events and query-migrate; guest-verify waits for the guest at
+ * most its "timeout" (default 60 s), which is a verify pass of the largest
+ * guest on this machine with a wide margin.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "control.h"
+#include "vm-internal.h"
+
+static int h_query_status(void *opaque, json_t *args, json_t **ret,
+			  struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	enum vm_run_state s = vm_run_state(vm);
+
+	(void)args;
+	(void)err;
+	*ret = json_pack("{s:s, s:b}", "status", vm_run_state_name(s),
+			 "running", s == VM_RUNNING);
+	return 0;
+}
+
+static int h_stop(void *opaque, json_t *args, json_t **ret,
+		  struct ferry_error *err)
+{
+	(void)args;
+	(void)ret;
+	return vm_stop(opaque, err);
+}
+
+static int h_cont(void *opaque, json_t *args, json_t **ret,
+		  struct ferry_error *err)
+{
+	(void)args;
+	(void)ret;
+	return vm_cont(opaque, err);
+}
+
+static int h_quit(void *opaque, json_t *args, json_t **ret,
+		  struct ferry_error *err)
+{
+	(void)args;
+	(void)ret;
+	(void)err;
+	vm_request_quit(opaque);
+	return 0;
+}
+
+static json_t *guest_json(struct vm *vm)
+{
+	struct vm_guest_info gi;
+
+	vm_guest_info(vm, &gi);
+	return json_pack("{s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:i, s:i}",
+			 "booted", gi.booted,
+			 "generation", (json_int_t)gi.generation,
+			 "heartbeat", (json_int_t)gi.heartbeat,
+			 "verify-passes", (json_int_t)gi.verify_passes,
+			 "bad-pages", (json_int_t)gi.bad_pages,
+			 "first-bad-page", (json_int_t)(gi.bad_pages ? gi.first_bad_page : 0),
+			 "last-bad-page", (json_int_t)(gi.bad_pages ? gi.last_bad_page : 0),
+			 "state", (int)gi.state, "workload", (int)gi.workload);
+}
+
+static int h_query_guest(void *opaque, json_t *args, json_t **ret,
+			 struct ferry_error *err)
+{
+	(void)args;
+	(void)err;
+	*ret = guest_json(opaque);
+	return 0;
+}
+
+/* {"wait": true, "timeout": ms}: request a verify pass; with wait (the
+ * default) reply with its result. */
+static int h_guest_verify(void *opaque, json_t *args, json_t **ret,
+			  struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	json_t *w = json_object_get(args, "wait");
+	json_t *t = json_object_get(args, "timeout");
+	bool wait = !w || json_is_true(w);
+	int timeout = json_is_integer(t) ? (int)json_integer_value(t) : 60000;
+	uint64_t seq;
+	int r;
+
+	if (wait && vm_run_state(vm) != VM_RUNNING)
+		return ferry_error_set(err, -EINVAL,
+			"the guest is %s; it verifies only while running "
+			"(or pass \"wait\": false)", vm_run_state_name(vm_run_state(vm)));
+	seq = vm_guest_verify(vm);
+	if (wait && (r = vm_guest_wait_verify(vm, seq, timeout, err)))
+		return r;
+	*ret = guest_json(vm);
+	json_object_set_new(*ret, "verify-seq", json_integer((json_int_t)seq));
+	return 0;
+}
+
+static int h_ram_digest(void *opaque, json_t *args, json_t **ret,
+			struct ferry_error *err)
+{
+	char d[33];
+	int r = vm_ram_digest(opaque, d, err);
+
+	(void)args;
+	if (r)
+		return r;
+	*ret = json_pack("{s:s}", "digest", d);
+	return 0;
+}
+
+static int h_migrate(void *opaque, json_t *args, json_t **ret,
+		     struct ferry_error *err)
+{
+	const char *uri = json_string_value(json_object_get(args, "uri"));
+
+	(void)ret;
+	if (!uri)
+		return ferry_error_set(err, -EINVAL, "migrate needs \"uri\"");
+	return vm_migrate(opaque, uri, err);
+}
+
+static int h_migrate_cancel(void *opaque, json_t *args, json_t **ret,
+			    struct ferry_error *err)
+{
+	(void)args;
+	(void)ret;
+	return vm_migrate_cancel(opaque, err);
+}
+
+static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
+			   struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	struct ferry_ram_stats st;
+	enum mig_status s;
+	json_t *o;
+	uint64_t now = vm_now_ns(), total;
+
+	(void)args;
+	(void)err;
+	pthread_mutex_lock(&vm->mig_lock);
+	s = vm->mig_status;
+	o = json_pack("{s:s}", "status", mig_status_name(s));
+	if (s != MIG_NONE) {
+		total = (vm->mig_end_ns ? vm->mig_end_ns : now) - vm->mig_start_ns;
+		json_object_set_new(o, "total-time",
+				    json_integer((json_int_t)(total / 1000000)));
+		json_object_set_new(o, "setup-time",
+				    json_integer((json_int_t)(vm->mig_setup_ns / 1000000)));
+		if (s == MIG_COMPLETED)
+			json_object_set_new(o, "downtime",
+				json_integer((json_int_t)(vm->mig_downtime_ns / 1000000)));
+		if (vm->mig_error[0])
+			json_object_set_new(o, "error-desc", json_string(vm->mig_error));
+	}
+	pthread_mutex_unlock(&vm->mig_lock);
+	if (s != MIG_NONE) {
+		ferry_ram_get_stats(vm->ram_dev, &st);
+		json_object_set_new(o, "ram", json_pack(
+			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
+			"total", (json_int_t)st.total,
+			"transferred", (json_int_t)st.transferred,
+			"remaining", (json_int_t)st.remaining,
+			"duplicate", (json_int_t)st.duplicate,
+			"normal", (json_int_t)st.normal,
+			"normal-bytes", (json_int_t)st.normal_bytes,
+			"dirty-sync-count", (json_int_t)st.dirty_sync_count));
+	}
+	*ret = o;
+	return 0;
+}
+
+/* Test hook: flip one byte of data page @page behind the guest's back, as
+ * a lost or torn page would. The next verify pass must report it. */
+static int h_corrupt_page(void *opaque, json_t *args, json_t **ret,
+			  struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	json_t *p = json_object_get(args, "page");
+	uint64_t page, off;
+
+	(void)ret;
+	if (!json_is_integer(p) || json_integer_value(p) < 0)
+		return ferry_error_set(err, -EINVAL, "x-corrupt-page needs \"page\"");
+	page = (uint64_t)json_integer_value(p);
+	if (page >= GUEST_DATA_PAGES(vm->cfg.mem))
+		return ferry_error_set(err, -ERANGE, "page %" PRIu64 " beyond %llu",
+				       page,
+				       (unsigned long long)GUEST_DATA_PAGES(vm->cfg.mem));
+	off = GUEST_DATA_GPA + page * GUEST_PAGE_SIZE + 100;
+	__atomic_fetch_xor(&vm->ram[off], 0x40, __ATOMIC_RELAXED);
+	return 0;
+}
+
+int vm_control_start(struct vm *vm, struct ferry_error *err)
+{
+	static const struct {
+		const char *name;
+		control_handler_fn fn;
+	} cmds[] = {
+		{ "query-status", h_query_status },
+		{ "stop", h_stop },
+		{ "cont", h_cont },
+		{ "quit", h_quit },
+		{ "query-guest", h_query_guest },
+		{ "guest-verify", h_guest_verify },
+		{ "query-ram-digest", h_ram_digest },
+		{ "migrate", h_migrate },
+		{ "migrate-cancel", h_migrate_cancel },
+		{ "query-migrate", h_query_migrate },
+		{ "x-corrupt-page", h_corrupt_page },
+	};
+
+	vm->control = control_create(vm->cfg.control, err);
+	if (!vm->control)
+		return err && err->code ? err->code : -EIO;
+	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+		int r = control_register(vm->control, cmds[i].name, cmds[i].fn, vm);
+		if (r)
+			return ferry_error_set(err, r, "registering %s", cmds[i].name);
+	}
+	return control_start(vm->control, err);
+}
+
+void vm_control_stop(struct vm *vm)
+{
+	control_destroy(vm->control);
+	vm->control = NULL;
+}
