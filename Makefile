@@ -9,6 +9,7 @@
 # Knobs: V=1 (echo commands), SAN=address|undefined|thread, WERROR=0, O=2.
 
 O      ?= 2
+.DEFAULT_GOAL := all
 B      := build$(if $(SAN),-$(SAN))
 CC     ?= cc
 CLANG  ?= clang
@@ -74,7 +75,8 @@ VMM_OBJS := $(VMM_SRCS:%.c=$(B)/%.o) $(B)/vmm/guest/image.o
 $(VMM_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 
 # ---- CLI -------------------------------------------------------------------
-CLI_SRCS := cli/main.c cli/cmd-inspect.c cli/cmd-vmstate-schema.c cli/cmd-ctl.c
+CLI_SRCS := cli/main.c cli/cmd-inspect.c cli/cmd-vmstate-schema.c cli/cmd-ctl.c \
+            cli/cmd-vm.c
 CLI_OBJS := $(CLI_SRCS:%.c=$(B)/%.o) $(VMM_OBJS)
 $(CLI_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 

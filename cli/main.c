@@ -16,6 +16,7 @@ static const struct cli_cmd commands[] = {
 	{ "inspect", "decode and verify a migration stream file", cmd_inspect },
 	{ "vmstate-schema", "print the JSON schema of every device description",
 	  cmd_vmstate_schema },
+	{ "vm", "run the reference VMM (KVM or thread backend)", cmd_vm },
 	{ "ctl", "send one command to a VM's control socket", cmd_ctl },
 	{ "version", "print the version", cmd_version },
 	{ "help", "list commands", cmd_help },

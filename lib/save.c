@@ -225,6 +225,10 @@ static void *complete_thread(void *arg)
 	return NULL;
 }
 
+/* Section size for data drained at switchover. */
+#define SWITCHOVER_CHUNK (64ull << 20)
+#define SWITCHOVER_MAX_ROUNDS 4096
+
 int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 {
 	struct ferry_devstate_sink *sinks = NULL;
@@ -266,6 +270,22 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 			}
 			started++;
 		}
+	}
+	/*
+	 * Drain what is pending in bounded PART sections first, so the END
+	 * sections stay small whatever the device had left (a guest that
+	 * dirtied all of its RAM just before the switchover, say). With the
+	 * vCPUs paused the dirty set can only shrink between syncs, so this
+	 * ends; the round cap only guards against a device whose pending
+	 * never falls. save_complete then sends the rest.
+	 */
+	for (unsigned round = 0; !r && round < SWITCHOVER_MAX_ROUNDS; round++) {
+		uint64_t must, can;
+
+		ferry_save_pending(s, true, &must, &can);
+		if (!(must + can))
+			break;
+		r = ferry_save_round(s, SWITCHOVER_CHUNK, err);
 	}
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
 		if (ferry__dev_iterable(d))

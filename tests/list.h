@@ -132,7 +132,6 @@ X(ram_precopy_with_dirtying, 20)
 X(ram_hostile_records, 10)
 X(ram_rejects_bad_blocks, 10)
 /* ---- reference VMM end to end (tests/e2e/test-vm.c) ---- */
-#ifdef FERRY_E2E_VM
 X(vm_help_and_bad_options, 20)
 X(vm_kvm_run_stop_cont_verify, 120)
 X(vm_thread_run_stop_cont_verify, 120)
@@ -140,4 +139,3 @@ X(vm_kvm_save_restore, 240)
 X(vm_thread_save_restore, 240)
 X(vm_kvm_save_restore_2vcpu_memfd, 240)
 X(vm_incoming_damaged_file_fails, 120)
-#endif

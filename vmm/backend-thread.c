@@ -33,6 +33,34 @@
 
 #include "guest/workload.h"
 
+/*
+ * ThreadSanitizer.  Guest RAM is shared between vCPU threads and the VMM
+ * the way a real VM's is: by plain memory accesses, ordered by the
+ * layout.h protocol, not by locks or atomics.  To TSan that is a stream of
+ * races, so under TSan a vCPU thread's accesses are ignored while it runs
+ * guest code (as KVM guest accesses are invisible to it), and tracked again
+ * inside the platform hooks, where it touches VMM state.
+ */
+#ifdef __SANITIZE_THREAD__
+void AnnotateIgnoreReadsBegin(const char *file, int line);
+void AnnotateIgnoreReadsEnd(const char *file, int line);
+void AnnotateIgnoreWritesBegin(const char *file, int line);
+void AnnotateIgnoreWritesEnd(const char *file, int line);
+#define guest_code_begin()						\
+	do {								\
+		AnnotateIgnoreReadsBegin(__FILE__, __LINE__);		\
+		AnnotateIgnoreWritesBegin(__FILE__, __LINE__);		\
+	} while (0)
+#define guest_code_end()						\
+	do {								\
+		AnnotateIgnoreWritesEnd(__FILE__, __LINE__);		\
+		AnnotateIgnoreReadsEnd(__FILE__, __LINE__);		\
+	} while (0)
+#else
+#define guest_code_begin()	do { } while (0)
+#define guest_code_end()	do { } while (0)
+#endif
+
 struct thread_vm;
 
 /* One vCPU.  Immutable after creation except ctx, owned by its thread. */
@@ -85,6 +113,7 @@ static void wl_plat_idle(struct wl_ctx *c, uint32_t us)
 	struct thread_vm *t = v->vm;
 	struct timespec deadline;
 
+	guest_code_end();
 	if (us > GUEST_IDLE_MAX_US)
 		us = GUEST_IDLE_MAX_US;
 	clock_gettime(CLOCK_MONOTONIC, &deadline);
@@ -94,6 +123,7 @@ static void wl_plat_idle(struct wl_ctx *c, uint32_t us)
 	if (!t->pause_req && !t->stop_req)
 		pthread_cond_timedwait(&t->wake, &t->lock, &deadline);
 	pthread_mutex_unlock(&t->lock);
+	guest_code_begin();
 }
 
 static void wl_plat_poll(struct wl_ctx *c)
@@ -104,6 +134,7 @@ static void wl_plat_poll(struct wl_ctx *c)
 	if (__builtin_expect(!__atomic_load_n(&t->gate, __ATOMIC_RELAXED), 1))
 		return;
 
+	guest_code_end();
 	pthread_mutex_lock(&t->lock);
 	if (t->pause_req && !t->stop_req) {
 		t->parked++;
@@ -115,6 +146,7 @@ static void wl_plat_poll(struct wl_ctx *c)
 	if (t->stop_req)
 		c->stop = 1;
 	pthread_mutex_unlock(&t->lock);
+	guest_code_begin();
 }
 
 static void wl_plat_panic(struct wl_ctx *c, uint32_t code)
@@ -122,15 +154,20 @@ static void wl_plat_panic(struct wl_ctx *c, uint32_t code)
 	struct thread_vcpu *v = c->plat;
 	struct thread_vm *t = v->vm;
 
+	char msg[sizeof(c->status->panic_msg) + 1];
+
+	/* panic_msg is guest memory: copy it (bounded) as guest code. */
+	memcpy(msg, c->status->panic_msg, sizeof(msg) - 1);
+	msg[sizeof(msg) - 1] = 0;
+	guest_code_end();
 	pthread_mutex_lock(&t->lock);
 	if (!t->panicked) {
 		t->panicked = true;
-		/* panic_msg is guest memory: bound the read. */
 		snprintf(t->panic_msg, sizeof(t->panic_msg),
-			 "guest panic %u on vCPU %u: %.64s", code, v->index,
-			 (const char *)c->status->panic_msg);
+			 "guest panic %u on vCPU %u: %s", code, v->index, msg);
 	}
 	pthread_mutex_unlock(&t->lock);
+	guest_code_begin();
 	c->stop = 1;
 }
 
@@ -142,7 +179,9 @@ static void *vcpu_main(void *arg)
 	struct thread_vm *t = v->vm;
 
 	wl_ctx_init(&v->ctx, (uintptr_t)t->ram, v->index, v);
+	guest_code_begin();
 	wl_run(&v->ctx);	/* returns on stop or panic */
+	guest_code_end();
 
 	pthread_mutex_lock(&t->lock);
 	t->live--;

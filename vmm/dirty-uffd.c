@@ -468,6 +468,22 @@ static int present_from_pagemap(int fd, uintptr_t base, size_t len,
 	return r;
 }
 
+/* Is any swap device active? /proc/swaps has a header line, then one line
+ * per device. Unknown (unreadable) counts as yes: the safe answer. */
+static bool swap_configured(void)
+{
+	FILE *f = fopen("/proc/swaps", "re");
+	char line[512];
+	int lines = 0;
+
+	if (!f)
+		return true;
+	while (fgets(line, sizeof(line), f))
+		lines++;
+	fclose(f);
+	return lines > 1;
+}
+
 int mem_present_pages(void *base, size_t len, uint64_t *bitmap,
 		      struct ferry_error *err)
 {
@@ -492,10 +508,15 @@ int mem_present_pages(void *base, size_t len, uint64_t *bitmap,
 	}
 	/*
 	 * Present or swapped, and not mapping the shared zero page (a page
-	 * only ever read): the inverted PFNZERO bit must be set.
+	 * only ever read): the inverted PFNZERO bit must be set. With no swap
+	 * device configured a swap-like entry can only be a uffd-wp marker on
+	 * a never-touched page, so only present pages count: the map stays
+	 * sparse even while dirty tracking is on.
 	 */
 	r = scan(fd, vec, SCAN_VEC_LEN, b, b, b + len, 0, PAGE_IS_PFNZERO,
-		 PAGE_IS_PFNZERO, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, bitmap);
+		 PAGE_IS_PFNZERO,
+		 swap_configured() ? PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+				   : PAGE_IS_PRESENT, bitmap);
 	if (r == -ENOTTY || r == -EINVAL)
 		r = present_from_pagemap(fd, b, len, bitmap, err);
 	else if (r)

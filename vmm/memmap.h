@@ -30,7 +30,8 @@
  *   - the TREE (regions, transactions, listeners) belongs to one thread at a
  *     time: the caller serialises every mutating call (in the VMM, the main
  *     or load thread holding the VMM's big lock). Listener callbacks run in
- *     that thread, with no memmap lock held, and must not mutate the tree.
+ *     that thread, with no memmap lock held, and must not mutate the tree
+ *     (changes from a callback fail with -EDEADLK).
  *   - the FLAT VIEW is an immutable, refcounted snapshot. Any thread (vCPUs
  *     doing MMIO dispatch) takes one with memmap_view_get(), uses it without
  *     locks, and drops it with memmap_view_put(). A commit builds a new view
@@ -200,6 +201,7 @@ bool memmap_in_transaction(const struct memmap *mm);
 void memmap_listener_register(struct memmap *mm, struct memmap_listener *l);
 void memmap_listener_unregister(struct memmap *mm, struct memmap_listener *l);
 
+/* Tree-owner thread (the counters are not atomic). */
 void memmap_get_stats(const struct memmap *mm, struct memmap_stats *st);
 
 /* ---- views and access (any thread) ----------------------------------- */

@@ -44,6 +44,7 @@ struct vm {
 	struct serial_state serial;
 	struct timer_state timer;
 	struct memmap *memmap;
+	struct memmap_region *ram_region;
 	struct virtio_dev **virtio;
 	unsigned nvirtio;
 

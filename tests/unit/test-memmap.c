@@ -8,6 +8,7 @@
 #include <pthread.h>
 
 #include "ferry/channel.h"
+#include "ferry/migration.h"
 #include "ferry/vmstate.h"
 #include "memmap.h"
 #include "virtio.h"
@@ -1075,6 +1076,13 @@ TEST(memmap_virtio_vmstate_roundtrip)
 
 	ASSERT_OK_E(ferry_vmstate_validate(&virtio_vmsd, &err), err);
 	vm_init(&src, 1, true);
+	/* Registered per instance, the device struct as obj. */
+	struct ferry_ctx *ctx = ferry_ctx_new(&err);
+	ASSERT_PTR(ctx);
+	ASSERT_OK_E(ferry_register_vmstate(ctx, &virtio_vmsd,
+					   virtio_dev_index(src.dev[0]),
+					   src.dev[0], &err), err);
+	ferry_ctx_free(ctx);
 	vm_init(&dst, 1, false);
 	memcpy(dst.mem, src.mem, GUEST_RAM); /* as RAM migration would have */
 	CHECK_VIEW(dst.mm, { 0, GUEST_RAM, dst.ram, 0 });

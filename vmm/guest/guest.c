@@ -15,9 +15,9 @@
  *   dirty  - rewrite pages of the working set, sequentially or at random,
  *            paced to rate_mbps using the TSC (0 = flat out)
  *
- * Every page write takes the next value of a global generation counter,
- * stamps the page with (index, generation) followed by a pattern derived
- * from both, and records the generation in gen[index].  A verify pass
+ * Every page write takes the next value of the generation counter (in
+ * struct guest_work), stamps the page with (index, generation) followed by
+ * a pattern derived from both, and records the generation in gen[index].  A verify pass
  * recomputes each page from gen[] and reports mismatches; it runs when the
  * VMM increments cmd.verify_seq.  Because gen[] and the pages live in guest
  * RAM, a migration that loses or tears a page is caught on the destination.
@@ -29,8 +29,10 @@
  * All state the guest needs lives in its RAM (struct guest_work, the two
  * blocks, gen[], the stacks) and its registers; the guest deliberately has
  * no mutable globals.  So it survives migration as long as RAM and vCPU
- * state do, and a guest restarted at _start over restored RAM resumes
- * (status.magic is set).  The rate pacer tolerates the TSC jump across a
+ * state do.  A guest restarted at _start over RAM captured between two
+ * page writes resumes too (status.magic is set); the thread backend pauses
+ * only there, a KVM pause can stop mid-page, hence KVM also restores the
+ * registers.  The rate pacer tolerates the TSC jump across a
  * migration: it never tries to catch up on more than WL_PACE_SLACK_MS of
  * lost time.
  *

@@ -1,0 +1,130 @@
+/*
+ * vmm/vm-devices.c - the VM's memory map and its virtio-like devices.
+ *
+ * Guest RAM is one RAM region at GPA 0 in the memory map. Each virtio-like
+ * device gets its BAR0 (4 KiB of registers) at VIRTIO_BAR_BASE + 4 KiB * i
+ * and its queue rings in the reserved guest area between the stack and the
+ * guest image, programmed at creation the way firmware and a driver would:
+ * through config space and MMIO writes that travel the flat view. An
+ * incoming VM is programmed the same way and then overwritten by the load,
+ * whose post_load re-maps the BARs and rebuilds the queue caches.
+ *
+ * The BAR window sits just below 4 GiB (BARs are 32-bit). A guest with more
+ * than ~4 GiB of RAM has RAM there too; the memory map gives the BARs
+ * priority, so that RAM is hidden from device DMA, but the guest never
+ * touches those addresses through the map (its workload runs on the KVM
+ * memslot or the thread backend's direct mapping).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "memmap.h"
+#include "virtio.h"
+#include "vm-internal.h"
+
+#define VIRTIO_BAR_BASE 0xfe000000ull
+#define RING_AREA_GPA 0x20000ull      /* up to GUEST_IMAGE_GPA: 896 KiB */
+#define RING_QUEUE_SIZE 64u
+#define MAX_DEVICES 32u
+
+static int reg_write(struct vm *vm, uint64_t gpa, uint32_t v)
+{
+	return memmap_write(vm->memmap, gpa, &v, sizeof(v));
+}
+
+/* What firmware and a driver would do: place BAR0, enable decoding, set up
+ * every queue with rings in guest RAM. */
+static int program_device(struct vm *vm, struct virtio_dev *d, unsigned i,
+			  struct ferry_error *err)
+{
+	uint64_t bar = VIRTIO_BAR_BASE + (uint64_t)i * 0x1000;
+	uint32_t nq;
+	int r;
+
+	r = virtio_cfg_write(d, VPCI_BAR0, (uint32_t)bar, 4, err);
+	if (!r)
+		r = virtio_cfg_write(d, 0x04, VPCI_CMD_MEMORY | VPCI_CMD_MASTER, 2, err);
+	if (r)
+		return r;
+	if (memmap_read(vm->memmap, bar + VIRTIO_REG_NUM_QUEUES, &nq, 4))
+		return ferry_error_set(err, -EIO, "virtio %u: BAR0 not mapped", i);
+	for (uint32_t q = 0; q < nq; q++) {
+		/* One 4 KiB page per queue: descriptors, then avail, then used. */
+		uint64_t ring = RING_AREA_GPA + ((uint64_t)i * nq + q) * 0x1000;
+
+		if (ring + 0x1000 > GUEST_IMAGE_GPA)
+			return ferry_error_set(err, -ENOSPC,
+				"no guest memory left for the rings of device %u", i);
+		if (reg_write(vm, bar + VIRTIO_REG_QUEUE_SEL, q) ||
+		    reg_write(vm, bar + VIRTIO_REG_QUEUE_NUM, RING_QUEUE_SIZE) ||
+		    reg_write(vm, bar + VIRTIO_REG_DESC_LO, (uint32_t)ring) ||
+		    reg_write(vm, bar + VIRTIO_REG_DESC_HI, 0) ||
+		    reg_write(vm, bar + VIRTIO_REG_AVAIL_LO, (uint32_t)ring + 0x400) ||
+		    reg_write(vm, bar + VIRTIO_REG_AVAIL_HI, 0) ||
+		    reg_write(vm, bar + VIRTIO_REG_USED_LO, (uint32_t)ring + 0x800) ||
+		    reg_write(vm, bar + VIRTIO_REG_USED_HI, 0) ||
+		    reg_write(vm, bar + VIRTIO_REG_QUEUE_READY, 1))
+			return ferry_error_set(err, -EIO,
+					       "virtio %u: programming queue %u", i, q);
+	}
+	return reg_write(vm, bar + VIRTIO_REG_STATUS, 0xf) ?
+	       ferry_error_set(err, -EIO, "virtio %u: status", i) : 0;
+}
+
+int vm_devices_create(struct vm *vm, struct ferry_error *err)
+{
+	struct memmap_region *ram;
+	int r;
+
+	if (vm->cfg.ndevices > MAX_DEVICES)
+		return ferry_error_set(err, -EINVAL, "--devices is at most %u",
+				       MAX_DEVICES);
+	vm->memmap = memmap_new(err);
+	if (!vm->memmap)
+		return err && err->code ? err->code : -ENOMEM;
+	ram = memmap_region_new_ram(vm->memmap, "ram0", vm->ram, vm->cfg.mem, err);
+	if (!ram)
+		return err && err->code ? err->code : -ENOMEM;
+	r = memmap_add_subregion(memmap_root(vm->memmap), 0, ram, 0, err);
+	if (r)
+		return r;
+	vm->ram_region = ram;
+	vm->virtio = calloc(vm->cfg.ndevices ? vm->cfg.ndevices : 1,
+			    sizeof(*vm->virtio));
+	if (!vm->virtio)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	/* Firmware programs every device in one memory transaction. */
+	memmap_begin(vm->memmap);
+	for (unsigned i = 0; i < vm->cfg.ndevices && !r; i++) {
+		vm->virtio[i] = virtio_dev_create(vm->memmap, i, err);
+		if (!vm->virtio[i]) {
+			r = err && err->code ? err->code : -ENOMEM;
+			break;
+		}
+		vm->nvirtio = i + 1;
+		r = ferry_register_vmstate(vm->ctx, &virtio_vmsd, i, vm->virtio[i], err);
+	}
+	{
+		int c = memmap_commit(vm->memmap, err);
+		if (!r)
+			r = c;
+	}
+	for (unsigned i = 0; i < vm->nvirtio && !r; i++)
+		r = program_device(vm, vm->virtio[i], i, err);
+	return r;
+}
+
+void vm_devices_destroy(struct vm *vm)
+{
+	for (unsigned i = 0; i < vm->nvirtio; i++)
+		virtio_dev_destroy(vm->virtio[i]);
+	free(vm->virtio);
+	vm->virtio = NULL;
+	vm->nvirtio = 0;
+	if (vm->ram_region)
+		memmap_region_free(vm->ram_region);
+	vm->ram_region = NULL;
+	memmap_free(vm->memmap);
+	vm->memmap = NULL;
+}
