@@ -16,6 +16,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "internal.h"
 
@@ -63,7 +67,16 @@ struct loader {
 	unsigned nslots;
 	struct ferry_error *err;
 	char last[FERRY_IDSTR_MAX + 32]; /* last section loaded, for messages */
+	struct ferry_load_stats stats;
+	XXH3_state_t digest;             /* over FULL sections, see save.c */
 };
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 static struct slot *slot_by_dev(struct loader *L, const char *idstr,
 				uint32_t instance)
@@ -208,6 +221,7 @@ static int load_section(struct loader *L, const struct ferry_record *rec)
 	char idstr[FERRY_IDSTR_MAX + 1] = "";
 	uint32_t id, instance = 0, version = 0;
 	struct slot *sl = NULL;
+	uint64_t t0 = 0;
 	size_t left;
 	int r;
 
@@ -280,7 +294,21 @@ static int load_section(struct loader *L, const struct ferry_record *rec)
 	sl->loaded = true;
 	snprintf(L->last, sizeof(L->last), "'%s' instance %u", sl->dev->idstr,
 		 sl->dev->instance);
+	if (rec->type == FERRY_REC_SECTION_FULL) {
+		size_t off = rec->len - ferry_chan_mem_remaining(c);
+		uint8_t inst[4] = { (uint8_t)(instance >> 24), (uint8_t)(instance >> 16),
+				    (uint8_t)(instance >> 8), (uint8_t)instance };
+
+		if (!L->stats.t_first_full)
+			L->stats.t_first_full = mono_ns();
+		XXH3_64bits_update(&L->digest, idstr, strlen(idstr));
+		XXH3_64bits_update(&L->digest, inst, 4);
+		XXH3_64bits_update(&L->digest, rec->body + off, rec->len - off);
+		t0 = mono_ns();
+	}
 	r = sl->dev->ops->load_state(c, sl->dev->opaque, sl->version, err);
+	if (rec->type == FERRY_REC_SECTION_FULL)
+		L->stats.device_load_ns += mono_ns() - t0;
 	if (!r)
 		r = ferry_chan_error(c, err);
 	if (!r && (left = ferry_chan_mem_remaining(c)))
@@ -530,6 +558,8 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 			 * check like everything else, not interpreted. */
 			break;
 		case FERRY_REC_EOF:
+			if (!depth)
+				L->stats.t_eof = mono_ns();
 			if (rec.len)
 				r = ferry_error_set(L->err, -EBADMSG,
 					"offset %llu: EOF record with a body",
@@ -561,6 +591,8 @@ int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 	unsigned i = 0;
 	int r;
 
+	XXH3_INITSTATE(&L.digest);
+	XXH3_64bits_reset(&L.digest);
 	L.slots = calloc(ctx->ndevs ? ctx->ndevs : 1, sizeof(*L.slots));
 	if (!L.slots)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
@@ -597,5 +629,10 @@ int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 			d->ops->load_cleanup(d->opaque);
 	}
 	free(L.slots);
+	if (opts && opts->stats) {
+		L.stats.device_digest = XXH3_64bits_digest(&L.digest);
+		L.stats.bytes = ferry_chan_offset(in);
+		*opts->stats = L.stats;
+	}
 	return r;
 }

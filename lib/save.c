@@ -16,6 +16,10 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "internal.h"
 
@@ -26,6 +30,8 @@ struct ferry_save {
 	struct ferry_chan *body;        /* migration thread only */
 	bool setup_ran;                 /* save_setup hooks were called */
 	bool completed;
+	struct ferry_save_stats stats;  /* migration thread only */
+	XXH3_state_t digest;            /* migration thread only */
 };
 
 struct ferry_devstate_sink {
@@ -72,6 +78,25 @@ static size_t section_prefix(uint8_t *p, uint8_t type, const struct ferry_dev *d
 	return n;
 }
 
+/* The device-state digest input; load.c computes the same. */
+static void digest_section(XXH3_state_t *st, const char *idstr,
+			   uint32_t instance, const void *payload, size_t len)
+{
+	uint8_t inst[4] = { (uint8_t)(instance >> 24), (uint8_t)(instance >> 16),
+			    (uint8_t)(instance >> 8), (uint8_t)instance };
+
+	XXH3_64bits_update(st, idstr, strlen(idstr));
+	XXH3_64bits_update(st, inst, 4);
+	XXH3_64bits_update(st, payload, len);
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 typedef int (*section_fn)(struct ferry_save *s, struct ferry_dev *d,
 			  uint64_t budget, struct ferry_error *err);
 
@@ -94,6 +119,8 @@ static int write_section(struct ferry_save *s, uint8_t type,
 					  ferry_record_type_name(type));
 	plen = section_prefix(prefix, type, d);
 	body = ferry_chan_mem_data(s->body, &blen);
+	if (type == FERRY_REC_SECTION_FULL)
+		digest_section(&s->digest, d->idstr, d->instance, body, blen);
 	return write_record2(s, type, prefix, plen, body, blen, err);
 }
 
@@ -136,6 +163,8 @@ struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
 	}
 	s->ctx = ctx;
 	s->io.chan = out;
+	XXH3_INITSTATE(&s->digest);
+	XXH3_64bits_reset(&s->digest);
 	pthread_mutex_init(&s->out_lock, NULL);
 	s->body = ferry_chan_new_mem_writer(FERRY_RECORD_MAX_DEFAULT -
 					    (FERRY_IDSTR_MAX + 13));
@@ -283,6 +312,8 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 		uint64_t must, can;
 
 		ferry_save_pending(s, true, &must, &can);
+		if (!round)
+			s->stats.t_final_sync = mono_ns();
 		if (!(must + can))
 			break;
 		r = ferry_save_round(s, SWITCHOVER_CHUNK, err);
@@ -291,6 +322,8 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 		if (ferry__dev_iterable(d))
 			r = write_section(s, FERRY_REC_SECTION_END, d,
 					  do_complete, 0, err);
+	if (!r)
+		s->stats.t_iterable_done = mono_ns();
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
 		if (!ferry__dev_iterable(d) && d->ops->save_state)
 			r = write_section(s, FERRY_REC_SECTION_FULL, d,
@@ -318,7 +351,17 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 	if (!r && ferry_chan_flush(s->io.chan))
 		r = ferry_chan_error(s->io.chan, err);
 	s->completed = !r;
+	if (!r) {
+		s->stats.t_done = mono_ns();
+		s->stats.device_digest = XXH3_64bits_digest(&s->digest);
+	}
 	return r;
+}
+
+void ferry_save_get_stats(struct ferry_save *s, struct ferry_save_stats *st)
+{
+	*st = s->stats;
+	st->bytes = ferry_chan_offset(s->io.chan);
 }
 
 void ferry_save_end(struct ferry_save *s)

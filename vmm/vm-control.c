@@ -8,6 +8,7 @@
  * guest on this machine with a wide margin.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -149,16 +150,41 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 	(void)err;
 	pthread_mutex_lock(&vm->mig_lock);
 	s = vm->mig_status;
+	/* An incoming VM reports its side of the migration. */
+	if (s == MIG_NONE && vm->in_status != MIG_NONE) {
+		o = json_pack("{s:s, s:b}", "status", mig_status_name(vm->in_status),
+			      "incoming", 1);
+		if (vm->in_error[0])
+			json_object_set_new(o, "error-desc", json_string(vm->in_error));
+		pthread_mutex_unlock(&vm->mig_lock);
+		*ret = o;
+		return 0;
+	}
 	o = json_pack("{s:s}", "status", mig_status_name(s));
 	if (s != MIG_NONE) {
+		json_t *ph = json_object();
 		total = (vm->mig_end_ns ? vm->mig_end_ns : now) - vm->mig_start_ns;
 		json_object_set_new(o, "total-time",
 				    json_integer((json_int_t)(total / 1000000)));
 		json_object_set_new(o, "setup-time",
 				    json_integer((json_int_t)(vm->mig_setup_ns / 1000000)));
-		if (s == MIG_COMPLETED)
+		json_object_set_new(o, "expected-downtime",
+				    json_integer((json_int_t)vm->prog.expected_downtime_ms));
+		json_object_set_new(o, "pass", json_integer((json_int_t)vm->prog.pass));
+		json_object_set_new(o, "cpu-throttle-percentage",
+				    json_integer(vm->prog.throttle_pct));
+		if (s == MIG_COMPLETED) {
 			json_object_set_new(o, "downtime",
-				json_integer((json_int_t)(vm->mig_downtime_ns / 1000000)));
+				json_integer((json_int_t)((vm->mig_downtime_ns + 500000) / 1000000)));
+			json_object_set_new(o, "downtime-us",
+				json_integer((json_int_t)(vm->mig_downtime_ns / 1000)));
+			for (int i = 0; i < MIG_PHASE__MAX; i++)
+				json_object_set_new(ph, mig_phase_names[i],
+						    json_real(vm->phase_ms[i]));
+			json_object_set_new(o, "downtime-phases", ph);
+		} else {
+			json_decref(ph);
+		}
 		if (vm->mig_error[0])
 			json_object_set_new(o, "error-desc", json_string(vm->mig_error));
 	}
@@ -166,15 +192,186 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 	if (s != MIG_NONE) {
 		ferry_ram_get_stats(vm->ram_dev, &st);
 		json_object_set_new(o, "ram", json_pack(
-			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
+			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:I, s:I, s:I}",
 			"total", (json_int_t)st.total,
 			"transferred", (json_int_t)st.transferred,
 			"remaining", (json_int_t)st.remaining,
 			"duplicate", (json_int_t)st.duplicate,
 			"normal", (json_int_t)st.normal,
 			"normal-bytes", (json_int_t)st.normal_bytes,
-			"dirty-sync-count", (json_int_t)st.dirty_sync_count));
+			"dirty-sync-count", (json_int_t)st.dirty_sync_count,
+			"dirty-pages-rate", (json_int_t)vm->prog.dirty_pages_rate,
+			"mbps", vm->prog.mbps,
+			"precopy-bytes", (json_int_t)vm->prog.precopy_bytes,
+			"downtime-bytes", (json_int_t)vm->prog.downtime_bytes,
+			"multifd-bytes", (json_int_t)vm->prog.multifd_bytes));
 	}
+	*ret = o;
+	return 0;
+}
+
+static int h_migrate_incoming(void *opaque, json_t *args, json_t **ret,
+			      struct ferry_error *err)
+{
+	const char *uri = json_string_value(json_object_get(args, "uri"));
+
+	(void)ret;
+	if (!uri)
+		return ferry_error_set(err, -EINVAL, "migrate-incoming needs \"uri\"");
+	return vm_migrate_incoming(opaque, uri, err);
+}
+
+static const struct {
+	const char *name;
+	size_t off;
+} caps[] = {
+	{ "auto-converge", offsetof(struct mig_params, auto_converge) },
+	{ "multifd", offsetof(struct mig_params, multifd) },
+	{ "return-path", offsetof(struct mig_params, return_path) },
+};
+
+static bool migration_running(struct vm *vm)
+{
+	enum mig_status s = vm->mig_status;
+	return s == MIG_SETUP || s == MIG_ACTIVE || s == MIG_DEVICE ||
+	       s == MIG_CANCELLING;
+}
+
+static int h_set_caps(void *opaque, json_t *args, json_t **ret,
+		      struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	json_t *list = json_object_get(args, "capabilities"), *c;
+	struct mig_params p;
+	size_t i;
+
+	(void)ret;
+	if (!json_is_array(list))
+		return ferry_error_set(err, -EINVAL, "\"capabilities\" must be a list");
+	pthread_mutex_lock(&vm->mig_lock);
+	p = vm->params;
+	json_array_foreach(list, i, c) {
+		const char *name = json_string_value(json_object_get(c, "capability"));
+		json_t *state = json_object_get(c, "state");
+		size_t k;
+
+		for (k = 0; name && k < sizeof(caps) / sizeof(caps[0]); k++)
+			if (!strcmp(name, caps[k].name))
+				break;
+		if (!name || k == sizeof(caps) / sizeof(caps[0]) || !json_is_boolean(state)) {
+			pthread_mutex_unlock(&vm->mig_lock);
+			return ferry_error_set(err, -EINVAL,
+				"unknown capability or state: %s (known: auto-converge, "
+				"multifd, return-path)", name ? name : "?");
+		}
+		*(bool *)((char *)&p + caps[k].off) = json_is_true(state);
+	}
+	if (migration_running(vm)) {
+		pthread_mutex_unlock(&vm->mig_lock);
+		return ferry_error_set(err, -EBUSY, "a migration is running");
+	}
+	vm->params = p;
+	pthread_mutex_unlock(&vm->mig_lock);
+	return 0;
+}
+
+static int h_query_caps(void *opaque, json_t *args, json_t **ret,
+			struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	json_t *a = json_array();
+
+	(void)args;
+	(void)err;
+	pthread_mutex_lock(&vm->mig_lock);
+	for (size_t k = 0; k < sizeof(caps) / sizeof(caps[0]); k++)
+		json_array_append_new(a, json_pack("{s:s, s:b}", "capability",
+			caps[k].name, *(bool *)((char *)&vm->params + caps[k].off)));
+	pthread_mutex_unlock(&vm->mig_lock);
+	*ret = a;
+	return 0;
+}
+
+/* Integer parameters: name, offset, width, bounds. */
+static const struct {
+	const char *name;
+	size_t off;
+	bool is64;
+	uint64_t min, max;
+} iparams[] = {
+	{ "multifd-channels", offsetof(struct mig_params, multifd_channels), false, 1, 16 },
+	{ "downtime-limit", offsetof(struct mig_params, downtime_limit_ms), true, 1, 2000000 },
+	{ "max-bandwidth", offsetof(struct mig_params, max_bandwidth), true, 0, UINT64_MAX >> 1 },
+	{ "cpu-throttle-initial", offsetof(struct mig_params, throttle_initial), false, 1, 99 },
+	{ "cpu-throttle-increment", offsetof(struct mig_params, throttle_increment), false, 1, 99 },
+	{ "cpu-throttle-max", offsetof(struct mig_params, throttle_max), false, 1, 99 },
+};
+
+static int h_set_params(void *opaque, json_t *args, json_t **ret,
+			struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	struct mig_params p;
+	const char *key;
+	json_t *v;
+
+	(void)ret;
+	pthread_mutex_lock(&vm->mig_lock);
+	p = vm->params;
+	json_object_foreach(args, key, v) {
+		size_t k;
+
+		if (!strcmp(key, "multifd-compression")) {
+			const char *c = json_string_value(v);
+			if (!c || (strcmp(c, "zstd") && strcmp(c, "none")))
+				goto bad;
+			p.zstd = !strcmp(c, "zstd");
+			continue;
+		}
+		for (k = 0; k < sizeof(iparams) / sizeof(iparams[0]); k++)
+			if (!strcmp(key, iparams[k].name))
+				break;
+		if (k == sizeof(iparams) / sizeof(iparams[0]) || !json_is_integer(v) ||
+		    json_integer_value(v) < 0 ||
+		    (uint64_t)json_integer_value(v) < iparams[k].min ||
+		    (uint64_t)json_integer_value(v) > iparams[k].max)
+			goto bad;
+		if (iparams[k].is64)
+			*(uint64_t *)((char *)&p + iparams[k].off) =
+				(uint64_t)json_integer_value(v);
+		else
+			*(unsigned *)((char *)&p + iparams[k].off) =
+				(unsigned)json_integer_value(v);
+		continue;
+bad:
+		pthread_mutex_unlock(&vm->mig_lock);
+		return ferry_error_set(err, -EINVAL, "bad value for parameter '%s'", key);
+	}
+	/* Like QEMU, parameters may change while a migration runs; this one
+	 * read its copy at start. */
+	vm->params = p;
+	pthread_mutex_unlock(&vm->mig_lock);
+	return 0;
+}
+
+static int h_query_params(void *opaque, json_t *args, json_t **ret,
+			  struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	json_t *o = json_object();
+
+	(void)args;
+	(void)err;
+	pthread_mutex_lock(&vm->mig_lock);
+	for (size_t k = 0; k < sizeof(iparams) / sizeof(iparams[0]); k++) {
+		const char *base = (const char *)&vm->params + iparams[k].off;
+		json_object_set_new(o, iparams[k].name, json_integer(iparams[k].is64 ?
+			(json_int_t)*(const uint64_t *)base :
+			(json_int_t)*(const unsigned *)base));
+	}
+	json_object_set_new(o, "multifd-compression",
+			    json_string(vm->params.zstd ? "zstd" : "none"));
+	pthread_mutex_unlock(&vm->mig_lock);
 	*ret = o;
 	return 0;
 }
@@ -217,6 +414,11 @@ int vm_control_start(struct vm *vm, struct ferry_error *err)
 		{ "migrate", h_migrate },
 		{ "migrate-cancel", h_migrate_cancel },
 		{ "query-migrate", h_query_migrate },
+		{ "migrate-incoming", h_migrate_incoming },
+		{ "migrate-set-capabilities", h_set_caps },
+		{ "query-migrate-capabilities", h_query_caps },
+		{ "migrate-set-parameters", h_set_params },
+		{ "query-migrate-parameters", h_query_params },
 		{ "x-corrupt-page", h_corrupt_page },
 	};
 

@@ -18,15 +18,47 @@
 #include <time.h>
 #include <unistd.h>
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 #include "control.h"
 #include "vm-internal.h"
 
-/* Precopy policy until the convergence work (issue 4): rounds of at most
- * ROUND_BUDGET bytes per section, switch over once less than
- * SWITCHOVER_BYTES remain or after MAX_ROUNDS passes. */
+/* Bytes per PART section: small enough that cancel, rate limiting and the
+ * convergence check react quickly, large enough to amortise a section. */
 #define ROUND_BUDGET (16ull << 20)
-#define SWITCHOVER_BYTES (32ull << 20)
-#define MAX_ROUNDS 20
+/* A pass "still shrinks the rest" if it leaves less than this share of the
+ * previous pass's remainder (percent). */
+#define SHRINK_PCT 80
+/* Give up waiting for the destination's verdict after this long. */
+#define SHUT_TIMEOUT_MS 120000
+/* Most passes before switching over even if the rest still shrinks. */
+#define MAX_SHRINKING_PASSES 30
+
+const char *const mig_phase_names[MIG_PHASE__MAX] = {
+	[MIG_PHASE_FINAL_SYNC] = "final-sync",
+	[MIG_PHASE_REMAINING_RAM] = "remaining-ram",
+	[MIG_PHASE_DEVICE_SAVE] = "device-save",
+	[MIG_PHASE_TRANSFER] = "transfer",
+	[MIG_PHASE_DEVICE_LOAD] = "device-load",
+	[MIG_PHASE_RESUME] = "resume",
+};
+
+void mig_params_default(struct mig_params *p)
+{
+	*p = (struct mig_params){
+		.auto_converge = false,
+		.multifd = true,
+		.return_path = true,
+		.multifd_channels = 2,
+		.zstd = false,
+		.downtime_limit_ms = 300,
+		.max_bandwidth = 0,
+		.throttle_initial = 20,
+		.throttle_increment = 10,
+		.throttle_max = 99,
+	};
+}
 
 static const char *const mig_names[MIG__MAX] = {
 	[MIG_NONE] = "none", [MIG_SETUP] = "setup", [MIG_ACTIVE] = "active",
@@ -122,16 +154,323 @@ int vm_migrate_cancel(struct vm *vm, struct ferry_error *err)
 	return r;
 }
 
+/* ---- the return path, source side --------------------------------------- */
+
+struct rp_reader {
+	struct ferry_record_io io;
+	struct ferry_chan *chan;
+	pthread_t thread;
+	bool live;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool done;                  /* guarded by lock: SHUT or an error */
+	struct ferry_rp_msg shut;   /* guarded by lock */
+	int err;                    /* guarded by lock */
+	char errmsg[FERRY_ERROR_MSG_MAX];
+	uint64_t t_shut;            /* source CLOCK_MONOTONIC when SHUT came */
+};
+
+static void *rp_main(void *arg)
+{
+	struct rp_reader *rp = arg;
+
+	for (;;) {
+		struct ferry_error err = { 0 };
+		struct ferry_rp_msg m;
+		int r = ferry_rp_recv(&rp->io, &m, &err);
+
+		pthread_mutex_lock(&rp->lock);
+		if (r) {
+			rp->err = r;
+			snprintf(rp->errmsg, sizeof(rp->errmsg), "%s", err.msg);
+		} else if (m.type == FERRY_RP_SHUT) {
+			rp->shut = m;
+			rp->t_shut = vm_now_ns();
+		}
+		if (r || m.type == FERRY_RP_SHUT) {
+			rp->done = true;
+			pthread_cond_broadcast(&rp->cond);
+			pthread_mutex_unlock(&rp->lock);
+			return NULL;
+		}
+		pthread_mutex_unlock(&rp->lock);
+		/* PONG and other messages: nothing to do yet. */
+	}
+}
+
+static int rp_start(struct rp_reader *rp, int fd, struct ferry_error *err)
+{
+	int dfd = dup(fd);
+
+	pthread_mutex_init(&rp->lock, NULL);
+	pthread_cond_init(&rp->cond, NULL);
+	if (dfd < 0)
+		return ferry_error_set(err, -errno, "dup: %s", strerror(errno));
+	rp->chan = ferry_chan_new_fd(dfd, FERRY_CHAN_READ, true);
+	if (!rp->chan) {
+		close(dfd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	rp->io.chan = rp->chan;
+	if (pthread_create(&rp->thread, NULL, rp_main, rp))
+		return ferry_error_set(err, -EAGAIN, "cannot start return-path thread");
+	rp->live = true;
+	return 0;
+}
+
+/* Did the destination give up (or vanish) already? */
+static bool rp_failed(struct rp_reader *rp, struct ferry_error *err)
+{
+	bool failed = false;
+
+	if (!rp->live)
+		return false;
+	pthread_mutex_lock(&rp->lock);
+	if (rp->done && (rp->err || rp->shut.status)) {
+		failed = true;
+		if (rp->err)
+			ferry_error_set(err, rp->err, "destination: %s", rp->errmsg);
+		else
+			ferry_error_set(err, -(int)rp->shut.status, "destination: %s",
+					rp->shut.reason);
+	}
+	pthread_mutex_unlock(&rp->lock);
+	return failed;
+}
+
+/* Wait for SHUT. 0 if the destination loaded the VM. */
+static int rp_wait(struct rp_reader *rp, int timeout_ms, struct ferry_error *err)
+{
+	struct timespec ts;
+	int r = 0;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += timeout_ms / 1000;
+	pthread_mutex_lock(&rp->lock);
+	while (!rp->done)
+		if (pthread_cond_timedwait(&rp->cond, &rp->lock, &ts) == ETIMEDOUT)
+			break;
+	if (!rp->done)
+		r = ferry_error_set(err, -ETIMEDOUT,
+			"destination did not confirm the load within %d s",
+			timeout_ms / 1000);
+	else if (rp->err)
+		r = ferry_error_set(err, rp->err,
+			"destination closed the return path without confirming "
+			"the load (%s)", rp->errmsg);
+	else if (rp->shut.status)
+		r = ferry_error_set(err, -(int)rp->shut.status,
+			"destination failed to load: %s", rp->shut.reason);
+	pthread_mutex_unlock(&rp->lock);
+	return r;
+}
+
+static void rp_stop(struct rp_reader *rp)
+{
+	if (rp->live) {
+		ferry_chan_shutdown(rp->chan);
+		pthread_join(rp->thread, NULL);
+		rp->live = false;
+	}
+	ferry_chan_free(rp->chan);
+	rp->chan = NULL;
+	ferry_record_io_release(&rp->io);
+}
+
+/* ---- the outgoing migration --------------------------------------------- */
+
+static uint64_t boot_id_hash(void)
+{
+	char id[64] = "";
+	FILE *f = fopen("/proc/sys/kernel/random/boot_id", "re");
+
+	if (f) {
+		if (!fgets(id, sizeof(id), f))
+			id[0] = 0;
+		fclose(f);
+	}
+	return XXH3_64bits(id, strlen(id));
+}
+
+static void publish_progress(struct vm *vm, const struct mig_progress *p)
+{
+	pthread_mutex_lock(&vm->mig_lock);
+	vm->prog = *p;
+	pthread_mutex_unlock(&vm->mig_lock);
+}
+
+/* Sleep as needed so that @bytes since @t0 stay within @rate bytes/s. */
+static void rate_limit(uint64_t rate, uint64_t bytes, uint64_t t0)
+{
+	uint64_t due_ns, now;
+
+	if (!rate)
+		return;
+	due_ns = t0 + bytes * 1000000000ull / rate;
+	now = vm_now_ns();
+	if (due_ns > now) {
+		uint64_t d = due_ns - now;
+		struct timespec ts = { (time_t)(d / 1000000000ull),
+				       (long)(d % 1000000000ull) };
+		nanosleep(&ts, NULL);
+	}
+}
+
+static bool cancel_requested(struct vm *vm)
+{
+	bool c;
+
+	pthread_mutex_lock(&vm->mig_lock);
+	c = vm->mig_cancel;
+	pthread_mutex_unlock(&vm->mig_lock);
+	return c;
+}
+
+/*
+ * Precopy until the rest fits the downtime limit and further passes stop
+ * shrinking it. Decisions are taken at sync points, when "remaining" is the
+ * dirty set of a whole pass; in between, rounds just send.
+ */
+static int precopy(struct vm *vm, struct ferry_save *s, struct ferry_chan *c,
+		   const struct mig_params *p, struct rp_reader *rp,
+		   struct mig_progress *prog, struct ferry_error *err)
+{
+	uint64_t t_start = vm_now_ns(), bytes0 = ferry_chan_offset(c);
+	uint64_t last_sync_count = 0, prev_rest = UINT64_MAX, shrinking = 0;
+	uint64_t pass_t0 = t_start, pass_b0 = bytes0, bw = 0;
+	unsigned strikes = 0;
+
+	for (;;) {
+		struct ferry_ram_stats st;
+		uint64_t must, can, rest;
+		int r;
+
+		if (cancel_requested(vm))
+			return ferry_error_set(err, -ECANCELED, "cancelled");
+		if (rp_failed(rp, err))
+			return err && err->code ? err->code : -EIO;
+		ferry_save_pending(s, true, &must, &can);
+		rest = must + can;
+		ferry_ram_get_stats(vm->ram_dev, &st);
+		if (st.dirty_sync_count != last_sync_count) {
+			/* A pass ended: measure it, then decide. */
+			uint64_t now = vm_now_ns(), sent = ferry_chan_offset(c) - pass_b0;
+			uint64_t dt = now - pass_t0 ? now - pass_t0 : 1;
+			bool fits, shrinks;
+
+			if (sent)
+				bw = sent * 1000000000ull / dt;
+			prog->pass = st.dirty_sync_count;
+			prog->mbps = (double)sent * 8 / 1e6 / ((double)dt / 1e9);
+			prog->dirty_pages_rate = st.dirty_pages_last_sync *
+						 1000000000ull / dt;
+			prog->expected_downtime_ms = bw ? rest * 1000 / bw : 0;
+			fits = bw && rest * 1000 / bw <= p->downtime_limit_ms;
+			shrinks = rest * 100 < prev_rest * SHRINK_PCT;
+			vm_trace(vm, "pass %llu: rest %llu bytes, %.0f Mbit/s, "
+				 "expected downtime %llu ms%s%s",
+				 (unsigned long long)prog->pass,
+				 (unsigned long long)rest, prog->mbps,
+				 (unsigned long long)prog->expected_downtime_ms,
+				 fits ? ", fits" : "", shrinks ? ", shrinking" : "");
+			if (vm->control) {
+				json_t *d = json_pack("{s:I}", "pass",
+						      (json_int_t)prog->pass);
+				control_event(vm->control, "MIGRATION_PASS", d);
+			}
+			if (fits && (!shrinks || ++shrinking > MAX_SHRINKING_PASSES))
+				return 0;
+			/* Auto-converge: the guest dirties faster than we send. */
+			if (!fits && !shrinks && p->auto_converge && ++strikes >= 2) {
+				unsigned pct = prog->throttle_pct ?
+					prog->throttle_pct + p->throttle_increment :
+					p->throttle_initial;
+				if (pct > p->throttle_max)
+					pct = p->throttle_max;
+				if (pct != prog->throttle_pct) {
+					prog->throttle_pct = pct;
+					vm_set_throttle(vm, pct);
+					vm_trace(vm, "auto-converge: throttle %u%%", pct);
+				}
+				strikes = 0;
+			}
+			prev_rest = rest;
+			last_sync_count = st.dirty_sync_count;
+			pass_t0 = now;
+			pass_b0 = ferry_chan_offset(c);
+		}
+		prog->precopy_bytes = ferry_chan_offset(c) - bytes0;
+		publish_progress(vm, prog);
+		r = ferry_save_round(s, ROUND_BUDGET, err);
+		if (r)
+			return r;
+		rate_limit(p->max_bandwidth, ferry_chan_offset(c) - bytes0, t_start);
+	}
+}
+
+static double ms(uint64_t a, uint64_t b)
+{
+	return b > a ? (double)(b - a) / 1e6 : 0;
+}
+
+/* Downtime and its phases, from both sides' timestamps. */
+static void account_downtime(struct vm *vm, uint64_t t0,
+			     const struct ferry_save_stats *ss,
+			     const struct rp_reader *rp)
+{
+	double *ph = vm->phase_ms;
+	const uint64_t *v = rp->shut.values;
+	uint64_t end;
+
+	memset(ph, 0, sizeof(vm->phase_ms));
+	ph[MIG_PHASE_FINAL_SYNC] = ms(t0, ss->t_final_sync);
+	ph[MIG_PHASE_REMAINING_RAM] = ms(ss->t_final_sync, ss->t_iterable_done);
+	ph[MIG_PHASE_DEVICE_SAVE] = ms(ss->t_iterable_done, ss->t_done);
+	end = ss->t_done;
+	if (rp->live && v[FERRY_SHUT_BOOT_ID] == boot_id_hash() && v[FERRY_SHUT_T_EOF]) {
+		/* One host: the monotonic clocks are the same clock. A
+		 * destination left paused (--paused) counts as resumed when its
+		 * load finished: the wait for `cont` is not downtime. */
+		uint64_t t_res = v[FERRY_SHUT_T_RESUMED] ? v[FERRY_SHUT_T_RESUMED]
+							 : v[FERRY_SHUT_T_EOF];
+		double xfer = ms(ss->t_done, v[FERRY_SHUT_T_EOF]) -
+			      (double)v[FERRY_SHUT_DEVICE_LOAD_NS] / 1e6;
+
+		ph[MIG_PHASE_TRANSFER] = xfer > 0 ? xfer : 0;
+		ph[MIG_PHASE_DEVICE_LOAD] = (double)v[FERRY_SHUT_DEVICE_LOAD_NS] / 1e6;
+		ph[MIG_PHASE_RESUME] = ms(v[FERRY_SHUT_T_EOF], t_res);
+		end = t_res;
+	} else if (rp->live) {
+		/* Two hosts: bound it by when the verdict reached us. */
+		ph[MIG_PHASE_DEVICE_LOAD] = (double)v[FERRY_SHUT_DEVICE_LOAD_NS] / 1e6;
+		ph[MIG_PHASE_TRANSFER] = ms(ss->t_done, rp->t_shut) -
+					 ph[MIG_PHASE_DEVICE_LOAD];
+		end = rp->t_shut;
+	}
+	vm->mig_downtime_ns = end > t0 ? end - t0 : 0;
+}
+
 static void *migration_thread(void *arg)
 {
 	struct vm *vm = arg;
 	struct ferry_error err = { 0 };
 	struct ferry_save *s = NULL;
 	struct ferry_chan *c = NULL;
+	struct rp_reader rp = { 0 };
+	struct mig_progress prog = { 0 };
+	struct ferry_save_stats ss = { 0 };
+	struct mig_params p;
+	struct ferry_uri u;
 	enum vm_run_state before = VM_RUNNING;
-	bool paused = false;
-	uint64_t must, can, t0;
+	bool paused = false, use_rp;
+	uint64_t t0 = 0, bytes_before = 0;
 	int fd, r = 0;
+
+	pthread_mutex_lock(&vm->mig_lock);
+	p = vm->params;
+	pthread_mutex_unlock(&vm->mig_lock);
+	ferry_uri_parse(vm->mig_uri, &u, NULL);
+	use_rp = p.return_path && ferry_uri_is_socket(&u);
 
 	fd = ferry_transport_connect(vm->mig_uri, 10000, &err);
 	if (fd < 0) {
@@ -144,65 +483,64 @@ static void *migration_thread(void *arg)
 		r = ferry_error_set(&err, -ENOMEM, "out of memory");
 		goto out;
 	}
+	if (use_rp && (r = rp_start(&rp, fd, &err)))
+		goto out;
 	t0 = vm_now_ns();
 	s = ferry_save_begin(vm->ctx, c, &err);
 	if (!s) {
 		r = err.code ? err.code : -EIO;
 		goto out;
 	}
+	if (use_rp && (r = ferry_save_command(s, FERRY_CMD_OPEN_RETURN_PATH,
+					      NULL, 0, &err)))
+		goto out;
 	vm->mig_setup_ns = vm_now_ns() - t0;
 	if (!mig_advance(vm, MIG_ACTIVE)) {
 		r = ferry_error_set(&err, -ECANCELED, "cancelled");
 		goto out;
 	}
-
-	for (unsigned round = 0; round < MAX_ROUNDS; round++) {
-		bool stop;
-
-		pthread_mutex_lock(&vm->mig_lock);
-		stop = vm->mig_cancel;
-		pthread_mutex_unlock(&vm->mig_lock);
-		if (stop) {
-			r = ferry_error_set(&err, -ECANCELED, "cancelled");
-			goto out;
-		}
-		ferry_save_pending(s, true, &must, &can);
-		if (must + can <= SWITCHOVER_BYTES)
-			break;
-		r = ferry_save_round(s, ROUND_BUDGET, &err);
-		if (r)
-			goto out;
-	}
+	r = precopy(vm, s, c, &p, &rp, &prog, &err);
+	if (r)
+		goto out;
 
 	/* Switchover: the guest must not write while the rest is sent. */
 	pthread_mutex_lock(&vm->lock);
 	before = vm->run_state;
-	if (before == VM_RUNNING) {
-		t0 = vm_now_ns();
-		r = vm->be->pause(vm->be_priv, &err);
-		if (r) {
-			pthread_mutex_unlock(&vm->lock);
-			goto out;
-		}
-	} else {
-		t0 = vm_now_ns();
+	t0 = vm_now_ns();
+	if (before == VM_RUNNING && (r = vm->be->pause(vm->be_priv, &err))) {
+		pthread_mutex_unlock(&vm->lock);
+		goto out;
 	}
 	vm_set_run_state(vm, VM_FINISH_MIGRATE);
 	paused = true;
+	pthread_mutex_unlock(&vm->lock);
+	vm_set_throttle(vm, 0);
 	if (!mig_advance(vm, MIG_DEVICE)) {
-		pthread_mutex_unlock(&vm->lock);
 		r = ferry_error_set(&err, -ECANCELED, "cancelled");
 		goto out;
 	}
+	bytes_before = ferry_chan_offset(c);
 	r = ferry_save_complete(s, &err);
 	if (!r && ferry_chan_flush(c))
 		r = ferry_chan_error(c, &err);
-	vm->mig_downtime_ns = vm_now_ns() - t0;
-	if (!r)
+	ferry_save_get_stats(s, &ss);
+	prog.downtime_bytes = ferry_chan_offset(c) - bytes_before;
+	publish_progress(vm, &prog);
+	/* The source stays paused until the destination has the VM. */
+	if (!r && use_rp)
+		r = rp_wait(&rp, SHUT_TIMEOUT_MS, &err);
+	if (!r) {
+		pthread_mutex_lock(&vm->lock);
 		vm_set_run_state(vm, VM_POSTMIGRATE);
-	pthread_mutex_unlock(&vm->lock);
+		pthread_mutex_unlock(&vm->lock);
+		account_downtime(vm, t0, &ss, &rp);
+	}
 out:
+	vm_set_throttle(vm, 0);
 	ferry_save_end(s);
+	if (c)
+		ferry_chan_shutdown(c);
+	rp_stop(&rp);
 	ferry_chan_free(c);
 	if (r) {
 		/* Leave the source as it was: running if it ran. */
@@ -273,6 +611,8 @@ int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err)
 	vm->mig_cancel = false;
 	vm->mig_start_ns = vm_now_ns();
 	vm->mig_end_ns = vm->mig_downtime_ns = vm->mig_setup_ns = 0;
+	memset(&vm->prog, 0, sizeof(vm->prog));
+	memset(vm->phase_ms, 0, sizeof(vm->phase_ms));
 	set_mig_status_locked(vm, MIG_SETUP);
 	pthread_mutex_unlock(&vm->mig_lock);
 	e = pthread_create(&vm->mig_thread, NULL, migration_thread, vm);
@@ -284,4 +624,186 @@ int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err)
 	}
 	vm->mig_thread_live = true;
 	return 0;
+}
+
+/* ---- incoming ------------------------------------------------------------ */
+
+struct incoming {
+	struct vm *vm;
+	int fd;                        /* main connection */
+	struct ferry_chan *rp_chan;    /* return path writer, once opened */
+	struct ferry_record_io rp_io;
+};
+
+static int in_on_command(void *opaque, const struct ferry_cmd_msg *m,
+			 struct ferry_error *err)
+{
+	struct incoming *in = opaque;
+
+	switch (m->cmd) {
+	case FERRY_CMD_OPEN_RETURN_PATH: {
+		int dfd;
+
+		if (in->rp_chan)
+			return ferry_error_set(err, -EBADMSG, "return path opened twice");
+		dfd = dup(in->fd);
+		if (dfd < 0)
+			return ferry_error_set(err, -errno, "dup: %s", strerror(errno));
+		in->rp_chan = ferry_chan_new_fd(dfd, FERRY_CHAN_WRITE, true);
+		if (!in->rp_chan) {
+			close(dfd);
+			return ferry_error_set(err, -ENOMEM, "out of memory");
+		}
+		in->rp_io.chan = in->rp_chan;
+		return 0;
+	}
+	case FERRY_CMD_PING: {
+		struct ferry_rp_msg pong = { .type = FERRY_RP_PONG, .pong = m->u.ping };
+		return in->rp_chan ? ferry_rp_send(&in->rp_io, &pong, err) : 0;
+	}
+	default:
+		return ferry_error_set(err, -EOPNOTSUPP,
+				       "postcopy is not enabled on this destination");
+	}
+}
+
+static void set_in_status(struct vm *vm, enum mig_status st, const char *msg)
+{
+	pthread_mutex_lock(&vm->mig_lock);
+	vm->in_status = st;
+	if (msg)
+		snprintf(vm->in_error, sizeof(vm->in_error), "%s", msg);
+	pthread_mutex_unlock(&vm->mig_lock);
+	vm_trace(vm, "incoming migration: %s", mig_status_name(st));
+	if (vm->control) {
+		json_t *d = json_pack("{s:s, s:b}", "status", mig_status_name(st),
+				      "incoming", 1);
+		control_event(vm->control, "MIGRATION", d);
+	}
+}
+
+int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
+{
+	struct ferry_uri u;
+	int r = 0;
+
+	if (ferry_uri_parse(uri, &u, err))
+		return err && err->code ? err->code : -EINVAL;
+	pthread_mutex_lock(&vm->mig_lock);
+	if (!vm->in_defer)
+		r = ferry_error_set(err, -EINVAL,
+			"migrate-incoming needs a VM started with --incoming defer");
+	else if (vm->in_uri[0])
+		r = ferry_error_set(err, -EBUSY, "incoming migration already set up");
+	else {
+		snprintf(vm->in_uri, sizeof(vm->in_uri), "%s", uri);
+		pthread_cond_broadcast(&vm->in_cond);
+	}
+	pthread_mutex_unlock(&vm->mig_lock);
+	return r;
+}
+
+/*
+ * Load the incoming VM (vm_start calls this with the run state INMIGRATE),
+ * then let vm_start resume or keep it paused, and finally tell the source
+ * through the return path (vm_incoming_done).
+ */
+int vm_incoming(struct vm *vm, struct ferry_error *err)
+{
+	struct ferry_load_stats stats = { 0 };
+	struct incoming in = { .vm = vm, .fd = -1 };
+	struct ferry_load_opts opts = {
+		.on_command = in_on_command, .opaque = &in, .stats = &stats,
+	};
+	struct ferry_listener *l = NULL;
+	struct ferry_chan *c = NULL;
+	struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT };
+	struct ferry_uri u;
+	char uri[4096];
+	int r;
+
+	pthread_mutex_lock(&vm->mig_lock);
+	while (vm->in_defer && !vm->in_uri[0] && !vm->quit_async && !vm->quit) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += 1;
+		pthread_cond_timedwait(&vm->in_cond, &vm->mig_lock, &ts);
+	}
+	snprintf(uri, sizeof(uri), "%s", vm->in_uri);
+	pthread_mutex_unlock(&vm->mig_lock);
+	if (!uri[0])
+		return ferry_error_set(err, -ECANCELED, "quit while waiting for "
+				       "migrate-incoming");
+	set_in_status(vm, MIG_ACTIVE, NULL);
+	r = ferry_uri_parse(uri, &u, err);
+	if (!r && ferry_uri_is_socket(&u)) {
+		l = ferry_transport_listen(uri, err);
+		if (!l)
+			r = err && err->code ? err->code : -EIO;
+		else
+			vm_trace(vm, "waiting for the migration on %s",
+				 ferry_listener_uri(l));
+		if (!r && (in.fd = ferry_listener_accept(l, -1, err)) < 0)
+			r = in.fd;
+	} else if (!r && (in.fd = ferry_transport_open_incoming(uri, -1, err)) < 0) {
+		r = in.fd;
+	}
+	if (!r && !(c = ferry_chan_new_fd(in.fd, FERRY_CHAN_READ, false)))
+		r = ferry_error_set(err, -ENOMEM, "out of memory");
+	if (!r)
+		r = ferry_load(vm->ctx, c, &opts, err);
+	if (r)
+		ferry_error_prefix(err, "incoming migration from %s failed: ", uri);
+	ferry_chan_free(c);
+	ferry_listener_close(l);
+
+	/* Keep what the verdict needs; vm_incoming_done sends it. */
+	shut.status = r ? (uint32_t)-r : 0;
+	if (r)
+		snprintf(shut.reason, sizeof(shut.reason), "%.250s",
+			 err && err->msg[0] ? err->msg : strerror(-r));
+	shut.values[FERRY_SHUT_T_EOF] = stats.t_eof;
+	shut.values[FERRY_SHUT_DEVICE_LOAD_NS] = stats.device_load_ns;
+	shut.values[FERRY_SHUT_DEVICE_DIGEST] = stats.device_digest;
+	shut.values[FERRY_SHUT_BOOT_ID] = boot_id_hash();
+	pthread_mutex_lock(&vm->mig_lock);
+	vm->in_shut = shut;
+	vm->in_rp_chan = in.rp_chan;
+	vm->in_rp_io = in.rp_io;
+	vm->in_fd = in.fd;
+	vm->in_device_digest = stats.device_digest;
+	pthread_mutex_unlock(&vm->mig_lock);
+	if (r) {
+		vm_incoming_done(vm, false);
+		set_in_status(vm, MIG_FAILED, err && err->msg[0] ? err->msg : NULL);
+	}
+	return r;
+}
+
+/* After the load: send the verdict (with when the VM resumed) and close. */
+void vm_incoming_done(struct vm *vm, bool resumed)
+{
+	struct timespec rt;
+
+	pthread_mutex_lock(&vm->mig_lock);
+	if (resumed) {
+		vm->in_shut.values[FERRY_SHUT_T_RESUMED] = vm_now_ns();
+		clock_gettime(CLOCK_REALTIME, &rt);
+		vm->in_shut.values[FERRY_SHUT_T_RESUMED_REAL] =
+			(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
+	}
+	if (vm->in_rp_chan) {
+		struct ferry_error e = { 0 };
+		if (ferry_rp_send(&vm->in_rp_io, &vm->in_shut, &e))
+			fprintf(stderr, "ferry vm: could not confirm the load to the "
+				"source: %s\n", e.msg);
+		ferry_chan_free(vm->in_rp_chan);
+		vm->in_rp_chan = NULL;
+	}
+	if (vm->in_fd >= 0)
+		close(vm->in_fd);
+	vm->in_fd = -1;
+	pthread_mutex_unlock(&vm->mig_lock);
+	if (!vm->in_shut.status)
+		set_in_status(vm, MIG_COMPLETED, NULL);
 }

@@ -386,7 +386,15 @@ struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err)
 	pthread_mutex_init(&vm->lock, NULL);
 	pthread_mutex_init(&vm->mig_lock, NULL);
 	pthread_cond_init(&vm->quit_cond, NULL);
+	pthread_cond_init(&vm->in_cond, NULL);
+	pthread_cond_init(&vm->throttle_cond, NULL);
 	vm->run_state = VM_PRELAUNCH;
+	vm->in_fd = -1;
+	mig_params_default(&vm->params);
+	if (cfg->incoming && !strcmp(cfg->incoming, "defer"))
+		vm->in_defer = true;
+	else if (cfg->incoming)
+		snprintf(vm->in_uri, sizeof(vm->in_uri), "%s", cfg->incoming);
 
 	r = map_ram(vm, err);
 	if (!r)
@@ -428,6 +436,7 @@ void vm_destroy(struct vm *vm)
 		return;
 	vm_control_stop(vm);
 	vm_migrate_join(vm);
+	vm_throttle_stop(vm);
 	if (vm->be && vm->be_priv)
 		vm->be->destroy(vm->be_priv);
 	vm_devices_destroy(vm);
@@ -438,31 +447,12 @@ void vm_destroy(struct vm *vm)
 	pthread_mutex_destroy(&vm->lock);
 	pthread_mutex_destroy(&vm->mig_lock);
 	pthread_cond_destroy(&vm->quit_cond);
+	pthread_cond_destroy(&vm->in_cond);
+	pthread_cond_destroy(&vm->throttle_cond);
 	free(vm);
 }
 
 /* ---- start, incoming ---------------------------------------------------- */
-
-static int load_incoming(struct vm *vm, struct ferry_error *err)
-{
-	struct ferry_chan *c;
-	int fd, r;
-
-	fd = ferry_transport_open_incoming(vm->cfg.incoming, -1, err);
-	if (fd < 0)
-		return fd;
-	c = ferry_chan_new_fd(fd, FERRY_CHAN_READ, true);
-	if (!c) {
-		close(fd);
-		return ferry_error_set(err, -ENOMEM, "out of memory");
-	}
-	r = ferry_load(vm->ctx, c, NULL, err);
-	ferry_chan_free(c);
-	if (r)
-		ferry_error_prefix(err, "incoming migration from %s failed: ",
-				   vm->cfg.incoming);
-	return r;
-}
 
 int vm_start(struct vm *vm, struct ferry_error *err)
 {
@@ -472,10 +462,10 @@ int vm_start(struct vm *vm, struct ferry_error *err)
 	if (vm->cfg.incoming) {
 		vm_set_run_state(vm, VM_INMIGRATE);
 		pthread_mutex_unlock(&vm->lock);
-		r = load_incoming(vm, err);
-		pthread_mutex_lock(&vm->lock);
+		r = vm_incoming(vm, err);
 		if (r)
-			goto out;
+			return r;
+		pthread_mutex_lock(&vm->lock);
 	} else {
 		r = vm->be->boot(vm->be_priv, err);
 		if (r)
@@ -487,7 +477,84 @@ int vm_start(struct vm *vm, struct ferry_error *err)
 		r = vm_resume_locked(vm, err);
 out:
 	pthread_mutex_unlock(&vm->lock);
+	/* The source waits for this verdict before it lets go of the VM. */
+	if (vm->cfg.incoming)
+		vm_incoming_done(vm, !r && !vm->cfg.paused);
 	return r;
+}
+
+/* ---- auto-converge throttling ------------------------------------------ */
+
+/*
+ * Throttling is imposed by the VMM, not asked of the guest: every 10 ms
+ * slice of running time is followed by a pause of pct/(100-pct) slices,
+ * so a guest that dirties memory faster than the link can carry gets
+ * slower, whatever it is doing. The pause goes through the same backend
+ * primitive as `stop`, under vm->lock, so it composes with stop/cont and
+ * with the switchover (which finds the vCPUs paused already and keeps
+ * them so: the throttle only resumes a VM that is still RUNNING).
+ */
+#define THROTTLE_SLICE_NS 10000000ull
+
+static void *throttle_main(void *arg)
+{
+	struct vm *vm = arg;
+
+	pthread_mutex_lock(&vm->lock);
+	while (!vm->throttle_stop) {
+		unsigned pct = vm->throttle_pct;
+		struct timespec ts;
+
+		if (pct && vm->run_state == VM_RUNNING &&
+		    !vm->be->pause(vm->be_priv, NULL)) {
+			uint64_t ns = THROTTLE_SLICE_NS * pct / (100 - pct);
+			struct timespec d = { (time_t)(ns / 1000000000ull),
+					      (long)(ns % 1000000000ull) };
+
+			pthread_mutex_unlock(&vm->lock);
+			nanosleep(&d, NULL);
+			pthread_mutex_lock(&vm->lock);
+			if (vm->run_state == VM_RUNNING)
+				vm->be->resume(vm->be_priv);
+		}
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += (long)THROTTLE_SLICE_NS;
+		if (ts.tv_nsec >= 1000000000L) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000L;
+		}
+		pthread_cond_timedwait(&vm->throttle_cond, &vm->lock, &ts);
+	}
+	pthread_mutex_unlock(&vm->lock);
+	return NULL;
+}
+
+void vm_set_throttle(struct vm *vm, unsigned pct)
+{
+	if (pct > 99)
+		pct = 99;
+	pthread_mutex_lock(&vm->lock);
+	vm->throttle_pct = pct;
+	if (pct && !vm->throttle_live) {
+		vm->throttle_stop = false;
+		if (!pthread_create(&vm->throttle_thread, NULL, throttle_main, vm))
+			vm->throttle_live = true;
+	}
+	pthread_cond_broadcast(&vm->throttle_cond);
+	pthread_mutex_unlock(&vm->lock);
+}
+
+void vm_throttle_stop(struct vm *vm)
+{
+	pthread_mutex_lock(&vm->lock);
+	vm->throttle_stop = true;
+	vm->throttle_pct = 0;
+	pthread_cond_broadcast(&vm->throttle_cond);
+	pthread_mutex_unlock(&vm->lock);
+	if (vm->throttle_live) {
+		pthread_join(vm->throttle_thread, NULL);
+		vm->throttle_live = false;
+	}
 }
 
 void vm_request_quit(struct vm *vm)

@@ -178,6 +178,21 @@ FERRY_API int ferry_save_command(struct ferry_save *s, uint16_t cmd,
  */
 FERRY_API int ferry_save_complete(struct ferry_save *s,
 				  struct ferry_error *err);
+/* Timestamps (CLOCK_MONOTONIC, ns; 0 = not reached) and a digest of the
+ * device state sent, for downtime accounting and end-to-end proof. */
+struct ferry_save_stats {
+	uint64_t t_final_sync;    /* switchover: first exact pending done */
+	uint64_t t_iterable_done; /* END sections written */
+	uint64_t t_done;          /* EOF written and flushed */
+	/* XXH3-64 over every FULL section (idstr, be32 instance, payload) in
+	 * stream order; the destination computes the same over what it
+	 * loaded (ferry_load_stats.device_digest). */
+	uint64_t device_digest;
+	uint64_t bytes;           /* stream bytes written so far */
+};
+FERRY_API void ferry_save_get_stats(struct ferry_save *s,
+				    struct ferry_save_stats *st);
+
 /* Run save_cleanup hooks and free. Safe at any point; NULL is a no-op. */
 FERRY_API void ferry_save_end(struct ferry_save *s);
 
@@ -202,6 +217,15 @@ struct ferry_cmd_msg {
 	} u;
 };
 
+/* Filled by ferry_load when ferry_load_opts.stats is set. */
+struct ferry_load_stats {
+	uint64_t t_first_full;    /* CLOCK_MONOTONIC ns: first FULL record read */
+	uint64_t t_eof;           /* EOF record read, everything loaded */
+	uint64_t device_load_ns;  /* time inside FULL sections' load hooks */
+	uint64_t device_digest;   /* see ferry_save_stats.device_digest */
+	uint64_t bytes;           /* stream bytes read */
+};
+
 struct ferry_load_opts {
 	/* Cap on one record body (0 = FERRY_RECORD_MAX_DEFAULT). */
 	uint32_t max_record;
@@ -212,6 +236,8 @@ struct ferry_load_opts {
 	int (*on_command)(void *opaque, const struct ferry_cmd_msg *cmd,
 			  struct ferry_error *err);
 	void *opaque;
+	/* Optional: receives timing and the device-state digest. */
+	struct ferry_load_stats *stats;
 };
 
 /*
@@ -223,6 +249,43 @@ struct ferry_load_opts {
 FERRY_API int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 			 const struct ferry_load_opts *opts,
 			 struct ferry_error *err);
+
+/* ---- return path -------------------------------------------------------- */
+
+/* SHUT values (be64 each), in this order; readers ignore extra values and
+ * treat missing ones as 0. */
+enum ferry_rp_shut_value {
+	FERRY_SHUT_T_EOF,         /* dest CLOCK_MONOTONIC ns: EOF read */
+	FERRY_SHUT_T_RESUMED,     /* dest CLOCK_MONOTONIC ns: vCPUs running (0: left paused) */
+	FERRY_SHUT_DEVICE_LOAD_NS,/* time in device-state load hooks */
+	FERRY_SHUT_DEVICE_DIGEST, /* ferry_load_stats.device_digest */
+	FERRY_SHUT_T_RESUMED_REAL,/* dest CLOCK_REALTIME ns of T_RESUMED */
+	FERRY_SHUT_BOOT_ID,       /* XXH3-64 of the dest's kernel boot id: equal
+				     on one host, where monotonic clocks agree */
+	FERRY_SHUT__MAX
+};
+
+/* A decoded return-path message. */
+struct ferry_rp_msg {
+	uint16_t type;                       /* enum ferry_rp */
+	uint32_t status;                     /* SHUT: 0 or an errno value */
+	char reason[256];                    /* SHUT */
+	uint64_t values[FERRY_SHUT__MAX];    /* SHUT */
+	uint32_t pong;                       /* PONG */
+	char block[FERRY_IDSTR_MAX + 1];     /* REQ_PAGES */
+	uint64_t start;                      /* REQ_PAGES */
+	uint32_t len;                        /* REQ_PAGES */
+};
+
+/* Write one RETURN record on @io (the destination's return channel; flushes).
+ * Not thread-safe: one writer thread, or the caller's lock. */
+FERRY_API int ferry_rp_send(struct ferry_record_io *io,
+			    const struct ferry_rp_msg *m,
+			    struct ferry_error *err);
+/* Read and validate the next RETURN record (any other record type, or a
+ * malformed payload, is -EBADMSG). Blocks until one arrives. */
+FERRY_API int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
+			    struct ferry_error *err);
 
 #ifdef __cplusplus
 }

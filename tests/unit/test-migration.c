@@ -76,7 +76,7 @@ TEST(migration_precopy_rounds)
 	struct ferry_chan *c = ferry_chan_new_mem_writer(0);
 	struct ferry_save *s;
 	const uint8_t *d;
-	uint64_t must, can;
+	uint64_t must, can, saved_digest = 0;
 	size_t n;
 
 	testvm_init(&src, true, 1 + test_rand());
@@ -94,12 +94,33 @@ TEST(migration_precopy_rounds)
 	ferry_save_pending(s, true, &must, &can);
 	ASSERT_GT(must, 0);
 	ASSERT_OK_E(ferry_save_complete(s, &err), err);
+	{
+		struct ferry_save_stats st;
+		ferry_save_get_stats(s, &st);
+		ASSERT_NE(st.device_digest, 0);
+		ASSERT_GT(st.t_final_sync, 0);
+		ASSERT_LE(st.t_final_sync, st.t_iterable_done);
+		ASSERT_LE(st.t_iterable_done, st.t_done);
+		saved_digest = st.device_digest;
+	}
 	ferry_save_end(s);
 	/* 5 precopy rounds, and 1 more at switchover that drains the rest in
 	 * a bounded PART before END. */
 	ASSERT_EQ(src.ram.iterates, 6);
 	d = ferry_chan_mem_data(c, &n);
-	ASSERT_OK_E(load_buf(&dst, d, n, &err), err);
+	{
+		struct ferry_load_stats ls;
+		struct ferry_load_opts lo = { .stats = &ls };
+		struct ferry_chan *r = ferry_chan_new_mem_reader(d, n);
+
+		ASSERT_OK_E(ferry_load(dst.ctx, r, &lo, &err), err);
+		ferry_chan_free(r);
+		/* The device state loaded is the device state sent. */
+		ASSERT_EQ_U64(ls.device_digest, saved_digest);
+		ASSERT_GT(ls.t_eof, 0);
+		ASSERT_LE(ls.t_first_full, ls.t_eof);
+		ASSERT_EQ(ls.bytes, n);
+	}
 	assert_same(&src, &dst);
 	/* START + 6 PART + END = 8 loads. */
 	ASSERT_EQ(dst.ram.loads, 8);

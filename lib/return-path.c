@@ -1,0 +1,115 @@
+/*
+ * return-path.c - messages from the destination back to the source.
+ *
+ * They travel as RETURN records, with the same length and check as the
+ * main stream, so a confused or hostile destination cannot make the source
+ * misread its answer: a source that keeps its VM stopped or resumes it on
+ * the strength of a SHUT must be sure the SHUT is one.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "ferry/migration.h"
+
+int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
+		  struct ferry_error *err)
+{
+	struct ferry_chan *b = ferry_chan_new_mem_writer(65536);
+	const uint8_t *d;
+	size_t n;
+	int r;
+
+	if (!b)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	ferry_put_be16(b, m->type);
+	switch (m->type) {
+	case FERRY_RP_SHUT:
+		ferry_put_be32(b, m->status);
+		ferry_put_str8(b, m->reason);
+		ferry_put_be32(b, FERRY_SHUT__MAX);
+		for (int i = 0; i < FERRY_SHUT__MAX; i++)
+			ferry_put_be64(b, m->values[i]);
+		break;
+	case FERRY_RP_PONG:
+		ferry_put_be32(b, m->pong);
+		break;
+	case FERRY_RP_REQ_PAGES:
+		ferry_put_str8(b, m->block);
+		ferry_put_be64(b, m->start);
+		ferry_put_be32(b, m->len);
+		break;
+	case FERRY_RP_SWITCHOVER_ACK:
+		break;
+	default:
+		ferry_chan_free(b);
+		return ferry_error_set(err, -EINVAL, "unknown return-path message %u",
+				       m->type);
+	}
+	r = ferry_chan_error(b, err);
+	if (!r) {
+		d = ferry_chan_mem_data(b, &n);
+		r = ferry_record_write(io, FERRY_REC_RETURN, d, n, err);
+	}
+	if (!r && ferry_chan_flush(io->chan))
+		r = ferry_chan_error(io->chan, err);
+	ferry_chan_free(b);
+	return r;
+}
+
+int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
+		  struct ferry_error *err)
+{
+	struct ferry_record rec;
+	struct ferry_chan *c;
+	int r;
+
+	memset(m, 0, sizeof(*m));
+	r = ferry_record_read(io, &rec, err);
+	if (r)
+		return ferry_error_prefix(err, "return path: ");
+	if (rec.type != FERRY_REC_RETURN)
+		return ferry_error_set(err, -EBADMSG,
+			"return path: %s record where a RETURN record belongs",
+			ferry_record_type_name(rec.type));
+	c = ferry_chan_new_mem_reader(rec.body, rec.len);
+	if (!c)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	m->type = ferry_get_be16(c);
+	switch (m->type) {
+	case FERRY_RP_SHUT: {
+		uint32_t nv;
+
+		m->status = ferry_get_be32(c);
+		ferry_get_str8(c, m->reason, sizeof(m->reason));
+		nv = ferry_get_be32(c);
+		if (nv > 64)
+			ferry_chan_set_error(c, -EBADMSG, "SHUT with %u values", nv);
+		for (uint32_t i = 0; i < nv && !ferry_chan_error(c, NULL); i++) {
+			uint64_t v = ferry_get_be64(c);
+			if (i < FERRY_SHUT__MAX)
+				m->values[i] = v;
+		}
+		break;
+	}
+	case FERRY_RP_PONG:
+		m->pong = ferry_get_be32(c);
+		break;
+	case FERRY_RP_REQ_PAGES:
+		ferry_get_str8(c, m->block, sizeof(m->block));
+		m->start = ferry_get_be64(c);
+		m->len = ferry_get_be32(c);
+		break;
+	case FERRY_RP_SWITCHOVER_ACK:
+		break;
+	default:
+		ferry_chan_set_error(c, -EBADMSG, "unknown message type %u", m->type);
+	}
+	r = ferry_chan_error(c, err);
+	if (!r && ferry_chan_mem_remaining(c))
+		r = ferry_error_set(err, -EBADMSG, "%s message with %zu extra bytes",
+				    ferry_rp_name(m->type), ferry_chan_mem_remaining(c));
+	if (r)
+		ferry_error_prefix(err, "return path: ");
+	ferry_chan_free(c);
+	return r;
+}
