@@ -151,9 +151,9 @@ static int do_state(struct ferry_save *s, struct ferry_dev *d, uint64_t b,
 	return d->ops->save_state(s->body, d->opaque, err);
 }
 
-struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
-				    struct ferry_chan *out,
-				    struct ferry_error *err)
+struct ferry_save *ferry_save_new(struct ferry_ctx *ctx,
+				  struct ferry_chan *out,
+				  struct ferry_error *err)
 {
 	struct ferry_save *s = calloc(1, sizeof(*s));
 
@@ -174,15 +174,35 @@ struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
 	}
 	if (ferry_stream_write_header(out, err))
 		goto fail;
-	s->setup_ran = true;
-	for (struct ferry_dev *d = ctx->devs; d; d = d->next)
-		if (ferry__dev_iterable(d) &&
-		    write_section(s, FERRY_REC_SECTION_START, d, do_setup, 0, err))
-			goto fail;
 	return s;
 fail:
 	ferry_save_end(s);
 	return NULL;
+}
+
+int ferry_save_setup(struct ferry_save *s, struct ferry_error *err)
+{
+	int r;
+
+	s->setup_ran = true;
+	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
+		if (ferry__dev_iterable(d) &&
+		    (r = write_section(s, FERRY_REC_SECTION_START, d, do_setup, 0, err)))
+			return r;
+	return 0;
+}
+
+struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
+				    struct ferry_chan *out,
+				    struct ferry_error *err)
+{
+	struct ferry_save *s = ferry_save_new(ctx, out, err);
+
+	if (s && ferry_save_setup(s, err)) {
+		ferry_save_end(s);
+		return NULL;
+	}
+	return s;
 }
 
 void ferry_save_pending(struct ferry_save *s, bool exact, uint64_t *must,

@@ -378,7 +378,9 @@ static int precopy(struct vm *vm, struct ferry_save *s, struct ferry_chan *c,
 						      (json_int_t)prog->pass);
 				control_event(vm->control, "MIGRATION_PASS", d);
 			}
-			if (fits && (!shrinks || ++shrinking > MAX_SHRINKING_PASSES))
+			/* Nothing left means nothing can shrink further. */
+			if (fits && (!rest || !shrinks ||
+				     ++shrinking > MAX_SHRINKING_PASSES))
 				return 0;
 			/* Auto-converge: the guest dirties faster than we send. */
 			if (!fits && !shrinks && p->auto_converge && ++strikes >= 2) {
@@ -486,13 +488,18 @@ static void *migration_thread(void *arg)
 	if (use_rp && (r = rp_start(&rp, fd, &err)))
 		goto out;
 	t0 = vm_now_ns();
-	s = ferry_save_begin(vm->ctx, c, &err);
+	s = ferry_save_new(vm->ctx, c, &err);
 	if (!s) {
 		r = err.code ? err.code : -EIO;
 		goto out;
 	}
+	/* Open the return path first: a destination that refuses the setup
+	 * sections can then say why. */
 	if (use_rp && (r = ferry_save_command(s, FERRY_CMD_OPEN_RETURN_PATH,
 					      NULL, 0, &err)))
+		goto out;
+	r = ferry_save_setup(s, &err);
+	if (r)
 		goto out;
 	vm->mig_setup_ns = vm_now_ns() - t0;
 	if (!mig_advance(vm, MIG_ACTIVE)) {
@@ -537,6 +544,16 @@ static void *migration_thread(void *arg)
 	}
 out:
 	vm_set_throttle(vm, 0);
+	if (r && rp.live) {
+		/* A write error is often the echo of the destination giving up:
+		 * if it said why, that is the error worth reporting. */
+		struct ferry_error dest = { 0 };
+
+		if (rp_wait(&rp, 1000, &dest) && rp.shut.status) {
+			ferry_error_clear(&err);
+			ferry_error_propagate(&err, &dest);
+		}
+	}
 	ferry_save_end(s);
 	if (c)
 		ferry_chan_shutdown(c);

@@ -160,6 +160,16 @@ struct ferry_save;  /* one outgoing migration */
 FERRY_API struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
 					      struct ferry_chan *out,
 					      struct ferry_error *err);
+/*
+ * The same in two steps, so commands can precede the setup sections (the
+ * return path must be open before the destination checks them):
+ * ferry_save_new() writes the header only, ferry_save_setup() the START
+ * sections. On failure of either, call ferry_save_end().
+ */
+FERRY_API struct ferry_save *ferry_save_new(struct ferry_ctx *ctx,
+					    struct ferry_chan *out,
+					    struct ferry_error *err);
+FERRY_API int ferry_save_setup(struct ferry_save *s, struct ferry_error *err);
 /* Sum of save_pending over iterable devices. */
 FERRY_API void ferry_save_pending(struct ferry_save *s, bool exact,
 				  uint64_t *must_precopy,

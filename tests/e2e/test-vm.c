@@ -16,137 +16,11 @@
 
 #include "backend.h"
 #include "control.h"
+#include "vmproc.h"
 
 #define X(name, timeout) TEST(name);
 #include "../list.h"
 #undef X
-
-struct proc {
-	pid_t pid;
-	char sock[512];
-	char log[512];
-	int fd;      /* control connection */
-};
-
-static void need_backend(const char *backend)
-{
-	char why[300];
-
-	if (!strcmp(backend, "kvm") && !backend_kvm_usable(why, sizeof(why)))
-		SKIP(test_fmt("KVM unavailable: %s", why));
-}
-
-/* Start `ferry vm` with @args plus a control socket; wait until it answers. */
-static void vm_spawn(struct proc *p, const char *name, const char *args)
-{
-	struct ferry_error err = { 0 };
-	char cmd[2048];
-
-	snprintf(p->sock, sizeof(p->sock), "%s/%s.sock", test_tmpdir(), name);
-	snprintf(p->log, sizeof(p->log), "%s/%s.log", test_tmpdir(), name);
-	snprintf(cmd, sizeof(cmd), "exec %s vm --control %s %s >%s 2>&1",
-		 test_ferry_bin(), p->sock, args, p->log);
-	p->pid = fork();
-	ASSERT(p->pid >= 0);
-	if (p->pid == 0) {
-		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-		_exit(127);
-	}
-	for (int i = 0; i < 3000; i++) {
-		int st;
-
-		if (access(p->sock, F_OK) == 0) {
-			p->fd = control_client_connect(p->sock, 5000, &err);
-			if (p->fd >= 0)
-				return;
-			ferry_error_clear(&err);
-		}
-		if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
-			char *out = NULL;
-			test_run(&out, "cat %s", p->log);
-			FAIL("ferry vm %s exited early: %s", args, out);
-		}
-		usleep(10000);
-	}
-	FAIL("ferry vm did not open its control socket");
-}
-
-static json_t *call(struct proc *p, const char *cmd, json_t *args)
-{
-	struct ferry_error err = { 0 };
-	json_t *ret = NULL;
-	int r = control_client_call(p->fd, cmd, args, &ret, 120000, &err);
-
-	json_decref(args);
-	if (r)
-		FAIL("%s: %s", cmd, err.msg);
-	return ret;
-}
-
-static long long geti(json_t *o, const char *key)
-{
-	json_t *v = json_object_get(o, key);
-	if (!json_is_integer(v))
-		FAIL("no integer '%s' in %s", key, json_dumps(o, 0));
-	return json_integer_value(v);
-}
-
-static const char *gets(json_t *o, const char *key)
-{
-	const char *s = json_string_value(json_object_get(o, key));
-	if (!s)
-		FAIL("no string '%s' in %s", key, json_dumps(o, 0));
-	return s;
-}
-
-static long long generation(struct proc *p)
-{
-	json_t *g = call(p, "query-guest", NULL);
-	long long v = geti(g, "generation");
-	json_decref(g);
-	return v;
-}
-
-/* Wait until the guest has booted and written at least @n pages. */
-static void wait_generation(struct proc *p, long long n)
-{
-	for (int i = 0; i < 6000; i++) {
-		if (generation(p) >= n)
-			return;
-		usleep(10000);
-	}
-	FAIL("guest generation stuck below %lld", n);
-}
-
-static void vm_quit(struct proc *p)
-{
-	int st;
-
-	call(p, "quit", NULL);
-	close(p->fd);
-	for (int i = 0; i < 1000; i++) {
-		if (waitpid(p->pid, &st, WNOHANG) == p->pid)
-			return;
-		usleep(10000);
-	}
-	kill(p->pid, SIGKILL);
-	waitpid(p->pid, &st, 0);
-	FAIL("ferry vm did not quit");
-}
-
-static const char *status_of(struct proc *p)
-{
-	static char buf[64];
-	json_t *s = call(p, "query-status", NULL);
-	snprintf(buf, sizeof(buf), "%s", gets(s, "status"));
-	json_decref(s);
-	return buf;
-}
-
-static json_t *verify(struct proc *p)
-{
-	return call(p, "guest-verify", json_pack("{s:b}", "wait", 1));
-}
 
 /* Run, stop, cont, verify clean; then corrupt a page and verify it is the
  * one reported. */
@@ -194,25 +68,6 @@ static void run_and_verify(const char *backend)
 
 TEST(vm_kvm_run_stop_cont_verify) { run_and_verify("kvm"); }
 TEST(vm_thread_run_stop_cont_verify) { run_and_verify("thread"); }
-
-static void wait_migration(struct proc *p, const char *want)
-{
-	for (int i = 0; i < 12000; i++) {
-		json_t *m = call(p, "query-migrate", NULL);
-		const char *s = gets(m, "status");
-
-		if (!strcmp(s, want)) {
-			json_decref(m);
-			return;
-		}
-		if (!strcmp(s, "failed") || !strcmp(s, "cancelled") ||
-		    !strcmp(s, "completed"))
-			FAIL("migration %s, wanted %s: %s", s, want, json_dumps(m, 0));
-		json_decref(m);
-		usleep(10000);
-	}
-	FAIL("migration never reached %s", want);
-}
 
 static void save_restore(const char *backend, const char *extra)
 {

@@ -1,0 +1,374 @@
+/*
+ * tests/e2e/test-live.c - live migration between two `ferry vm` processes
+ * over loopback: workloads x channels x compression on both backends,
+ * convergence with auto-converge, and failures that must leave the source
+ * running with a guest that still verifies clean.
+ */
+#include "../harness.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "vmproc.h"
+
+#define X(name, timeout) TEST(name);
+#include "../list.h"
+#undef X
+
+static int free_port(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET };
+	socklen_t len = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	ASSERT_OK(bind(fd, (struct sockaddr *)&a, sizeof(a)));
+	ASSERT_OK(getsockname(fd, (struct sockaddr *)&a, &len));
+	port = ntohs(a.sin_port);
+	close(fd);
+	return port;
+}
+
+static void set_params(struct proc *p, int channels, bool zstd, int limit_ms,
+		       bool autoconv)
+{
+	json_t *caps = json_pack("{s:[{s:s, s:b}, {s:s, s:b}]}", "capabilities",
+				 "capability", "multifd", "state", channels > 0,
+				 "capability", "auto-converge", "state", autoconv);
+	json_t *params = json_pack("{s:s, s:i}", "multifd-compression",
+				   zstd ? "zstd" : "none", "downtime-limit", limit_ms);
+
+	if (channels > 0)
+		json_object_set_new(params, "multifd-channels", json_integer(channels));
+	json_decref(call(p, "migrate-set-capabilities", caps));
+	json_decref(call(p, "migrate-set-parameters", params));
+}
+
+/* Start a destination listening on a fresh loopback port. */
+static int spawn_dest(struct proc *d, const char *backend, const char *mem,
+		      const char *extra)
+{
+	int port = free_port();
+
+	vm_spawn(d, "dst", test_fmt("--backend %s --mem %s --paused %s "
+				    "--incoming tcp:127.0.0.1:%d", backend, mem,
+				    extra, port));
+	return port;
+}
+
+/*
+ * Migrate a guest running @workload, then prove it: equal RAM digests
+ * with both sides stopped, then the destination resumes and its own
+ * verify pass finds 0 bad pages.
+ */
+static void live(const char *backend, const char *workload, int channels,
+		 bool zstd)
+{
+	struct proc s, d;
+	json_t *m, *ds, *dd, *v;
+	char digest[64];
+	long long g;
+	int port;
+
+	need_backend(backend);
+	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M --workload %s",
+				     backend, workload));
+	port = spawn_dest(&d, backend, "512M", "");
+	wait_generation(&s, strcmp(workload, "idle") ? 5000 : 0);
+	set_params(&s, channels, zstd, 300, false);
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_migration(&s, "completed");
+	m = call(&s, "query-migrate", NULL);
+	ASSERT_GE(geti(m, "downtime"), 0);
+	ASSERT(json_is_object(json_object_get(m, "downtime-phases")));
+	if (channels > 0 && strcmp(workload, "idle"))
+		ASSERT_GT(geti(json_object_get(m, "ram"), "multifd-bytes"), 0);
+	json_decref(m);
+	ASSERT_STREQ(status_of(&s), "postmigrate");
+	ASSERT_STREQ(status_of(&d), "paused");
+	ds = call(&s, "query-ram-digest", NULL);
+	dd = call(&d, "query-ram-digest", NULL);
+	snprintf(digest, sizeof(digest), "%s", gets(ds, "digest"));
+	ASSERT_STREQ(gets(dd, "digest"), digest);
+	json_decref(ds);
+	json_decref(dd);
+	g = generation(&d);
+	json_decref(call(&d, "cont", NULL));
+	if (strcmp(workload, "idle"))
+		wait_generation(&d, g + 100);
+	v = verify(&d);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+	vm_quit(&s);
+	vm_quit(&d);
+}
+
+#define LIVE_TESTS(be)							\
+TEST(live_##be##_idle_1ch) { live(#be, "idle", 1, false); }		\
+TEST(live_##be##_fill_2ch) { live(#be, "fill", 2, false); }		\
+TEST(live_##be##_fill_4ch_zstd) { live(#be, "fill", 4, true); }	\
+TEST(live_##be##_dirty_1ch) { live(#be, "dirty,ws=128M,rate=0", 1, false); } \
+TEST(live_##be##_dirty_2ch_zstd) { live(#be, "dirty,ws=128M,rate=0", 2, true); } \
+TEST(live_##be##_dirty_4ch) { live(#be, "dirty,ws=128M,rate=0", 4, false); } \
+TEST(live_##be##_fill_main_stream) { live(#be, "fill", 0, false); }
+LIVE_TESTS(kvm)
+LIVE_TESTS(thread)
+
+/* A guest dirtying 128 MiB flat out over a link capped at 200 MiB/s
+ * cannot fit 20 ms; with auto-converge the VMM throttles it until it does. */
+static void autoconverge(const char *backend)
+{
+	struct proc s, d;
+	json_t *m, *v;
+	int port, i;
+
+	need_backend(backend);
+	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M "
+				     "--workload dirty,ws=128M,rate=0", backend));
+	port = spawn_dest(&d, backend, "512M", "");
+	wait_generation(&s, 5000);
+	/* Without auto-converge: still going after several passes. */
+	set_params(&s, 2, false, 20, false);
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 200 << 20)));
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	for (i = 0; i < 3000; i++) {
+		m = call(&s, "query-migrate", NULL);
+		if (geti(m, "pass") >= 6) {
+			ASSERT_STREQ(gets(m, "status"), "active");
+			json_decref(m);
+			break;
+		}
+		json_decref(m);
+		usleep(10000);
+	}
+	ASSERT_LT(i, 3000);
+	json_decref(call(&s, "migrate-cancel", NULL));
+	wait_migration(&s, "cancelled");
+	ASSERT_STREQ(status_of(&s), "running");
+	vm_quit(&d);
+
+	/* With it: converges, and the throttle shows. */
+	port = spawn_dest(&d, backend, "512M", "");
+	set_params(&s, 2, false, 20, true);
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i, s:i}", "cpu-throttle-initial", 60,
+				   "cpu-throttle-increment", 20)));
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_migration(&s, "completed");
+	m = call(&s, "query-migrate", NULL);
+	ASSERT_GT(geti(m, "cpu-throttle-percentage"), 0);
+	json_decref(m);
+	json_decref(call(&d, "cont", NULL));
+	v = verify(&d);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+	vm_quit(&s);
+	vm_quit(&d);
+}
+
+TEST(live_kvm_autoconverge) { autoconverge("kvm"); }
+TEST(live_thread_autoconverge) { autoconverge("thread"); }
+
+/* After a failed migration the source runs on, verifies clean, and a
+ * second migration succeeds. */
+static void source_survives(struct proc *s, const char *backend, const char *why)
+{
+	json_t *m = call(s, "query-migrate", NULL), *v;
+	struct proc d;
+	int port;
+
+	ASSERT_STREQ(gets(m, "status"), "failed");
+	ASSERT_CONTAINS(gets(m, "error-desc"), why);
+	json_decref(m);
+	ASSERT_STREQ(status_of(s), "running");
+	{
+		long long g = generation(s);
+		wait_generation(s, g + 100);
+	}
+	v = verify(s);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+	port = spawn_dest(&d, backend, "512M", "");
+	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_migration(s, "completed");
+	json_decref(call(&d, "cont", NULL));
+	v = verify(&d);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+	vm_quit(&d);
+}
+
+static void wait_failed(struct proc *s)
+{
+	for (int i = 0; i < 6000; i++) {
+		json_t *m = call(s, "query-migrate", NULL);
+		bool done = !strcmp(gets(m, "status"), "failed");
+		json_decref(m);
+		if (done)
+			return;
+		usleep(10000);
+	}
+	FAIL("migration did not fail");
+}
+
+/* Slow the migration down (max-bandwidth) so the failure lands mid-way. */
+static void start_slow(struct proc *s, int port)
+{
+	set_params(s, 2, false, 300, false);
+	json_decref(call(s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 50 << 20)));
+	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	for (int i = 0; i < 3000; i++) {
+		json_t *m = call(s, "query-migrate", NULL);
+		bool active = !strcmp(gets(m, "status"), "active") &&
+			      geti(json_object_get(m, "ram"), "transferred") > (8 << 20);
+		json_decref(m);
+		if (active)
+			return;
+		usleep(10000);
+	}
+	FAIL("migration never became active");
+}
+
+static void dest_killed(const char *backend)
+{
+	struct proc s, d;
+	int port, st;
+
+	need_backend(backend);
+	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M "
+				     "--workload dirty,ws=128M,rate=200", backend));
+	port = spawn_dest(&d, backend, "512M", "");
+	wait_generation(&s, 1000);
+	start_slow(&s, port);
+	kill(d.pid, SIGKILL);
+	waitpid(d.pid, &st, 0);
+	wait_failed(&s);
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 0)));
+	source_survives(&s, backend, "");
+	vm_quit(&s);
+}
+
+TEST(live_kvm_dest_killed) { dest_killed("kvm"); }
+TEST(live_thread_dest_killed) { dest_killed("thread"); }
+
+/* A proxy that forwards the main connection both ways, then cuts it
+ * after @limit bytes from the source. */
+struct cutter {
+	int listen_fd, to_port;
+	size_t limit;
+	pthread_t thread;
+};
+
+static void *cutter_main(void *arg)
+{
+	struct cutter *c = arg;
+	struct sockaddr_in a = { .sin_family = AF_INET };
+	int in = accept(c->listen_fd, NULL, NULL), out = socket(AF_INET, SOCK_STREAM, 0);
+	size_t moved = 0;
+	char buf[65536];
+
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	a.sin_port = htons((uint16_t)c->to_port);
+	if (in < 0 || connect(out, (struct sockaddr *)&a, sizeof(a)))
+		return NULL;
+	while (moved < c->limit) {
+		struct pollfd p[2] = { { .fd = in, .events = POLLIN },
+				       { .fd = out, .events = POLLIN } };
+		ssize_t n;
+
+		if (poll(p, 2, 10000) <= 0)
+			break;
+		if (p[0].revents) {
+			n = read(in, buf, sizeof(buf));
+			if (n <= 0 || write(out, buf, (size_t)n) != n)
+				break;
+			moved += (size_t)n;
+		}
+		if (p[1].revents) {
+			n = read(out, buf, sizeof(buf));
+			if (n <= 0 || write(in, buf, (size_t)n) != n)
+				break;
+		}
+	}
+	shutdown(in, SHUT_RDWR);
+	shutdown(out, SHUT_RDWR);
+	close(in);
+	close(out);
+	return NULL;
+}
+
+static void connection_cut(const char *backend)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET };
+	socklen_t len = sizeof(a);
+	struct cutter cut = { .limit = 16 << 20 };
+	struct proc s, d;
+	int st;
+
+	need_backend(backend);
+	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M "
+				     "--workload dirty,ws=128M,rate=200", backend));
+	cut.to_port = spawn_dest(&d, backend, "512M", "");
+	wait_generation(&s, 1000);
+	cut.listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	ASSERT_OK(bind(cut.listen_fd, (struct sockaddr *)&a, sizeof(a)));
+	ASSERT_OK(listen(cut.listen_fd, 4));
+	ASSERT_OK(getsockname(cut.listen_fd, (struct sockaddr *)&a, &len));
+	ASSERT_OK(pthread_create(&cut.thread, NULL, cutter_main, &cut));
+	/* RAM on the main stream, so the cut lands inside a round. */
+	set_params(&s, 0, false, 300, false);
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", ntohs(a.sin_port)))));
+	wait_failed(&s);
+	pthread_join(cut.thread, NULL);
+	close(cut.listen_fd);
+	/* The destination saw a truncated stream and gave up. */
+	for (int i = 0; i < 1000 && waitpid(d.pid, &st, WNOHANG) != d.pid; i++)
+		usleep(10000);
+	ASSERT(WIFEXITED(st) && WEXITSTATUS(st) == 1);
+	source_survives(&s, backend, "");
+	vm_quit(&s);
+}
+
+TEST(live_kvm_connection_cut) { connection_cut("kvm"); }
+TEST(live_thread_connection_cut) { connection_cut("thread"); }
+
+/* A destination that cannot take the stream (different RAM size) refuses
+ * it; the source reports the destination's reason. */
+static void dest_rejects(const char *backend)
+{
+	struct proc s, d;
+	int port, st;
+
+	need_backend(backend);
+	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M "
+				     "--workload dirty,ws=64M,rate=100", backend));
+	port = spawn_dest(&d, backend, "256M", "");
+	wait_generation(&s, 1000);
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_failed(&s);
+	for (int i = 0; i < 1000 && waitpid(d.pid, &st, WNOHANG) != d.pid; i++)
+		usleep(10000);
+	ASSERT(WIFEXITED(st) && WEXITSTATUS(st) == 1);
+	source_survives(&s, backend, "RAM block 0");
+	vm_quit(&s);
+}
+
+TEST(live_kvm_dest_rejects) { dest_rejects("kvm"); }
+TEST(live_thread_dest_rejects) { dest_rejects("thread"); }

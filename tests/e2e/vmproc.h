@@ -1,0 +1,34 @@
+/*
+ * tests/e2e/vmproc.h - helpers for end-to-end tests of `ferry vm`.
+ * Every helper FAILs the test on error, so callers need not check.
+ */
+#ifndef FERRY_TEST_VMPROC_H
+#define FERRY_TEST_VMPROC_H
+
+#include <jansson.h>
+#include <sys/types.h>
+
+struct proc {
+	pid_t pid;
+	char sock[512];
+	char log[512];
+	int fd;      /* control connection */
+};
+
+/* SKIP unless @backend ("kvm" or "thread") can run here. */
+void need_backend(const char *backend);
+/* Start `ferry vm --control SOCK ARGS`; returns once it answers. */
+void vm_spawn(struct proc *p, const char *name, const char *args);
+/* Execute a command (takes @args); returns the "return" value. */
+json_t *call(struct proc *p, const char *cmd, json_t *args);
+long long geti(json_t *o, const char *key);
+const char *gets(json_t *o, const char *key);
+long long generation(struct proc *p);
+void wait_generation(struct proc *p, long long n);
+void vm_quit(struct proc *p);
+const char *status_of(struct proc *p);
+json_t *verify(struct proc *p);
+/* Poll query-migrate until @want; FAIL on another terminal status. */
+void wait_migration(struct proc *p, const char *want);
+
+#endif
