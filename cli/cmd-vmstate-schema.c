@@ -9,7 +9,7 @@
 
 #include "ferry/ferry.h"
 #include "cli.h"
-#include "devices.h"
+#include "vm.h"
 
 int cmd_vmstate_schema(int argc, char **argv)
 {
@@ -23,7 +23,7 @@ int cmd_vmstate_schema(int argc, char **argv)
 		return strcmp(argv[1], "--help") ? 2 : 0;
 	}
 	ctx = ferry_ctx_new(&err);
-	if (!ctx || vmm_register_schema(ctx, &err)) {
+	if (!ctx || vm_register_schema(ctx, &err)) {
 		cli_err("vmstate-schema: %s", err.msg);
 		ferry_ctx_free(ctx);
 		return 1;

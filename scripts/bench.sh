@@ -6,3 +6,7 @@ B=${1:-build}
 cd "$(dirname "$0")/.."
 echo "== stream layer (in memory) =="
 "$B/bench-stream"
+echo "== multifd RAM over loopback TCP (1 GiB, fresh destination memory) =="
+"$B/bench-multifd"
+echo "== dirty tracking on the reference VMM (1 GiB and 4 GiB guests) =="
+"$B/bench-dirty"

@@ -148,17 +148,3 @@ void timer_update(struct timer_state *t, uint64_t now_ns)
 	t->ticks += n;
 	t->last_ns += n * t->period_ns;
 }
-
-int vmm_register_schema(struct ferry_ctx *ctx, struct ferry_error *err)
-{
-	static struct serial_state serial;
-	static struct timer_state timer;
-	int r;
-
-	serial_init(&serial, -1);
-	timer_init(&timer, 1000000);
-	r = ferry_register_vmstate(ctx, &serial_vmsd, 0, &serial, err);
-	if (!r)
-		r = ferry_register_vmstate(ctx, &timer_vmsd, 0, &timer, err);
-	return r;
-}

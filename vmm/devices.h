@@ -47,8 +47,5 @@ void timer_init(struct timer_state *t, uint64_t period_ns);
 /* Advance to host time @now_ns (CLOCK_MONOTONIC). */
 void timer_update(struct timer_state *t, uint64_t now_ns);
 
-/* Register one of each device description with default state, for
- * `ferry vmstate-schema`. The states are static; not for running a VM. */
-int vmm_register_schema(struct ferry_ctx *ctx, struct ferry_error *err);
 
 #endif

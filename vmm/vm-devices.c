@@ -128,3 +128,22 @@ void vm_devices_destroy(struct vm *vm)
 	memmap_free(vm->memmap);
 	vm->memmap = NULL;
 }
+
+int vm_register_schema(struct ferry_ctx *ctx, struct ferry_error *err)
+{
+	/* Never read or written: the schema is the descriptions alone. */
+	static uint64_t placeholder[64];
+	int r;
+
+	r = ferry_register_vmstate(ctx, backend_kvm_ops.cpu_vmsd, 0, placeholder, err);
+	if (!r)
+		r = ferry_register_vmstate(ctx, backend_thread_ops.cpu_vmsd, 0,
+					   placeholder, err);
+	if (!r)
+		r = ferry_register_vmstate(ctx, &serial_vmsd, 0, placeholder, err);
+	if (!r)
+		r = ferry_register_vmstate(ctx, &timer_vmsd, 0, placeholder, err);
+	if (!r)
+		r = ferry_register_vmstate(ctx, &virtio_vmsd, 0, placeholder, err);
+	return r;
+}

@@ -94,6 +94,13 @@ int vm_ram_digest(struct vm *vm, char out[33], struct ferry_error *err);
 /* Outgoing migration to @uri, in the migration thread; see vm.c. */
 int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err);
 
+/*
+ * Register every device description the VMM uses (both vCPU flavours,
+ * serial, timer, virtio), in stream order, for `ferry vmstate-schema`.
+ * Objects are placeholders: describe() reads descriptions, never state.
+ */
+int vm_register_schema(struct ferry_ctx *ctx, struct ferry_error *err);
+
 /* Backends use these. */
 uint8_t *vm_ram(struct vm *vm);
 uint64_t vm_ram_size(struct vm *vm);

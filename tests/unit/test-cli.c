@@ -147,10 +147,14 @@ TEST(cli_vmstate_schema)
 	if (!root)
 		FAIL("not JSON (%s): %s", je.text, out);
 	devs = json_object_get(root, "devices");
-	ASSERT_GE(json_array_size(devs), 2);
-	serial = json_array_get(devs, 0);
+	ASSERT_EQ(json_array_size(devs), 5);
+	ASSERT_STREQ(json_string_value(json_object_get(json_array_get(devs, 0), "name")),
+		     "cpu-kvm");
+	serial = json_array_get(devs, 2);
 	ASSERT_STREQ(json_string_value(json_object_get(serial, "name")), "serial");
 	ASSERT_PTR(json_object_get(json_object_get(serial, "vmstate"), "fields"));
+	ASSERT_STREQ(json_string_value(json_object_get(json_array_get(devs, 4), "name")),
+		     "virtio");
 	json_decref(root);
 	free(out);
 }
