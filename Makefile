@@ -41,7 +41,7 @@ endif
 # ---- library ---------------------------------------------------------------
 LIB_SRCS := lib/error.c lib/channel.c lib/stream.c lib/vmstate.c \
             lib/registry.c lib/save.c lib/load.c lib/describe.c \
-            lib/transport.c lib/ram.c
+            lib/transport.c lib/ram.c lib/return-path.c lib/multifd.c
 LIB_OBJS := $(LIB_SRCS:%.c=$(B)/%.o)
 LIB_PIC  := $(LIB_SRCS:%.c=$(B)/pic/%.o)
 LIB_CFLAGS := -DFERRY_BUILDING_LIBRARY -fvisibility=hidden
@@ -76,13 +76,13 @@ $(VMM_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 
 # ---- CLI -------------------------------------------------------------------
 CLI_SRCS := cli/main.c cli/cmd-inspect.c cli/cmd-vmstate-schema.c cli/cmd-ctl.c \
-            cli/cmd-vm.c
+            cli/cmd-vm.c cli/cmd-migrate.c cli/cmd-demo.c
 CLI_OBJS := $(CLI_SRCS:%.c=$(B)/%.o) $(VMM_OBJS)
 $(CLI_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 
 # ---- tests -----------------------------------------------------------------
 # The tests themselves are listed explicitly in tests/list.h.
-TEST_SRCS := tests/harness.c tests/main.c tests/unit/testdev.c \
+TEST_SRCS := tests/harness.c tests/main.c tests/unit/testdev.c tests/e2e/vmproc.c \
              $(sort $(wildcard tests/unit/test-*.c tests/e2e/test-*.c))
 TEST_OBJS := $(TEST_SRCS:%.c=$(B)/%.o)
 $(TEST_OBJS): CFLAGS_BASE += -Ivmm
@@ -150,19 +150,23 @@ check: deps
 	$(Q)$(MAKE) --no-print-directory all $(B)/ferry-test
 	$(Q)./scripts/check.sh $(B)
 
-BENCHES := $(B)/bench-stream
+BENCHES := $(B)/bench-stream $(B)/bench-multifd
 $(B)/bench-%: $(B)/bench/bench-%.o $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $< $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
 
+# Benchmarks of the reference VMM link its objects too.
+$(B)/bench-dirty: $(B)/bench/bench-dirty.o $(VMM_OBJS) $(B)/libferry.a
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(VMM_OBJS) $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
+$(B)/bench/bench-dirty.o: CFLAGS_BASE += -Ivmm
+BENCHES += $(B)/bench-dirty
+
 bench: deps all $(BENCHES)
 	$(Q)./scripts/bench.sh $(B)
 
-# Until the live demo lands (issue 4): save/restore of the test VM, then
-# decode a saved stream.
-demo: deps all $(B)/ferry-test
-	$(Q)FERRY_BIN=$(B)/ferry $(B)/ferry-test --filter migration_file_roundtrip
-	$(Q)$(B)/ferry inspect tests/fuzz/seeds/small-vm.ferry
+demo: deps all
+	$(Q)$(B)/ferry demo
 
 clean:
 	rm -rf build build-*

@@ -18,6 +18,10 @@ static const struct cli_cmd commands[] = {
 	  cmd_vmstate_schema },
 	{ "vm", "run the reference VMM (KVM or thread backend)", cmd_vm },
 	{ "ctl", "send one command to a VM's control socket", cmd_ctl },
+	{ "migrate", "live-migrate a running VM, with progress and statistics",
+	  cmd_migrate },
+	{ "demo", "start two VMs, live-migrate one to the other, prove it",
+	  cmd_demo },
 	{ "version", "print the version", cmd_version },
 	{ "help", "list commands", cmd_help },
 };

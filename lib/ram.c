@@ -20,12 +20,60 @@
  * Destination: every offset is checked against its block; a zero marker
  * only writes when the page is not zero already, so untouched memory stays
  * uncommitted.
+ *
+ * Multifd: the walk queues (block, offset) pairs to ferry_multifd instead of
+ * writing pages into the section. Every page is sent at most once per walk,
+ * so a sync point between walks is enough to keep two versions of a page
+ * from racing on different channels. Each sync is paired with a
+ * MULTIFD_FLUSH record in the section, at which the destination's load
+ * waits for the channels; a sync point always ends the pages of its
+ * section on the channels (see ram_save_complete for why that matters).
+ *
+ * Pre-population: the START section lists, per block, the page ranges the
+ * source has data in. The destination faults them in from helper threads
+ * (MADV_POPULATE_WRITE, a few MiB at a time, front to back like the data),
+ * so the receivers find mapped pages instead of taking one fault per page.
+ * Racing the receivers is harmless: populating a written page changes
+ * nothing, and a page written first is simply skipped by the kernel.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include "ferry/multifd.h"
 #include "ferry/ram.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* Bytes one prepopulate step faults in: large enough to amortise the
+ * syscall, small enough that two helpers interleave and a stop request is
+ * honoured quickly. */
+#define PREPOP_CHUNK (4ull << 20)
+#define PREPOP_MAX_THREADS 8u
+
+struct pop_range {
+	unsigned block;
+	uint64_t start, len;      /* bytes within the block */
+};
+
+/* Destination prepopulate helpers. */
+struct prepop {
+	pthread_t threads[PREPOP_MAX_THREADS];
+	unsigned nthreads;        /* load thread: started helpers */
+	pthread_mutex_t lock;     /* guards the cursor */
+	size_t next_range;        /* lock */
+	uint64_t next_off;        /* lock: offset inside next_range */
+	bool stop;                /* atomic: load thread asks helpers to quit */
+	int failed;               /* atomic: errno of a failed madvise (info) */
+	struct pop_range *ranges; /* load thread fills, then read-only */
+	size_t nranges, cap;
+	uint64_t done;            /* atomic: bytes populated */
+};
 
 struct ram_block {
 	char name[FERRY_IDSTR_MAX + 1];
@@ -51,6 +99,20 @@ struct ferry_ram {
 	unsigned last_sent_block; /* for CONTINUE; UINT32_MAX = none yet */
 	unsigned load_sections;   /* destination: sections loaded */
 	int last_load_block;      /* destination: block of the last record */
+	uint32_t load_version;    /* destination: "ram" section version */
+
+	/* Set before a migration starts, then read-only. */
+	struct ferry_multifd *mf_send;
+	struct ferry_multifd *mf_recv;
+	unsigned prepop_threads;  /* 0 = off (see ferry_ram_set_prepopulate) */
+
+	/* Migration thread only: pages queued to multifd since its last sync,
+	 * and whether an iterate call has run since setup. */
+	bool mf_unsynced;
+	bool iterated;
+
+	/* Destination: prepopulate helpers (load thread starts and joins). */
+	struct prepop pop;
 
 	/* Counters: written by the migration thread, read by anyone. */
 	uint64_t dirty_pages; /* bits set across all bitmaps (approximate) */
@@ -102,6 +164,8 @@ struct ferry_ram *ferry_ram_new(const struct ferry_ram_block *blocks,
 	ram->opaque = opaque;
 	ram->last_sent_block = UINT32_MAX;
 	ram->last_load_block = -1;
+	ram->prepop_threads = FERRY_RAM_PREPOPULATE_DEFAULT;
+	pthread_mutex_init(&ram->pop.lock, NULL);
 	for (unsigned i = 0; i < nblocks; i++) {
 		const struct ferry_ram_block *d = &blocks[i];
 		struct ram_block *b = &ram->blocks[i];
@@ -142,17 +206,60 @@ fail:
 	return NULL;
 }
 
+static void prepop_stop(struct ferry_ram *ram);
+
 void ferry_ram_free(struct ferry_ram *ram)
 {
 	if (!ram)
 		return;
 	if (ram->tracking && ram->ops && ram->ops->stop)
 		ram->ops->stop(ram->opaque);
+	prepop_stop(ram);
 	for (unsigned i = 0; i < ram->nblocks; i++) {
 		free(ram->blocks[i].bitmap);
 		free(ram->blocks[i].scratch);
 	}
+	pthread_mutex_destroy(&ram->pop.lock);
 	free(ram);
+}
+
+/* The block table in the form ferry_multifd_set_blocks() takes. */
+static int give_blocks(struct ferry_ram *ram, struct ferry_multifd *m,
+		       struct ferry_error *err)
+{
+	struct ferry_ram_block t[FERRY_RAM_MAX_BLOCKS];
+
+	for (unsigned i = 0; i < ram->nblocks; i++)
+		t[i] = (struct ferry_ram_block){ ram->blocks[i].name,
+			ram->blocks[i].host, ram->blocks[i].size,
+			ram->blocks[i].page_size };
+	return ferry_multifd_set_blocks(m, t, ram->nblocks, err);
+}
+
+int ferry_ram_set_multifd_send(struct ferry_ram *ram, struct ferry_multifd *m,
+			       struct ferry_error *err)
+{
+	int r = m ? give_blocks(ram, m, err) : 0;
+
+	if (!r)
+		ram->mf_send = m;
+	return r;
+}
+
+int ferry_ram_set_multifd_recv(struct ferry_ram *ram, struct ferry_multifd *m,
+			       struct ferry_error *err)
+{
+	int r = m ? give_blocks(ram, m, err) : 0;
+
+	if (!r)
+		ram->mf_recv = m;
+	return r;
+}
+
+void ferry_ram_set_prepopulate(struct ferry_ram *ram, unsigned threads)
+{
+	ram->prepop_threads = threads > PREPOP_MAX_THREADS ? PREPOP_MAX_THREADS
+							   : threads;
 }
 
 void ferry_ram_mark_dirty(struct ferry_ram *ram, unsigned block,
@@ -188,6 +295,19 @@ void ferry_ram_get_stats(struct ferry_ram *ram, struct ferry_ram_stats *st)
 	remaining = __atomic_load_n(&ram->dirty_pages, __ATOMIC_RELAXED) *
 		    ram->blocks[0].page_size;
 	st->remaining = remaining;
+	st->prepopulated = __atomic_load_n(&ram->pop.done, __ATOMIC_RELAXED);
+	/* With multifd the channel threads classify pages; take their view. */
+	if (ram->mf_send || ram->mf_recv) {
+		struct ferry_multifd_stats ms;
+
+		ferry_multifd_get_stats(ram->mf_send ? ram->mf_send : ram->mf_recv,
+					&ms);
+		st->normal += ms.normal_pages;
+		st->duplicate += ms.zero_pages;
+		st->normal_bytes += ms.raw_bytes;
+		for (unsigned i = 0; i < ms.channels; i++)
+			st->transferred += ms.chan[i].bytes;
+	}
 }
 
 /* OR scratch into the bitmap, counting newly set bits. */
@@ -229,6 +349,167 @@ static int ram_sync(struct ferry_ram *ram, struct ferry_error *err)
 	return 0;
 }
 
+/* ---- populated ranges ---------------------------------------------------- */
+
+/* The next run of set bits at or after @from; false when there is none. */
+static bool next_run(const uint64_t *bm, uint64_t n, uint64_t from,
+		     uint64_t *start, uint64_t *len)
+{
+	uint64_t p = from;
+
+	while (p < n) {
+		uint64_t w = __atomic_load_n(&bm[p / WORD_BITS], __ATOMIC_RELAXED) >>
+			     (p % WORD_BITS);
+		if (w) {
+			p += (uint64_t)__builtin_ctzll(w);
+			break;
+		}
+		p = (p / WORD_BITS + 1) * WORD_BITS;
+	}
+	if (p >= n)
+		return false;
+	*start = p;
+	while (p < n) {
+		uint64_t w = ~__atomic_load_n(&bm[p / WORD_BITS], __ATOMIC_RELAXED) >>
+			     (p % WORD_BITS);
+		if (w) {
+			p += (uint64_t)__builtin_ctzll(w);
+			break;
+		}
+		p = (p / WORD_BITS + 1) * WORD_BITS;
+	}
+	*len = (p < n ? p : n) - *start;
+	return true;
+}
+
+/*
+ * Walk block @bi's runs, merging runs less than @gap pages apart; write
+ * them to @c if not NULL. Returns the number of ranges.
+ */
+static uint64_t walk_ranges(struct ferry_ram *ram, unsigned bi, uint64_t gap,
+			    struct ferry_chan *c)
+{
+	struct ram_block *b = &ram->blocks[bi];
+	uint64_t n = 0, s, l, cs = 0, cl = 0, from = 0;
+
+	while (next_run(b->bitmap, b->npages, from, &s, &l)) {
+		from = s + l;
+		if (cl && s - (cs + cl) < gap) {
+			cl = s + l - cs;
+			continue;
+		}
+		if (cl && c) {
+			ferry_put_be64(c, cs);
+			ferry_put_be64(c, cl);
+		}
+		n += cl != 0;
+		cs = s;
+		cl = l;
+	}
+	if (cl && c) {
+		ferry_put_be64(c, cs);
+		ferry_put_be64(c, cl);
+	}
+	return n + (cl != 0);
+}
+
+/* One POPULATED record for block @bi: the pages the setup bitmap will send
+ * with data, as (first page, pages) ranges. Over the cap, nearby ranges are
+ * merged - populating a few extra pages is harmless, a huge list is not. */
+static void put_populated(struct ferry_ram *ram, struct ferry_chan *c,
+			  unsigned bi)
+{
+	uint64_t budget = FERRY_RAM_POPULATED_MAX_RANGES / ram->nblocks;
+	uint64_t gap = 1, n;
+
+	while ((n = walk_ranges(ram, bi, gap, NULL)) > budget)
+		gap *= 2;
+	if (!n)
+		return;
+	ferry_put_be64(c, FERRY_RAM_POPULATED);
+	ferry_put_be32(c, bi);
+	ferry_put_be32(c, (uint32_t)n);
+	walk_ranges(ram, bi, gap, c);
+}
+
+/* ---- prepopulate helpers (destination) ---------------------------------- */
+
+static void *prepop_main(void *arg)
+{
+	struct ferry_ram *ram = arg;
+	struct prepop *pp = &ram->pop;
+	uintptr_t sys = (uintptr_t)sysconf(_SC_PAGESIZE);
+
+	for (;;) {
+		const struct pop_range *r;
+		uintptr_t a, e;
+		uint64_t off, len;
+
+		if (__atomic_load_n(&pp->stop, __ATOMIC_RELAXED))
+			return NULL;
+		pthread_mutex_lock(&pp->lock);
+		if (pp->next_range >= pp->nranges) {
+			pthread_mutex_unlock(&pp->lock);
+			return NULL;
+		}
+		r = &pp->ranges[pp->next_range];
+		off = pp->next_off;
+		len = r->len - off < PREPOP_CHUNK ? r->len - off : PREPOP_CHUNK;
+		pp->next_off += len;
+		if (pp->next_off == r->len) {
+			pp->next_range++;
+			pp->next_off = 0;
+		}
+		pthread_mutex_unlock(&pp->lock);
+
+		/* Inward to whole host pages: never touch a neighbour. */
+		a = (uintptr_t)ram->blocks[r->block].host + r->start + off;
+		e = (a + len) & ~(sys - 1);
+		a = (a + sys - 1) & ~(sys - 1);
+		if (e <= a)
+			continue;
+		while (madvise((void *)a, e - a, MADV_POPULATE_WRITE)) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			/* Unsupported kernel or memory: the receivers fault
+			 * pages in themselves, as without prepopulation. */
+			__atomic_store_n(&pp->failed, errno, __ATOMIC_RELAXED);
+			__atomic_store_n(&pp->stop, true, __ATOMIC_RELAXED);
+			return NULL;
+		}
+		__atomic_fetch_add(&pp->done, e - a, __ATOMIC_RELAXED);
+	}
+}
+
+static void prepop_start(struct ferry_ram *ram)
+{
+	struct prepop *pp = &ram->pop;
+
+	pp->next_range = 0;
+	pp->next_off = 0;
+	__atomic_store_n(&pp->stop, false, __ATOMIC_RELAXED);
+	for (unsigned i = 0; i < ram->prepop_threads && pp->nranges; i++) {
+		/* A helper that cannot start costs speed, not correctness. */
+		if (pthread_create(&pp->threads[pp->nthreads], NULL, prepop_main,
+				   ram))
+			break;
+		pp->nthreads++;
+	}
+}
+
+static void prepop_stop(struct ferry_ram *ram)
+{
+	struct prepop *pp = &ram->pop;
+
+	__atomic_store_n(&pp->stop, true, __ATOMIC_RELAXED);
+	for (unsigned i = 0; i < pp->nthreads; i++)
+		pthread_join(pp->threads[i], NULL);
+	pp->nthreads = 0;
+	free(pp->ranges);
+	pp->ranges = NULL;
+	pp->nranges = pp->cap = 0;
+}
+
 /* ---- save hooks --------------------------------------------------------- */
 
 static int ram_save_setup(struct ferry_chan *c, void *opaque,
@@ -241,6 +522,8 @@ static int ram_save_setup(struct ferry_chan *c, void *opaque,
 	ram->cur_page = 0;
 	ram->round_done = false;
 	ram->last_sent_block = UINT32_MAX;
+	ram->mf_unsynced = false;
+	ram->iterated = false;
 	__atomic_store_n(&ram->dirty_pages, 0, __ATOMIC_RELAXED);
 	/* Track first, then look: see the design note at the top. */
 	if (ram->ops && ram->ops->start) {
@@ -274,6 +557,21 @@ static int ram_save_setup(struct ferry_chan *c, void *opaque,
 		ferry_put_be64(c, ram->blocks[i].size);
 		ferry_put_be32(c, ram->blocks[i].page_size);
 	}
+	if (ram->mf_send) {
+		uint8_t session[16];
+
+		ferry_multifd_session(ram->mf_send, session);
+		ferry_put_be64(c, FERRY_RAM_MULTIFD);
+		ferry_put_buf(c, session, sizeof(session));
+		ferry_put_be32(c, ferry_multifd_channels(ram->mf_send));
+		ferry_put_be32(c, ferry_multifd_compression(ram->mf_send));
+	}
+	/* Only a VMM that knows what is populated can say what is not: without
+	 * the hook every page counts, and populating all of RAM would commit
+	 * memory that zero markers would have left alone. */
+	if (ram->prepop_threads && ram->ops && ram->ops->populated)
+		for (unsigned i = 0; i < ram->nblocks; i++)
+			put_populated(ram, c, i);
 	ferry_put_be64(c, FERRY_RAM_EOS);
 	return ferry_chan_error(c, err);
 }
@@ -284,8 +582,11 @@ static void ram_save_pending(void *opaque, bool exact, uint64_t *must,
 	struct ferry_ram *ram = opaque;
 
 	/* A sync that fails here surfaces on the next iterate, which syncs
-	 * again and reports the error. */
-	if (exact && ram->round_done)
+	 * again and reports the error. With nothing left to send a walk
+	 * never runs, so it never ends: sync then too, or a caller waiting
+	 * for the next sync would wait for ever. */
+	if (exact && (ram->round_done ||
+		      !__atomic_load_n(&ram->dirty_pages, __ATOMIC_RELAXED)))
 		ram_sync(ram, NULL);
 	*must += __atomic_load_n(&ram->dirty_pages, __ATOMIC_RELAXED) *
 		 ram->blocks[0].page_size;
@@ -323,14 +624,35 @@ static uint64_t send_page(struct ferry_ram *ram, struct ferry_chan *c,
 	return bytes;
 }
 
+/* A multifd sync point, and its MULTIFD_FLUSH record in the section. */
+static int mf_flush(struct ferry_ram *ram, struct ferry_chan *c,
+		    struct ferry_error *err)
+{
+	int r = ferry_multifd_send_sync(ram->mf_send, err);
+
+	if (r) {
+		/* (prefix returns 0 when the caller passed no error object) */
+		ferry_error_prefix(err, "RAM: ");
+		return r;
+	}
+	ferry_put_be64(c, FERRY_RAM_MULTIFD_FLUSH);
+	ram->mf_unsynced = false;
+	ram->st.multifd_syncs++;
+	return 0;
+}
+
 /*
  * Send dirty pages from the cursor until @budget bytes (0 = until the end
  * of the bitmaps). Returns with round_done set if the walk reached the end.
+ * With @mf (multifd), pages are queued to the channels and a finished walk
+ * that queued pages ends with a sync point.
  */
-static void send_dirty(struct ferry_ram *ram, struct ferry_chan *c,
-		       uint64_t budget)
+static int send_dirty(struct ferry_ram *ram, struct ferry_chan *c,
+		      uint64_t budget, struct ferry_multifd *mf,
+		      struct ferry_error *err)
 {
 	uint64_t sent = 0;
+	int r;
 
 	/* Each section names its block again: a section can be loaded (or
 	 * inspected) without the previous one. */
@@ -352,9 +674,23 @@ static void send_dirty(struct ferry_ram *ram, struct ferry_chan *c,
 					   __ATOMIC_RELAXED);
 			while (bits) {
 				unsigned bit = (unsigned)__builtin_ctzll(bits);
+				uint64_t pg = w * WORD_BITS + bit;
+
 				bits &= bits - 1;
-				sent += send_page(ram, c, ram->cur_block,
-						  w * WORD_BITS + bit);
+				if (!mf) {
+					sent += send_page(ram, c, ram->cur_block, pg);
+					continue;
+				}
+				/* Only the address moves here; a channel
+				 * thread reads the page later. */
+				r = ferry_multifd_queue_page(mf, ram->cur_block,
+							     pg * b->page_size, err);
+				if (r) {
+					ferry_error_prefix(err, "RAM: ");
+					return r;
+				}
+				ram->mf_unsynced = true;
+				sent += b->page_size;
 			}
 			if (budget && sent >= budget) {
 				ram->cur_page = (w + 1) * WORD_BITS;
@@ -373,8 +709,13 @@ static void send_dirty(struct ferry_ram *ram, struct ferry_chan *c,
 	ram->cur_page = 0;
 	ram->round_done = true;
 	ram->st.rounds++;
+	/* The next walk may send these pages again: nothing of it may
+	 * overtake this one on another channel. */
+	if (mf && ram->mf_unsynced && (r = mf_flush(ram, c, err)))
+		return r;
 out:
 	ferry_put_be64(c, FERRY_RAM_EOS);
+	return 0;
 }
 
 static int ram_save_iterate(struct ferry_chan *c, void *opaque, uint64_t budget,
@@ -383,9 +724,20 @@ static int ram_save_iterate(struct ferry_chan *c, void *opaque, uint64_t budget,
 	struct ferry_ram *ram = opaque;
 	int r;
 
+	/* With multifd, the first PART carries no pages: its round ends with
+	 * a flush of the main stream, which delivers START - the session and
+	 * the populated ranges - before any page flows on the channels, so
+	 * the destination prepopulates ahead of the bulk of the data. */
+	if (ram->mf_send && !ram->iterated) {
+		ram->iterated = true;
+		ferry_put_be64(c, FERRY_RAM_EOS);
+		return ferry_chan_error(c, err);
+	}
+	ram->iterated = true;
 	if (ram->round_done && (r = ram_sync(ram, err)))
 		return r;
-	send_dirty(ram, c, budget);
+	if ((r = send_dirty(ram, c, budget, ram->mf_send, err)))
+		return r;
 	return ferry_chan_error(c, err);
 }
 
@@ -395,13 +747,28 @@ static int ram_save_complete(struct ferry_chan *c, void *opaque,
 	struct ferry_ram *ram = opaque;
 	int r;
 
+	/*
+	 * Multifd: the final sync point comes first. The destination's load
+	 * stops at its MULTIFD_FLUSH until every channel has applied every
+	 * page queued so far, and only then reads on. The last pass (pages
+	 * dirtied since the drain rounds: few, the vCPUs are paused) goes in
+	 * this END section itself, after the flush. Queueing it to the
+	 * channels instead would put pages behind a sync point in the same
+	 * section: the destination's channels wait at that sync point for
+	 * the load thread, which waits for this section, which would wait
+	 * for the channels - a deadlock. It would also repeat pages of an
+	 * unfinished pass without a sync point between the two copies.
+	 */
+	if (ram->mf_send && (r = mf_flush(ram, c, err)))
+		return r;
 	/* vCPUs are paused: this sync is final. Send everything. */
 	r = ram_sync(ram, err);
 	if (r)
 		return r;
 	ram->cur_block = 0;
 	ram->cur_page = 0;
-	send_dirty(ram, c, 0);
+	if ((r = send_dirty(ram, c, 0, NULL, err)))
+		return r;
 	return ferry_chan_error(c, err);
 }
 
@@ -420,14 +787,99 @@ static int ram_load_setup(void *opaque, struct ferry_error *err)
 {
 	struct ferry_ram *ram = opaque;
 	(void)err;
+	prepop_stop(ram);
+	__atomic_store_n(&ram->pop.done, 0, __ATOMIC_RELAXED);
 	ram->load_sections = 0;
 	ram->last_load_block = -1;
 	return 0;
 }
 
+static void ram_load_cleanup(void *opaque)
+{
+	prepop_stop(opaque);
+}
+
+/* A POPULATED record: block index, count, sorted disjoint in-block ranges.
+ * Kept (for the helpers) only when prepopulation is on here. */
+static int load_populated(struct ferry_ram *ram, struct ferry_chan *c,
+			  uint64_t *seen, struct ferry_error *err)
+{
+	struct prepop *pp = &ram->pop;
+	uint32_t bi = ferry_get_be32(c), n = ferry_get_be32(c);
+	uint64_t prev_end = 0;
+	struct ram_block *b;
+
+	if (ferry_chan_error(c, err))
+		return ferry_chan_error(c, err);
+	if (bi >= ram->nblocks || (*seen & (1ull << bi)))
+		return ferry_error_set(err, -EBADMSG,
+			"populated ranges for RAM block %u: no such block, or twice",
+			bi);
+	*seen |= 1ull << bi;
+	b = &ram->blocks[bi];
+	if (!n || n > FERRY_RAM_POPULATED_MAX_RANGES - pp->nranges)
+		return ferry_error_set(err, -EBADMSG,
+			"RAM block '%s': %u populated ranges (1..%u in all)",
+			b->name, n, FERRY_RAM_POPULATED_MAX_RANGES);
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t first = ferry_get_be64(c), len = ferry_get_be64(c);
+
+		if (ferry_chan_error(c, err))
+			return ferry_chan_error(c, err);
+		if (!len || first < prev_end || first >= b->npages ||
+		    len > b->npages - first)
+			return ferry_error_set(err, -EBADMSG,
+				"RAM block '%s': populated range %u (page %llu, "
+				"%llu pages) is empty, out of order or outside "
+				"the block (%llu pages)", b->name, i,
+				(unsigned long long)first, (unsigned long long)len,
+				(unsigned long long)b->npages);
+		prev_end = first + len;
+		if (!ram->prepop_threads)
+			continue;
+		if (pp->nranges == pp->cap) {
+			size_t nc = pp->cap ? pp->cap * 2 : 64;
+			struct pop_range *nr = realloc(pp->ranges, nc * sizeof(*nr));
+			if (!nr)
+				return ferry_error_set(err, -ENOMEM, "out of memory");
+			pp->ranges = nr;
+			pp->cap = nc;
+		}
+		pp->ranges[pp->nranges++] = (struct pop_range){
+			bi, first * b->page_size, len * b->page_size };
+	}
+	return 0;
+}
+
+static int load_multifd(struct ferry_ram *ram, struct ferry_chan *c,
+			bool *seen, struct ferry_error *err)
+{
+	uint8_t session[16];
+	uint32_t channels, comp;
+
+	ferry_get_buf(c, session, sizeof(session));
+	channels = ferry_get_be32(c);
+	comp = ferry_get_be32(c);
+	if (ferry_chan_error(c, err))
+		return ferry_chan_error(c, err);
+	if (*seen)
+		return ferry_error_set(err, -EBADMSG, "RAM: multifd announced twice");
+	*seen = true;
+	if (!ram->mf_recv)
+		return ferry_error_set(err, -EOPNOTSUPP,
+			"the source sends RAM over %u multifd channels; this "
+			"destination has no multifd channels", channels);
+	return ferry_multifd_recv_expect(ram->mf_recv, session, channels, comp,
+					 err);
+}
+
 static int load_blocks(struct ferry_ram *ram, struct ferry_chan *c,
 		       struct ferry_error *err)
 {
+	uint64_t pop_seen = 0;
+	bool mf_seen = false;
+	int r;
+
 	uint32_t n = ferry_get_be32(c);
 
 	if (ferry_chan_error(c, err))
@@ -455,9 +907,27 @@ static int load_blocks(struct ferry_ram *ram, struct ferry_chan *c,
 				(unsigned long long)ram->blocks[i].size,
 				ram->blocks[i].page_size);
 	}
-	if (ferry_get_be64(c) != FERRY_RAM_EOS)
-		return ferry_error_set(err, -EBADMSG, "RAM block list not terminated");
-	return ferry_chan_error(c, err);
+	/* Version 2: optional setup records before the EOS. */
+	for (;;) {
+		uint64_t rec = ferry_get_be64(c);
+
+		if ((r = ferry_chan_error(c, err)))
+			return r;
+		if (rec == FERRY_RAM_EOS)
+			break;
+		if (ram->load_version < 2 ||
+		    (rec != FERRY_RAM_MULTIFD && rec != FERRY_RAM_POPULATED))
+			return ferry_error_set(err, -EBADMSG,
+				"RAM block list not terminated (record 0x%llx)",
+				(unsigned long long)rec);
+		r = rec == FERRY_RAM_MULTIFD ? load_multifd(ram, c, &mf_seen, err)
+					     : load_populated(ram, c, &pop_seen, err);
+		if (r)
+			return r;
+	}
+	/* The pages come after this section: start faulting in now. */
+	prepop_start(ram);
+	return 0;
 }
 
 static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
@@ -474,6 +944,22 @@ static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
 		off = hdr & ~FERRY_RAM_FLAGS;
 		if (flags == FERRY_RAM_EOS && !off)
 			return 0;
+		if (flags == FERRY_RAM_MULTIFD_FLUSH && !off) {
+			int r;
+
+			if (ram->load_version < 2 || !ram->mf_recv)
+				return ferry_error_set(err, -EBADMSG,
+					"RAM: multifd sync point, but no multifd "
+					"channels were announced");
+			r = ferry_multifd_recv_sync(ram->mf_recv, err);
+			if (r) {
+				ferry_error_prefix(err, "RAM: waiting for the "
+						   "multifd channels: ");
+				return r;
+			}
+			ram->st.multifd_syncs++;
+			continue;
+		}
 		if (flags & ~(FERRY_RAM_ZERO | FERRY_RAM_PAGE | FERRY_RAM_CONTINUE) ||
 		    !(flags & (FERRY_RAM_ZERO | FERRY_RAM_PAGE)) ||
 		    (flags & FERRY_RAM_ZERO && flags & FERRY_RAM_PAGE))
@@ -519,12 +1005,19 @@ static int ram_load_state(struct ferry_chan *c, void *opaque, uint32_t version,
 			  struct ferry_error *err)
 {
 	struct ferry_ram *ram = opaque;
-	(void)version;
+	int r;
 
 	/* The first section of the stream (START) carries the block list;
 	 * every later one carries pages. */
-	if (ram->load_sections++ == 0)
+	if (ram->load_sections++ == 0) {
+		ram->load_version = version;
 		return load_blocks(ram, c, err);
+	}
+	/* A channel failure shows here without waiting for a sync point. */
+	if (ram->mf_recv && (r = ferry_multifd_error(ram->mf_recv, err))) {
+		ferry_error_prefix(err, "RAM: ");
+		return r;
+	}
 	return load_pages(ram, c, err);
 }
 
@@ -536,10 +1029,13 @@ static const struct ferry_dev_ops ram_ops = {
 	.save_cleanup = ram_save_cleanup,
 	.load_setup = ram_load_setup,
 	.load_state = ram_load_state,
+	.load_cleanup = ram_load_cleanup,
 };
 
 int ferry_ram_register(struct ferry_ram *ram, struct ferry_ctx *ctx,
 		       struct ferry_error *err)
 {
-	return ferry_register(ctx, "ram", 0, 1, 1, &ram_ops, ram, err);
+	/* Version 2 adds the START setup records and MULTIFD_FLUSH; version 1
+	 * streams have neither and still load. */
+	return ferry_register(ctx, "ram", 0, 2, 1, &ram_ops, ram, err);
 }

@@ -142,6 +142,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 {
 	struct vm *vm = opaque;
 	struct ferry_ram_stats st;
+	struct mig_progress prog;
 	enum mig_status s;
 	json_t *o;
 	uint64_t now = vm_now_ns(), total;
@@ -161,6 +162,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 		return 0;
 	}
 	o = json_pack("{s:s}", "status", mig_status_name(s));
+	prog = vm->prog;
 	if (s != MIG_NONE) {
 		json_t *ph = json_object();
 		total = (vm->mig_end_ns ? vm->mig_end_ns : now) - vm->mig_start_ns;
@@ -194,17 +196,20 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 		json_object_set_new(o, "ram", json_pack(
 			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:I, s:I, s:I}",
 			"total", (json_int_t)st.total,
-			"transferred", (json_int_t)st.transferred,
+			/* Pages on multifd channels count like pages in the
+			 * main stream. */
+			"transferred", (json_int_t)(st.transferred + prog.multifd_bytes),
 			"remaining", (json_int_t)st.remaining,
-			"duplicate", (json_int_t)st.duplicate,
-			"normal", (json_int_t)st.normal,
-			"normal-bytes", (json_int_t)st.normal_bytes,
+			"duplicate", (json_int_t)(st.duplicate + prog.multifd_zero),
+			"normal", (json_int_t)(st.normal + prog.multifd_normal),
+			"normal-bytes", (json_int_t)((st.normal + prog.multifd_normal) *
+						     GUEST_PAGE_SIZE),
 			"dirty-sync-count", (json_int_t)st.dirty_sync_count,
-			"dirty-pages-rate", (json_int_t)vm->prog.dirty_pages_rate,
-			"mbps", vm->prog.mbps,
-			"precopy-bytes", (json_int_t)vm->prog.precopy_bytes,
-			"downtime-bytes", (json_int_t)vm->prog.downtime_bytes,
-			"multifd-bytes", (json_int_t)vm->prog.multifd_bytes));
+			"dirty-pages-rate", (json_int_t)prog.dirty_pages_rate,
+			"mbps", prog.mbps,
+			"precopy-bytes", (json_int_t)prog.precopy_bytes,
+			"downtime-bytes", (json_int_t)prog.downtime_bytes,
+			"multifd-bytes", (json_int_t)prog.multifd_bytes));
 	}
 	*ret = o;
 	return 0;

@@ -48,6 +48,7 @@ struct mig_progress {
 	uint64_t dirty_pages_rate;     /* pages/s, from the last sync */
 	uint64_t expected_downtime_ms;
 	uint64_t precopy_bytes, downtime_bytes, multifd_bytes;
+	uint64_t multifd_normal, multifd_zero;   /* pages sent on the channels */
 	unsigned throttle_pct;
 };
 
@@ -90,6 +91,9 @@ struct vm {
 	char mig_error[FERRY_ERROR_MSG_MAX];
 	uint64_t mig_start_ns, mig_end_ns, mig_downtime_ns, mig_setup_ns;
 	bool mig_cancel;               /* set by migrate-cancel */
+	int mig_fd;                    /* main connection while it exists, or -1;
+					  cancel shuts it down to unblock writes */
+	struct ferry_multifd *mig_mf;  /* its multifd channels, or NULL */
 	struct mig_params params;      /* set by migrate-set-*; copied at start */
 	struct mig_progress prog;      /* live figures for query-migrate */
 	/* Downtime phases of the last completed migration, ms. */

@@ -16,11 +16,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "ferry/multifd.h"
 #include "control.h"
 #include "vm-internal.h"
 
@@ -142,6 +145,12 @@ int vm_migrate_cancel(struct vm *vm, struct ferry_error *err)
 	case MIG_ACTIVE:
 		vm->mig_cancel = true;
 		set_mig_status_locked(vm, MIG_CANCELLING);
+		/* The migration thread may be blocked writing to a destination
+		 * that stopped reading: cut the connection so it returns. */
+		if (vm->mig_fd >= 0)
+			shutdown(vm->mig_fd, SHUT_RDWR);
+		if (vm->mig_mf)
+			ferry_multifd_cancel(vm->mig_mf, -ECANCELED, "cancelled");
 		break;
 	case MIG_DEVICE:
 		r = ferry_error_set(err, -EBUSY,
@@ -292,6 +301,60 @@ static uint64_t boot_id_hash(void)
 	return XXH3_64bits(id, strlen(id));
 }
 
+/* Open the multifd channels: @n more connections to @uri. */
+static struct ferry_multifd *multifd_connect(const char *uri,
+					     const struct mig_params *p,
+					     struct ferry_error *err)
+{
+	struct ferry_multifd_params mp = {
+		.channels = p->multifd_channels,
+		.compression = p->zstd ? FERRY_MULTIFD_COMP_ZSTD : FERRY_MULTIFD_COMP_NONE,
+		.zstd_level = 1,
+	};
+	int fds[FERRY_MULTIFD_MAX_CHANNELS];
+	struct ferry_multifd *m;
+	unsigned i;
+
+	for (i = 0; i < mp.channels; i++) {
+		fds[i] = ferry_transport_connect(uri, 10000, err);
+		if (fds[i] < 0)
+			break;
+	}
+	if (i < mp.channels) {
+		while (i--)
+			close(fds[i]);
+		ferry_error_prefix(err, "multifd channel: ");
+		return NULL;
+	}
+	m = ferry_multifd_send_new(&mp, fds, err);
+	return m;
+}
+
+/* Copy the channels' page counters into @prog (query-migrate's "ram"). */
+static void multifd_pages(struct ferry_multifd *m, struct mig_progress *prog)
+{
+	struct ferry_multifd_stats st;
+
+	if (!m)
+		return;
+	ferry_multifd_get_stats(m, &st);
+	prog->multifd_normal = st.normal_pages;
+	prog->multifd_zero = st.zero_pages;
+}
+
+static uint64_t multifd_bytes(struct ferry_multifd *m)
+{
+	struct ferry_multifd_stats st;
+	uint64_t b = 0;
+
+	if (!m)
+		return 0;
+	ferry_multifd_get_stats(m, &st);
+	for (unsigned i = 0; i < st.channels; i++)
+		b += st.chan[i].bytes;
+	return b;
+}
+
 static void publish_progress(struct vm *vm, const struct mig_progress *p)
 {
 	pthread_mutex_lock(&vm->mig_lock);
@@ -401,12 +464,16 @@ static int precopy(struct vm *vm, struct ferry_save *s, struct ferry_chan *c,
 			pass_t0 = now;
 			pass_b0 = ferry_chan_offset(c);
 		}
-		prog->precopy_bytes = ferry_chan_offset(c) - bytes0;
+		prog->precopy_bytes = ferry_chan_offset(c) - bytes0 +
+				      multifd_bytes(vm->mig_mf);
+		prog->multifd_bytes = multifd_bytes(vm->mig_mf);
+		multifd_pages(vm->mig_mf, prog);
 		publish_progress(vm, prog);
 		r = ferry_save_round(s, ROUND_BUDGET, err);
 		if (r)
 			return r;
-		rate_limit(p->max_bandwidth, ferry_chan_offset(c) - bytes0, t_start);
+		rate_limit(p->max_bandwidth, ferry_chan_offset(c) - bytes0 +
+			   multifd_bytes(vm->mig_mf), t_start);
 	}
 }
 
@@ -461,6 +528,7 @@ static void *migration_thread(void *arg)
 	struct rp_reader rp = { 0 };
 	struct mig_progress prog = { 0 };
 	struct ferry_save_stats ss = { 0 };
+	struct ferry_multifd *mf = NULL;
 	struct mig_params p;
 	struct ferry_uri u;
 	enum vm_run_state before = VM_RUNNING;
@@ -474,6 +542,22 @@ static void *migration_thread(void *arg)
 	ferry_uri_parse(vm->mig_uri, &u, NULL);
 	use_rp = p.return_path && ferry_uri_is_socket(&u);
 
+	/*
+	 * The channels first, their handshakes written, then the main
+	 * connection: the destination tells connections apart by their first
+	 * bytes, and accepts in connection order, so by the time it reads the
+	 * main stream its multifd receiver exists.
+	 */
+	if (p.multifd && ferry_uri_is_socket(&u)) {
+		mf = multifd_connect(vm->mig_uri, &p, &err);
+		if (!mf || (r = ferry_ram_set_multifd_send(vm->ram_dev, mf, &err))) {
+			r = r ? r : (err.code ? err.code : -EIO);
+			goto out;
+		}
+		pthread_mutex_lock(&vm->mig_lock);
+		vm->mig_mf = mf;
+		pthread_mutex_unlock(&vm->mig_lock);
+	}
 	fd = ferry_transport_connect(vm->mig_uri, 10000, &err);
 	if (fd < 0) {
 		r = fd;
@@ -485,6 +569,12 @@ static void *migration_thread(void *arg)
 		r = ferry_error_set(&err, -ENOMEM, "out of memory");
 		goto out;
 	}
+	pthread_mutex_lock(&vm->mig_lock);
+	vm->mig_fd = fd;
+	/* A cancel that came while we connected. */
+	if (vm->mig_cancel)
+		shutdown(fd, SHUT_RDWR);
+	pthread_mutex_unlock(&vm->mig_lock);
 	if (use_rp && (r = rp_start(&rp, fd, &err)))
 		goto out;
 	t0 = vm_now_ns();
@@ -526,12 +616,14 @@ static void *migration_thread(void *arg)
 		r = ferry_error_set(&err, -ECANCELED, "cancelled");
 		goto out;
 	}
-	bytes_before = ferry_chan_offset(c);
+	bytes_before = ferry_chan_offset(c) + multifd_bytes(mf);
 	r = ferry_save_complete(s, &err);
 	if (!r && ferry_chan_flush(c))
 		r = ferry_chan_error(c, &err);
 	ferry_save_get_stats(s, &ss);
-	prog.downtime_bytes = ferry_chan_offset(c) - bytes_before;
+	prog.downtime_bytes = ferry_chan_offset(c) + multifd_bytes(mf) - bytes_before;
+	prog.multifd_bytes = multifd_bytes(mf);
+	multifd_pages(mf, &prog);
 	publish_progress(vm, &prog);
 	/* The source stays paused until the destination has the VM. */
 	if (!r && use_rp)
@@ -554,10 +646,20 @@ out:
 			ferry_error_propagate(&err, &dest);
 		}
 	}
+	if (r && mf)
+		ferry_multifd_cancel(mf, r, "the migration failed");
 	ferry_save_end(s);
 	if (c)
 		ferry_chan_shutdown(c);
 	rp_stop(&rp);
+	pthread_mutex_lock(&vm->mig_lock);
+	vm->mig_fd = -1;
+	vm->mig_mf = NULL;
+	pthread_mutex_unlock(&vm->mig_lock);
+	if (mf) {
+		ferry_ram_set_multifd_send(vm->ram_dev, NULL, NULL);
+		ferry_multifd_free(mf);
+	}
 	ferry_chan_free(c);
 	if (r) {
 		/* Leave the source as it was: running if it ran. */
@@ -629,6 +731,7 @@ int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err)
 	vm->mig_start_ns = vm_now_ns();
 	vm->mig_end_ns = vm->mig_downtime_ns = vm->mig_setup_ns = 0;
 	memset(&vm->prog, 0, sizeof(vm->prog));
+	vm->mig_mf = NULL;
 	memset(vm->phase_ms, 0, sizeof(vm->phase_ms));
 	set_mig_status_locked(vm, MIG_SETUP);
 	pthread_mutex_unlock(&vm->mig_lock);
@@ -699,6 +802,126 @@ static void set_in_status(struct vm *vm, enum mig_status st, const char *msg)
 	}
 }
 
+/*
+ * The acceptor: on a socket URI the source opens its multifd channels, then
+ * the main connection. They are told apart by their first bytes (the
+ * multifd handshake magic or the stream magic). The first channel's
+ * handshake says how many channels there are; that creates the receiver,
+ * before the main connection is handed to the load. Runs until the load
+ * is over.
+ */
+struct acceptor {
+	struct vm *vm;
+	struct ferry_listener *l;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int main_fd;                   /* guarded by lock; -1 until it comes */
+	struct ferry_multifd *mf;      /* guarded by lock; created on demand */
+	bool stop;                     /* guarded by lock */
+	int err;                       /* guarded by lock */
+	char errmsg[FERRY_ERROR_MSG_MAX];
+};
+
+/* Peek at the first @len bytes of a new connection (waiting up to 10 s). */
+static int peek_bytes(int fd, uint8_t *buf, size_t len)
+{
+	for (int i = 0; i < 1000; i++) {
+		struct pollfd pf = { .fd = fd, .events = POLLIN };
+		ssize_t n;
+
+		if (poll(&pf, 1, 10) < 0 && errno != EINTR)
+			return -errno;
+		n = recv(fd, buf, len, MSG_PEEK | MSG_DONTWAIT);
+		if (n == (ssize_t)len)
+			return 0;
+		if (n == 0)
+			return -ECONNRESET;
+		if (n < 0 && errno != EAGAIN && errno != EINTR)
+			return -errno;
+	}
+	return -ETIMEDOUT;
+}
+
+static uint32_t be32_at(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	       (uint32_t)p[2] << 8 | p[3];
+}
+
+static void *acceptor_main(void *arg)
+{
+	struct acceptor *a = arg;
+	struct ferry_error err = { 0 };
+
+	for (;;) {
+		uint8_t hs[FERRY_MULTIFD_HANDSHAKE_SIZE];
+		bool stop;
+		int fd, r;
+
+		pthread_mutex_lock(&a->lock);
+		stop = a->stop;
+		pthread_mutex_unlock(&a->lock);
+		if (stop || a->vm->quit_async)
+			break;
+		fd = ferry_listener_accept(a->l, 200, &err);
+		if (fd == -ETIMEDOUT) {
+			ferry_error_clear(&err);
+			continue;
+		}
+		if (fd < 0)
+			break;
+		r = peek_bytes(fd, hs, 4);
+		if (!r && be32_at(hs) == FERRY_STREAM_MAGIC) {
+			pthread_mutex_lock(&a->lock);
+			if (a->main_fd < 0) {
+				a->main_fd = fd;
+				fd = -1;
+				pthread_cond_broadcast(&a->cond);
+			}
+			pthread_mutex_unlock(&a->lock);
+			if (fd >= 0) {
+				vm_trace(a->vm, "a second main connection: refused");
+				close(fd);
+			}
+			continue;
+		}
+		if (!r && be32_at(hs) == FERRY_MULTIFD_MAGIC &&
+		    !(r = peek_bytes(fd, hs, sizeof(hs)))) {
+			pthread_mutex_lock(&a->lock);
+			if (!a->mf) {
+				/* Bounds and the handshake's own check are the
+				 * receiver's job; the count only sizes it. */
+				struct ferry_multifd_params mp = {
+					.channels = be32_at(hs + 28),
+				};
+				a->mf = ferry_multifd_recv_new(&mp, &err);
+				if (a->mf && ferry_ram_set_multifd_recv(a->vm->ram_dev,
+									a->mf, &err)) {
+					ferry_multifd_free(a->mf);
+					a->mf = NULL;
+				}
+				if (!a->mf) {
+					a->err = err.code ? err.code : -EINVAL;
+					snprintf(a->errmsg, sizeof(a->errmsg), "%s", err.msg);
+				}
+				pthread_cond_broadcast(&a->cond);
+			}
+			if (a->mf)
+				ferry_multifd_recv_add_channel(a->mf, fd, &err);
+			else
+				close(fd);
+			pthread_mutex_unlock(&a->lock);
+			ferry_error_clear(&err);
+			continue;
+		}
+		vm_trace(a->vm, "incoming connection that is neither a ferry "
+			 "stream nor a multifd channel: closed");
+		close(fd);
+	}
+	return NULL;
+}
+
 int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 {
 	struct ferry_uri u;
@@ -732,7 +955,8 @@ int vm_incoming(struct vm *vm, struct ferry_error *err)
 	struct ferry_load_opts opts = {
 		.on_command = in_on_command, .opaque = &in, .stats = &stats,
 	};
-	struct ferry_listener *l = NULL;
+	struct acceptor acc = { .vm = vm, .main_fd = -1 };
+	bool acc_live = false;
 	struct ferry_chan *c = NULL;
 	struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT };
 	struct ferry_uri u;
@@ -751,17 +975,39 @@ int vm_incoming(struct vm *vm, struct ferry_error *err)
 	if (!uri[0])
 		return ferry_error_set(err, -ECANCELED, "quit while waiting for "
 				       "migrate-incoming");
+	pthread_mutex_init(&acc.lock, NULL);
+	pthread_cond_init(&acc.cond, NULL);
 	set_in_status(vm, MIG_ACTIVE, NULL);
 	r = ferry_uri_parse(uri, &u, err);
 	if (!r && ferry_uri_is_socket(&u)) {
-		l = ferry_transport_listen(uri, err);
-		if (!l)
+		acc.l = ferry_transport_listen(uri, err);
+		if (!acc.l)
 			r = err && err->code ? err->code : -EIO;
 		else
 			vm_trace(vm, "waiting for the migration on %s",
-				 ferry_listener_uri(l));
-		if (!r && (in.fd = ferry_listener_accept(l, -1, err)) < 0)
-			r = in.fd;
+				 ferry_listener_uri(acc.l));
+		if (!r && pthread_create(&acc.thread, NULL, acceptor_main, &acc))
+			r = ferry_error_set(err, -EAGAIN, "cannot start the acceptor");
+		else if (!r)
+			acc_live = true;
+		/* Wait in short slices so `quit` or a signal can end the wait. */
+		pthread_mutex_lock(&acc.lock);
+		while (!r && acc.main_fd < 0 && !vm->quit && !vm->quit_async) {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += 200000000L;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+			pthread_cond_timedwait(&acc.cond, &acc.lock, &ts);
+		}
+		in.fd = acc.main_fd;
+		acc.main_fd = -1;
+		pthread_mutex_unlock(&acc.lock);
+		if (!r && in.fd < 0)
+			r = ferry_error_set(err, -ECANCELED,
+				"quit while waiting for the incoming connection");
 	} else if (!r && (in.fd = ferry_transport_open_incoming(uri, -1, err)) < 0) {
 		r = in.fd;
 	}
@@ -769,10 +1015,30 @@ int vm_incoming(struct vm *vm, struct ferry_error *err)
 		r = ferry_error_set(err, -ENOMEM, "out of memory");
 	if (!r)
 		r = ferry_load(vm->ctx, c, &opts, err);
+	/* Stop accepting; a multifd failure is the root cause if there is one. */
+	if (acc_live) {
+		pthread_mutex_lock(&acc.lock);
+		acc.stop = true;
+		pthread_mutex_unlock(&acc.lock);
+		pthread_join(acc.thread, NULL);
+	}
+	if (acc.mf) {
+		struct ferry_error me = { 0 };
+		if (ferry_multifd_error(acc.mf, &me) && r) {
+			ferry_error_clear(err);
+			ferry_error_propagate(err, &me);
+		}
+		if (r)
+			ferry_multifd_cancel(acc.mf, r, "the load failed");
+		ferry_ram_set_multifd_recv(vm->ram_dev, NULL, NULL);
+		ferry_multifd_free(acc.mf);
+	}
 	if (r)
 		ferry_error_prefix(err, "incoming migration from %s failed: ", uri);
 	ferry_chan_free(c);
-	ferry_listener_close(l);
+	ferry_listener_close(acc.l);
+	pthread_mutex_destroy(&acc.lock);
+	pthread_cond_destroy(&acc.cond);
 
 	/* Keep what the verdict needs; vm_incoming_done sends it. */
 	shut.status = r ? (uint32_t)-r : 0;

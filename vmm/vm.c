@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -390,6 +391,7 @@ struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err)
 	pthread_cond_init(&vm->throttle_cond, NULL);
 	vm->run_state = VM_PRELAUNCH;
 	vm->in_fd = -1;
+	vm->mig_fd = -1;
 	mig_params_default(&vm->params);
 	if (cfg->incoming && !strcmp(cfg->incoming, "defer"))
 		vm->in_defer = true;
@@ -435,6 +437,13 @@ void vm_destroy(struct vm *vm)
 	if (!vm)
 		return;
 	vm_control_stop(vm);
+	/* A migration still running is abandoned: cancel it, and cut its
+	 * connection even mid-switchover so the thread returns. */
+	vm_migrate_cancel(vm, NULL);
+	pthread_mutex_lock(&vm->mig_lock);
+	if (vm->mig_fd >= 0)
+		shutdown(vm->mig_fd, SHUT_RDWR);
+	pthread_mutex_unlock(&vm->mig_lock);
 	vm_migrate_join(vm);
 	vm_throttle_stop(vm);
 	if (vm->be && vm->be_priv)

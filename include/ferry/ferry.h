@@ -8,6 +8,7 @@
  *   migration.h  context, device registry, hooks, save and load loops
  *   transport.h  tcp:/unix:/fd:/file: URIs
  *   ram.h        guest RAM as an iterable device (precopy)
+ *   multifd.h    parallel RAM channels
  */
 #ifndef FERRY_FERRY_H
 #define FERRY_FERRY_H
@@ -19,5 +20,6 @@
 #include "ferry/migration.h"
 #include "ferry/transport.h"
 #include "ferry/ram.h"
+#include "ferry/multifd.h"
 
 #endif

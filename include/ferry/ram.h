@@ -6,15 +6,35 @@
  * as markers, the final sync and the rest at switchover, and on the
  * destination, bounds-checked page placement.
  *
- * Wire format of the "ram" sections (docs/stream-format.md, "RAM"):
+ * Wire format of the "ram" sections (docs/stream-format.md, "RAM"),
+ * section version 2 (version 1 streams still load):
  *   START: be32 nblocks, then per block str8 name, be64 size, be32 page size;
- *          then be64 FERRY_RAM_EOS
+ *          then optional records (v2): MULTIFD (session, channels,
+ *          compression) and POPULATED (per block, the page ranges that hold
+ *          data); then be64 FERRY_RAM_EOS
  *   PART/END: records be64 (offset | flags) [str8 block unless CONTINUE]
- *          [page bytes if PAGE], ending with a record whose flags are EOS.
+ *          [page bytes if PAGE], or a bare MULTIFD_FLUSH (v2), ending with a
+ *          record whose flags are EOS.
+ *
+ * Multifd (ferry/multifd.h): with ferry_ram_set_multifd_send() the pages go
+ * over the multifd channels instead of the sections; at each sync point (end
+ * of a pass over the bitmaps, and at the start of END) the section gets a
+ * MULTIFD_FLUSH record, and the destination's load waits there until every
+ * channel has applied everything sent before it. The first PART after START
+ * carries no pages (so START reaches the destination first), and the final
+ * pass at switchover - vCPUs paused, normally a handful of pages - travels
+ * in END itself, after its MULTIFD_FLUSH.
+ *
+ * Pre-population: the source sends which pages hold data; the destination
+ * starts helper threads that fault those ranges in (MADV_POPULATE_WRITE)
+ * ahead of the incoming pages, because page faults, not the link, limit a
+ * receiver writing into fresh memory. Never-populated pages stay
+ * uncommitted.
  *
  * Threads: ferry_ram_mark_dirty() may be called from any thread (VMM
  * threads writing guest memory behind the guest's back); everything else
- * runs in the migration thread (source) or the load thread (destination).
+ * runs in the migration thread (source) or the load thread (destination);
+ * the prepopulate helpers are private threads of the destination.
  */
 #ifndef FERRY_RAM_H
 #define FERRY_RAM_H
@@ -34,9 +54,17 @@ extern "C" {
 #define FERRY_RAM_PAGE     0x08ull  /* page data follows */
 #define FERRY_RAM_EOS      0x10ull  /* end of this section's records */
 #define FERRY_RAM_CONTINUE 0x20ull  /* same block as the previous record */
+#define FERRY_RAM_MULTIFD_FLUSH 0x40ull /* PART/END: multifd sync point */
+#define FERRY_RAM_MULTIFD  0x80ull  /* START: multifd session follows */
+#define FERRY_RAM_POPULATED 0x100ull /* START: populated page ranges follow */
 #define FERRY_RAM_FLAGS    0xfffull /* flags live below 4 KiB */
 
 #define FERRY_RAM_MAX_BLOCKS 64
+/* Cap on POPULATED ranges in one START section (all blocks together); a
+ * source with more merges nearby ranges. */
+#define FERRY_RAM_POPULATED_MAX_RANGES (1u << 20)
+/* Default number of destination prepopulate threads. */
+#define FERRY_RAM_PREPOPULATE_DEFAULT 2u
 
 struct ferry_ram_block {
 	const char *name;        /* unique, 1..255 bytes; copied */
@@ -76,6 +104,8 @@ struct ferry_ram_stats {
 	uint64_t dirty_sync_count;
 	uint64_t dirty_pages_last_sync; /* pages found dirty by the last sync */
 	uint64_t rounds;           /* completed passes over the bitmap */
+	uint64_t multifd_syncs;    /* MULTIFD_FLUSH sync points */
+	uint64_t prepopulated;     /* destination: bytes faulted in ahead */
 };
 
 struct ferry_ram;
@@ -97,6 +127,30 @@ FERRY_API int ferry_ram_register(struct ferry_ram *ram, struct ferry_ctx *ctx,
 /* Mark [offset, offset+len) of block @block dirty (VMM writes). Any thread. */
 FERRY_API void ferry_ram_mark_dirty(struct ferry_ram *ram, unsigned block,
 				    uint64_t offset, uint64_t len);
+
+struct ferry_multifd;
+
+/*
+ * Send pages over @m (source) / accept pages from @m (destination), which
+ * must outlive the migration; NULL goes back to the main stream. Also gives
+ * @m this RAM's block table. Call before ferry_save_begin / ferry_load, and
+ * on the destination before adding channels.
+ */
+FERRY_API int ferry_ram_set_multifd_send(struct ferry_ram *ram,
+					 struct ferry_multifd *m,
+					 struct ferry_error *err);
+FERRY_API int ferry_ram_set_multifd_recv(struct ferry_ram *ram,
+					 struct ferry_multifd *m,
+					 struct ferry_error *err);
+
+/*
+ * Pre-population, on by default (FERRY_RAM_PREPOPULATE_DEFAULT threads).
+ * Source: 0 = do not send the populated ranges. Destination: number of
+ * helper threads that fault in the announced ranges ahead of the data;
+ * 0 = ignore the ranges. At most 8.
+ */
+FERRY_API void ferry_ram_set_prepopulate(struct ferry_ram *ram,
+					 unsigned threads);
 
 /* Snapshot of the counters (any thread; values may be slightly stale). */
 FERRY_API void ferry_ram_get_stats(struct ferry_ram *ram,

@@ -123,6 +123,23 @@ void vm_quit(struct proc *p)
 	FAIL("ferry vm did not quit");
 }
 
+void vm_wait_exit(struct proc *p, int status)
+{
+	int st;
+
+	for (int i = 0; i < 3000; i++) {
+		if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
+			close(p->fd);
+			if (!WIFEXITED(st) || WEXITSTATUS(st) != status)
+				FAIL("ferry vm exited with status 0x%x, wanted %d",
+				     st, status);
+			return;
+		}
+		usleep(10000);
+	}
+	FAIL("ferry vm did not exit");
+}
+
 const char *status_of(struct proc *p)
 {
 	static char buf[64];

@@ -26,6 +26,8 @@ const char *gets(json_t *o, const char *key);
 long long generation(struct proc *p);
 void wait_generation(struct proc *p, long long n);
 void vm_quit(struct proc *p);
+/* Wait for the VM process to exit by itself with @status. */
+void vm_wait_exit(struct proc *p, int status);
 const char *status_of(struct proc *p);
 json_t *verify(struct proc *p);
 /* Poll query-migrate until @want; FAIL on another terminal status. */
