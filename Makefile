@@ -159,8 +159,11 @@ $(B)/bench-%: $(B)/bench/bench-%.o $(B)/libferry.a
 $(B)/bench-dirty: $(B)/bench/bench-dirty.o $(VMM_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $< $(VMM_OBJS) $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
-$(B)/bench/bench-dirty.o: CFLAGS_BASE += -Ivmm
-BENCHES += $(B)/bench-dirty
+$(B)/bench-migrate: $(B)/bench/bench-migrate.o $(VMM_OBJS) $(B)/libferry.a
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(VMM_OBJS) $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
+$(B)/bench/bench-dirty.o $(B)/bench/bench-migrate.o: CFLAGS_BASE += -Ivmm
+BENCHES += $(B)/bench-dirty $(B)/bench-migrate
 
 bench: deps all $(BENCHES)
 	$(Q)./scripts/bench.sh $(B)
