@@ -47,6 +47,24 @@ static inline bool ferry__dev_iterable(const struct ferry_dev *d)
 struct ferry_dev *ferry__find_dev(struct ferry_ctx *ctx, const char *idstr,
 				  uint32_t instance);
 
+/* Is the page all zero? The first word decides for most data pages; the
+ * rest is ORed eight words at a time. @len is a multiple of 64. */
+static inline bool ferry__page_is_zero(const uint8_t *p, size_t len)
+{
+	const uint64_t *w = (const uint64_t *)p;
+	uint64_t acc = 0;
+
+	if (w[0])
+		return false;
+	for (size_t i = 0; i < len / 8; i += 8) {
+		acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] |
+		       w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+		if (acc)
+			return false;
+	}
+	return true;
+}
+
 /* Build the VMDESC/describe document (jansson), used by save and the CLI. */
 char *ferry__describe(struct ferry_ctx *ctx, bool pretty);
 

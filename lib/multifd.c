@@ -189,22 +189,6 @@ static void stat_add(uint64_t *c, uint64_t v)
 	__atomic_fetch_add(c, v, __ATOMIC_RELAXED);
 }
 
-static bool page_is_zero(const uint8_t *p, size_t len)
-{
-	const uint64_t *w = (const uint64_t *)p;
-	uint64_t acc = 0;
-
-	if (w[0])
-		return false;
-	for (size_t i = 0; i < len / 8; i += 8) {
-		acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] |
-		       w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
-		if (acc)
-			return false;
-	}
-	return true;
-}
-
 /* Grow a channel-thread buffer; contents are not preserved. */
 static int grow(uint8_t **buf, size_t *cap, size_t need)
 {
@@ -573,7 +557,7 @@ static int send_ram(struct mf_chan *c, struct job *j)
 		uint8_t *dst = c->stage + (size_t)nn * ps;
 
 		memcpy(dst, b->host + j->offs[i], ps);
-		if (page_is_zero(dst, ps))
+		if (ferry__page_is_zero(dst, ps))
 			c->zoffs[nz++] = j->offs[i];
 		else
 			put64((uint8_t *)&c->wire[nn++], j->offs[i]);
@@ -1240,7 +1224,7 @@ static int recv_ram(struct mf_chan *c, const uint8_t *h)
 		uint8_t *p = b->host + get64((const uint8_t *)&c->wire[i]);
 		/* Reading a never-touched page maps the shared zero page;
 		 * writing would commit memory for nothing. */
-		if (!page_is_zero(p, b->page_size))
+		if (!ferry__page_is_zero(p, b->page_size))
 			memset(p, 0, b->page_size);
 	}
 	stat_add(&m->normal_pages, nn);

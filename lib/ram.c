@@ -45,6 +45,7 @@
 
 #include "ferry/multifd.h"
 #include "ferry/ram.h"
+#include "internal.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -124,23 +125,6 @@ struct ferry_ram {
 static uint64_t words_for(uint64_t npages)
 {
 	return (npages + WORD_BITS - 1) / WORD_BITS;
-}
-
-static bool page_is_zero(const uint8_t *p, size_t len)
-{
-	const uint64_t *w = (const uint64_t *)p;
-	uint64_t acc = 0;
-
-	/* Early exit on the first word: most data pages fail here. */
-	if (w[0])
-		return false;
-	for (size_t i = 0; i < len / 8; i += 8) {
-		acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] |
-		       w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
-		if (acc)
-			return false;
-	}
-	return true;
 }
 
 struct ferry_ram *ferry_ram_new(const struct ferry_ram_block *blocks,
@@ -600,7 +584,7 @@ static uint64_t send_page(struct ferry_ram *ram, struct ferry_chan *c,
 	struct ram_block *b = &ram->blocks[bi];
 	uint64_t off = page * b->page_size;
 	const uint8_t *p = b->host + off;
-	bool zero = page_is_zero(p, b->page_size);
+	bool zero = ferry__page_is_zero(p, b->page_size);
 	uint64_t hdr = off | (zero ? FERRY_RAM_ZERO : FERRY_RAM_PAGE);
 	uint64_t bytes = 8;
 
@@ -994,7 +978,7 @@ static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
 			ferry_get_buf(c, p, b->page_size);
 			ram->st.normal++;
 		} else {
-			if (!page_is_zero(p, b->page_size))
+			if (!ferry__page_is_zero(p, b->page_size))
 				memset(p, 0, b->page_size);
 			ram->st.duplicate++;
 		}
