@@ -498,8 +498,8 @@ static void account_downtime(struct vm *vm, uint64_t t0,
 	end = ss->t_done;
 	if (rp->live && v[FERRY_SHUT_BOOT_ID] == boot_id_hash() && v[FERRY_SHUT_T_EOF]) {
 		/* One host: the monotonic clocks are the same clock. A
-		 * destination left paused (--paused) counts as resumed when its
-		 * load finished: the wait for `cont` is not downtime. */
+		 * destination left paused (--paused) reports when it was
+		 * ready to run: the wait for `cont` is not downtime. */
 		uint64_t t_res = v[FERRY_SHUT_T_RESUMED] ? v[FERRY_SHUT_T_RESUMED]
 							 : v[FERRY_SHUT_T_EOF];
 		double xfer = ms(ss->t_done, v[FERRY_SHUT_T_EOF]) -
@@ -1015,11 +1015,14 @@ int vm_incoming(struct vm *vm, struct ferry_error *err)
 		r = ferry_error_set(err, -ENOMEM, "out of memory");
 	if (!r)
 		r = ferry_load(vm->ctx, c, &opts, err);
-	/* Stop accepting; a multifd failure is the root cause if there is one. */
+	/* Stop accepting (shutting the listener down wakes a waiting accept
+	 * at once: this is inside the downtime); a multifd failure is the
+	 * root cause if there is one. */
 	if (acc_live) {
 		pthread_mutex_lock(&acc.lock);
 		acc.stop = true;
 		pthread_mutex_unlock(&acc.lock);
+		shutdown(ferry_listener_fd(acc.l), SHUT_RDWR);
 		pthread_join(acc.thread, NULL);
 	}
 	if (acc.mf) {
@@ -1069,7 +1072,10 @@ void vm_incoming_done(struct vm *vm, bool resumed)
 	struct timespec rt;
 
 	pthread_mutex_lock(&vm->mig_lock);
-	if (resumed) {
+	/* A destination kept paused (--paused) reports when it was ready to
+	 * run: waiting for `cont` is the user's time, not downtime. */
+	(void)resumed;
+	if (!vm->in_shut.status) {
 		vm->in_shut.values[FERRY_SHUT_T_RESUMED] = vm_now_ns();
 		clock_gettime(CLOCK_REALTIME, &rt);
 		vm->in_shut.values[FERRY_SHUT_T_RESUMED_REAL] =

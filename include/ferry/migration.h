@@ -266,7 +266,8 @@ FERRY_API int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
  * treat missing ones as 0. */
 enum ferry_rp_shut_value {
 	FERRY_SHUT_T_EOF,         /* dest CLOCK_MONOTONIC ns: EOF read */
-	FERRY_SHUT_T_RESUMED,     /* dest CLOCK_MONOTONIC ns: vCPUs running (0: left paused) */
+	FERRY_SHUT_T_RESUMED,     /* dest CLOCK_MONOTONIC ns: vCPUs running, or
+				     ready to run if kept paused */
 	FERRY_SHUT_DEVICE_LOAD_NS,/* time in device-state load hooks */
 	FERRY_SHUT_DEVICE_DIGEST, /* ferry_load_stats.device_digest */
 	FERRY_SHUT_T_RESUMED_REAL,/* dest CLOCK_REALTIME ns of T_RESUMED */
