@@ -177,6 +177,7 @@ struct rp_reader {
 	int err;                    /* guarded by lock */
 	char errmsg[FERRY_ERROR_MSG_MAX];
 	uint64_t t_shut;            /* source CLOCK_MONOTONIC when SHUT came */
+	uint32_t pong;              /* guarded by lock: last PONG value */
 };
 
 static void *rp_main(void *arg)
@@ -202,8 +203,11 @@ static void *rp_main(void *arg)
 			pthread_mutex_unlock(&rp->lock);
 			return NULL;
 		}
+		if (m.type == FERRY_RP_PONG) {
+			rp->pong = m.pong;
+			pthread_cond_broadcast(&rp->cond);
+		}
 		pthread_mutex_unlock(&rp->lock);
-		/* PONG and other messages: nothing to do yet. */
 	}
 }
 
@@ -272,6 +276,33 @@ static int rp_wait(struct rp_reader *rp, int timeout_ms, struct ferry_error *err
 			"destination failed to load: %s", rp->shut.reason);
 	pthread_mutex_unlock(&rp->lock);
 	return r;
+}
+
+/*
+ * Before stopping the guest, let the destination catch up: it answers a
+ * PING only once it has loaded everything before it on the main stream,
+ * including the last pass's multifd sync point, so pages still sitting in
+ * socket buffers or being placed are applied now, while the guest runs,
+ * instead of inside the downtime. Best effort: a slow answer only means
+ * the switchover starts anyway.
+ */
+static void rp_drain(struct rp_reader *rp, struct ferry_save *s,
+		     struct ferry_chan *c, uint32_t value, int timeout_ms)
+{
+	uint8_t be[4] = { (uint8_t)(value >> 24), (uint8_t)(value >> 16),
+			  (uint8_t)(value >> 8), (uint8_t)value };
+	struct timespec ts;
+
+	if (!rp->live || ferry_save_command(s, FERRY_CMD_PING, be, 4, NULL) ||
+	    ferry_chan_flush(c))
+		return;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += timeout_ms / 1000;
+	pthread_mutex_lock(&rp->lock);
+	while (rp->pong != value && !rp->done)
+		if (pthread_cond_timedwait(&rp->cond, &rp->lock, &ts) == ETIMEDOUT)
+			break;
+	pthread_mutex_unlock(&rp->lock);
 }
 
 static void rp_stop(struct rp_reader *rp)
@@ -599,6 +630,7 @@ static void *migration_thread(void *arg)
 	r = precopy(vm, s, c, &p, &rp, &prog, &err);
 	if (r)
 		goto out;
+	rp_drain(&rp, s, c, (uint32_t)prog.pass + 1, 10000);
 
 	/* Switchover: the guest must not write while the rest is sent. */
 	pthread_mutex_lock(&vm->lock);
