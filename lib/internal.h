@@ -47,6 +47,18 @@ static inline bool ferry__dev_iterable(const struct ferry_dev *d)
 struct ferry_dev *ferry__find_dev(struct ferry_ctx *ctx, const char *idstr,
 				  uint32_t instance);
 
+/* CLOCK_MONOTONIC in nanoseconds (timestamps in save/load stats). */
+uint64_t ferry__mono_ns(void);
+
+/*
+ * Feed one FULL section into the device-state digest: idstr, be32 instance,
+ * payload. Save and load must hash exactly the same bytes, so both call
+ * this. @xxh3 is an XXH3_state_t (kept opaque here so this header does not
+ * pull in xxhash).
+ */
+void ferry__digest_section(void *xxh3, const char *idstr, uint32_t instance,
+			   const void *payload, size_t len);
+
 /* Is the page all zero? The first word decides for most data pages; the
  * rest is ORed eight words at a time. @len is a multiple of 64. */
 static inline bool ferry__page_is_zero(const uint8_t *p, size_t len)

@@ -71,12 +71,6 @@ struct loader {
 	XXH3_state_t digest;             /* over FULL sections, see save.c */
 };
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static struct slot *slot_by_dev(struct loader *L, const char *idstr,
 				uint32_t instance)
@@ -296,19 +290,16 @@ static int load_section(struct loader *L, const struct ferry_record *rec)
 		 sl->dev->instance);
 	if (rec->type == FERRY_REC_SECTION_FULL) {
 		size_t off = rec->len - ferry_chan_mem_remaining(c);
-		uint8_t inst[4] = { (uint8_t)(instance >> 24), (uint8_t)(instance >> 16),
-				    (uint8_t)(instance >> 8), (uint8_t)instance };
 
 		if (!L->stats.t_first_full)
-			L->stats.t_first_full = mono_ns();
-		XXH3_64bits_update(&L->digest, idstr, strlen(idstr));
-		XXH3_64bits_update(&L->digest, inst, 4);
-		XXH3_64bits_update(&L->digest, rec->body + off, rec->len - off);
-		t0 = mono_ns();
+			L->stats.t_first_full = ferry__mono_ns();
+		ferry__digest_section(&L->digest, idstr, instance, rec->body + off,
+				      rec->len - off);
+		t0 = ferry__mono_ns();
 	}
 	r = sl->dev->ops->load_state(c, sl->dev->opaque, sl->version, err);
 	if (rec->type == FERRY_REC_SECTION_FULL)
-		L->stats.device_load_ns += mono_ns() - t0;
+		L->stats.device_load_ns += ferry__mono_ns() - t0;
 	if (!r)
 		r = ferry_chan_error(c, err);
 	if (!r && (left = ferry_chan_mem_remaining(c)))
@@ -559,7 +550,7 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 			break;
 		case FERRY_REC_EOF:
 			if (!depth)
-				L->stats.t_eof = mono_ns();
+				L->stats.t_eof = ferry__mono_ns();
 			if (rec.len)
 				r = ferry_error_set(L->err, -EBADMSG,
 					"offset %llu: EOF record with a body",

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -29,6 +30,14 @@ void ferry__mutex_unlock(pthread_mutex_t *m)
 		fprintf(stderr, "ferry: pthread_mutex_unlock: %s\n", strerror(r));
 		abort();
 	}
+}
+
+uint64_t ferry__mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 struct ferry_ctx *ferry_ctx_new(struct ferry_error *err)

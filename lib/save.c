@@ -78,23 +78,16 @@ static size_t section_prefix(uint8_t *p, uint8_t type, const struct ferry_dev *d
 	return n;
 }
 
-/* The device-state digest input; load.c computes the same. */
-static void digest_section(XXH3_state_t *st, const char *idstr,
-			   uint32_t instance, const void *payload, size_t len)
+void ferry__digest_section(void *xxh3, const char *idstr, uint32_t instance,
+			   const void *payload, size_t len)
 {
+	XXH3_state_t *st = xxh3;
 	uint8_t inst[4] = { (uint8_t)(instance >> 24), (uint8_t)(instance >> 16),
 			    (uint8_t)(instance >> 8), (uint8_t)instance };
 
 	XXH3_64bits_update(st, idstr, strlen(idstr));
 	XXH3_64bits_update(st, inst, 4);
 	XXH3_64bits_update(st, payload, len);
-}
-
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 typedef int (*section_fn)(struct ferry_save *s, struct ferry_dev *d,
@@ -120,7 +113,7 @@ static int write_section(struct ferry_save *s, uint8_t type,
 	plen = section_prefix(prefix, type, d);
 	body = ferry_chan_mem_data(s->body, &blen);
 	if (type == FERRY_REC_SECTION_FULL)
-		digest_section(&s->digest, d->idstr, d->instance, body, blen);
+		ferry__digest_section(&s->digest, d->idstr, d->instance, body, blen);
 	return write_record2(s, type, prefix, plen, body, blen, err);
 }
 
@@ -333,7 +326,7 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 
 		ferry_save_pending(s, true, &must, &can);
 		if (!round)
-			s->stats.t_final_sync = mono_ns();
+			s->stats.t_final_sync = ferry__mono_ns();
 		if (!(must + can))
 			break;
 		r = ferry_save_round(s, SWITCHOVER_CHUNK, err);
@@ -343,7 +336,7 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 			r = write_section(s, FERRY_REC_SECTION_END, d,
 					  do_complete, 0, err);
 	if (!r)
-		s->stats.t_iterable_done = mono_ns();
+		s->stats.t_iterable_done = ferry__mono_ns();
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
 		if (!ferry__dev_iterable(d) && d->ops->save_state)
 			r = write_section(s, FERRY_REC_SECTION_FULL, d,
@@ -372,7 +365,7 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 		r = ferry_chan_error(s->io.chan, err);
 	s->completed = !r;
 	if (!r) {
-		s->stats.t_done = mono_ns();
+		s->stats.t_done = ferry__mono_ns();
 		s->stats.device_digest = XXH3_64bits_digest(&s->digest);
 	}
 	return r;
