@@ -21,20 +21,6 @@
 #include "../list.h"
 #undef X
 
-static int free_port(void)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET };
-	socklen_t len = sizeof(a);
-	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ASSERT_OK(bind(fd, (struct sockaddr *)&a, sizeof(a)));
-	ASSERT_OK(getsockname(fd, (struct sockaddr *)&a, &len));
-	port = ntohs(a.sin_port);
-	close(fd);
-	return port;
-}
-
 static void set_params(struct proc *p, int channels, bool zstd, int limit_ms,
 		       bool autoconv)
 {

@@ -19,6 +19,7 @@
 
 #include "backend.h"
 #include "control.h"
+#include "vmproc.h"
 
 #define X(name, timeout) TEST(name);
 #include "../list.h"
@@ -91,14 +92,6 @@ TEST(migrate_cli_no_socket)
 }
 
 /* ---- live runs ------------------------------------------------------------ */
-
-static void need_backend(const char *backend)
-{
-	char why[300];
-
-	if (!strcmp(backend, "kvm") && !backend_kvm_usable(why, sizeof(why)))
-		SKIP(test_fmt("KVM unavailable: %s", why));
-}
 
 /* Processes whose command line mentions @s: the demo's VMs name their
  * sockets inside the demo's TMPDIR (the demo itself gets it from the
@@ -324,75 +317,6 @@ TEST(demo_sigint_cleans_up)
 }
 
 /* ---- ferry migrate against two ferry vm processes ----------------------- */
-
-struct proc {
-	pid_t pid;
-	char sock[512];
-	char log[512];
-};
-
-static void vm_spawn(struct proc *p, const char *name, const char *args)
-{
-	struct ferry_error err = { 0 };
-	char cmd[2048];
-
-	snprintf(p->sock, sizeof(p->sock), "%s/%s.sock", test_tmpdir(), name);
-	snprintf(p->log, sizeof(p->log), "%s/%s.log", test_tmpdir(), name);
-	snprintf(cmd, sizeof(cmd), "exec %s vm --control %s %s >%s 2>&1",
-		 test_ferry_bin(), p->sock, args, p->log);
-	p->pid = fork();
-	ASSERT(p->pid >= 0);
-	if (p->pid == 0) {
-		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-		_exit(127);
-	}
-	for (int i = 0; i < 3000; i++) {
-		int st, fd;
-
-		if (access(p->sock, F_OK) == 0) {
-			fd = control_client_connect(p->sock, 5000, &err);
-			if (fd >= 0) {
-				close(fd);
-				return;
-			}
-			ferry_error_clear(&err);
-		}
-		if (waitpid(p->pid, &st, WNOHANG) == p->pid)
-			FAIL("ferry vm %s exited early: %s", args, slurp(p->log));
-		usleep(10000);
-	}
-	FAIL("ferry vm did not open its control socket");
-}
-
-static void vm_quit(struct proc *p)
-{
-	char *out = NULL;
-	int st;
-
-	test_run(&out, "%s ctl %s quit", test_ferry_bin(), p->sock);
-	free(out);
-	for (int i = 0; i < 500; i++) {
-		if (waitpid(p->pid, &st, WNOHANG) == p->pid)
-			return;
-		usleep(10000);
-	}
-	kill(p->pid, SIGKILL);
-	waitpid(p->pid, &st, 0);
-}
-
-static int free_port(void)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET };
-	socklen_t len = sizeof(a);
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
-
-	ASSERT(fd >= 0);
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ASSERT_OK(bind(fd, (struct sockaddr *)&a, sizeof(a)) ? -errno : 0);
-	ASSERT_OK(getsockname(fd, (struct sockaddr *)&a, &len) ? -errno : 0);
-	close(fd);
-	return ntohs(a.sin_port);
-}
 
 /* `ferry migrate` to a destination on @port; its stdout, exit status 0. */
 static char *migrate_to(struct proc *src, struct proc *dst, int port,

@@ -4,7 +4,10 @@
  */
 #include "../harness.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <jansson.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -16,6 +19,21 @@
 #include "control.h"
 #include "vmproc.h"
 
+
+int free_port(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET };
+	socklen_t len = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+	ASSERT(fd >= 0);
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	ASSERT_OK(bind(fd, (struct sockaddr *)&a, sizeof(a)) ? -errno : 0);
+	ASSERT_OK(getsockname(fd, (struct sockaddr *)&a, &len) ? -errno : 0);
+	port = ntohs(a.sin_port);
+	close(fd);
+	return port;
+}
 
 void need_backend(const char *backend)
 {

@@ -15,6 +15,8 @@ struct proc {
 	int fd;      /* control connection */
 };
 
+/* A loopback TCP port that was free a moment ago. */
+int free_port(void);
 /* SKIP unless @backend ("kvm" or "thread") can run here. */
 void need_backend(const char *backend);
 /* Start `ferry vm --control SOCK ARGS`; returns once it answers. */
