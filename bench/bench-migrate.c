@@ -5,12 +5,15 @@
  * its phases, throughput, and the CPU time both processes spent during the
  * migration, as min/median/max.
  *
- * Usage: bench-migrate [FERRY_BINARY] [RUNS]   (default build/ferry, 3)
+ * Usage: bench-migrate [FERRY_BINARY] [RUNS] [ONLY]
+ *   (default build/ferry, 3 runs, every case). ONLY picks cases whose label
+ *   ("4G fill 2ch") contains it, e.g. "4G fill" or "1G idle 4ch".
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -164,7 +167,7 @@ static const char *const phases[] = {
 };
 
 static void bench(const char *backend, uint64_t mem, const char *wl,
-		  int channels, int runs)
+		  bool prealloc, int channels, int runs)
 {
 	double total[MAXRUNS], down[MAXRUNS], tput[MAXRUNS], cs[MAXRUNS],
 	       cd[MAXRUNS], ph[6][MAXRUNS];
@@ -180,8 +183,9 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 			 backend, (unsigned long long)mem, wl);
 		spawn(&s, "src", args);
 		snprintf(args, sizeof(args), "--backend %s --mem %llu --paused "
-			 "--incoming tcp:127.0.0.1:%d", backend,
-			 (unsigned long long)mem, port);
+			 "--incoming tcp:127.0.0.1:%d%s", backend,
+			 (unsigned long long)mem, port,
+			 prealloc ? " --prealloc" : "");
 		spawn(&d, "dst", args);
 		wait_workload(&s, wl, mem);
 		json_decref(call(&s, "migrate-set-parameters",
@@ -217,8 +221,9 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 		quit(&s);
 		quit(&d);
 	}
-	printf("%s %lluG %s, %d channel%s (%d runs)\n", backend,
-	       (unsigned long long)(mem >> 30), wl, channels,
+	printf("%s %lluG %s%s, %d channel%s (%d runs)\n", backend,
+	       (unsigned long long)(mem >> 30), wl,
+	       prealloc ? ", destination --prealloc" : "", channels,
 	       channels > 1 ? "s" : "", runs);
 	stat3("total time", total, runs, "ms");
 	stat3("downtime", down, runs, "ms");
@@ -232,17 +237,24 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 
 int main(int argc, char **argv)
 {
-	static const char *const wls[] = { "idle", "fill", "dirty,ws=256M,rate=0" };
+	/* "fill prealloc": the destination faults in its RAM before the
+	 * migration, as QEMU's -mem-prealloc does: on machines where first
+	 * touches are slow this shows what the link itself can move. */
+	static const char *const wls[] = { "idle", "fill", "fill prealloc",
+					   "dirty,ws=256M,rate=0" };
 	static const uint64_t mems[] = { 1ull << 30, 4ull << 30 };
 	static const int chans[] = { 1, 2, 4 };
 	const char *backend;
 	char why[300];
+	const char *only = NULL;
 	int runs = 3;
 
 	if (argc > 1)
 		ferry = argv[1];
 	if (argc > 2)
 		runs = atoi(argv[2]);
+	if (argc > 3)
+		only = argv[3];
 	if (runs < 1 || runs > MAXRUNS)
 		die("RUNS must be 1..9");
 	if (!mkdtemp(dir))
@@ -252,9 +264,18 @@ int main(int argc, char **argv)
 	if (strcmp(backend, "kvm"))
 		printf("(KVM unusable: %s; thread backend)\n", why);
 	for (size_t m = 0; m < 2; m++)
-		for (size_t w = 0; w < 3; w++)
-			for (size_t c = 0; c < 3; c++)
-				bench(backend, mems[m], wls[w], chans[c], runs);
+		for (size_t w = 0; w < 4; w++)
+			for (size_t c = 0; c < 3; c++) {
+				bool pre = strstr(wls[w], " prealloc") != NULL;
+				char label[96];
+
+				snprintf(label, sizeof(label), "%lluG %s %dch",
+					 (unsigned long long)(mems[m] >> 30),
+					 wls[w], chans[c]);
+				if (!only || strstr(label, only))
+					bench(backend, mems[m], pre ? "fill" : wls[w],
+					      pre, chans[c], runs);
+			}
 	{
 		char cmd[128];
 		snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);

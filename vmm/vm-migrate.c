@@ -661,10 +661,17 @@ static void *migration_thread(void *arg)
 	if (!r && use_rp)
 		r = rp_wait(&rp, SHUT_TIMEOUT_MS, &err);
 	if (!r) {
+		uint64_t dt = vm_now_ns() - vm->mig_start_ns;
+
 		pthread_mutex_lock(&vm->lock);
 		vm_set_run_state(vm, VM_POSTMIGRATE);
 		pthread_mutex_unlock(&vm->lock);
 		account_downtime(vm, t0, &ss, &rp);
+		/* As QEMU does: once completed, "mbps" is the whole migration's
+		 * average, not the last (tiny) pass's rate. */
+		prog.mbps = (double)(ferry_chan_offset(c) + prog.multifd_bytes) *
+			    8 / 1e6 / ((double)(dt ? dt : 1) / 1e9);
+		publish_progress(vm, &prog);
 	}
 out:
 	vm_set_throttle(vm, 0);

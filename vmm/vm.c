@@ -301,6 +301,72 @@ static const struct ferry_ram_dirty_ops ram_dirty_ops = {
 
 /* ---- creation ------------------------------------------------------------ */
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+struct prealloc_job {
+	uint8_t *base;
+	uint64_t len;
+	int error;                    /* errno of a failed populate, or 0 */
+};
+
+static void *prealloc_thread(void *arg)
+{
+	struct prealloc_job *j = arg;
+
+	while (madvise(j->base, j->len, MADV_POPULATE_WRITE))
+		if (errno != EINTR && errno != EAGAIN) {
+			j->error = errno;
+			break;
+		}
+	return NULL;
+}
+
+/*
+ * --prealloc (QEMU's mem-prealloc, Cloud Hypervisor's prefault): commit and
+ * fault in all guest RAM now, one slice per online CPU, so neither the guest
+ * nor an incoming migration pays for first touches later. Faulting fresh
+ * memory is the slowest thing a destination does (see docs/architecture.md),
+ * so a destination started ahead of time with --prealloc receives at the
+ * speed of the link. The price is committing every page, zero or not.
+ */
+static int prealloc_ram(struct vm *vm, struct ferry_error *err)
+{
+	struct prealloc_job jobs[8];
+	pthread_t tids[8];
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned n = ncpu < 1 ? 1 : ncpu > 8 ? 8 : (unsigned)ncpu, started = 0;
+	uint64_t slice = (vm->cfg.mem / n + 0x1fffff) & ~0x1fffffull, off = 0;
+	int e = 0;
+
+	for (unsigned i = 0; i < n && off < vm->cfg.mem; i++) {
+		jobs[i] = (struct prealloc_job){
+			.base = vm->ram + off,
+			.len = vm->cfg.mem - off < slice ? vm->cfg.mem - off : slice,
+		};
+		off += jobs[i].len;
+		/* The last slice runs on this thread. */
+		if (off >= vm->cfg.mem || pthread_create(&tids[i], NULL,
+							 prealloc_thread, &jobs[i])) {
+			prealloc_thread(&jobs[i]);
+			e = jobs[i].error;
+			break;
+		}
+		started++;
+	}
+	for (unsigned i = 0; i < started; i++) {
+		pthread_join(tids[i], NULL);
+		if (jobs[i].error && !e)
+			e = jobs[i].error;
+	}
+	if (e)
+		return ferry_error_set(err, -e, "cannot preallocate %" PRIu64
+				       " bytes of guest RAM: %s", vm->cfg.mem,
+				       strerror(e));
+	return 0;
+}
+
 static int map_ram(struct vm *vm, struct ferry_error *err)
 {
 	int flags = MAP_NORESERVE;
@@ -331,7 +397,7 @@ static int map_ram(struct vm *vm, struct ferry_error *err)
 	/* Guest RAM is all 4 KiB pages to the dirty log; huge pages would
 	 * make every dirty bit cost 2 MiB of copying. */
 	madvise(vm->ram, vm->cfg.mem, MADV_NOHUGEPAGE);
-	return 0;
+	return vm->cfg.prealloc ? prealloc_ram(vm, err) : 0;
 }
 
 static int pick_backend(struct vm *vm, struct ferry_error *err)

@@ -36,6 +36,7 @@ struct vm_config {
 	const char *incoming;         /* URI to load from, or NULL */
 	bool paused;                  /* stay paused after start/load */
 	bool memfd;                   /* memfd-backed RAM instead of anonymous */
+	bool prealloc;                /* fault in all guest RAM at creation */
 };
 
 /* Run states, as QEMU's query-status reports them. */

@@ -53,8 +53,8 @@ static int spawn_dest(struct proc *d, const char *backend, const char *mem,
  * with both sides stopped, then the destination resumes and its own
  * verify pass finds 0 bad pages.
  */
-static void live(const char *backend, const char *workload, int channels,
-		 bool zstd)
+static void live_to(const char *backend, const char *workload, int channels,
+		    bool zstd, const char *dest_extra)
 {
 	struct proc s, d;
 	json_t *m, *ds, *dd, *v;
@@ -65,7 +65,7 @@ static void live(const char *backend, const char *workload, int channels,
 	need_backend(backend);
 	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M --workload %s",
 				     backend, workload));
-	port = spawn_dest(&d, backend, "512M", "");
+	port = spawn_dest(&d, backend, "512M", dest_extra);
 	wait_generation(&s, strcmp(workload, "idle") ? 5000 : 0);
 	set_params(&s, channels, zstd, 300, false);
 	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
@@ -76,6 +76,15 @@ static void live(const char *backend, const char *workload, int channels,
 	ASSERT(json_is_object(json_object_get(m, "downtime-phases")));
 	if (channels > 0 && strcmp(workload, "idle"))
 		ASSERT_GT(geti(json_object_get(m, "ram"), "multifd-bytes"), 0);
+	if (strcmp(workload, "idle")) {
+		/* Once completed, mbps is the whole migration's average. */
+		json_t *ram = json_object_get(m, "ram");
+		double mbps = json_number_value(json_object_get(ram, "mbps"));
+		double avg = (double)geti(ram, "transferred") * 8 / 1e3 /
+			     (double)(geti(m, "total-time") + 1);
+
+		ASSERT(mbps > avg * 0.5 && mbps < avg * 2);
+	}
 	json_decref(m);
 	ASSERT_STREQ(status_of(&s), "postmigrate");
 	ASSERT_STREQ(status_of(&d), "paused");
@@ -97,14 +106,26 @@ static void live(const char *backend, const char *workload, int channels,
 	vm_quit(&d);
 }
 
+static void live(const char *backend, const char *workload, int channels,
+		 bool zstd)
+{
+	live_to(backend, workload, channels, zstd, "");
+}
+
+/* Every workload runs with 1, 2 and 4 channels, and once with zstd; a
+ * preallocated destination (--prealloc) receives into committed memory. */
 #define LIVE_TESTS(be)							\
 TEST(live_##be##_idle_1ch) { live(#be, "idle", 1, false); }		\
+TEST(live_##be##_idle_2ch_zstd) { live(#be, "idle", 2, true); }	\
+TEST(live_##be##_idle_4ch) { live(#be, "idle", 4, false); }		\
+TEST(live_##be##_fill_1ch) { live(#be, "fill", 1, false); }		\
 TEST(live_##be##_fill_2ch) { live(#be, "fill", 2, false); }		\
 TEST(live_##be##_fill_4ch_zstd) { live(#be, "fill", 4, true); }	\
 TEST(live_##be##_dirty_1ch) { live(#be, "dirty,ws=128M,rate=200", 1, false); } \
 TEST(live_##be##_dirty_2ch_zstd) { live(#be, "dirty,ws=128M,rate=200", 2, true); } \
 TEST(live_##be##_dirty_4ch) { live(#be, "dirty,ws=128M,rate=200", 4, false); } \
-TEST(live_##be##_fill_main_stream) { live(#be, "fill", 0, false); }
+TEST(live_##be##_fill_main_stream) { live(#be, "fill", 0, false); }	\
+TEST(live_##be##_fill_prealloc_dest) { live_to(#be, "fill", 2, false, "--prealloc"); }
 LIVE_TESTS(kvm)
 LIVE_TESTS(thread)
 

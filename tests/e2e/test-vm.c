@@ -149,6 +149,38 @@ TEST(vm_incoming_damaged_file_fails)
 	free(out);
 }
 
+/* Resident anonymous memory of @pid, KiB (RssAnon in /proc/PID/status). */
+static long long rss_anon_kb(pid_t pid)
+{
+	char path[64], line[256];
+	long long kb = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	f = fopen(path, "r");
+	ASSERT(f != NULL);
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "RssAnon: %lld kB", &kb) == 1)
+			break;
+	fclose(f);
+	ASSERT_GE(kb, 0);
+	return kb;
+}
+
+/* --prealloc commits all guest RAM before the VM answers; without it a
+ * paused idle VM has touched only what it booted with. */
+TEST(vm_prealloc_commits_ram)
+{
+	struct proc a, b;
+
+	vm_spawn(&a, "pre", "--backend thread --mem 256M --paused --prealloc");
+	vm_spawn(&b, "lazy", "--backend thread --mem 256M --paused");
+	ASSERT_GE(rss_anon_kb(a.pid), 256 * 1024);
+	ASSERT_LT(rss_anon_kb(b.pid), 128 * 1024);
+	vm_quit(&a);
+	vm_quit(&b);
+}
+
 TEST(vm_help_and_bad_options)
 {
 	char *out = NULL;
