@@ -18,6 +18,8 @@
  * and KVM_RUN.  Going through KVM_RUN with immediate_exit (rather than
  * parking before it) matters: KVM finishes an `in`/`out` only on the next
  * KVM_RUN, and until then RIP still points at the instruction.
+ * kvm_vm_hold() parks vCPUs the same way around memory slot changes, under
+ * its own counter, so that a slot change never resumes a paused vCPU.
  *
  * Interrupt controller.  We do not create an in-kernel irqchip.  The guest
  * runs at CPL 3 with IF=0 and takes no interrupts, so there is no LAPIC,
@@ -95,9 +97,18 @@ struct kvm_vcpu {
 	pthread_t thread;
 	bool has_thread;	/* a thread called kvm_vcpu_thread_init() */
 	bool pause_req;
+	unsigned hold;		/* kvm_vm_hold() depth; parks like a pause */
 	bool stop_req;
 	bool parked;		/* thread is waiting in kvm_vcpu_run() */
 };
+
+/* Under vcpu->lock: is anything asking the thread to park? A pause and a
+ * hold are independent, so releasing a hold never resumes a paused vCPU
+ * and resuming never ends a hold. */
+static bool park_wanted(const struct kvm_vcpu *vcpu)
+{
+	return vcpu->pause_req || vcpu->hold;
+}
 
 /*
  * MSRs saved and restored with the vCPU, in restore order.  Measured on the
@@ -809,7 +820,7 @@ int kvm_vcpu_thread_init(struct kvm_vcpu *vcpu, struct kvm_err *err)
 	vcpu->thread = pthread_self();
 	vcpu->has_thread = true;
 	vcpu->stop_req = false;
-	if (!vcpu->pause_req)
+	if (!park_wanted(vcpu))
 		__atomic_store_n(&vcpu->run->immediate_exit, 0,
 				 __ATOMIC_SEQ_CST);
 	pthread_mutex_unlock(&vcpu->lock);
@@ -842,7 +853,7 @@ static bool handle_kick(struct kvm_vcpu *vcpu)
 	bool stop;
 
 	pthread_mutex_lock(&vcpu->lock);
-	while (vcpu->pause_req && !vcpu->stop_req) {
+	while (park_wanted(vcpu) && !vcpu->stop_req) {
 		if (!vcpu->parked) {
 			vcpu->parked = true;
 			pthread_cond_broadcast(&vcpu->cond);
@@ -964,10 +975,13 @@ static void request_pause(struct kvm_vcpu *vcpu)
 	pthread_mutex_unlock(&vcpu->lock);
 }
 
+/* A vCPU's own thread, handling an exit, is out of KVM_RUN already: it
+ * does not wait for itself (it parks on its next kvm_vcpu_run()). */
 static void wait_parked(struct kvm_vcpu *vcpu)
 {
 	pthread_mutex_lock(&vcpu->lock);
-	while (vcpu->has_thread && !vcpu->parked && vcpu->pause_req)
+	while (vcpu->has_thread && !vcpu->parked && park_wanted(vcpu) &&
+	       !pthread_equal(vcpu->thread, pthread_self()))
 		pthread_cond_wait(&vcpu->cond, &vcpu->lock);
 	pthread_mutex_unlock(&vcpu->lock);
 }
@@ -1019,6 +1033,44 @@ void kvm_vm_resume(struct kvm_vm *vm)
 	for (i = 0; i < MAX_VCPUS; i++)
 		if (vm->vcpus[i])
 			kvm_vcpu_resume(vm->vcpus[i]);
+}
+
+int kvm_vm_hold(struct kvm_vm *vm, struct kvm_err *err)
+{
+	size_t i;
+
+	(void)err;
+	for (i = 0; i < MAX_VCPUS; i++) {
+		struct kvm_vcpu *vcpu = vm->vcpus[i];
+
+		if (!vcpu)
+			continue;
+		pthread_mutex_lock(&vcpu->lock);
+		vcpu->hold++;
+		kick_locked(vcpu);
+		pthread_mutex_unlock(&vcpu->lock);
+	}
+	for (i = 0; i < MAX_VCPUS; i++)
+		if (vm->vcpus[i])
+			wait_parked(vm->vcpus[i]);
+	return 0;
+}
+
+void kvm_vm_release(struct kvm_vm *vm)
+{
+	size_t i;
+
+	for (i = 0; i < MAX_VCPUS; i++) {
+		struct kvm_vcpu *vcpu = vm->vcpus[i];
+
+		if (!vcpu)
+			continue;
+		pthread_mutex_lock(&vcpu->lock);
+		if (vcpu->hold)
+			vcpu->hold--;
+		pthread_cond_broadcast(&vcpu->cond);
+		pthread_mutex_unlock(&vcpu->lock);
+	}
 }
 
 /* ---- state ----------------------------------------------------------- */

@@ -158,6 +158,20 @@ int kvm_vm_build_identity_map(struct kvm_vm *vm, uint64_t pt_gpa,
 int kvm_vm_pause(struct kvm_vm *vm, struct kvm_err *err);
 void kvm_vm_resume(struct kvm_vm *vm);
 
+/*
+ * Hold / release every vCPU of the VM around a memory slot change that
+ * deletes a slot, in the thread making the change.  KVM cannot move,
+ * shrink or split a slot: it is deleted and created again, and a vCPU
+ * running in between finds no memory there.  A data access then merely
+ * exits as MMIO, but an instruction fetch or a page-table walk cannot be
+ * emulated from a hole and the guest dies (a triple fault here).  A hold
+ * parks vCPUs like a pause but independently of it: a hold never resumes
+ * a paused vCPU, and resume does not end a hold.  Holds nest.  A vCPU's
+ * own thread may hold (from an exit handler): it does not wait for itself.
+ */
+int kvm_vm_hold(struct kvm_vm *vm, struct kvm_err *err);
+void kvm_vm_release(struct kvm_vm *vm);
+
 /* ---- vCPU ------------------------------------------------------------ */
 
 /*

@@ -11,9 +11,12 @@
 #include <stddef.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "control.h"
+#include "kvm-slots.h"
+#include "memmap.h"
 #include "vm-internal.h"
 
 static int h_query_status(void *opaque, json_t *args, json_t **ret,
@@ -403,6 +406,87 @@ static int h_corrupt_page(void *opaque, json_t *args, json_t **ret,
 	return 0;
 }
 
+/*
+ * x-query-memslots: the KVM memslots next to the flat view they follow,
+ * and the memory map's counters. Slots and view are safe from this thread
+ * (the backend's slot lock; a refcounted view snapshot). The counters
+ * belong to the map's tree owner: the map changes only while the VM is
+ * created (before this server starts), during an incoming load (run state
+ * inmigrate) and after this server stopped, and vm_start publishes the
+ * run state after the load under vm->lock, so outside inmigrate, under
+ * vm->lock, nothing writes them. In inmigrate "memmap" is null.
+ */
+static int h_query_memslots(void *opaque, json_t *args, json_t **ret,
+			    struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	struct kvm_slots_report *rep = NULL;
+	const struct memmap_view *v;
+	json_t *o, *slots = json_array(), *view = json_array(), *mm = json_null();
+
+	(void)args;
+	if (vm->be == &backend_kvm_ops) {
+		rep = malloc(sizeof(*rep));
+		if (!rep) {
+			json_decref(slots);
+			json_decref(view);
+			return ferry_error_set(err, -ENOMEM, "out of memory");
+		}
+		backend_kvm_memslots(vm->be_priv, rep);
+		for (unsigned i = 0; i < rep->nr; i++) {
+			const struct kvm_slot_info *s = &rep->slot[i];
+
+			json_array_append_new(slots, json_pack(
+				"{s:i, s:I, s:I, s:s, s:I, s:b, s:b}",
+				"slot", (int)s->slot, "gpa", (json_int_t)s->gpa,
+				"size", (json_int_t)s->size, "region", s->region,
+				"offset", (json_int_t)s->offset,
+				"guest-ram", s->guest_ram, "dirty-log", s->dirty_log));
+		}
+	}
+	v = memmap_view_get(vm->memmap);
+	for (unsigned i = 0; i < v->nr; i++) {
+		const struct memmap_range *r = &v->ranges[i];
+
+		json_array_append_new(view, json_pack("{s:I, s:I, s:s, s:I, s:s}",
+			"gpa", (json_int_t)r->gpa, "size", (json_int_t)r->size,
+			"region", memmap_region_name(r->mr),
+			"offset", (json_int_t)r->offset,
+			"kind", memmap_region_kind(r->mr) == MEMMAP_RAM ? "ram" : "mmio"));
+	}
+	pthread_mutex_lock(&vm->lock);
+	if (vm->run_state != VM_INMIGRATE) {
+		struct memmap_stats st;
+
+		memmap_get_stats(vm->memmap, &st);
+		json_decref(mm);
+		mm = json_pack("{s:I, s:I, s:I, s:i}", "changes",
+			       (json_int_t)st.changes, "commits", (json_int_t)st.commits,
+			       "rebuilds", (json_int_t)st.rebuilds,
+			       "ranges", (int)st.nr_ranges);
+	}
+	pthread_mutex_unlock(&vm->lock);
+	o = json_pack("{s:s, s:o, s:o, s:I, s:o}", "backend", vm->be->name,
+		      "slots", slots, "view", view,
+		      "generation", (json_int_t)v->generation, "memmap", mm);
+	memmap_view_put(v);
+	if (rep) {
+		json_object_set_new(o, "slot-limit", json_integer(rep->limit));
+		json_object_set_new(o, "dirty-logging", json_boolean(rep->dirty_logging));
+		json_object_set_new(o, "unmapped-ram-ranges",
+				    json_integer((json_int_t)rep->unmapped));
+		json_object_set_new(o, "mmio", json_pack("{s:I, s:I, s:I}",
+			"exits", (json_int_t)rep->mmio_exits,
+			"hole", (json_int_t)rep->mmio_hole,
+			"ram", (json_int_t)rep->mmio_ram));
+		if (rep->error[0])
+			json_object_set_new(o, "error", json_string(rep->error));
+		free(rep);
+	}
+	*ret = o;
+	return 0;
+}
+
 int vm_control_start(struct vm *vm, struct ferry_error *err)
 {
 	static const struct {
@@ -425,6 +509,7 @@ int vm_control_start(struct vm *vm, struct ferry_error *err)
 		{ "migrate-set-parameters", h_set_params },
 		{ "query-migrate-parameters", h_query_params },
 		{ "x-corrupt-page", h_corrupt_page },
+		{ "x-query-memslots", h_query_memslots },
 	};
 
 	vm->control = control_create(vm->cfg.control, err);

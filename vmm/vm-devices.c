@@ -9,11 +9,14 @@
  * incoming VM is programmed the same way and then overwritten by the load,
  * whose post_load re-maps the BARs and rebuilds the queue caches.
  *
- * The BAR window sits just below 4 GiB (BARs are 32-bit). A guest with more
- * than ~4 GiB of RAM has RAM there too; the memory map gives the BARs
- * priority, so that RAM is hidden from device DMA, but the guest never
- * touches those addresses through the map (its workload runs on the KVM
- * memslot or the thread backend's direct mapping).
+ * The BAR window is at 0xa0000, in the guest area the layout reserves
+ * below the guest image, after the rings of up to MAX_DEVICES devices (on
+ * a PC, the legacy VGA window: device memory too). BARs have priority over
+ * RAM, so guest RAM there is hidden and the flat view splits guest RAM
+ * around the window; the KVM backend gives each part its own memslot. The
+ * guest never uses those pages, whatever its RAM size. (The window used to
+ * sit just below 4 GiB, on RAM that guests of more than ~4 GiB do use:
+ * harmless only while one memslot covered all of guest RAM.)
  */
 #include <errno.h>
 #include <stdio.h>
@@ -23,10 +26,14 @@
 #include "virtio.h"
 #include "vm-internal.h"
 
-#define VIRTIO_BAR_BASE 0xfe000000ull
-#define RING_AREA_GPA 0x20000ull      /* up to GUEST_IMAGE_GPA: 896 KiB */
+#define RING_AREA_GPA 0x20000ull      /* up to VIRTIO_BAR_BASE: 512 KiB */
 #define RING_QUEUE_SIZE 64u
 #define MAX_DEVICES 32u
+#define VIRTIO_BAR_BASE 0xa0000ull
+_Static_assert(RING_AREA_GPA + MAX_DEVICES * VIRTIO_DEFAULT_QUEUES * 0x1000ull
+	       <= VIRTIO_BAR_BASE, "rings of every device fit below the BARs");
+_Static_assert(VIRTIO_BAR_BASE + MAX_DEVICES * 0x1000ull <= GUEST_IMAGE_GPA,
+	       "the BAR window ends below the guest image");
 
 static int reg_write(struct vm *vm, uint64_t gpa, uint32_t v)
 {
@@ -53,7 +60,7 @@ static int program_device(struct vm *vm, struct virtio_dev *d, unsigned i,
 		/* One 4 KiB page per queue: descriptors, then avail, then used. */
 		uint64_t ring = RING_AREA_GPA + ((uint64_t)i * nq + q) * 0x1000;
 
-		if (ring + 0x1000 > GUEST_IMAGE_GPA)
+		if (ring + 0x1000 > VIRTIO_BAR_BASE)
 			return ferry_error_set(err, -ENOSPC,
 				"no guest memory left for the rings of device %u", i);
 		if (reg_write(vm, bar + VIRTIO_REG_QUEUE_SEL, q) ||

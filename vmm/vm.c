@@ -33,6 +33,7 @@
 
 #include "control.h"
 #include "dirty-uffd.h"
+#include "kvm-slots.h"
 #include "vm-internal.h"
 
 static const char *const run_state_names[VM_RUN_STATE__MAX] = {
@@ -489,6 +490,11 @@ struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err)
 	    ferry_register_vmstate(vm->ctx, &timer_vmsd, 0, &vm->timer, err))
 		goto fail;
 	if (vm_devices_create(vm, err))
+		goto fail;
+	/* The memory map exists only now (devices register after the vCPUs,
+	 * in stream order): from here on KVM's memslots follow it. */
+	if (vm->be == &backend_kvm_ops &&
+	    backend_kvm_attach_memmap(vm->be_priv, vm->memmap, vm->ram_region, err))
 		goto fail;
 	if (cfg->control && vm_control_start(vm, err))
 		goto fail;
