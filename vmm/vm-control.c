@@ -195,18 +195,17 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 	}
 	pthread_mutex_unlock(&vm->mig_lock);
 	if (s != MIG_NONE) {
-		ferry_ram_get_stats(vm->ram_dev, &st);
+		st = prog.ram;
 		json_object_set_new(o, "ram", json_pack(
 			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:I, s:I, s:I}",
 			"total", (json_int_t)st.total,
 			/* Pages on multifd channels count like pages in the
-			 * main stream. */
-			"transferred", (json_int_t)(st.transferred + prog.multifd_bytes),
+			 * main stream (the RAM device's counters include them). */
+			"transferred", (json_int_t)st.transferred,
 			"remaining", (json_int_t)st.remaining,
-			"duplicate", (json_int_t)(st.duplicate + prog.multifd_zero),
-			"normal", (json_int_t)(st.normal + prog.multifd_normal),
-			"normal-bytes", (json_int_t)((st.normal + prog.multifd_normal) *
-						     GUEST_PAGE_SIZE),
+			"duplicate", (json_int_t)st.duplicate,
+			"normal", (json_int_t)st.normal,
+			"normal-bytes", (json_int_t)(st.normal * GUEST_PAGE_SIZE),
 			"dirty-sync-count", (json_int_t)st.dirty_sync_count,
 			"dirty-pages-rate", (json_int_t)prog.dirty_pages_rate,
 			"mbps", prog.mbps,

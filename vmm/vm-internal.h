@@ -48,7 +48,11 @@ struct mig_progress {
 	uint64_t dirty_pages_rate;     /* pages/s, from the last sync */
 	uint64_t expected_downtime_ms;
 	uint64_t precopy_bytes, downtime_bytes, multifd_bytes;
-	uint64_t multifd_normal, multifd_zero;   /* pages sent on the channels */
+	/* The RAM device's counters, channel pages included. Only the
+	 * migration thread may call ferry_ram_get_stats (it owns the RAM
+	 * device's save state and the multifd object, which it frees); other
+	 * threads read this copy under mig_lock. */
+	struct ferry_ram_stats ram;
 	unsigned throttle_pct;
 };
 
@@ -105,6 +109,10 @@ struct vm {
 	char in_uri[4096];             /* set by --incoming or migrate-incoming */
 	pthread_cond_t in_cond;        /* signalled when in_uri is set */
 	bool in_defer;                 /* --incoming defer: wait for the URI */
+	/* Bound as soon as the URI is known (at create for --incoming, inside
+	 * migrate-incoming otherwise), so a source told "the destination is
+	 * up" never finds the port closed; vm_incoming takes it. */
+	struct ferry_listener *in_listener;
 	struct ferry_rp_msg in_shut;   /* verdict for the source */
 	struct ferry_chan *in_rp_chan; /* return path writer, or NULL */
 	struct ferry_record_io in_rp_io;
@@ -131,6 +139,8 @@ void vm_control_stop(struct vm *vm);
 void vm_migrate_join(struct vm *vm);
 int vm_migrate_cancel(struct vm *vm, struct ferry_error *err);
 int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err);
+/* Bind the listener of a socket --incoming URI (no-op otherwise). */
+int vm_incoming_bind(struct vm *vm, struct ferry_error *err);
 /* Load cfg->incoming (or wait for migrate-incoming): vm.c calls it. */
 int vm_incoming(struct vm *vm, struct ferry_error *err);
 void vm_incoming_done(struct vm *vm, bool resumed);

@@ -361,18 +361,6 @@ static struct ferry_multifd *multifd_connect(const char *uri,
 	return m;
 }
 
-/* Copy the channels' page counters into @prog (query-migrate's "ram"). */
-static void multifd_pages(struct ferry_multifd *m, struct mig_progress *prog)
-{
-	struct ferry_multifd_stats st;
-
-	if (!m)
-		return;
-	ferry_multifd_get_stats(m, &st);
-	prog->multifd_normal = st.normal_pages;
-	prog->multifd_zero = st.zero_pages;
-}
-
 static uint64_t multifd_bytes(struct ferry_multifd *m)
 {
 	struct ferry_multifd_stats st;
@@ -498,7 +486,7 @@ static int precopy(struct vm *vm, struct ferry_save *s, struct ferry_chan *c,
 		prog->precopy_bytes = ferry_chan_offset(c) - bytes0 +
 				      multifd_bytes(vm->mig_mf);
 		prog->multifd_bytes = multifd_bytes(vm->mig_mf);
-		multifd_pages(vm->mig_mf, prog);
+		prog->ram = st;
 		publish_progress(vm, prog);
 		r = ferry_save_round(s, ROUND_BUDGET, err);
 		if (r)
@@ -622,7 +610,9 @@ static void *migration_thread(void *arg)
 	r = ferry_save_setup(s, &err);
 	if (r)
 		goto out;
+	pthread_mutex_lock(&vm->mig_lock);
 	vm->mig_setup_ns = vm_now_ns() - t0;
+	pthread_mutex_unlock(&vm->mig_lock);
 	if (!mig_advance(vm, MIG_ACTIVE)) {
 		r = ferry_error_set(&err, -ECANCELED, "cancelled");
 		goto out;
@@ -655,7 +645,7 @@ static void *migration_thread(void *arg)
 	ferry_save_get_stats(s, &ss);
 	prog.downtime_bytes = ferry_chan_offset(c) + multifd_bytes(mf) - bytes_before;
 	prog.multifd_bytes = multifd_bytes(mf);
-	multifd_pages(mf, &prog);
+	ferry_ram_get_stats(vm->ram_dev, &prog.ram);
 	publish_progress(vm, &prog);
 	/* The source stays paused until the destination has the VM. */
 	if (!r && use_rp)
@@ -961,6 +951,36 @@ static void *acceptor_main(void *arg)
 	return NULL;
 }
 
+/* Bind @uri's listener now if it is a socket, so that it accepts from the
+ * moment the caller learns the VM is waiting. Caller holds mig_lock. */
+static int incoming_bind_locked(struct vm *vm, const char *uri,
+				struct ferry_error *err)
+{
+	struct ferry_uri u;
+
+	if (ferry_uri_parse(uri, &u, err))
+		return err && err->code ? err->code : -EINVAL;
+	if (!ferry_uri_is_socket(&u) || vm->in_listener)
+		return 0;
+	vm->in_listener = ferry_transport_listen(uri, err);
+	if (!vm->in_listener)
+		return err && err->code ? err->code : -EIO;
+	vm_trace(vm, "listening for the migration on %s",
+		 ferry_listener_uri(vm->in_listener));
+	return 0;
+}
+
+int vm_incoming_bind(struct vm *vm, struct ferry_error *err)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&vm->mig_lock);
+	if (vm->in_uri[0])
+		r = incoming_bind_locked(vm, vm->in_uri, err);
+	pthread_mutex_unlock(&vm->mig_lock);
+	return r;
+}
+
 int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 {
 	struct ferry_uri u;
@@ -974,7 +994,8 @@ int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 			"migrate-incoming needs a VM started with --incoming defer");
 	else if (vm->in_uri[0])
 		r = ferry_error_set(err, -EBUSY, "incoming migration already set up");
-	else {
+	/* Like QEMU's: when the command returns, the port accepts. */
+	else if (!(r = incoming_bind_locked(vm, uri, err))) {
 		snprintf(vm->in_uri, sizeof(vm->in_uri), "%s", uri);
 		pthread_cond_broadcast(&vm->in_cond);
 	}
@@ -1010,6 +1031,8 @@ int vm_incoming(struct vm *vm, struct ferry_error *err)
 		pthread_cond_timedwait(&vm->in_cond, &vm->mig_lock, &ts);
 	}
 	snprintf(uri, sizeof(uri), "%s", vm->in_uri);
+	acc.l = vm->in_listener;       /* bound early, or NULL */
+	vm->in_listener = NULL;
 	pthread_mutex_unlock(&vm->mig_lock);
 	if (!uri[0])
 		return ferry_error_set(err, -ECANCELED, "quit while waiting for "
@@ -1019,7 +1042,8 @@ int vm_incoming(struct vm *vm, struct ferry_error *err)
 	set_in_status(vm, MIG_ACTIVE, NULL);
 	r = ferry_uri_parse(uri, &u, err);
 	if (!r && ferry_uri_is_socket(&u)) {
-		acc.l = ferry_transport_listen(uri, err);
+		if (!acc.l)
+			acc.l = ferry_transport_listen(uri, err);
 		if (!acc.l)
 			r = err && err->code ? err->code : -EIO;
 		else

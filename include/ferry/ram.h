@@ -152,7 +152,11 @@ FERRY_API int ferry_ram_set_multifd_recv(struct ferry_ram *ram,
 FERRY_API void ferry_ram_set_prepopulate(struct ferry_ram *ram,
 					 unsigned threads);
 
-/* Snapshot of the counters (any thread; values may be slightly stale). */
+/* Snapshot of the counters. Call it from the thread that runs the save or
+ * the load, or when none runs: the counters have that one writer, and with
+ * multifd attached the figures come from the multifd object, which its
+ * owner may free. A VMM that shows them elsewhere publishes a copy (the
+ * reference VMM does, under its migration lock). */
 FERRY_API void ferry_ram_get_stats(struct ferry_ram *ram,
 				   struct ferry_ram_stats *st);
 
