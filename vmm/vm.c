@@ -496,6 +496,10 @@ struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err)
 	if (vm->be == &backend_kvm_ops &&
 	    backend_kvm_attach_memmap(vm->be_priv, vm->memmap, vm->ram_region, err))
 		goto fail;
+	/* Listen before the control socket answers: whoever sees the VM up
+	 * may start the source at once. */
+	if (vm_incoming_bind(vm, err))
+		goto fail;
 	if (cfg->control && vm_control_start(vm, err))
 		goto fail;
 	return vm;
@@ -517,6 +521,8 @@ void vm_destroy(struct vm *vm)
 		shutdown(vm->mig_fd, SHUT_RDWR);
 	pthread_mutex_unlock(&vm->mig_lock);
 	vm_migrate_join(vm);
+	ferry_listener_close(vm->in_listener);
+	vm->in_listener = NULL;
 	vm_throttle_stop(vm);
 	if (vm->be && vm->be_priv)
 		vm->be->destroy(vm->be_priv);
