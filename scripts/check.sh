@@ -12,4 +12,13 @@ if command -v clang >/dev/null 2>&1 && make --no-print-directory -s "$B/fuzz-loa
 else
 	echo "note: fuzz target not built (see $B/fuzz-build.log)"
 fi
+# Under ThreadSanitizer: guest RAM is copied while the guest writes it, by
+# design (tests/tsan.supp says why), and everything runs several times slower.
+case "$B" in
+*-thread)
+	export TSAN_OPTIONS="suppressions=$PWD/tests/tsan.supp ${TSAN_OPTIONS:-}"
+	set -- --timeout-scale 4 "$@" ;;
+*-address|*-undefined)
+	set -- --timeout-scale 2 "$@" ;;
+esac
 exec "$B/ferry-test" "$@"

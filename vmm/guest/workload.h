@@ -50,6 +50,18 @@
 
 #include "layout.h"
 
+/*
+ * The guest's own code is outside the VMM's memory model: on KVM no
+ * sanitizer sees it, and hosted it must not be seen either, or every page
+ * the migration copies while the guest rewrites it (by design: the dirty log
+ * sends it again) is a ThreadSanitizer report.
+ */
+#if defined(__SANITIZE_THREAD__)
+#define WL_GUEST __attribute__((no_sanitize_thread))
+#else
+#define WL_GUEST
+#endif
+
 #define WL_READ_ONCE(x)		(*(const volatile __typeof__(x) *)&(x))
 #define WL_WRITE_ONCE(x, v)	(*(volatile __typeof__(x) *)&(x) = (v))
 #define wl_barrier()		__asm__ __volatile__("" ::: "memory")
@@ -78,7 +90,7 @@ static void wl_plat_idle(struct wl_ctx *c, uint32_t us);
 static void wl_plat_poll(struct wl_ctx *c);
 static void wl_plat_panic(struct wl_ctx *c, uint32_t code);
 
-static inline void wl_ctx_init(struct wl_ctx *c, uintptr_t base, uint32_t cpu,
+WL_GUEST static inline void wl_ctx_init(struct wl_ctx *c, uintptr_t base, uint32_t cpu,
 			       void *plat)
 {
 	c->base = base;
@@ -93,7 +105,7 @@ static inline void wl_ctx_init(struct wl_ctx *c, uintptr_t base, uint32_t cpu,
 }
 
 /* rdtsc needs no privilege, so it works in the guest and in host threads. */
-static inline uint64_t wl_rdtsc(void)
+WL_GUEST static inline uint64_t wl_rdtsc(void)
 {
 	uint32_t lo, hi;
 
@@ -101,13 +113,13 @@ static inline uint64_t wl_rdtsc(void)
 	return ((uint64_t)hi << 32) | lo;
 }
 
-static inline void wl_cpu_relax(void)
+WL_GUEST static inline void wl_cpu_relax(void)
 {
 	__asm__ __volatile__("pause" ::: "memory");
 }
 
 /* Record a panic in the status block, then let the platform act on it. */
-static inline void wl_panic(struct wl_ctx *c, uint32_t code, const char *msg)
+WL_GUEST static inline void wl_panic(struct wl_ctx *c, uint32_t code, const char *msg)
 {
 	struct guest_status *st = c->status;
 	size_t i;
@@ -124,7 +136,7 @@ static inline void wl_panic(struct wl_ctx *c, uint32_t code, const char *msg)
 /* ---- page contents ---------------------------------------------------- */
 
 /* splitmix64 finalizer: a cheap bijective 64-bit mixer. */
-static inline uint64_t wl_mix64(uint64_t x)
+WL_GUEST static inline uint64_t wl_mix64(uint64_t x)
 {
 	x ^= x >> 30;
 	x *= 0xbf58476d1ce4e5b9ULL;
@@ -134,7 +146,7 @@ static inline uint64_t wl_mix64(uint64_t x)
 	return x;
 }
 
-static inline uint64_t wl_xorshift64(uint64_t x)
+WL_GUEST static inline uint64_t wl_xorshift64(uint64_t x)
 {
 	x ^= x << 13;
 	x ^= x >> 7;
@@ -143,12 +155,12 @@ static inline uint64_t wl_xorshift64(uint64_t x)
 }
 
 /* Seed of a page's pattern; never 0, which is a fixed point of xorshift. */
-static inline uint64_t wl_page_seed(uint64_t idx, uint64_t gen)
+WL_GUEST static inline uint64_t wl_page_seed(uint64_t idx, uint64_t gen)
 {
 	return wl_mix64(idx * 0x9e3779b97f4a7c15ULL ^ wl_mix64(gen)) | 1;
 }
 
-static inline uint64_t *wl_page_ptr(const struct wl_ctx *c, uint64_t idx)
+WL_GUEST static inline uint64_t *wl_page_ptr(const struct wl_ctx *c, uint64_t idx)
 {
 	return (uint64_t *)(c->base + GUEST_DATA_GPA + idx * GUEST_PAGE_SIZE);
 }
@@ -162,7 +174,7 @@ static inline uint64_t *wl_page_ptr(const struct wl_ctx *c, uint64_t idx)
  * The generation is taken before the page is written and gen[] updated
  * after it, so a snapshot taken between two page writes is consistent.
  */
-static inline void wl_page_write(struct wl_ctx *c, uint64_t idx)
+WL_GUEST static inline void wl_page_write(struct wl_ctx *c, uint64_t idx)
 {
 	uint64_t *p = wl_page_ptr(c, idx);
 	uint64_t gen = ++c->work->generation;
@@ -183,7 +195,7 @@ static inline void wl_page_write(struct wl_ctx *c, uint64_t idx)
 }
 
 /* True if page idx holds exactly what gen[idx] says it should. */
-static inline int wl_page_ok(const struct wl_ctx *c, uint64_t idx)
+WL_GUEST static inline int wl_page_ok(const struct wl_ctx *c, uint64_t idx)
 {
 	const uint64_t *p = wl_page_ptr(c, idx);
 	uint64_t gen = c->gen[idx];
@@ -213,7 +225,7 @@ static inline int wl_page_ok(const struct wl_ctx *c, uint64_t idx)
  * A pause may park us between pages; a stop abandons the pass unpublished
  * (a resumed guest sees verify_seq still pending and starts over).
  */
-static inline void wl_verify(struct wl_ctx *c, uint64_t seq)
+WL_GUEST static inline void wl_verify(struct wl_ctx *c, uint64_t seq)
 {
 	struct guest_status *st = c->status;
 	uint64_t n = c->work->data_pages;
@@ -248,7 +260,7 @@ static inline void wl_verify(struct wl_ctx *c, uint64_t seq)
 /* ---- pacing ----------------------------------------------------------- */
 
 /* Recompute the pacer when the rate or the TSC frequency changes. */
-static inline void wl_pace_update(struct wl_ctx *c)
+WL_GUEST static inline void wl_pace_update(struct wl_ctx *c)
 {
 	struct guest_work *w = c->work;
 	uint64_t hz = WL_READ_ONCE(c->cmd->tsc_hz);
@@ -264,7 +276,7 @@ static inline void wl_pace_update(struct wl_ctx *c)
 	w->next_tsc = wl_rdtsc();
 }
 
-static inline void wl_apply_cmd(struct wl_ctx *c, uint64_t seq)
+WL_GUEST static inline void wl_apply_cmd(struct wl_ctx *c, uint64_t seq)
 {
 	const struct guest_cmd *cmd = c->cmd;
 	struct guest_work *w = c->work;
@@ -289,7 +301,7 @@ static inline void wl_apply_cmd(struct wl_ctx *c, uint64_t seq)
 }
 
 /* True when the VMM has something new for us. */
-static inline int wl_cmd_pending(const struct wl_ctx *c)
+WL_GUEST static inline int wl_cmd_pending(const struct wl_ctx *c)
 {
 	return WL_READ_ONCE(c->cmd->seq) != c->status->cmd_seq ||
 	       WL_READ_ONCE(c->cmd->verify_seq) != c->status->verify_seq;
@@ -300,7 +312,7 @@ static inline int wl_cmd_pending(const struct wl_ctx *c)
  * Long waits go through the idle hook so the platform can sleep instead of
  * letting us spin.
  */
-static inline void wl_wait_until(struct wl_ctx *c, uint64_t deadline)
+WL_GUEST static inline void wl_wait_until(struct wl_ctx *c, uint64_t deadline)
 {
 	uint64_t hz = c->work->tsc_hz;
 
@@ -322,7 +334,7 @@ static inline void wl_wait_until(struct wl_ctx *c, uint64_t deadline)
 }
 
 /* Rate pacing: called before each page write of the dirty workload. */
-static inline void wl_pace(struct wl_ctx *c)
+WL_GUEST static inline void wl_pace(struct wl_ctx *c)
 {
 	struct guest_work *w = c->work;
 	uint64_t now;
@@ -346,7 +358,7 @@ static inline void wl_pace(struct wl_ctx *c)
 }
 
 /* Spend pct% of the time waiting, given the cycles just spent working. */
-static inline void wl_throttle(struct wl_ctx *c, uint64_t busy_cycles)
+WL_GUEST static inline void wl_throttle(struct wl_ctx *c, uint64_t busy_cycles)
 {
 	uint64_t pct = c->work->throttle_pct;
 
@@ -356,7 +368,7 @@ static inline void wl_throttle(struct wl_ctx *c, uint64_t busy_cycles)
 
 /* ---- workloads -------------------------------------------------------- */
 
-static inline uint64_t wl_next_dirty_page(struct wl_ctx *c)
+WL_GUEST static inline uint64_t wl_next_dirty_page(struct wl_ctx *c)
 {
 	struct guest_work *w = c->work;
 	uint64_t idx;
@@ -372,14 +384,14 @@ static inline uint64_t wl_next_dirty_page(struct wl_ctx *c)
 	return idx;
 }
 
-static inline void wl_idle(struct wl_ctx *c)
+WL_GUEST static inline void wl_idle(struct wl_ctx *c)
 {
 	WL_WRITE_ONCE(c->status->state, GUEST_STATE_IDLE);
 	wl_plat_idle(c, GUEST_IDLE_MAX_US);
 	wl_plat_poll(c);
 }
 
-static inline void wl_do_dirty(struct wl_ctx *c)
+WL_GUEST static inline void wl_do_dirty(struct wl_ctx *c)
 {
 	uint64_t start = wl_rdtsc();
 	int i;
@@ -395,7 +407,7 @@ static inline void wl_do_dirty(struct wl_ctx *c)
 	wl_throttle(c, wl_rdtsc() - start);
 }
 
-static inline void wl_do_fill(struct wl_ctx *c)
+WL_GUEST static inline void wl_do_fill(struct wl_ctx *c)
 {
 	struct guest_work *w = c->work;
 	uint64_t start = wl_rdtsc();
@@ -427,7 +439,7 @@ static inline void wl_do_fill(struct wl_ctx *c)
  * snapshot): check that RAM and the command block agree and carry on.
  * Returns 0, or -1 after a panic.
  */
-static inline int wl_boot(struct wl_ctx *c)
+WL_GUEST static inline int wl_boot(struct wl_ctx *c)
 {
 	const struct guest_cmd *cmd = c->cmd;
 	struct guest_status *st = c->status;
@@ -495,7 +507,7 @@ static inline int wl_boot(struct wl_ctx *c)
 }
 
 /* One main-loop iteration of vCPU 0. */
-static inline void wl_step(struct wl_ctx *c)
+WL_GUEST static inline void wl_step(struct wl_ctx *c)
 {
 	struct guest_status *st = c->status;
 	uint64_t seq;
@@ -529,7 +541,7 @@ static inline void wl_step(struct wl_ctx *c)
 }
 
 /* The light loop of every vCPU but 0: a heartbeat, then idle. */
-static inline void wl_secondary(struct wl_ctx *c)
+WL_GUEST static inline void wl_secondary(struct wl_ctx *c)
 {
 	uint64_t *hb;
 
@@ -549,7 +561,7 @@ static inline void wl_secondary(struct wl_ctx *c)
  * Entry point of a vCPU on either platform.  Never returns in the guest;
  * in the host it returns once a hook has set c->stop.
  */
-static inline void wl_run(struct wl_ctx *c)
+WL_GUEST static inline void wl_run(struct wl_ctx *c)
 {
 	if (c->cpu != 0) {
 		wl_secondary(c);
