@@ -21,22 +21,6 @@
 #include "../list.h"
 #undef X
 
-/*
- * Under ThreadSanitizer or AddressSanitizer the VMM sends several times
- * slower while a KVM guest still dirties memory at full speed, so a
- * dirtying guest converges only if the VMM may throttle it. Those builds
- * turn auto-converge on where a test does not ask for it to be off; the
- * plain build tests convergence without it.
- */
-static bool slow_build(void)
-{
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-	return true;
-#else
-	return false;
-#endif
-}
-
 static void set_params(struct proc *p, int channels, bool zstd, int limit_ms,
 		       bool autoconv)
 {

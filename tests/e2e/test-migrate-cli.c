@@ -171,8 +171,9 @@ static json_t *run_demo_json(const char *args, int want_exit)
 	char *out = NULL;
 	int st;
 
-	st = test_run(&out, "{ TMPDIR=%s %s demo %s --json --no-progress 2>%s; }",
-		      tmp, test_ferry_bin(), args, err);
+	st = test_run(&out, "{ TMPDIR=%s %s demo %s%s --json --no-progress 2>%s; }",
+		      tmp, test_ferry_bin(), args,
+		      slow_build() ? " --auto-converge" : "", err);
 	if (st != want_exit)
 		FAIL("ferry demo %s: exit %d, expected %d\nstdout: %s\nstderr: %s",
 		     args, st, want_exit, out, slurp(err));
@@ -326,8 +327,9 @@ static char *migrate_to(struct proc *src, struct proc *dst, int port,
 	char *out = NULL;
 	int st;
 
-	st = test_run(&out, "{ %s migrate --from %s --to tcp:127.0.0.1:%d %s 2>%s; }",
-		      test_ferry_bin(), src->sock, port, flags, err);
+	st = test_run(&out, "{ %s migrate --from %s --to tcp:127.0.0.1:%d %s%s 2>%s; }",
+		      test_ferry_bin(), src->sock, port, flags,
+		      slow_build() ? " --auto-converge" : "", err);
 	if (st != 0)
 		FAIL("ferry migrate %s: exit %d: %s\n%s\nsource: %s\ndestination: %s",
 		     flags, st, out, slurp(err), slurp(src->log), slurp(dst->log));
@@ -345,12 +347,11 @@ TEST(migrate_cli_thread_live)
 		 "--workload dirty,ws=128M,rate=0");
 	usleep(500000);
 
-	/* The table, to a first destination. The destination's listen
-	 * follows its control socket by a moment. */
+	/* The table, to a first destination (listening by the time its
+	 * control socket answers). */
 	port = free_port();
 	vm_spawn(&b, "dst", test_fmt("--backend thread --mem 256M --paused "
 				     "--incoming tcp:127.0.0.1:%d", port));
-	usleep(300000);
 	out = migrate_to(&a, &b, port, "--downtime-limit 400");
 	ASSERT_CONTAINS(out, "completed");
 	ASSERT_CONTAINS(out, "downtime");
@@ -365,7 +366,6 @@ TEST(migrate_cli_thread_live)
 	port = free_port();
 	vm_spawn(&c, "dst2", test_fmt("--backend thread --mem 256M --paused "
 				      "--incoming tcp:127.0.0.1:%d", port));
-	usleep(300000);
 	out = migrate_to(&a, &c, port, "--json");
 	j = json_loads(out, 0, NULL);
 	if (!j)

@@ -20,6 +20,15 @@
 #include "vmproc.h"
 
 
+bool slow_build(void)
+{
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+	return true;
+#else
+	return false;
+#endif
+}
+
 int free_port(void)
 {
 	struct sockaddr_in a = { .sin_family = AF_INET };

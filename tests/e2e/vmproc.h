@@ -6,6 +6,7 @@
 #define FERRY_TEST_VMPROC_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <sys/types.h>
 
 struct proc {
@@ -15,6 +16,13 @@ struct proc {
 	int fd;      /* control connection */
 };
 
+/*
+ * True in ThreadSanitizer/AddressSanitizer builds: the VMM sends several
+ * times slower there while the guest still dirties memory at full speed,
+ * so tests with a dirtying guest let the VMM throttle it (auto-converge)
+ * where they do not test convergence itself.
+ */
+bool slow_build(void);
 /* A loopback TCP port that was free a moment ago. */
 int free_port(void);
 /* SKIP unless @backend ("kvm" or "thread") can run here. */
