@@ -148,8 +148,13 @@ struct ferry_save *ferry_save_new(struct ferry_ctx *ctx,
 				  struct ferry_chan *out,
 				  struct ferry_error *err)
 {
-	struct ferry_save *s = calloc(1, sizeof(*s));
+	/* XXH3_state_t wants 64-byte alignment, more than calloc promises
+	 * (sizeof is a multiple of the alignment, as aligned_alloc needs). */
+	struct ferry_save *s = aligned_alloc(_Alignof(struct ferry_save),
+					     sizeof(*s));
 
+	if (s)
+		memset(s, 0, sizeof(*s));
 	if (!s) {
 		ferry_error_set(err, -ENOMEM, "out of memory");
 		return NULL;

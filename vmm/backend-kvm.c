@@ -480,7 +480,11 @@ static int kvm_create(struct vm *vm, void **priv, struct ferry_error *err)
 
 	if (vm_vcpus(vm) > MAX_VCPUS)
 		return ferry_error_set(err, -EINVAL, "at most %d vCPUs", MAX_VCPUS);
-	kb = calloc(1, sizeof(*kb));
+	/* The vCPU state's XSAVE area is 64-byte aligned: more than calloc
+	 * promises. */
+	kb = aligned_alloc(_Alignof(struct kvm_backend), sizeof(*kb));
+	if (kb)
+		memset(kb, 0, sizeof(*kb));
 	if (!kb)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	kb->vm = vm;

@@ -562,7 +562,8 @@ static size_t pkt(uint8_t *b, uint32_t chan, uint32_t flags, uint32_t block,
 	be32(b + 32, plen);
 	for (uint32_t i = 0; i < nn + nz; i++, n += 8)
 		be64(b + n, offs[i]);
-	memcpy(b + n, payload, plen);
+	if (plen)
+		memcpy(b + n, payload, plen);
 	n += plen;
 	{
 		XXH3_state_t *x = XXH3_createState();
