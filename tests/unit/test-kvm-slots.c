@@ -11,6 +11,7 @@
 
 #include "kvm-slots.h"
 #include "memmap.h"
+#include "memmap-util.h"
 
 #define X(name, timeout) TEST(name);
 #include "../list.h"
@@ -32,27 +33,6 @@ static void place_ref(uint64_t *dst, const uint64_t *src, uint64_t src_pages,
 	for (uint64_t i = 0; i < src_pages; i++)
 		if (bit(src, i))
 			dst[(first + i) / 64] |= 1ull << ((first + i) % 64);
-}
-
-static struct memmap *new_map(void)
-{
-	struct ferry_error err = { 0 };
-	struct memmap *mm = memmap_new(&err);
-
-	if (!mm)
-		FAIL("memmap_new: %s", err.msg);
-	return mm;
-}
-
-static struct memmap_region *ram(struct memmap *mm, const char *name,
-				 void *host, uint64_t size)
-{
-	struct ferry_error err = { 0 };
-	struct memmap_region *r = memmap_region_new_ram(mm, name, host, size, &err);
-
-	if (!r)
-		FAIL("ram %s: %s", name, err.msg);
-	return r;
 }
 
 /* A 16-byte register file. */

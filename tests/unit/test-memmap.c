@@ -11,6 +11,7 @@
 #include "ferry/migration.h"
 #include "ferry/vmstate.h"
 #include "memmap.h"
+#include "memmap-util.h"
 #include "virtio.h"
 
 #define X(name, timeout) TEST(name);
@@ -56,27 +57,6 @@ static void check_view_(struct memmap *mm, const struct exp *e, unsigned n,
 	check_view_(mm, e_, sizeof(e_) / sizeof(e_[0]), __LINE__);	\
 } while (0)
 #define CHECK_VIEW_EMPTY(mm) check_view_(mm, NULL, 0, __LINE__)
-
-static struct memmap *new_map(void)
-{
-	struct ferry_error err = {0};
-	struct memmap *mm = memmap_new(&err);
-
-	if (!mm)
-		FAIL("memmap_new: %s", err.msg);
-	return mm;
-}
-
-static struct memmap_region *ram(struct memmap *mm, const char *name,
-				 void *host, uint64_t size)
-{
-	struct ferry_error err = {0};
-	struct memmap_region *r = memmap_region_new_ram(mm, name, host, size, &err);
-
-	if (!r)
-		FAIL("ram %s: %s", name, err.msg);
-	return r;
-}
 
 static void add(struct memmap_region *c, uint64_t off, struct memmap_region *r,
 		int prio)
