@@ -201,6 +201,56 @@ static void dest_finish(struct dest *d)
 	ferry_ram_free(d->ram);
 }
 
+/* @n channel socketpairs plus the main one: source ends in @sfds and
+ * main[0], destination ends in @dfds and main[1]. */
+static void unix_links(unsigned n, int *sfds, int *dfds, int main[2])
+{
+	int fds[FERRY_MULTIFD_MAX_CHANNELS][2];
+
+	socketpairs(fds, n);
+	ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, main));
+	for (unsigned i = 0; i < n; i++) {
+		sfds[i] = fds[i][0];
+		dfds[i] = fds[i][1];
+	}
+}
+
+/* The source side: @g's RAM registered, multifd on @chan_fds attached,
+ * the save begun on @main_fd. The test ends the save and frees `out`. */
+struct src {
+	struct ferry_ram *ram;
+	struct ferry_ctx *ctx;
+	struct ferry_multifd *mf;
+	struct ferry_chan *out;
+	struct ferry_save *s;
+};
+
+static void src_begin(struct src *S, struct guest *g,
+		      const struct ferry_multifd_params *p, const int *chan_fds,
+		      int main_fd)
+{
+	struct ferry_error err = { 0 };
+
+	S->ram = g_ram(g, true);
+	S->ctx = ferry_ctx_new(NULL);
+	ASSERT_OK_E(ferry_ram_register(S->ram, S->ctx, &err), err);
+	S->mf = ferry_multifd_send_new(p, chan_fds, &err);
+	if (!S->mf)
+		FAIL("multifd_send_new: %s", err.msg);
+	ASSERT_OK_E(ferry_ram_set_multifd_send(S->ram, S->mf, &err), err);
+	S->out = ferry_chan_new_fd(main_fd, FERRY_CHAN_WRITE, true);
+	S->s = ferry_save_begin(S->ctx, S->out, &err);
+	if (!S->s)
+		FAIL("save_begin: %s", err.msg);
+}
+
+static void src_free(struct src *S)
+{
+	ferry_multifd_free(S->mf);
+	ferry_ctx_free(S->ctx);
+	ferry_ram_free(S->ram);
+}
+
 /*
  * A live migration: precopy rounds over @channels channels while the
  * "guest" rewrites a hot set of pages every round (the same pages are in
@@ -215,15 +265,11 @@ static void precopy(unsigned channels, enum ferry_multifd_compression comp,
 	struct dest d = { 0 };
 	struct ferry_error err = { 0 };
 	struct ferry_multifd_params p = { .channels = channels, .compression = comp };
-	int fds[FERRY_MULTIFD_MAX_CHANNELS][2], mainfd[2];
+	int mainfd[2];
 	int sfds[FERRY_MULTIFD_MAX_CHANNELS], dfds[FERRY_MULTIFD_MAX_CHANNELS];
-	struct ferry_multifd *mf;
 	struct ferry_multifd_stats ms;
 	struct ferry_ram_stats st;
-	struct ferry_ram *ram;
-	struct ferry_ctx *ctx;
-	struct ferry_chan *out;
-	struct ferry_save *s;
+	struct src S;
 
 	g_init(&src, 3000, 200);
 	g_init(&d.g, 3000, 200);
@@ -246,36 +292,21 @@ static void precopy(unsigned channels, enum ferry_multifd_compression comp,
 				mainfd[0] = c;
 				mainfd[1] = a;
 			} else {
-				fds[i][0] = c;
-				fds[i][1] = a;
+				sfds[i] = c;
+				dfds[i] = a;
 			}
 		}
 		ferry_listener_close(l);
 	} else {
-		socketpairs(fds, channels);
-		ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, mainfd));
-	}
-	for (unsigned i = 0; i < channels; i++) {
-		sfds[i] = fds[i][0];
-		dfds[i] = fds[i][1];
+		unix_links(channels, sfds, dfds, mainfd);
 	}
 	dest_start(&d, channels, dfds, mainfd[1]);
-
-	ram = g_ram(&src, true);
-	ctx = ferry_ctx_new(NULL);
-	ASSERT_OK_E(ferry_ram_register(ram, ctx, &err), err);
-	mf = ferry_multifd_send_new(&p, sfds, &err);
-	ASSERT_PTR(mf);
-	ASSERT_OK_E(ferry_ram_set_multifd_send(ram, mf, &err), err);
-	out = ferry_chan_new_fd(mainfd[0], FERRY_CHAN_WRITE, true);
-	s = ferry_save_begin(ctx, out, &err);
-	if (!s)
-		FAIL("save_begin: %s", err.msg);
+	src_begin(&S, &src, &p, sfds, mainfd[0]);
 	for (int round = 0; round < 16; round++) {
 		uint64_t must, can;
 
-		ferry_save_pending(s, true, &must, &can);
-		ASSERT_OK_E(ferry_save_round(s, budget, &err), err);
+		ferry_save_pending(S.s, true, &must, &can);
+		ASSERT_OK_E(ferry_save_round(S.s, budget, &err), err);
 		/* Hot set: rewritten every round. */
 		for (uint64_t pg = 0; pg < 512; pg++)
 			g_write(&src, 0, pg, pg % 17 == (uint64_t)round);
@@ -283,16 +314,16 @@ static void precopy(unsigned channels, enum ferry_multifd_compression comp,
 			g_write(&src, (unsigned)(test_rand() % 2),
 				test_rand() % 200, test_rand() % 5 == 0);
 	}
-	ASSERT_OK_E(ferry_save_complete(s, &err), err);
-	ferry_save_end(s);
-	ferry_chan_free(out);
+	ASSERT_OK_E(ferry_save_complete(S.s, &err), err);
+	ferry_save_end(S.s);
+	ferry_chan_free(S.out);
 	dest_finish(&d);
 	ASSERT_OK_E(d.ret, d.err);
 
 	ASSERT_MEMEQ(d.g.mem[0], src.mem[0], 3000ull * PS);
 	ASSERT_MEMEQ(d.g.mem[1], src.mem[1], 200ull * PS);
-	ferry_ram_get_stats(ram, &st);
-	ferry_multifd_get_stats(mf, &ms);
+	ferry_ram_get_stats(S.ram, &st);
+	ferry_multifd_get_stats(S.mf, &ms);
 	ASSERT_GE(st.multifd_syncs, 2);  /* at least one pass + END */
 	ASSERT_EQ_U64(ms.syncs, st.multifd_syncs);
 	ASSERT_GT(ms.zero_pages, 0);
@@ -308,9 +339,7 @@ static void precopy(unsigned channels, enum ferry_multifd_compression comp,
 		       (unsigned long long)ms.normal_pages,
 		       (unsigned long long)ms.zero_pages,
 		       (unsigned long long)ms.syncs);
-	ferry_multifd_free(mf);
-	ferry_ctx_free(ctx);
-	ferry_ram_free(ram);
+	src_free(&S);
 	g_free(&src);
 	g_free(&d.g);
 }
@@ -950,54 +979,37 @@ TEST(multifd_channel_killed)
 	struct dest d = { 0 };
 	struct ferry_error err = { 0 };
 	struct ferry_multifd_params p = { .channels = 2 };
-	int fds[2][2], mainfd[2], sfds[2], dfds[2], r = 0;
-	struct ferry_multifd *mf;
-	struct ferry_ram *ram;
-	struct ferry_ctx *ctx;
-	struct ferry_chan *out;
-	struct ferry_save *s;
+	int mainfd[2], sfds[2], dfds[2], r = 0;
+	struct src S;
 
 	g_init(&src, 4096, 16);
 	g_init(&d.g, 4096, 16);
 	g_fill(&src);
-	socketpairs(fds, 2);
-	ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, mainfd));
-	for (int i = 0; i < 2; i++) {
-		sfds[i] = fds[i][0];
-		dfds[i] = fds[i][1];
-	}
+	unix_links(2, sfds, dfds, mainfd);
 	dest_start(&d, 2, dfds, mainfd[1]);
-	ram = g_ram(&src, true);
-	ctx = ferry_ctx_new(NULL);
-	ASSERT_OK_E(ferry_ram_register(ram, ctx, &err), err);
-	mf = ferry_multifd_send_new(&p, sfds, &err);
-	ASSERT_PTR(mf);
-	ASSERT_OK_E(ferry_ram_set_multifd_send(ram, mf, &err), err);
-	out = ferry_chan_new_fd(mainfd[0], FERRY_CHAN_WRITE, true);
-	s = ferry_save_begin(ctx, out, &err);
-	ASSERT_PTR(s);
-	ASSERT_OK_E(ferry_save_round(s, 0, &err), err);
+	src_begin(&S, &src, &p, sfds, mainfd[0]);
+	ASSERT_OK_E(ferry_save_round(S.s, 0, &err), err);
 	shutdown(dfds[1], SHUT_RDWR);
 	for (int round = 0; round < 20 && !r; round++) {
 		uint64_t must, can;
 		for (uint64_t pg = 0; pg < 4096; pg++)
 			g_write(&src, 0, pg, false);
-		ferry_save_pending(s, true, &must, &can);
-		r = ferry_save_round(s, 0, &err);
+		ferry_save_pending(S.s, true, &must, &can);
+		r = ferry_save_round(S.s, 0, &err);
 	}
 	if (!r)
-		r = ferry_save_complete(s, &err);
+		r = ferry_save_complete(S.s, &err);
 	ASSERT_LT(r, 0);
 	ASSERT_CONTAINS(err.msg, "multifd: channel");
-	ferry_save_end(s);
+	ferry_save_end(S.s);
 	/* What a VMM does when its migration fails: drop the connections. */
-	ferry_chan_free(out);
-	ferry_multifd_free(mf);
+	ferry_chan_free(S.out);
+	ferry_multifd_free(S.mf);
+	S.mf = NULL;
 	dest_finish(&d);
 	ASSERT_LT(d.ret, 0);
 	ASSERT(d.err.msg[0]);
-	ferry_ctx_free(ctx);
-	ferry_ram_free(ram);
+	src_free(&S);
 	g_free(&src);
 	g_free(&d.g);
 }
@@ -1023,13 +1035,9 @@ TEST(multifd_prepopulate_ranges)
 	struct dest d = { 0 };
 	struct ferry_error err = { 0 };
 	struct ferry_multifd_params p = { .channels = 2 };
-	int fds[2][2], mainfd[2], sfds[2], dfds[2];
+	int mainfd[2], sfds[2], dfds[2];
 	struct ferry_ram_stats st;
-	struct ferry_multifd *mf;
-	struct ferry_ram *ram;
-	struct ferry_ctx *ctx;
-	struct ferry_chan *out;
-	struct ferry_save *s;
+	struct src S;
 	uint64_t pop = 0;
 	struct timespec ts = { 0, 200 * 1000 * 1000 };
 
@@ -1043,28 +1051,15 @@ TEST(multifd_prepopulate_ranges)
 			g_write(&src, 0, pg, pg % 50 == 7);
 			pop++;
 		}
-	socketpairs(fds, 2);
-	ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, mainfd));
-	for (int i = 0; i < 2; i++) {
-		sfds[i] = fds[i][0];
-		dfds[i] = fds[i][1];
-	}
+	unix_links(2, sfds, dfds, mainfd);
 	dest_start(&d, 2, dfds, mainfd[1]);
-	ram = g_ram(&src, true);
-	ctx = ferry_ctx_new(NULL);
-	ASSERT_OK_E(ferry_ram_register(ram, ctx, &err), err);
-	mf = ferry_multifd_send_new(&p, sfds, &err);
-	ASSERT_PTR(mf);
-	ASSERT_OK_E(ferry_ram_set_multifd_send(ram, mf, &err), err);
-	out = ferry_chan_new_fd(mainfd[0], FERRY_CHAN_WRITE, true);
-	s = ferry_save_begin(ctx, out, &err);
-	ASSERT_PTR(s);
-	ferry_chan_flush(out);
+	src_begin(&S, &src, &p, sfds, mainfd[0]);
+	ferry_chan_flush(S.out);
 	/* Give the helpers a head start, so the count below is exact. */
 	nanosleep(&ts, NULL);
-	ASSERT_OK_E(ferry_save_complete(s, &err), err);
-	ferry_save_end(s);
-	ferry_chan_free(out);
+	ASSERT_OK_E(ferry_save_complete(S.s, &err), err);
+	ferry_save_end(S.s);
+	ferry_chan_free(S.out);
 	pthread_join(d.thread, NULL);
 	ASSERT_OK_E(d.ret, d.err);
 	ferry_ram_get_stats(d.ram, &st);
@@ -1080,9 +1075,7 @@ TEST(multifd_prepopulate_ranges)
 	ferry_multifd_free(d.mf);
 	ferry_ctx_free(d.ctx);
 	ferry_ram_free(d.ram);
-	ferry_multifd_free(mf);
-	ferry_ctx_free(ctx);
-	ferry_ram_free(ram);
+	src_free(&S);
 	g_free(&src);
 	g_free(&d.g);
 }
