@@ -57,8 +57,8 @@ static void live_to(const char *backend, const char *workload, int channels,
 		    bool zstd, const char *dest_extra)
 {
 	struct proc s, d;
-	json_t *m, *ds, *dd, *v;
-	char digest[64];
+	json_t *m, *v;
+	char digest[64], loaded[64];
 	long long g;
 	int port;
 
@@ -89,12 +89,9 @@ static void live_to(const char *backend, const char *workload, int channels,
 	json_decref(m);
 	ASSERT_STREQ(status_of(&s), "postmigrate");
 	ASSERT_STREQ(status_of(&d), "paused");
-	ds = call(&s, "query-ram-digest", NULL);
-	dd = call(&d, "query-ram-digest", NULL);
-	snprintf(digest, sizeof(digest), "%s", gets(ds, "digest"));
-	ASSERT_STREQ(gets(dd, "digest"), digest);
-	json_decref(ds);
-	json_decref(dd);
+	ram_digest(&s, digest);
+	ram_digest(&d, loaded);
+	ASSERT_STREQ(loaded, digest);
 	g = generation(&d);
 	json_decref(call(&d, "cont", NULL));
 	/* A dirtying guest must carry on writing; a fill may be done. */

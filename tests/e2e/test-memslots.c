@@ -147,9 +147,9 @@ TEST(memslot_thread_no_slots)
 TEST(memslot_kvm_slots_survive_restore)
 {
 	const char *img = test_fmt("%s/vm.img", test_tmpdir());
-	char digest[64];
+	char digest[64], loaded[64];
 	struct proc a, b;
-	json_t *qa, *qb, *d, *v;
+	json_t *qa, *qb, *v;
 	long long gen_saved;
 
 	need_backend("kvm");
@@ -163,24 +163,20 @@ TEST(memslot_kvm_slots_survive_restore)
 	call(&a, "migrate", json_pack("{s:s}", "uri", test_fmt("file:%s", img)));
 	wait_migration(&a, "completed");
 	gen_saved = generation(&a);
-	d = call(&a, "query-ram-digest", NULL);
-	snprintf(digest, sizeof(digest), "%s", gets(d, "digest"));
-	json_decref(d);
+	ram_digest(&a, digest);
 	vm_quit(&a);
 
 	vm_spawn(&b, "dst", test_fmt("--backend kvm --mem 1G --paused "
 				     "--incoming file:%s", img));
-	for (int i = 0; i < 6000 && !strcmp(status_of(&b), "inmigrate"); i++)
-		usleep(10000);
+	wait_loaded(&b);
 	ASSERT_STREQ(status_of(&b), "paused");
 	qb = memslots(&b);
 	ASSERT_EQ(check_slots(qb, 1ull << 30, 2, false), 2);
 	ASSERT(json_equal(json_object_get(qa, "slots"), json_object_get(qb, "slots")));
 	ASSERT(json_equal(json_object_get(qa, "view"), json_object_get(qb, "view")));
 	ASSERT_EQ(generation(&b), gen_saved);
-	d = call(&b, "query-ram-digest", NULL);
-	ASSERT_STREQ(gets(d, "digest"), digest);
-	json_decref(d);
+	ram_digest(&b, loaded);
+	ASSERT_STREQ(loaded, digest);
 	call(&b, "cont", NULL);
 	wait_generation(&b, gen_saved + 100);
 	v = verify(&b);
@@ -201,9 +197,9 @@ TEST(memslot_kvm_live_split_ram)
 {
 	const char *args = "--backend kvm --mem 512M --devices 5";
 	struct proc s, d;
-	json_t *q, *ds, *dd, *v;
+	json_t *q, *v;
 	bool seen_logging = false;
-	char digest[64];
+	char digest[64], loaded[64];
 	int port = free_port();
 
 	need_backend("kvm");
@@ -251,12 +247,9 @@ TEST(memslot_kvm_live_split_ram)
 	check_slots(q, 512ull << 20, 5, false);
 	json_decref(q);
 
-	ds = call(&s, "query-ram-digest", NULL);
-	dd = call(&d, "query-ram-digest", NULL);
-	snprintf(digest, sizeof(digest), "%s", gets(ds, "digest"));
-	ASSERT_STREQ(gets(dd, "digest"), digest);
-	json_decref(ds);
-	json_decref(dd);
+	ram_digest(&s, digest);
+	ram_digest(&d, loaded);
+	ASSERT_STREQ(loaded, digest);
 	q = memslots(&d);
 	check_slots(q, 512ull << 20, 5, false);
 	json_decref(q);

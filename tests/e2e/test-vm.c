@@ -72,10 +72,10 @@ TEST(vm_thread_run_stop_cont_verify) { run_and_verify("thread"); }
 static void save_restore(const char *backend, const char *extra)
 {
 	const char *img = test_fmt("%s/vm.img", test_tmpdir());
-	char digest[64];
+	char digest[64], loaded[64];
 	struct proc a, b;
 	long long gen_saved;
-	json_t *d, *v;
+	json_t *v;
 
 	need_backend(backend);
 	vm_spawn(&a, "src", test_fmt("--backend %s --mem 1G %s "
@@ -90,20 +90,16 @@ static void save_restore(const char *backend, const char *extra)
 	wait_migration(&a, "completed");
 	ASSERT_STREQ(status_of(&a), "postmigrate");
 	gen_saved = generation(&a);
-	d = call(&a, "query-ram-digest", NULL);
-	snprintf(digest, sizeof(digest), "%s", gets(d, "digest"));
-	json_decref(d);
+	ram_digest(&a, digest);
 	vm_quit(&a);
 
 	vm_spawn(&b, "dst", test_fmt("--backend %s --mem 1G %s --paused "
 				     "--incoming file:%s", backend, extra, img));
-	for (int i = 0; i < 6000 && !strcmp(status_of(&b), "inmigrate"); i++)
-		usleep(10000);
+	wait_loaded(&b);
 	ASSERT_STREQ(status_of(&b), "paused");
 	ASSERT_EQ(generation(&b), gen_saved);
-	d = call(&b, "query-ram-digest", NULL);
-	ASSERT_STREQ(gets(d, "digest"), digest);
-	json_decref(d);
+	ram_digest(&b, loaded);
+	ASSERT_STREQ(loaded, digest);
 	call(&b, "cont", NULL);
 	wait_generation(&b, gen_saved + 1000);
 	v = verify(&b);

@@ -176,6 +176,20 @@ const char *status_of(struct proc *p)
 	return buf;
 }
 
+void wait_loaded(struct proc *p)
+{
+	for (int i = 0; i < 6000 && !strcmp(status_of(p), "inmigrate"); i++)
+		usleep(10000);
+}
+
+void ram_digest(struct proc *p, char *out)
+{
+	json_t *d = call(p, "query-ram-digest", NULL);
+
+	snprintf(out, 64, "%s", gets(d, "digest"));
+	json_decref(d);
+}
+
 json_t *verify(struct proc *p)
 {
 	return call(p, "guest-verify", json_pack("{s:b}", "wait", 1));
