@@ -310,6 +310,7 @@ struct prealloc_job {
 	uint8_t *base;
 	uint64_t len;
 	int error;                    /* errno of a failed populate, or 0 */
+	bool threaded;                /* ran on a thread of its own */
 };
 
 static void *prealloc_thread(void *arg)
@@ -337,27 +338,28 @@ static int prealloc_ram(struct vm *vm, struct ferry_error *err)
 	struct prealloc_job jobs[8];
 	pthread_t tids[8];
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-	unsigned n = ncpu < 1 ? 1 : ncpu > 8 ? 8 : (unsigned)ncpu, started = 0;
+	unsigned n = ncpu < 1 ? 1 : ncpu > 8 ? 8 : (unsigned)ncpu, nj = 0;
 	uint64_t slice = (vm->cfg.mem / n + 0x1fffff) & ~0x1fffffull, off = 0;
 	int e = 0;
 
-	for (unsigned i = 0; i < n && off < vm->cfg.mem; i++) {
-		jobs[i] = (struct prealloc_job){
+	for (; nj < n && off < vm->cfg.mem; nj++) {
+		struct prealloc_job *j = &jobs[nj];
+
+		*j = (struct prealloc_job){
 			.base = vm->ram + off,
 			.len = vm->cfg.mem - off < slice ? vm->cfg.mem - off : slice,
 		};
-		off += jobs[i].len;
-		/* The last slice runs on this thread. */
-		if (off >= vm->cfg.mem || pthread_create(&tids[i], NULL,
-							 prealloc_thread, &jobs[i])) {
-			prealloc_thread(&jobs[i]);
-			e = jobs[i].error;
-			break;
-		}
-		started++;
+		off += j->len;
+		/* The last slice, and any slice no thread could be started
+		 * for, runs on this thread. */
+		j->threaded = off < vm->cfg.mem &&
+			      !pthread_create(&tids[nj], NULL, prealloc_thread, j);
+		if (!j->threaded)
+			prealloc_thread(j);
 	}
-	for (unsigned i = 0; i < started; i++) {
-		pthread_join(tids[i], NULL);
+	for (unsigned i = 0; i < nj; i++) {
+		if (jobs[i].threaded)
+			pthread_join(tids[i], NULL);
 		if (jobs[i].error && !e)
 			e = jobs[i].error;
 	}
