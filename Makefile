@@ -69,8 +69,9 @@ $(B)/vmm/guest/image.o: vmm/guest/image.S $(B)/guest/guest.bin
 	$(Q)$(CC) -c -DFERRY_GUEST_BIN='"$(B)/guest/guest.bin"' -o $@ $<
 
 # ---- reference VMM (linked into the ferry binary) ----------------------------
-# Every vmm/*.c is part of the VMM (no per-file list to keep in sync).
-VMM_SRCS := $(sort $(wildcard vmm/*.c))
+# Every vmm/<folder>/*.c is part of the VMM (no per-file list to keep in
+# sync), except vmm/guest/, the freestanding guest built above.
+VMM_SRCS := $(sort $(filter-out vmm/guest/%,$(wildcard vmm/*/*.c)))
 VMM_OBJS := $(VMM_SRCS:%.c=$(B)/%.o) $(B)/vmm/guest/image.o
 $(VMM_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 

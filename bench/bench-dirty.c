@@ -11,7 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "vm-internal.h"
+#include "vm/vm-internal.h"
 
 #define SYNCS 10
 #define INTERVAL_MS 200

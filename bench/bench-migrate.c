@@ -22,9 +22,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "backend.h"
-#include "control.h"
+#include "control/control.h"
 #include "guest/layout.h"
+#include "vm/backend.h"
 
 #define MAXRUNS 9
 

@@ -19,7 +19,7 @@
 
 #include "ferry/common.h"
 #include "cli.h"
-#include "control.h"
+#include "control/control.h"
 
 static void usage(FILE *f)
 {

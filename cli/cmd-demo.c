@@ -36,10 +36,10 @@
 #include <jansson.h>
 
 #include "ferry/common.h"
-#include "backend.h"
 #include "cli.h"
-#include "control.h"
-#include "vm.h"
+#include "control/control.h"
+#include "vm/backend.h"
+#include "vm/vm.h"
 
 #define CALL_TIMEOUT_MS 10000
 #define START_TIMEOUT_MS 30000    /* a VM's control socket appears */

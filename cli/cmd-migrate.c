@@ -29,7 +29,7 @@
 #include "ferry/common.h"
 #include "ferry/transport.h"
 #include "cli.h"
-#include "control.h"
+#include "control/control.h"
 
 /* Per control call. Generous: a loaded 2-core host can stall a reply. */
 #define CALL_TIMEOUT_MS 10000

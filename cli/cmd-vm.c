@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "cli.h"
-#include "vm.h"
+#include "vm/vm.h"
 
 static void usage(FILE *f)
 {

@@ -9,7 +9,7 @@
 
 #include "ferry/ferry.h"
 #include "cli.h"
-#include "vm.h"
+#include "vm/vm.h"
 
 int cmd_vmstate_schema(int argc, char **argv)
 {

@@ -20,9 +20,9 @@
 #include <jansson.h>
 #include <unistd.h>
 
-#include "kvm-slots.h"
-#include "memmap.h"
-#include "vm-internal.h"
+#include "kvm/kvm-slots.h"
+#include "memory/memmap.h"
+#include "vm/vm-internal.h"
 #include "vmproc.h"
 
 #define X(name, timeout) TEST(name);
@@ -30,7 +30,7 @@
 #undef X
 
 #define PAGE 4096ull
-#define BAR_WINDOW 0xa0000ull   /* vmm/vm-devices.c */
+#define BAR_WINDOW 0xa0000ull   /* vmm/vm/vm-devices.c */
 
 /* ---- through the control socket ----------------------------------------- */
 

@@ -14,8 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "backend.h"
-#include "control.h"
+#include "control/control.h"
+#include "vm/backend.h"
 #include "vmproc.h"
 
 #define X(name, timeout) TEST(name);

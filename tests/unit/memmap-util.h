@@ -5,7 +5,7 @@
 #ifndef FERRY_TEST_MEMMAP_UTIL_H
 #define FERRY_TEST_MEMMAP_UTIL_H
 
-#include "memmap.h"
+#include "memory/memmap.h"
 
 static inline struct memmap *new_map(void)
 {

@@ -12,9 +12,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "backend-thread.h"
-#include "dirty-uffd.h"
 #include "guest/layout.h"
+#include "threads/backend-thread.h"
+#include "threads/dirty-uffd.h"
 
 /* Prototypes for every listed test (keeps -Wmissing-prototypes happy). */
 #define X(name, timeout) TEST(name);

@@ -1,5 +1,5 @@
 /*
- * tests/unit/test-control.c - the QMP-style control socket (vmm/control.c)
+ * tests/unit/test-control.c - the QMP-style control socket (vmm/control/)
  * and `ferry ctl`, over unix sockets in the test's scratch directory.
  *
  * Each test runs a server thread in the test process. Raw sockets are used
@@ -18,7 +18,7 @@
 
 #include <jansson.h>
 
-#include "control.h"
+#include "control/control.h"
 
 #define X(name, timeout) TEST(name);
 #include "../list.h"

@@ -1,6 +1,6 @@
 /*
  * tests/unit/test-kvm-slots.c - the pure part of KVM memslots following
- * the flat view (vmm/kvm-slots.c): slot geometry, the slot table, dirty
+ * the flat view (vmm/kvm/kvm-slots.c): slot geometry, the slot table, dirty
  * bitmap placement at page offsets that are not multiples of 64, and MMIO
  * dispatch through a view (holes included). No /dev/kvm needed; the KVM
  * side is covered end to end by tests/e2e/test-memslots.c.
@@ -9,9 +9,9 @@
 
 #include <sys/mman.h>
 
-#include "kvm-slots.h"
-#include "memmap.h"
+#include "kvm/kvm-slots.h"
 #include "memmap-util.h"
+#include "memory/memmap.h"
 
 #define X(name, timeout) TEST(name);
 #include "../list.h"

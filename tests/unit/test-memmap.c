@@ -10,9 +10,9 @@
 #include "ferry/channel.h"
 #include "ferry/migration.h"
 #include "ferry/vmstate.h"
-#include "memmap.h"
+#include "devices/virtio.h"
 #include "memmap-util.h"
-#include "virtio.h"
+#include "memory/memmap.h"
 
 #define X(name, timeout) TEST(name);
 #include "../list.h"

@@ -1,6 +1,7 @@
 /*
- * vmm/virtio.c - virtio-like devices: config space with BARs, registers in
- * BAR0, queues whose ring translations are cached through the flat view.
+ * vmm/devices/virtio.c - virtio-like devices: config space with BARs,
+ * registers in BAR0, queues whose ring translations are cached through the
+ * flat view.
  *
  * See virtio.h for the model and the locking rule. The point of the device
  * for migration is its post_load: it re-maps BARs into the memory map and
@@ -13,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "virtio.h"
+#include "devices/virtio.h"
 
 struct virtio_queue {
 	uint16_t num;          /* ring size; 0 = not configured */

@@ -1,5 +1,5 @@
 /*
- * vmm/vm-migrate.c - outgoing migration of the reference VM.
+ * vmm/vm/vm-migrate.c - outgoing migration of the reference VM.
  *
  * One migration thread per migration: precopy rounds while the guest runs,
  * then the switchover under vm->lock (pause, final state, EOF). A failure at
@@ -24,8 +24,8 @@
 #include <xxhash.h>
 
 #include "ferry/multifd.h"
-#include "control.h"
-#include "vm-internal.h"
+#include "control/control.h"
+#include "vm/vm-internal.h"
 
 /* Bytes per PART section: small enough that cancel, rate limiting and the
  * convergence check react quickly, large enough to amortise a section. */

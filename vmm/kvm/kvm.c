@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * kvm.c - KVM wrapper for ferry's reference VMM.  See kvm.h for the API.
+ * vmm/kvm/kvm.c - KVM wrapper for ferry's reference VMM.  See kvm.h for the
+ * API.
  *
  * Design notes
  *
@@ -33,7 +34,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#include "kvm.h"
+#include "kvm/kvm.h"
 
 #include <errno.h>
 #include <fcntl.h>

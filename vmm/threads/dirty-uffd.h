@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * dirty-uffd.h - kernel dirty tracking of host memory, without KVM.
+ * vmm/threads/dirty-uffd.h - kernel dirty tracking of host memory, without KVM.
  *
  * For the thread backend (and any host memory), using userfaultfd
  * write-protection in asynchronous mode (UFFD_FEATURE_WP_ASYNC, Linux 6.7)

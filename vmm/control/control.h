@@ -1,6 +1,6 @@
 /*
- * vmm/control.h - a QMP-style JSON control socket for the VMM, and a small
- * client for it.
+ * vmm/control/control.h - a QMP-style JSON control socket for the VMM, and a
+ * small client for it.
  *
  * Wire protocol (one AF_UNIX stream socket, UTF-8 JSON both ways):
  *

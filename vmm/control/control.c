@@ -1,5 +1,5 @@
 /*
- * vmm/control.c - the QMP-style control server and its client helpers.
+ * vmm/control/control.c - the QMP-style control server and its client helpers.
  * The protocol and the threading rules are described in control.h.
  *
  * Server design:
@@ -28,7 +28,7 @@
  *     error per bad line, and a concatenated stream resumes at the next
  *     object.
  */
-#include "control.h"
+#include "control/control.h"
 
 #include <errno.h>
 #include <fcntl.h>

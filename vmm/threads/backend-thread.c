@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 /*
- * backend-thread.c - the guest workload in host threads.  See
+ * vmm/threads/backend-thread.c - the guest workload in host threads.  See
  * backend-thread.h for the API.
  *
  * The workload (guest/workload.h) is compiled here a second time, hosted,
@@ -21,7 +21,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#include "backend-thread.h"
+#include "threads/backend-thread.h"
 
 #include <errno.h>
 #include <pthread.h>

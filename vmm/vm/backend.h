@@ -1,5 +1,5 @@
 /*
- * vmm/backend.h - what runs the guest: KVM, or host threads.
+ * vmm/vm/backend.h - what runs the guest: KVM, or host threads.
  *
  * Both backends run the same guest workload over the same guest RAM (one
  * anonymous mapping owned by struct vm), and both offer real kernel dirty

@@ -1,5 +1,5 @@
 /*
- * vmm/memmap.h - the reference VMM's guest physical memory map.
+ * vmm/memory/memmap.h - the reference VMM's guest physical memory map.
  *
  * A tree of regions describes what the guest sees:
  *   RAM        host memory (host pointer + size), e.g. guest RAM, a RAM BAR;

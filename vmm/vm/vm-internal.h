@@ -1,5 +1,5 @@
 /*
- * vmm/vm-internal.h - struct vm, shared by vm.c, vm-migrate.c,
+ * vmm/vm/vm-internal.h - struct vm, shared by vm.c, vm-migrate.c,
  * vm-control.c and vm-devices.c. Locking rules: see vm.c.
  */
 #ifndef FERRY_VMM_VM_INTERNAL_H
@@ -8,7 +8,7 @@
 #include <pthread.h>
 #include <signal.h>
 
-#include "vm.h"
+#include "vm/vm.h"
 
 struct control;
 struct memmap;

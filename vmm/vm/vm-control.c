@@ -1,5 +1,5 @@
 /*
- * vmm/vm-control.c - the VM's QMP-style commands.
+ * vmm/vm/vm-control.c - the VM's QMP-style commands.
  *
  * Handlers run on the control server thread, one at a time. They never
  * block for long: a migration runs in its own thread and reports through
@@ -14,10 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "control.h"
-#include "kvm-slots.h"
-#include "memmap.h"
-#include "vm-internal.h"
+#include "control/control.h"
+#include "kvm/kvm-slots.h"
+#include "memory/memmap.h"
+#include "vm/vm-internal.h"
 
 static int h_query_status(void *opaque, json_t *args, json_t **ret,
 			  struct ferry_error *err)

@@ -1,5 +1,5 @@
 /*
- * vmm/vm.c - the reference VMM: guest RAM, backend, devices, run states,
+ * vmm/vm/vm.c - the reference VMM: guest RAM, backend, devices, run states,
  * and save/restore through libferry.
  *
  * Ownership and locking:
@@ -31,10 +31,10 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#include "control.h"
-#include "dirty-uffd.h"
-#include "kvm-slots.h"
-#include "vm-internal.h"
+#include "control/control.h"
+#include "kvm/kvm-slots.h"
+#include "threads/dirty-uffd.h"
+#include "vm/vm-internal.h"
 
 static const char *const run_state_names[VM_RUN_STATE__MAX] = {
 	[VM_PRELAUNCH] = "prelaunch",

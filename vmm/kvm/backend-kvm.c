@@ -1,7 +1,7 @@
 /*
- * vmm/backend-kvm.c - run the guest on KVM.
+ * vmm/kvm/backend-kvm.c - run the guest on KVM.
  *
- * Memory: KVM memslots follow the VM's memory map (vmm/memmap.h). The
+ * Memory: KVM memslots follow the VM's memory map (vmm/memory/memmap.h). The
  * backend's memmap listener turns every RAM range of the flat view into a
  * memslot and deletes it again when the range goes away; MMIO ranges and
  * holes get no slot, so guest accesses there exit (KVM_EXIT_MMIO) and the
@@ -35,11 +35,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "backend.h"
-#include "kvm-slots.h"
-#include "kvm.h"
-#include "memmap.h"
-#include "vm.h"
+#include "kvm/kvm-slots.h"
+#include "kvm/kvm.h"
+#include "memory/memmap.h"
+#include "vm/backend.h"
+#include "vm/vm.h"
 
 #define MAX_VCPUS 8
 

@@ -1,5 +1,5 @@
 /*
- * vmm/kvm-slots.h - KVM memslots that follow the memory map's flat view.
+ * vmm/kvm/kvm-slots.h - KVM memslots that follow the memory map's flat view.
  *
  * The KVM backend (backend-kvm.c) registers a memmap listener on the VM's
  * memory map. Every RAM range of the flat view becomes one KVM memslot;
@@ -34,8 +34,8 @@
 #include <stdint.h>
 
 #include "ferry/common.h"
-#include "kvm.h"
-#include "memmap.h"
+#include "kvm/kvm.h"
+#include "memory/memmap.h"
 
 #define KVM_SLOTS_PAGE 4096ull
 

@@ -1,5 +1,6 @@
 /*
- * vmm/memmap.c - region tree, flat view rendering, transactions, listeners.
+ * vmm/memory/memmap.c - region tree, flat view rendering, transactions,
+ * listeners.
  *
  * See memmap.h for the model and the threading rule. In short: the tree is
  * touched by one thread at a time (the caller serialises); the flat view is
@@ -11,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "memmap.h"
+#include "memory/memmap.h"
 
 /* Bound on container/alias nesting while rendering: a cycle through
  * aliases that the add-time check cannot see fails the commit with -ELOOP

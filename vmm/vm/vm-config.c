@@ -1,12 +1,12 @@
 /*
- * vmm/vm-config.c - parsing of sizes and workload specs for `ferry vm`.
+ * vmm/vm/vm-config.c - parsing of sizes and workload specs for `ferry vm`.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "vm.h"
+#include "vm/vm.h"
 
 /* "1G", "512M", "4096K", "123" (bytes). Binary units. */
 int vm_parse_size(const char *s, uint64_t *out)

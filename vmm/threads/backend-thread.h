@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * backend-thread.h - run the test guest's workload in host threads.
+ * vmm/threads/backend-thread.h - run the test guest's workload in host threads.
  *
  * The thread backend is what the reference VMM uses when /dev/kvm is
  * missing.  Each vCPU is a host thread running the guest's own workload

@@ -1,21 +1,23 @@
 /*
- * vmm/backend-thread-ops.c - the thread backend behind struct backend_ops.
+ * vmm/threads/backend-thread-ops.c - the thread backend behind struct
+ * backend_ops.
  *
- * Host threads run the guest workload over guest RAM (vmm/backend-thread.c)
- * and userfaultfd write-protection in async mode provides the dirty log
- * (vmm/dirty-uffd.c), so migration sees real kernel dirty tracking without
- * /dev/kvm. A thread vCPU keeps all of its state in guest RAM; its vmstate
- * ("cpu-thread") carries only its index, which the load checks, so a
- * stream from a VM with a different vCPU layout is refused.
+ * Host threads run the guest workload over guest RAM
+ * (vmm/threads/backend-thread.c) and userfaultfd write-protection in async
+ * mode provides the dirty log (vmm/threads/dirty-uffd.c), so migration sees
+ * real kernel dirty tracking without /dev/kvm. A thread vCPU keeps all of
+ * its state in guest RAM; its vmstate ("cpu-thread") carries only its
+ * index, which the load checks, so a stream from a VM with a different vCPU
+ * layout is refused.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "backend-thread.h"
-#include "backend.h"
-#include "dirty-uffd.h"
-#include "vm.h"
+#include "threads/backend-thread.h"
+#include "threads/dirty-uffd.h"
+#include "vm/backend.h"
+#include "vm/vm.h"
 
 #define MAX_VCPUS 8
 

@@ -1,5 +1,5 @@
 /*
- * vmm/vm-devices.c - the VM's memory map and its virtio-like devices.
+ * vmm/vm/vm-devices.c - the VM's memory map and its virtio-like devices.
  *
  * Guest RAM is one RAM region at GPA 0 in the memory map. Each virtio-like
  * device gets its BAR0 (4 KiB of registers) at VIRTIO_BAR_BASE + 4 KiB * i
@@ -22,9 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "memmap.h"
-#include "virtio.h"
-#include "vm-internal.h"
+#include "devices/virtio.h"
+#include "memory/memmap.h"
+#include "vm/vm-internal.h"
 
 #define RING_AREA_GPA 0x20000ull      /* up to VIRTIO_BAR_BASE: 512 KiB */
 #define RING_QUEUE_SIZE 64u

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * dirty-uffd.c - dirty tracking with async userfaultfd write-protection and
- * PAGEMAP_SCAN.  See dirty-uffd.h for the model.
+ * vmm/threads/dirty-uffd.c - dirty tracking with async userfaultfd
+ * write-protection and PAGEMAP_SCAN.  See dirty-uffd.h for the model.
  *
  * Kernel details this relies on (Linux >= 6.7):
  *   - UFFD_FEATURE_WP_ASYNC: a write to a uffd-wp protected page is
@@ -22,7 +22,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#include "dirty-uffd.h"
+#include "threads/dirty-uffd.h"
 
 #include <errno.h>
 #include <fcntl.h>

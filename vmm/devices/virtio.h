@@ -1,5 +1,5 @@
 /*
- * vmm/virtio.h - "virtio-like" PCI-ish devices for the reference VMM.
+ * vmm/devices/virtio.h - "virtio-like" PCI-ish devices for the reference VMM.
  *
  * Not real virtio: just enough machinery to make loading device state
  * realistic and expensive. Each device has
@@ -37,7 +37,7 @@
 #include <stdint.h>
 
 #include "ferry/ferry.h"
-#include "memmap.h"
+#include "memory/memmap.h"
 
 #define VIRTIO_VENDOR_ID      0xfe77  /* made up: this is not virtio */
 #define VIRTIO_DEVICE_ID      0x0001

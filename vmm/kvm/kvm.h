@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * kvm.h - a small KVM wrapper for ferry's reference VMM (x86-64 only).
+ * vmm/kvm/kvm.h - a small KVM wrapper for ferry's reference VMM (x86-64 only).
  *
  * Two handles, no global state: a struct kvm_vm owns the /dev/kvm and VM
  * file descriptors, the memory slot table and its vCPUs; a struct kvm_vcpu

@@ -1,5 +1,5 @@
 /*
- * vmm/devices.h - the reference VMM's emulated devices.
+ * vmm/devices/devices.h - the reference VMM's emulated devices.
  *
  * Each device keeps its guest-visible state in a plain struct described by
  * a ferry vmstate table, so migrating a device is registering it. The

@@ -1,5 +1,5 @@
 /*
- * vmm/devices.c - serial console and timer devices with their vmstate.
+ * vmm/devices/devices.c - serial console and timer devices with their vmstate.
  *
  * Small on purpose: they exist so that migration moves real, guest-visible
  * device state (registers the guest programmed, a console log, a counter
@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "devices.h"
+#include "devices/devices.h"
 
 /* UART registers (offsets from the base port). */
 enum { UART_THR = 0, UART_IER = 1, UART_IIR = 2, UART_LCR = 3, UART_MCR = 4,

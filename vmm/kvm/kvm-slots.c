@@ -1,5 +1,5 @@
 /*
- * vmm/kvm-slots.c - the pure part of KVM memslots following the flat view:
+ * vmm/kvm/kvm-slots.c - the pure part of KVM memslots following the flat view:
  * slot table bookkeeping, page alignment, dirty bitmap placement, MMIO
  * dispatch through a view. No KVM calls and no locks here: backend-kvm.c
  * owns the table and serialises access to it (see its struct kvm_backend).
@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "kvm-slots.h"
+#include "kvm/kvm-slots.h"
 
 #define PAGE KVM_SLOTS_PAGE
 

@@ -1,5 +1,5 @@
 /*
- * vmm/vm.h - the reference VMM: one guest, its RAM, devices, backend,
+ * vmm/vm/vm.h - the reference VMM: one guest, its RAM, devices, backend,
  * control socket, and its migrations.
  *
  * The VMM uses libferry only through the public headers, as any VMM would.
@@ -12,9 +12,9 @@
 #include <stdint.h>
 
 #include "ferry/ferry.h"
-#include "backend.h"
-#include "devices.h"
+#include "devices/devices.h"
 #include "guest/layout.h"
+#include "vm/backend.h"
 
 enum vm_backend_kind { VM_BACKEND_AUTO, VM_BACKEND_KVM, VM_BACKEND_THREAD };
 
