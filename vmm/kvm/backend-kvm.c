@@ -237,7 +237,7 @@ static void *vcpu_thread(void *arg)
 		r = -EIO;
 	}
 	if (r && ke.msg[0]) {
-		/* kvm.c names the vCPU in exit errors already. */
+		/* kvm-vcpu.c names the vCPU in exit errors already. */
 		if (strncmp(ke.msg, "vCPU ", 5))
 			snprintf(msg, sizeof(msg), "vCPU %u: %s", c->index, ke.msg);
 		else
