@@ -34,7 +34,9 @@ static int all_populated(void *o, unsigned b, uint64_t *bm,
 }
 
 /* No dirty tracking (a paused VM); the populated hook feeds the ranges. */
-static const struct ferry_ram_dirty_ops src_ops = { .populated = all_populated };
+static const struct ferry_ram_dirty_ops src_ops = {
+	.size = sizeof(struct ferry_ram_dirty_ops), .populated = all_populated,
+};
 
 static void fill(uint8_t *mem)
 {
@@ -93,7 +95,7 @@ static void *dst_main(void *arg)
 	}
 	ferry_ram_set_prepopulate(ram, d->prepop);
 	if (d->channels) {
-		struct ferry_multifd_params p = { .channels = d->channels };
+		struct ferry_multifd_params p = { .size = sizeof(p), .channels = d->channels };
 
 		mf = ferry_multifd_recv_new(&p, &d->err);
 		if (!mf || ferry_ram_set_multifd_recv(ram, mf, &d->err)) {
@@ -130,7 +132,7 @@ static int run(uint8_t *src, unsigned channels, enum ferry_multifd_compression c
 	struct ferry_error err = { 0 };
 	struct ferry_listener *l = ferry_transport_listen("tcp:127.0.0.1:0", &err);
 	struct ferry_ram_block blk = { "ram0", src, npages * PAGE, PAGE };
-	struct ferry_multifd_params p = { .channels = channels, .compression = comp };
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = channels, .compression = comp };
 	struct ferry_multifd_stats ms = { 0 };
 	int sfds[FERRY_MULTIFD_MAX_CHANNELS], mainfd;
 	struct ferry_multifd *mf = NULL;

@@ -75,6 +75,7 @@ static int load(struct ferry_chan *c, void *o, uint32_t v, struct ferry_error *e
 }
 
 static const struct ferry_dev_ops ops = {
+	.size = sizeof(struct ferry_dev_ops),
 	.save_setup = setup, .save_pending = pend, .save_iterate = iter,
 	.save_complete = complete, .load_state = load,
 };

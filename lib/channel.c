@@ -34,6 +34,7 @@ struct ferry_chan {
 	void *opaque;
 	int fd;      /* fd backend: the fd, and whether we close it */
 	bool own_fd;
+	int timeout_ms; /* fd backend: longest wait for progress, 0 = none */
 	bool not_socket; /* fd backend: send() said ENOTSOCK once */
 
 	/* Buffer: for OPS readers [pos, len) is unread data; for OPS writers
@@ -48,11 +49,35 @@ struct ferry_chan {
 	struct ferry_error err;
 };
 
+/*
+ * Wait until @fd is ready for @events, at most the channel's timeout.
+ * Returns 0, or -ETIMEDOUT when the peer made no progress for that long.
+ * Without a timeout it returns at once and the caller blocks in the
+ * syscall itself.
+ */
+static int fd_wait(const struct ferry_chan *c, short events)
+{
+	struct pollfd p = { .fd = c->fd, .events = events };
+	int r;
+
+	if (c->timeout_ms <= 0)
+		return 0;
+	do
+		r = poll(&p, 1, c->timeout_ms);
+	while (r < 0 && errno == EINTR);
+	return r == 0 ? -ETIMEDOUT : 0;
+}
+
 static ssize_t fd_read(void *opaque, void *buf, size_t len)
 {
-	int fd = ((struct ferry_chan *)opaque)->fd;
+	struct ferry_chan *c = opaque;
+	int fd = c->fd;
 	for (;;) {
-		ssize_t n = read(fd, buf, len);
+		ssize_t n;
+
+		if (fd_wait(c, POLLIN))
+			return -ETIMEDOUT;
+		n = read(fd, buf, len);
 		if (n >= 0)
 			return n;
 		if (errno == EINTR)
@@ -74,8 +99,11 @@ static ssize_t fd_write(void *opaque, const void *buf, size_t len)
 		/* MSG_NOSIGNAL: a vanished peer must become EPIPE on this
 		 * channel, not a SIGPIPE that kills the source VM's process.
 		 * Files and pipes are not sockets; they fall back to write(). */
+		/* With a timeout, never block inside send(): wait for room
+		 * in poll(), where the wait is bounded. */
 		ssize_t n = c->not_socket ? write(fd, buf, len)
-					  : send(fd, buf, len, MSG_NOSIGNAL);
+			: send(fd, buf, len, MSG_NOSIGNAL |
+			       (c->timeout_ms > 0 ? MSG_DONTWAIT : 0));
 		if (n < 0 && errno == ENOTSOCK && !c->not_socket) {
 			c->not_socket = true;
 			continue;
@@ -86,6 +114,12 @@ static ssize_t fd_write(void *opaque, const void *buf, size_t len)
 			continue;
 		if (errno == EAGAIN) {
 			struct pollfd p = { .fd = fd, .events = POLLOUT };
+
+			if (c->timeout_ms > 0) {
+				if (fd_wait(c, POLLOUT))
+					return -ETIMEDOUT;
+				continue;
+			}
 			poll(&p, 1, -1);
 			continue;
 		}
@@ -146,6 +180,11 @@ struct ferry_chan *ferry_chan_new_fd(int fd, enum ferry_chan_dir dir,
 	c->own_fd = own_fd;
 	c->opaque = c;
 	return c;
+}
+
+void ferry_chan_set_timeout(struct ferry_chan *c, int timeout_ms)
+{
+	c->timeout_ms = timeout_ms > 0 ? timeout_ms : 0;
 }
 
 struct ferry_chan *ferry_chan_new_mem_reader(const void *buf, size_t len)

@@ -20,7 +20,8 @@ struct ferry_dev {
 	uint32_t instance;
 	uint32_t version, min_version;
 	uint32_t section_id;              /* source-side id, from 1 */
-	const struct ferry_dev_ops *ops;
+	const struct ferry_dev_ops *ops;  /* = &ops_copy */
+	struct ferry_dev_ops ops_copy;    /* the caller's, at this layout */
 	void *opaque;
 	const struct ferry_vmsd *vmsd;    /* vmstate devices only */
 	void *obj;                        /* vmstate devices only */
@@ -79,5 +80,62 @@ static inline bool ferry__page_is_zero(const uint8_t *p, size_t len)
 
 /* Build the VMDESC/describe document (jansson), used by save and the CLI. */
 char *ferry__describe(struct ferry_ctx *ctx, bool pretty);
+
+/*
+ * Versioned structs from the caller (first member: size_t size). Copy
+ * @src into @dst (the library's layout, @dst_size bytes): an older, smaller
+ * caller's missing fields read as zero; a newer, larger caller's extra
+ * bytes must be zero (fields this library does not know, left unset).
+ * -EINVAL for size 0 (".size not set"), -E2BIG for unknown fields set.
+ */
+int ferry__copy_sized(void *dst, size_t dst_size, const void *src,
+		      const char *what, struct ferry_error *err);
+/* The other way: fill a caller's versioned output struct @dst (its .size
+ * set by the caller) from the library's @src of @src_size bytes, without
+ * writing past the caller's size. */
+void ferry__fill_sized(void *dst, const void *src, size_t src_size);
+
+/* ---- save internals for the engine (save.c) ---------------------------- */
+
+/* Heartbeat: a HEARTBEAT command, flushed, if nothing was written for
+ * @idle_ns. Never waits for a busy writer. 0 or -errno. Any thread. */
+int ferry__save_heartbeat(struct ferry_save *s, uint64_t idle_ns);
+/* The switchover verdict (GO or ABORT) after EOF. Returns 0 only when
+ * every byte of the record was handed to the kernel; otherwise the peer
+ * cannot read a whole verdict. */
+int ferry__save_verdict(struct ferry_save *s, uint16_t cmd,
+			struct ferry_error *err);
+
+/* ---- RAM internals for the engine (ram.c) ------------------------------ */
+
+struct ferry_ram;
+struct ferry_multifd;
+/* Give @m the RAM's block table (ferry_multifd_set_blocks). */
+int ferry__ram_give_blocks(struct ferry_ram *ram, struct ferry_multifd *m,
+			   struct ferry_error *err);
+/* Destination: where the RAM load gets its multifd receiver when START
+ * announces multifd and none is set (load thread; NULL fn = none). The
+ * receiver returned already has the block table. */
+void ferry__ram_set_multifd_provider(struct ferry_ram *ram,
+	struct ferry_multifd *(*fn)(void *opaque, unsigned channels,
+				    struct ferry_error *err),
+	void *opaque);
+
+/* ---- load internals for the engine (load.c) ---------------------------- */
+
+/*
+ * ferry_load, and then some: *@version receives the stream's format
+ * version, and @io (zeroed by the caller, io->chan = @in) is the reader the
+ * load used, left positioned after EOF, so the caller can read what a live
+ * stream sends after it (the switchover verdict). The caller releases it
+ * (ferry_record_io_release).
+ */
+int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
+		const struct ferry_load_opts *opts, struct ferry_record_io *io,
+		uint32_t *version, struct ferry_error *err);
+
+/* Read the stream header; *version receives the format version (1..2). */
+int ferry__stream_read_header(struct ferry_chan *c, uint32_t *version,
+			      struct ferry_error *err);
 
 #endif

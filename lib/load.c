@@ -46,6 +46,7 @@ struct dsworker {
 	struct dsbuf *head, **tail;   /* guarded by lock */
 	size_t queued;                /* guarded by lock */
 	bool closed;                  /* guarded by lock: no more pushes */
+	bool busy;                    /* guarded by lock: a buffer is being applied */
 	bool failed;                  /* guarded by lock */
 	uint32_t next_seq;            /* reader thread only */
 	struct ferry_error err;       /* worker thread; read after join */
@@ -62,7 +63,10 @@ struct slot {
 
 struct loader {
 	struct ferry_ctx *ctx;
-	const struct ferry_load_opts *opts;
+	const struct ferry_load_opts *opts; /* = &o, or NULL */
+	struct ferry_load_opts o;     /* the caller's, at this layout */
+	struct ferry_record_io *io;   /* the top-level reader */
+	bool dev_load_open;           /* device_load_begin ran, end not yet */
 	struct slot *slots;           /* one per registered device */
 	unsigned nslots;
 	struct ferry_error *err;
@@ -110,6 +114,7 @@ static void *ds_main(void *arg)
 			if (!w->head)
 				w->tail = &w->head;
 			w->queued -= b->len;
+			w->busy = true;
 			pthread_cond_broadcast(&w->cond);
 		}
 		ferry__mutex_unlock(&w->lock);
@@ -128,6 +133,10 @@ static void *ds_main(void *arg)
 			}
 		}
 		free(b);
+		ferry__mutex_lock(&w->lock);
+		w->busy = false;
+		pthread_cond_broadcast(&w->cond);
+		ferry__mutex_unlock(&w->lock);
 	}
 }
 
@@ -172,6 +181,26 @@ static int ds_push(struct slot *sl, const uint8_t *data, size_t len,
 	pthread_cond_broadcast(&w->cond);
 	ferry__mutex_unlock(&w->lock);
 	/* Stop reading early if the device already failed. */
+	return failed ? -ECANCELED : 0;
+}
+
+/*
+ * Wait until the device's load thread has applied every buffer queued so
+ * far: a device's own sections (its configuration) load only after all of
+ * its data. -ECANCELED if the thread failed (ds_finish reports why).
+ */
+static int ds_drain(struct slot *sl)
+{
+	struct dsworker *w = sl->ds;
+	bool failed;
+
+	if (!w)
+		return 0;
+	ferry__mutex_lock(&w->lock);
+	while ((w->head || w->busy) && !w->failed)
+		pthread_cond_wait(&w->cond, &w->lock);
+	failed = w->failed;
+	ferry__mutex_unlock(&w->lock);
 	return failed ? -ECANCELED : 0;
 }
 
@@ -288,11 +317,24 @@ static int load_section(struct loader *L, const struct ferry_record *rec)
 	sl->loaded = true;
 	snprintf(L->last, sizeof(L->last), "'%s' instance %u", sl->dev->idstr,
 		 sl->dev->instance);
+	if ((r = ds_drain(sl)))
+		goto out;
 	if (rec->type == FERRY_REC_SECTION_FULL) {
 		size_t off = rec->len - ferry_chan_mem_remaining(c);
 
-		if (!L->stats.t_first_full)
+		if (!L->stats.t_first_full) {
 			L->stats.t_first_full = ferry__mono_ns();
+			if (L->opts && L->opts->device_load_begin) {
+				r = L->opts->device_load_begin(L->opts->opaque, err);
+				if (r) {
+					if (!err || !err->code)
+						ferry_error_set(err, r, "failed");
+					ferry_error_prefix(err, "device_load_begin: ");
+					goto out;
+				}
+				L->dev_load_open = true;
+			}
+		}
 		ferry__digest_section(&L->digest, idstr, instance, rec->body + off,
 				      rec->len - off);
 		t0 = ferry__mono_ns();
@@ -387,6 +429,17 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 
 #define WANT_LEN(n) do { if (plen != (n)) goto bad_len; } while (0)
 	switch (m.cmd) {
+	case FERRY_CMD_HEARTBEAT:
+		/* Keeps a quiet stream alive; nothing to do. */
+		WANT_LEN(0);
+		return 0;
+	case FERRY_CMD_SWITCHOVER_GO:
+	case FERRY_CMD_SWITCHOVER_ABORT:
+		WANT_LEN(0);
+		return ferry_error_set(err, -EBADMSG,
+			"offset %llu: %s inside the stream (it may only follow "
+			"EOF)", (unsigned long long)rec->offset,
+			ferry_cmd_name(m.cmd));
 	case FERRY_CMD_OPEN_RETURN_PATH:
 	case FERRY_CMD_POSTCOPY_LISTEN:
 	case FERRY_CMD_POSTCOPY_RUN:
@@ -515,18 +568,20 @@ static void name_damaged(struct loader *L, const struct ferry_record *rec)
 		ferry_error_prefix(L->err, "before the first section: ");
 }
 
-/* Records until EOF. The record buffer belongs to this level's reader. */
+/* Records until EOF. The record buffer belongs to this level's reader:
+ * the caller's for the stream itself, a local one inside a package. */
 static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 {
-	struct ferry_record_io io = {
+	struct ferry_record_io local = {
 		.chan = in,
 		.max_len = L->opts ? L->opts->max_record : 0,
 	};
+	struct ferry_record_io *io = depth ? &local : L->io;
 	struct ferry_record rec;
 	int r;
 
 	for (;;) {
-		r = ferry_record_read(&io, &rec, L->err);
+		r = ferry_record_read(io, &rec, L->err);
 		if (r) {
 			name_damaged(L, &rec);
 			break;
@@ -555,7 +610,7 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 				r = ferry_error_set(L->err, -EBADMSG,
 					"offset %llu: EOF record with a body",
 					(unsigned long long)rec.offset);
-			ferry_record_io_release(&io);
+			ferry_record_io_release(&local);
 			return r;
 		default:
 			/* Types with the high bit set are optional: skip them.
@@ -570,18 +625,27 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 		if (r)
 			break;
 	}
-	ferry_record_io_release(&io);
+	ferry_record_io_release(&local);
 	return r;
 }
 
-int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
-	       const struct ferry_load_opts *opts, struct ferry_error *err)
+int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
+		const struct ferry_load_opts *opts, struct ferry_record_io *io,
+		uint32_t *version, struct ferry_error *err)
 {
 	struct ferry_error local = { 0 };
-	struct loader L = { .ctx = ctx, .opts = opts, .err = err ? err : &local };
+	struct loader L = { .ctx = ctx, .err = err ? err : &local, .io = io };
 	unsigned i = 0;
 	int r;
 
+	if (opts) {
+		r = ferry__copy_sized(&L.o, sizeof(L.o), opts, "ferry_load_opts",
+				      err);
+		if (r)
+			return r;
+		L.opts = &L.o;
+		io->max_len = L.o.max_record;
+	}
 	XXH3_INITSTATE(&L.digest);
 	XXH3_64bits_reset(&L.digest);
 	L.slots = calloc(ctx->ndevs ? ctx->ndevs : 1, sizeof(*L.slots));
@@ -591,7 +655,7 @@ int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 		L.slots[i++].dev = d;
 	L.nslots = i;
 
-	r = ferry_stream_read_header(in, L.err);
+	r = ferry__stream_read_header(in, version, L.err);
 	for (i = 0; i < L.nslots && !r; i++) {
 		struct ferry_dev *d = L.slots[i].dev;
 		if (d->ops->load_setup && (r = d->ops->load_setup(d->opaque, L.err)))
@@ -614,16 +678,43 @@ int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 				"device '%s' instance %u: no state in the stream",
 				sl->dev->idstr, sl->dev->instance);
 	}
+	/* The VMM's end of the non-iterable load (a memory-map commit, say)
+	 * is device-load time too: the destination cannot run before it. */
+	if (L.dev_load_open) {
+		uint64_t t0 = ferry__mono_ns();
+		struct ferry_error e2 = { 0 };
+		int r2 = L.opts->device_load_end(L.opts->opaque, r,
+						 r ? &e2 : L.err);
+
+		L.stats.device_load_ns += ferry__mono_ns() - t0;
+		if (r2 && !r) {
+			if (!L.err->code)
+				ferry_error_set(L.err, r2, "failed");
+			r = ferry_error_prefix(L.err, "device_load_end: ");
+		}
+	}
 	for (i = 0; i < L.nslots; i++) {
 		struct ferry_dev *d = L.slots[i].dev;
 		if (d->ops->load_cleanup)
 			d->ops->load_cleanup(d->opaque);
 	}
 	free(L.slots);
-	if (opts && opts->stats) {
+	if (L.opts && L.opts->stats) {
 		L.stats.device_digest = XXH3_64bits_digest(&L.digest);
 		L.stats.bytes = ferry_chan_offset(in);
-		*opts->stats = L.stats;
+		L.stats.size = sizeof(L.stats);
+		ferry__fill_sized(L.opts->stats, &L.stats, sizeof(L.stats));
 	}
+	return r;
+}
+
+int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
+	       const struct ferry_load_opts *opts, struct ferry_error *err)
+{
+	struct ferry_record_io io = { .chan = in };
+	uint32_t version;
+	int r = ferry__load(ctx, in, opts, &io, &version, err);
+
+	ferry_record_io_release(&io);
 	return r;
 }

@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -141,7 +142,8 @@ struct ferry_multifd {
 	pthread_mutex_t ds_lock;
 	struct ds_dev *devs;
 	unsigned ndevs;
-	size_t reorder_bytes;       /* ds_lock */
+	size_t reorder_bytes;       /* ds_lock: charged bytes held out of order */
+	unsigned reorder_count;     /* ds_lock: buffers held out of order */
 
 	/* Destination handshake bookkeeping (lock). */
 	bool session_known;         /* from params, a handshake or the stream */
@@ -189,6 +191,15 @@ static void stat_add(uint64_t *c, uint64_t v)
 	__atomic_fetch_add(c, v, __ATOMIC_RELAXED);
 }
 
+/* Pages of @page_size per packet of @packet_pages 4 KiB pages' worth of
+ * bytes: blocks with larger pages get fewer, at least one. */
+static uint32_t block_ppp(uint64_t packet_pages, uint32_t page_size)
+{
+	uint64_t ppp = packet_pages * 4096 / page_size;
+
+	return ppp ? (uint32_t)ppp : 1;
+}
+
 /* Grow a channel-thread buffer; contents are not preserved. */
 static int grow(uint8_t **buf, size_t *cap, size_t need)
 {
@@ -206,18 +217,31 @@ static int grow(uint8_t **buf, size_t *cap, size_t need)
 }
 
 /* All of @iov, or -errno. MSG_NOSIGNAL: a vanished peer is EPIPE here, not
- * a SIGPIPE that kills the VMM. */
-static int write_iov(int fd, struct iovec *iov, int n)
+ * a SIGPIPE that kills the VMM. With @timeout_ms, a peer that takes
+ * nothing for that long is -ETIMEDOUT (sockets only). */
+static int write_iov(int fd, struct iovec *iov, int n, int timeout_ms)
 {
+	int flags = MSG_NOSIGNAL | (timeout_ms > 0 ? MSG_DONTWAIT : 0);
+
 	while (n > 0) {
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
-		ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
+		ssize_t w = sendmsg(fd, &mh, flags);
 
 		if (w < 0 && errno == ENOTSOCK)
 			w = writev(fd, iov, n);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
+			if (errno == EAGAIN && timeout_ms > 0) {
+				struct pollfd pf = { .fd = fd, .events = POLLOUT };
+				int pr = poll(&pf, 1, timeout_ms);
+
+				if (pr < 0 && errno != EINTR)
+					return -errno;
+				if (pr == 0)
+					return -ETIMEDOUT;
+				continue;
+			}
 			return -errno;
 		}
 		while (n > 0 && (size_t)w >= iov->iov_len) {
@@ -321,11 +345,17 @@ void ferry_multifd_cancel(struct ferry_multifd *m, int code, const char *why)
 
 /* ---- creation / teardown -------------------------------------------------- */
 
-static struct ferry_multifd *mf_alloc(const struct ferry_multifd_params *p,
+static struct ferry_multifd *mf_alloc(const struct ferry_multifd_params *up,
 				      bool source, struct ferry_error *err)
 {
+	struct ferry_multifd_params pc, *p = NULL;
 	struct ferry_multifd *m;
 
+	if (up && !ferry__copy_sized(&pc, sizeof(pc), up,
+				     "ferry_multifd_params", err))
+		p = &pc;
+	else if (up)
+		return NULL;
 	if (!p || !p->channels || p->channels > FERRY_MULTIFD_MAX_CHANNELS) {
 		ferry_error_set(err, -EINVAL, "multifd: %u channels (1..%u allowed)",
 				p ? p->channels : 0, FERRY_MULTIFD_MAX_CHANNELS);
@@ -440,7 +470,6 @@ int ferry_multifd_set_blocks(struct ferry_multifd *m,
 			     const struct ferry_ram_block *blocks,
 			     unsigned nblocks, struct ferry_error *err)
 {
-	uint64_t cap_bytes = (uint64_t)m->p.packet_pages * 4096;
 	int r = 0;
 
 	if (!nblocks || nblocks > FERRY_RAM_MAX_BLOCKS)
@@ -462,11 +491,7 @@ int ferry_multifd_set_blocks(struct ferry_multifd *m,
 				"multifd: RAM block %u is malformed", i);
 			goto out;
 		}
-		/* A packet holds packet_pages pages of 4 KiB worth of bytes;
-		 * a block with larger pages gets fewer (at least one). */
-		ppp = cap_bytes / ps;
-		if (!ppp)
-			ppp = 1;
+		ppp = block_ppp(m->p.packet_pages, ps);
 		m->blk[i] = (struct mf_block){ blocks[i].host, blocks[i].size,
 					       ps, (uint32_t)ppp };
 	}
@@ -493,7 +518,7 @@ static int send_handshake(struct mf_chan *c)
 	put32(hs + 32, (uint32_t)m->p.compression << 1);
 	put32(hs + 36, m->p.packet_pages);
 	put64(hs + 56, XXH3_64bits_withSeed(hs, 56, 0));
-	r = write_iov(c->fd, &iov, 1);
+	r = write_iov(c->fd, &iov, 1, (int)m->p.timeout_ms);
 	if (r)
 		return mf_fail(m, r, "channel %u: writing the handshake: %s",
 			       c->idx, strerror(-r));
@@ -531,7 +556,11 @@ static int send_packet(struct mf_chan *c, uint8_t *h, const void *meta,
 	XXH3_64bits_update(c->xxh, meta, mlen);
 	XXH3_64bits_update(c->xxh, payload, plen);
 	put64(h + 40, XXH3_64bits_digest(c->xxh));
-	r = write_iov(c->fd, iov, 3);
+	r = write_iov(c->fd, iov, 3, (int)c->m->p.timeout_ms);
+	if (r == -ETIMEDOUT)
+		return mf_fail(c->m, r, "channel %u: the destination took no data "
+			       "for %u ms (packet %llu)", c->id,
+			       c->m->p.timeout_ms, (unsigned long long)c->pkt_num);
 	if (r)
 		return mf_fail(c->m, r, "channel %u: write failed at packet %llu: %s",
 			       c->id, (unsigned long long)c->pkt_num, strerror(-r));
@@ -1044,10 +1073,15 @@ static int ds_deliver(struct mf_chan *c, const char *idstr, uint32_t instance,
 		if (*pp && (*pp)->seq == seq)
 			return ferry_error_set(e, -EBADMSG, "device '%s' "
 				"instance %u: buffer %u twice", idstr, instance, seq);
-		if (m->reorder_bytes + len > FERRY_MULTIFD_REORDER_MAX)
+		/* Bounded by bytes and by count, checked before the sorted
+		 * insert walks the list: empty buffers cost something too. */
+		if (m->reorder_count >= FERRY_MULTIFD_REORDER_MAX_BUFFERS ||
+		    m->reorder_bytes + len + FERRY_MULTIFD_REORDER_OVERHEAD >
+		    FERRY_MULTIFD_REORDER_MAX)
 			return ferry_error_set(e, -ENOBUFS, "device '%s' "
-				"instance %u: more than %u bytes of device state "
-				"out of order", idstr, instance,
+				"instance %u: more than %u buffers or %u bytes of "
+				"device state out of order", idstr, instance,
+				FERRY_MULTIFD_REORDER_MAX_BUFFERS,
 				FERRY_MULTIFD_REORDER_MAX);
 		p = malloc(sizeof(*p) + len);
 		if (!p)
@@ -1057,7 +1091,8 @@ static int ds_deliver(struct mf_chan *c, const char *idstr, uint32_t instance,
 		memcpy(p->data, data, len);
 		p->next = *pp;
 		*pp = p;
-		m->reorder_bytes += len;
+		m->reorder_bytes += len + FERRY_MULTIFD_REORDER_OVERHEAD;
+		m->reorder_count++;
 		return 0;
 	}
 	r = m->p.devstate(m->p.opaque, idstr, instance, data, len, e);
@@ -1065,7 +1100,8 @@ static int ds_deliver(struct mf_chan *c, const char *idstr, uint32_t instance,
 	while (!r && d->pend && d->pend->seq == d->next_seq) {
 		p = d->pend;
 		d->pend = p->next;
-		m->reorder_bytes -= p->len;
+		m->reorder_bytes -= p->len + FERRY_MULTIFD_REORDER_OVERHEAD;
+		m->reorder_count--;
 		r = m->p.devstate(m->p.opaque, idstr, instance, p->data,
 				  p->len, e);
 		d->next_seq++;
@@ -1168,13 +1204,14 @@ static int recv_ram(struct mf_chan *c, const uint8_t *h)
 		if (!nn && !nz)
 			return mf_fail(m, -EBADMSG, "channel %u: packet %llu: "
 				       "empty RAM packet", c->id, num);
+		/* The source's packet size (its handshake), not ours: a
+		 * source may use larger packets than our default. */
 		if (nn > c->offs_cap || nz > c->offs_cap ||
-		    nn + nz > c->offs_cap || nn + nz > b->ppp)
+		    nn + nz > block_ppp(c->offs_cap, b->page_size))
 			return mf_fail(m, -EBADMSG, "channel %u: packet %llu: "
 				       "%u + %u pages, at most %u per packet",
 				       c->id, num, nn, nz,
-				       b->ppp < c->offs_cap ? b->ppp
-							    : (unsigned)c->offs_cap);
+				       block_ppp(c->offs_cap, b->page_size));
 		raw = (size_t)nn * b->page_size;
 		if (c->comp == FERRY_MULTIFD_COMP_NONE ? plen != raw
 		    : nn ? (!plen || plen > ZSTD_compressBound(raw)) : plen != 0)

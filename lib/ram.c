@@ -89,7 +89,8 @@ struct ram_block {
 struct ferry_ram {
 	struct ram_block blocks[FERRY_RAM_MAX_BLOCKS];
 	unsigned nblocks;
-	const struct ferry_ram_dirty_ops *ops;
+	const struct ferry_ram_dirty_ops *ops; /* = &ops_copy, or NULL */
+	struct ferry_ram_dirty_ops ops_copy;
 	void *opaque;
 	bool tracking;
 
@@ -102,9 +103,13 @@ struct ferry_ram {
 	int last_load_block;      /* destination: block of the last record */
 	uint32_t load_version;    /* destination: "ram" section version */
 
-	/* Set before a migration starts, then read-only. */
+	/* Set before a migration starts, then read-only (mf_recv: or by the
+	 * load thread, from the provider, when START announces multifd). */
 	struct ferry_multifd *mf_send;
 	struct ferry_multifd *mf_recv;
+	struct ferry_multifd *(*mf_provider)(void *opaque, unsigned channels,
+					     struct ferry_error *err);
+	void *mf_provider_opaque;
 	unsigned prepop_threads;  /* 0 = off (see ferry_ram_set_prepopulate) */
 
 	/* Migration thread only: pages queued to multifd since its last sync,
@@ -117,6 +122,7 @@ struct ferry_ram {
 
 	/* Counters: written by the migration thread, read by anyone. */
 	uint64_t dirty_pages; /* bits set across all bitmaps (approximate) */
+	uint64_t dirty_bytes; /* the same in bytes: blocks differ in page size */
 	struct ferry_ram_stats st;
 };
 
@@ -144,7 +150,12 @@ struct ferry_ram *ferry_ram_new(const struct ferry_ram_block *blocks,
 		ferry_error_set(err, -ENOMEM, "out of memory");
 		return NULL;
 	}
-	ram->ops = ops;
+	if (ops && ferry__copy_sized(&ram->ops_copy, sizeof(ram->ops_copy), ops,
+				     "ferry_ram_dirty_ops", err)) {
+		free(ram);
+		return NULL;
+	}
+	ram->ops = ops ? &ram->ops_copy : NULL;
 	ram->opaque = opaque;
 	ram->last_sent_block = UINT32_MAX;
 	ram->last_load_block = -1;
@@ -230,6 +241,21 @@ int ferry_ram_set_multifd_send(struct ferry_ram *ram, struct ferry_multifd *m,
 	return r;
 }
 
+int ferry__ram_give_blocks(struct ferry_ram *ram, struct ferry_multifd *m,
+			   struct ferry_error *err)
+{
+	return give_blocks(ram, m, err);
+}
+
+void ferry__ram_set_multifd_provider(struct ferry_ram *ram,
+	struct ferry_multifd *(*fn)(void *opaque, unsigned channels,
+				    struct ferry_error *err),
+	void *opaque)
+{
+	ram->mf_provider = fn;
+	ram->mf_provider_opaque = opaque;
+}
+
 int ferry_ram_set_multifd_recv(struct ferry_ram *ram, struct ferry_multifd *m,
 			       struct ferry_error *err)
 {
@@ -265,8 +291,11 @@ void ferry_ram_mark_dirty(struct ferry_ram *ram, unsigned block,
 		uint64_t bit = 1ull << (p % WORD_BITS);
 		uint64_t old = __atomic_fetch_or(&b->bitmap[p / WORD_BITS], bit,
 						 __ATOMIC_RELAXED);
-		if (!(old & bit))
+		if (!(old & bit)) {
 			__atomic_fetch_add(&ram->dirty_pages, 1, __ATOMIC_RELAXED);
+			__atomic_fetch_add(&ram->dirty_bytes, b->page_size,
+					   __ATOMIC_RELAXED);
+		}
 	}
 }
 
@@ -275,9 +304,7 @@ void ferry_ram_get_stats(struct ferry_ram *ram, struct ferry_ram_stats *st)
 	uint64_t remaining = 0;
 
 	*st = ram->st;
-	/* Pages differ in size only between blocks; use the first block's. */
-	remaining = __atomic_load_n(&ram->dirty_pages, __ATOMIC_RELAXED) *
-		    ram->blocks[0].page_size;
+	remaining = __atomic_load_n(&ram->dirty_bytes, __ATOMIC_RELAXED);
 	st->remaining = remaining;
 	st->prepopulated = __atomic_load_n(&ram->pop.done, __ATOMIC_RELAXED);
 	/* With multifd the channel threads classify pages; take their view. */
@@ -306,8 +333,9 @@ static void merge_scratch(struct ferry_ram *ram, struct ram_block *b,
 			continue;
 		*found += (uint64_t)__builtin_popcountll(add);
 		old = __atomic_fetch_or(&b->bitmap[w], add, __ATOMIC_RELAXED);
-		__atomic_fetch_add(&ram->dirty_pages,
-				   (uint64_t)__builtin_popcountll(add & ~old),
+		add = (uint64_t)__builtin_popcountll(add & ~old);
+		__atomic_fetch_add(&ram->dirty_pages, add, __ATOMIC_RELAXED);
+		__atomic_fetch_add(&ram->dirty_bytes, add * b->page_size,
 				   __ATOMIC_RELAXED);
 		b->scratch[w] = 0;
 	}
@@ -509,6 +537,7 @@ static int ram_save_setup(struct ferry_chan *c, void *opaque,
 	ram->mf_unsynced = false;
 	ram->iterated = false;
 	__atomic_store_n(&ram->dirty_pages, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&ram->dirty_bytes, 0, __ATOMIC_RELAXED);
 	/* Track first, then look: see the design note at the top. */
 	if (ram->ops && ram->ops->start) {
 		r = ram->ops->start(ram->opaque, err);
@@ -572,8 +601,7 @@ static void ram_save_pending(void *opaque, bool exact, uint64_t *must,
 	if (exact && (ram->round_done ||
 		      !__atomic_load_n(&ram->dirty_pages, __ATOMIC_RELAXED)))
 		ram_sync(ram, NULL);
-	*must += __atomic_load_n(&ram->dirty_pages, __ATOMIC_RELAXED) *
-		 ram->blocks[0].page_size;
+	*must += __atomic_load_n(&ram->dirty_bytes, __ATOMIC_RELAXED);
 	*can += 0;
 }
 
@@ -656,6 +684,9 @@ static int send_dirty(struct ferry_ram *ram, struct ferry_chan *c,
 			__atomic_fetch_sub(&ram->dirty_pages,
 					   (uint64_t)__builtin_popcountll(bits),
 					   __ATOMIC_RELAXED);
+			__atomic_fetch_sub(&ram->dirty_bytes,
+					   (uint64_t)__builtin_popcountll(bits) *
+					   b->page_size, __ATOMIC_RELAXED);
 			while (bits) {
 				unsigned bit = (unsigned)__builtin_ctzll(bits);
 				uint64_t pg = w * WORD_BITS + bit;
@@ -849,6 +880,13 @@ static int load_multifd(struct ferry_ram *ram, struct ferry_chan *c,
 	if (*seen)
 		return ferry_error_set(err, -EBADMSG, "RAM: multifd announced twice");
 	*seen = true;
+	/* The engine's acceptor may not have met a channel yet (the main
+	 * stream can overtake their handshakes): it makes the receiver now,
+	 * and the channels join it as they come. */
+	if (!ram->mf_recv && ram->mf_provider &&
+	    !(ram->mf_recv = ram->mf_provider(ram->mf_provider_opaque, channels,
+					      err)))
+		return err && err->code ? err->code : -EIO;
 	if (!ram->mf_recv)
 		return ferry_error_set(err, -EOPNOTSUPP,
 			"the source sends RAM over %u multifd channels; this "
@@ -1006,6 +1044,7 @@ static int ram_load_state(struct ferry_chan *c, void *opaque, uint32_t version,
 }
 
 static const struct ferry_dev_ops ram_ops = {
+	.size = sizeof(struct ferry_dev_ops),
 	.save_setup = ram_save_setup,
 	.save_pending = ram_save_pending,
 	.save_iterate = ram_save_iterate,

@@ -40,6 +40,40 @@ uint64_t ferry__mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+int ferry__copy_sized(void *dst, size_t dst_size, const void *src,
+		      const char *what, struct ferry_error *err)
+{
+	size_t n = *(const size_t *)src;
+	const uint8_t *extra = (const uint8_t *)src + dst_size;
+
+	if (n < sizeof(size_t))
+		return ferry_error_set(err, -EINVAL,
+			"%s: .size is not set (use sizeof(struct %s))", what, what);
+	/* A caller built against a newer libferry may know fields we do not:
+	 * fine while it left them zero, refused once it relies on one. */
+	for (size_t i = 0; n > dst_size && i < n - dst_size; i++)
+		if (extra[i])
+			return ferry_error_set(err, -E2BIG,
+				"%s: field at byte %zu needs a newer libferry",
+				what, dst_size + i);
+	memset(dst, 0, dst_size);
+	memcpy(dst, src, n < dst_size ? n : dst_size);
+	*(size_t *)dst = dst_size;
+	return 0;
+}
+
+void ferry__fill_sized(void *dst, const void *src, size_t src_size)
+{
+	size_t n = *(const size_t *)dst;
+
+	if (n > src_size)
+		n = src_size;
+	/* Never write the caller's size field, nor past what it has. */
+	if (n > sizeof(size_t))
+		memcpy((uint8_t *)dst + sizeof(size_t),
+		       (const uint8_t *)src + sizeof(size_t), n - sizeof(size_t));
+}
+
 struct ferry_ctx *ferry_ctx_new(struct ferry_error *err)
 {
 	struct ferry_ctx *ctx = calloc(1, sizeof(*ctx));
@@ -111,10 +145,16 @@ int ferry_register(struct ferry_ctx *ctx, const char *idstr, uint32_t instance,
 		   const struct ferry_dev_ops *ops, void *opaque,
 		   struct ferry_error *err)
 {
+	struct ferry_dev_ops o;
 	struct ferry_dev *d;
+	int r;
 
 	if (!ops || !idstr)
 		return ferry_error_set(err, -EINVAL, "device needs a name and ops");
+	r = ferry__copy_sized(&o, sizeof(o), ops, "ferry_dev_ops", err);
+	if (r)
+		return r;
+	ops = &o;
 	if (!ops->load_state || (!ops->save_iterate && !ops->save_state &&
 				 !ops->save_complete_thread))
 		return ferry_error_set(err, -EINVAL,
@@ -134,7 +174,8 @@ int ferry_register(struct ferry_ctx *ctx, const char *idstr, uint32_t instance,
 	d->instance = instance;
 	d->version = version;
 	d->min_version = min_version;
-	d->ops = ops;
+	d->ops_copy = o;
+	d->ops = &d->ops_copy;
 	d->opaque = opaque;
 	return add_dev(ctx, d, err);
 }
@@ -155,6 +196,7 @@ static int vms_load_state(struct ferry_chan *c, void *opaque, uint32_t version,
 }
 
 static const struct ferry_dev_ops vmstate_dev_ops = {
+	.size = sizeof(struct ferry_dev_ops),
 	.save_state = vms_save_state,
 	.load_state = vms_load_state,
 };
@@ -180,7 +222,8 @@ int ferry_register_vmstate(struct ferry_ctx *ctx, const struct ferry_vmsd *vmsd,
 	d->instance = instance;
 	d->version = vmsd->version;
 	d->min_version = vmsd->minimum_version;
-	d->ops = &vmstate_dev_ops;
+	d->ops_copy = vmstate_dev_ops;
+	d->ops = &d->ops_copy;
 	d->opaque = d;
 	d->vmsd = vmsd;
 	d->obj = obj;

@@ -24,6 +24,7 @@ int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 	ferry_put_be16(b, m->type);
 	switch (m->type) {
 	case FERRY_RP_SHUT:
+	case FERRY_RP_LOADED:
 		ferry_put_be32(b, m->status);
 		ferry_put_str8(b, m->reason);
 		ferry_put_be32(b, FERRY_SHUT__MAX);
@@ -39,6 +40,7 @@ int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 		ferry_put_be32(b, m->len);
 		break;
 	case FERRY_RP_SWITCHOVER_ACK:
+	case FERRY_RP_HEARTBEAT:
 		break;
 	default:
 		ferry_chan_free(b);
@@ -65,6 +67,9 @@ int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 
 	memset(m, 0, sizeof(*m));
 	r = ferry_record_read(io, &rec, err);
+	if (r && rec.at_end)
+		return ferry_error_set(err, -ECONNRESET,
+				       "return path: closed by the peer");
 	if (r)
 		return ferry_error_prefix(err, "return path: ");
 	if (rec.type != FERRY_REC_RETURN)
@@ -76,7 +81,8 @@ int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	m->type = ferry_get_be16(c);
 	switch (m->type) {
-	case FERRY_RP_SHUT: {
+	case FERRY_RP_SHUT:
+	case FERRY_RP_LOADED: {
 		uint32_t nv;
 
 		m->status = ferry_get_be32(c);
@@ -100,6 +106,7 @@ int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 		m->len = ferry_get_be32(c);
 		break;
 	case FERRY_RP_SWITCHOVER_ACK:
+	case FERRY_RP_HEARTBEAT:
 		break;
 	default:
 		ferry_chan_set_error(c, -EBADMSG, "unknown message type %u", m->type);

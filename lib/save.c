@@ -10,8 +10,10 @@
  *
  * Threads: everything runs in the caller's thread (the migration thread)
  * except save_complete_thread hooks, which get one thread each at
- * switchover. They write DEVSTATE records into the same stream, so every
- * record write takes out_lock.
+ * switchover, and the engine's heartbeat sender. They write records into
+ * the same stream, so every record write *and every flush* takes out_lock:
+ * a flush moves the channel's buffer to the socket, and a record appended
+ * by another thread in the middle of it would be lost or sent twice.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -27,6 +29,7 @@ struct ferry_save {
 	struct ferry_ctx *ctx;          /* immutable */
 	struct ferry_record_io io;      /* guarded by out_lock */
 	pthread_mutex_t out_lock;
+	uint64_t last_write_ns;         /* out_lock: last record or flush */
 	struct ferry_chan *body;        /* migration thread only */
 	bool setup_ran;                 /* save_setup hooks were called */
 	bool completed;
@@ -53,6 +56,19 @@ static int write_record2(struct ferry_save *s, uint8_t type, const void *a,
 
 	ferry__mutex_lock(&s->out_lock);
 	r = ferry_record_write2(&s->io, type, a, alen, b, blen, err);
+	s->last_write_ns = ferry__mono_ns();
+	ferry__mutex_unlock(&s->out_lock);
+	return r;
+}
+
+/* Push the channel's buffer out, under out_lock (see the top comment). */
+static int flush_out(struct ferry_save *s, struct ferry_error *err)
+{
+	int r;
+
+	ferry__mutex_lock(&s->out_lock);
+	r = ferry_chan_flush(s->io.chan) ? ferry_chan_error(s->io.chan, err) : 0;
+	s->last_write_ns = ferry__mono_ns();
 	ferry__mutex_unlock(&s->out_lock);
 	return r;
 }
@@ -235,9 +251,7 @@ int ferry_save_round(struct ferry_save *s, uint64_t budget,
 			return r;
 	}
 	/* Push the round out now: the wire, not our buffer, should hold it. */
-	if (ferry_chan_flush(s->io.chan))
-		return ferry_chan_error(s->io.chan, err);
-	return 0;
+	return flush_out(s, err);
 }
 
 int ferry_save_command(struct ferry_save *s, uint16_t cmd, const void *payload,
@@ -342,8 +356,14 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 					  do_complete, 0, err);
 	if (!r)
 		s->stats.t_iterable_done = ferry__mono_ns();
+	/* A device that also sends buffers from its own thread gets its FULL
+	 * section only after that thread is done: its configuration must load
+	 * after all of its data (the destination also waits for the device's
+	 * load thread before loading it). The others go first, while the
+	 * threads still run. */
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
-		if (!ferry__dev_iterable(d) && d->ops->save_state)
+		if (!ferry__dev_iterable(d) && d->ops->save_state &&
+		    !d->ops->save_complete_thread)
 			r = write_section(s, FERRY_REC_SECTION_FULL, d,
 					  do_state, 0, err);
 	for (unsigned i = 0; i < started; i++) {
@@ -357,6 +377,11 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 		}
 	}
 	free(sinks);
+	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
+		if (!ferry__dev_iterable(d) && d->ops->save_state &&
+		    d->ops->save_complete_thread)
+			r = write_section(s, FERRY_REC_SECTION_FULL, d,
+					  do_state, 0, err);
 	if (r)
 		return r;
 	desc = ferry__describe(s->ctx, false);
@@ -366,8 +391,8 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 	free(desc);
 	if (!r)
 		r = write_record2(s, FERRY_REC_EOF, NULL, 0, NULL, 0, err);
-	if (!r && ferry_chan_flush(s->io.chan))
-		r = ferry_chan_error(s->io.chan, err);
+	if (!r)
+		r = flush_out(s, err);
 	s->completed = !r;
 	if (!r) {
 		s->stats.t_done = ferry__mono_ns();
@@ -378,8 +403,11 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 
 void ferry_save_get_stats(struct ferry_save *s, struct ferry_save_stats *st)
 {
-	*st = s->stats;
-	st->bytes = ferry_chan_offset(s->io.chan);
+	struct ferry_save_stats now = s->stats;
+
+	now.size = sizeof(now);
+	now.bytes = ferry_chan_offset(s->io.chan);
+	ferry__fill_sized(st, &now, sizeof(now));
 }
 
 void ferry_save_end(struct ferry_save *s)
@@ -420,5 +448,51 @@ int ferry_save_all(struct ferry_ctx *ctx, struct ferry_chan *out,
 	if (!r)
 		r = ferry_save_complete(s, err);
 	ferry_save_end(s);
+	return r;
+}
+
+/* ---- for the engine (lib/engine-out.c) ------------------------------------ */
+
+int ferry__save_heartbeat(struct ferry_save *s, uint64_t idle_ns)
+{
+	uint8_t c[2] = { 0, FERRY_CMD_HEARTBEAT };
+	int r = 0;
+
+	/* A writer holding the lock is either moving bytes (the stream is
+	 * not idle) or blocked on a peer that stopped reading (a heartbeat
+	 * could not get through either): skip the beat, never wait. */
+	if (pthread_mutex_trylock(&s->out_lock))
+		return 0;
+	if (ferry__mono_ns() - s->last_write_ns >= idle_ns) {
+		r = ferry_record_write2(&s->io, FERRY_REC_COMMAND, c, 2, NULL, 0,
+					NULL);
+		if (!r)
+			r = ferry_chan_flush(s->io.chan);
+		s->last_write_ns = ferry__mono_ns();
+	}
+	ferry__mutex_unlock(&s->out_lock);
+	return r;
+}
+
+int ferry__save_verdict(struct ferry_save *s, uint16_t cmd,
+			struct ferry_error *err)
+{
+	uint8_t c[2] = { (uint8_t)(cmd >> 8), (uint8_t)cmd };
+	int r;
+
+	ferry__mutex_lock(&s->out_lock);
+	/* Empty the buffer first: then a failed flush below means some byte
+	 * of the verdict itself never reached the kernel, so the peer can
+	 * never read a whole (checked) verdict record. */
+	r = ferry_chan_flush(s->io.chan);
+	if (!r)
+		r = ferry_record_write2(&s->io, FERRY_REC_COMMAND, c, 2, NULL, 0,
+					NULL);
+	if (!r)
+		r = ferry_chan_flush(s->io.chan);
+	if (r)
+		r = ferry_chan_error(s->io.chan, err);
+	s->last_write_ns = ferry__mono_ns();
+	ferry__mutex_unlock(&s->out_lock);
 	return r;
 }

@@ -20,6 +20,7 @@
 #include <xxhash.h>
 
 #include "ferry/stream.h"
+#include "internal.h"
 
 static const char *const rec_names[256] = {
 	[FERRY_REC_EOF] = "EOF",
@@ -43,6 +44,9 @@ static const char *const cmd_names[FERRY_CMD__MAX] = {
 	[FERRY_CMD_POSTCOPY_DISCARD] = "POSTCOPY_DISCARD",
 	[FERRY_CMD_PACKAGED] = "PACKAGED",
 	[FERRY_CMD_SWITCHOVER_START] = "SWITCHOVER_START",
+	[FERRY_CMD_HEARTBEAT] = "HEARTBEAT",
+	[FERRY_CMD_SWITCHOVER_GO] = "SWITCHOVER_GO",
+	[FERRY_CMD_SWITCHOVER_ABORT] = "SWITCHOVER_ABORT",
 };
 
 static const char *const rp_names[FERRY_RP__MAX] = {
@@ -51,6 +55,8 @@ static const char *const rp_names[FERRY_RP__MAX] = {
 	[FERRY_RP_PONG] = "PONG",
 	[FERRY_RP_REQ_PAGES] = "REQ_PAGES",
 	[FERRY_RP_SWITCHOVER_ACK] = "SWITCHOVER_ACK",
+	[FERRY_RP_LOADED] = "LOADED",
+	[FERRY_RP_HEARTBEAT] = "HEARTBEAT",
 };
 
 const char *ferry_record_type_name(unsigned type)
@@ -79,6 +85,14 @@ int ferry_stream_write_header(struct ferry_chan *c, struct ferry_error *err)
 
 int ferry_stream_read_header(struct ferry_chan *c, struct ferry_error *err)
 {
+	uint32_t version;
+
+	return ferry__stream_read_header(c, &version, err);
+}
+
+int ferry__stream_read_header(struct ferry_chan *c, uint32_t *version_out,
+			      struct ferry_error *err)
+{
 	uint32_t magic = ferry_get_be32(c);
 	uint32_t version = ferry_get_be32(c);
 	uint32_t flags = ferry_get_be32(c);
@@ -90,13 +104,14 @@ int ferry_stream_read_header(struct ferry_chan *c, struct ferry_error *err)
 		return ferry_error_set(err, -EBADMSG,
 			"stream header: offset 0: not a ferry stream (magic 0x%08x, expected 0x%08x)",
 			magic, FERRY_STREAM_MAGIC);
-	if (version != FERRY_STREAM_VERSION)
+	if (version < FERRY_STREAM_VERSION_MIN || version > FERRY_STREAM_VERSION)
 		return ferry_error_set(err, -EPROTONOSUPPORT,
-			"stream header: offset 4: stream format version %u not supported (this build reads %u)",
-			version, FERRY_STREAM_VERSION);
+			"stream header: offset 4: stream format version %u not supported (this build reads %u to %u)",
+			version, FERRY_STREAM_VERSION_MIN, FERRY_STREAM_VERSION);
 	if (flags || reserved)
 		return ferry_error_set(err, -EPROTONOSUPPORT,
 			"stream header: offset 8: unknown stream flags 0x%08x/0x%08x", flags, reserved);
+	*version_out = version;
 	return 0;
 }
 
@@ -214,10 +229,12 @@ int ferry_record_read(struct ferry_record_io *io, struct ferry_record *rec,
 	n = ferry_get_partial(io->chan, hdr, sizeof(hdr));
 	if (n < 0)
 		return ferry_chan_error(io->chan, err);
-	if (n == 0)
+	if (n == 0) {
+		rec->at_end = true;
 		return ferry_error_set(err, -EBADMSG,
 			"offset %llu: stream ends without an EOF record",
 			(unsigned long long)rec->offset);
+	}
 	if ((size_t)n < sizeof(hdr))
 		return ferry_error_set(err, -EBADMSG,
 			"offset %llu: truncated record header (%zd of 5 bytes)",

@@ -64,6 +64,13 @@ FERRY_API struct ferry_chan *ferry_chan_new_ops(const struct ferry_chan_ops *ops
 /* Flush (writers), close the backend if owned, free. NULL is a no-op. */
 FERRY_API void ferry_chan_free(struct ferry_chan *c);
 
+/*
+ * fd channels: a read or write that makes no progress for @timeout_ms
+ * fails with -ETIMEDOUT (a peer that stopped talking or reading); 0 (the
+ * default) waits for ever. Set it before the channel is shared.
+ */
+FERRY_API void ferry_chan_set_timeout(struct ferry_chan *c, int timeout_ms);
+
 /* Unblock a reader/writer blocked in another thread; sets -ESHUTDOWN. */
 FERRY_API void ferry_chan_shutdown(struct ferry_chan *c);
 

@@ -9,6 +9,7 @@
  *   transport.h  tcp:/unix:/fd:/file: URIs
  *   ram.h        guest RAM as an iterable device (precopy)
  *   multifd.h    parallel RAM channels
+ *   engine.h     the migration engine: a whole live migration, either side
  */
 #ifndef FERRY_FERRY_H
 #define FERRY_FERRY_H
@@ -21,5 +22,6 @@
 #include "ferry/transport.h"
 #include "ferry/ram.h"
 #include "ferry/multifd.h"
+#include "ferry/engine.h"
 
 #endif

@@ -48,6 +48,11 @@ struct ferry_ctx;
 struct ferry_devstate_sink;
 
 struct ferry_dev_ops {
+	/* sizeof(struct ferry_dev_ops) as the caller compiled it: the library
+	 * copies the ops at registration and treats hooks past .size as NULL,
+	 * so hooks can be added without breaking older callers. */
+	size_t size;
+
 	/* ---- save side (source) ---- */
 
 	/* Thread: migration thread. Phase: setup, vCPUs running.
@@ -116,9 +121,9 @@ FERRY_API void ferry_ctx_free(struct ferry_ctx *ctx);
 
 /*
  * Register a device. (@idstr, @instance) must be unique. @version is the
- * version written; loads accept [@min_version, @version]. @ops is not
- * copied and must outlive the registration. A device with save_iterate is
- * iterable; otherwise it needs save_state and load_state.
+ * version written; loads accept [@min_version, @version]. @ops is copied
+ * (its .size must be set). A device with save_iterate is iterable;
+ * otherwise it needs save_state and load_state.
  */
 FERRY_API int ferry_register(struct ferry_ctx *ctx, const char *idstr,
 			     uint32_t instance, uint32_t version,
@@ -189,8 +194,10 @@ FERRY_API int ferry_save_command(struct ferry_save *s, uint16_t cmd,
 FERRY_API int ferry_save_complete(struct ferry_save *s,
 				  struct ferry_error *err);
 /* Timestamps (CLOCK_MONOTONIC, ns; 0 = not reached) and a digest of the
- * device state sent, for downtime accounting and end-to-end proof. */
+ * device state sent, for downtime accounting and end-to-end proof. Set
+ * .size = sizeof(struct ferry_save_stats); fields past it are not written. */
 struct ferry_save_stats {
+	size_t size;
 	uint64_t t_final_sync;    /* switchover: first exact pending done */
 	uint64_t t_iterable_done; /* END sections written */
 	uint64_t t_done;          /* EOF written and flushed */
@@ -227,8 +234,10 @@ struct ferry_cmd_msg {
 	} u;
 };
 
-/* Filled by ferry_load when ferry_load_opts.stats is set. */
+/* Filled by ferry_load when ferry_load_opts.stats is set. Fields may be
+ * added at the end: set .size = sizeof(struct ferry_load_stats). */
 struct ferry_load_stats {
+	size_t size;
 	uint64_t t_first_full;    /* CLOCK_MONOTONIC ns: first FULL record read */
 	uint64_t t_eof;           /* EOF record read, everything loaded */
 	uint64_t device_load_ns;  /* time inside FULL sections' load hooks */
@@ -237,17 +246,26 @@ struct ferry_load_stats {
 };
 
 struct ferry_load_opts {
+	size_t size;              /* sizeof(struct ferry_load_opts) */
 	/* Cap on one record body (0 = FERRY_RECORD_MAX_DEFAULT). */
 	uint32_t max_record;
-	/* Called in the load thread for every command except PACKAGED and
-	 * SWITCHOVER_START (handled by the library). May be NULL: then
-	 * OPEN_RETURN_PATH and PING are accepted and ignored, and postcopy
-	 * commands fail the load ("postcopy not enabled"). */
+	/* Called in the load thread for every command except PACKAGED,
+	 * SWITCHOVER_START and HEARTBEAT (handled by the library). May be
+	 * NULL: then OPEN_RETURN_PATH and PING are accepted and ignored, and
+	 * postcopy commands fail the load ("postcopy not enabled"). */
 	int (*on_command)(void *opaque, const struct ferry_cmd_msg *cmd,
 			  struct ferry_error *err);
 	void *opaque;
 	/* Optional: receives timing and the device-state digest. */
 	struct ferry_load_stats *stats;
+	/* Optional, around the non-iterable load (thread: the load thread).
+	 * begin: before the first FULL section is loaded. end: after EOF (or
+	 * on failure, with @result set), once every device load thread has
+	 * finished; its time counts as device load. Either failing fails the
+	 * load. end is called once for each begin. */
+	int (*device_load_begin)(void *opaque, struct ferry_error *err);
+	int (*device_load_end)(void *opaque, int result,
+			       struct ferry_error *err);
 };
 
 /*
@@ -262,17 +280,20 @@ FERRY_API int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 
 /* ---- return path -------------------------------------------------------- */
 
-/* SHUT values (be64 each), in this order; readers ignore extra values and
- * treat missing ones as 0. */
+/* SHUT and LOADED values (be64 each), in this order; readers ignore extra
+ * values and treat missing ones as 0. */
 enum ferry_rp_shut_value {
 	FERRY_SHUT_T_EOF,         /* dest CLOCK_MONOTONIC ns: EOF read */
 	FERRY_SHUT_T_RESUMED,     /* dest CLOCK_MONOTONIC ns: vCPUs running, or
 				     ready to run if kept paused */
-	FERRY_SHUT_DEVICE_LOAD_NS,/* time in device-state load hooks */
+	FERRY_SHUT_DEVICE_LOAD_NS,/* time in device-state load hooks, and in
+				     the VMM's device_load_end */
 	FERRY_SHUT_DEVICE_DIGEST, /* ferry_load_stats.device_digest */
 	FERRY_SHUT_T_RESUMED_REAL,/* dest CLOCK_REALTIME ns of T_RESUMED */
 	FERRY_SHUT_BOOT_ID,       /* XXH3-64 of the dest's kernel boot id: equal
 				     on one host, where monotonic clocks agree */
+	FERRY_SHUT_T_LOADED,      /* dest CLOCK_MONOTONIC ns: LOADED sent */
+	FERRY_SHUT_T_GO,          /* dest CLOCK_MONOTONIC ns: GO read */
 	FERRY_SHUT__MAX
 };
 
@@ -281,7 +302,7 @@ struct ferry_rp_msg {
 	uint16_t type;                       /* enum ferry_rp */
 	uint32_t status;                     /* SHUT: 0 or an errno value */
 	char reason[256];                    /* SHUT */
-	uint64_t values[FERRY_SHUT__MAX];    /* SHUT */
+	uint64_t values[FERRY_SHUT__MAX];    /* SHUT, LOADED */
 	uint32_t pong;                       /* PONG */
 	char block[FERRY_IDSTR_MAX + 1];     /* REQ_PAGES */
 	uint64_t start;                      /* REQ_PAGES */

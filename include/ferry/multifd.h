@@ -74,8 +74,13 @@ extern "C" {
 #define FERRY_MULTIFD_DEVSTATE_MAX (16u << 20)
 /* Distinct devices that may send state over one multifd instance. */
 #define FERRY_MULTIFD_MAX_DEVICES 256u
-/* Out-of-order device-state bytes a destination buffers before failing. */
+/* Out-of-order device-state buffers a destination holds before failing:
+ * bytes (each buffer costs its length plus FERRY_MULTIFD_REORDER_OVERHEAD)
+ * and count, so neither large nor empty buffers can grow it without
+ * bound. A real source has at most one buffer in flight per channel. */
 #define FERRY_MULTIFD_REORDER_MAX (64u << 20)
+#define FERRY_MULTIFD_REORDER_MAX_BUFFERS 1024u
+#define FERRY_MULTIFD_REORDER_OVERHEAD 64u
 
 enum ferry_multifd_compression {
 	FERRY_MULTIFD_COMP_NONE = 0,
@@ -83,6 +88,7 @@ enum ferry_multifd_compression {
 };
 
 struct ferry_multifd_params {
+	size_t size;    /* sizeof(struct ferry_multifd_params) */
 	/* Both sides: number of channels, 1..FERRY_MULTIFD_MAX_CHANNELS. */
 	unsigned channels;
 	/* Source: page compression (the destination follows the handshake). */
@@ -90,7 +96,9 @@ struct ferry_multifd_params {
 	/* Source: zstd level (0 = 1). */
 	int zstd_level;
 	/* Source: pages per packet, 0 = 128. Also caps packet bytes at
-	 * packet_pages * 4 KiB (blocks with larger pages get fewer per packet). */
+	 * packet_pages * 4 KiB (blocks with larger pages get fewer per packet).
+	 * The destination follows the source's handshake (up to
+	 * FERRY_MULTIFD_PACKET_PAGES_MAX), whatever its own value. */
 	uint32_t packet_pages;
 	/* Source: the session id; all zero = random (see
 	 * ferry_multifd_session()). Destination: the session to accept; all
@@ -102,6 +110,9 @@ struct ferry_multifd_params {
 	int (*devstate)(void *opaque, const char *idstr, uint32_t instance,
 			const void *buf, size_t len, struct ferry_error *err);
 	void *opaque;
+	/* Source: a channel write that makes no progress for this long fails
+	 * the migration (a destination that stopped reading); 0 = no limit. */
+	uint32_t timeout_ms;
 };
 
 struct ferry_multifd_chan_stats {

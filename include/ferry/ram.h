@@ -75,9 +75,11 @@ struct ferry_ram_block {
 
 /*
  * Dirty tracking, provided by the VMM (KVM dirty log, userfaultfd-wp, ...).
- * All callbacks run in the migration thread and return 0 or -errno.
+ * All callbacks run in the migration thread and return 0 or -errno. Copied
+ * by ferry_ram_new; set .size = sizeof(struct ferry_ram_dirty_ops).
  */
 struct ferry_ram_dirty_ops {
+	size_t size;
 	/* Start tracking every block; called once in save_setup. */
 	int (*start)(void *opaque, struct ferry_error *err);
 	/* OR the pages of @block dirtied since start or the previous sync into

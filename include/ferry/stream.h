@@ -28,8 +28,12 @@ extern "C" {
 #endif
 
 #define FERRY_STREAM_MAGIC 0x46525259u /* "FRRY" */
-/* Format version: changes only when the framing changes, not per release. */
-#define FERRY_STREAM_VERSION 1u
+/* Format version: changes only when the framing changes, not per release.
+ * Version 2 adds the switchover handshake of live streams (HEARTBEAT,
+ * SWITCHOVER_GO/ABORT after EOF, RP LOADED and HEARTBEAT). Readers accept
+ * every version from FERRY_STREAM_VERSION_MIN. */
+#define FERRY_STREAM_VERSION 2u
+#define FERRY_STREAM_VERSION_MIN 1u
 #define FERRY_STREAM_HEADER_SIZE 16u
 /* u8 type + be32 length before the body, be64 check after it. */
 #define FERRY_RECORD_OVERHEAD 13u
@@ -63,6 +67,10 @@ enum ferry_cmd {
 	FERRY_CMD_POSTCOPY_DISCARD = 6, /* str8 block, be32 n, n x (be64 start, be64 len) */
 	FERRY_CMD_PACKAGED = 7,         /* nested records, ending with EOF */
 	FERRY_CMD_SWITCHOVER_START = 8, /* empty */
+	/* Version 2, live streams with a return path: */
+	FERRY_CMD_HEARTBEAT = 9,        /* empty; the source is alive */
+	FERRY_CMD_SWITCHOVER_GO = 10,   /* empty, after EOF: run the VM */
+	FERRY_CMD_SWITCHOVER_ABORT = 11,/* empty, after EOF: the source keeps it */
 	FERRY_CMD__MAX
 };
 
@@ -73,6 +81,9 @@ enum ferry_rp {
 	FERRY_RP_PONG = 2,           /* be32 value echoed from PING */
 	FERRY_RP_REQ_PAGES = 3,      /* str8 block, be64 start, be32 len */
 	FERRY_RP_SWITCHOVER_ACK = 4, /* empty */
+	/* Version 2: */
+	FERRY_RP_LOADED = 5,         /* as SHUT: loaded, waiting for GO */
+	FERRY_RP_HEARTBEAT = 6,      /* empty; the destination is alive */
 	FERRY_RP__MAX
 };
 
@@ -92,6 +103,8 @@ struct ferry_record {
 	uint32_t got;         /* body bytes available (< len after truncation) */
 	uint64_t offset;      /* stream offset of the type byte */
 	uint64_t seq;         /* sequence number (check seed) */
+	bool at_end;          /* failed because the stream ended cleanly
+				 before this record's first byte */
 };
 
 /* Record writer/reader state for one stream direction. */
@@ -106,7 +119,8 @@ struct ferry_record_io {
 /* Header: writes magic, version, flags (0), reserved (0). */
 FERRY_API int ferry_stream_write_header(struct ferry_chan *c,
 					struct ferry_error *err);
-/* Reads and checks the header. Unknown versions or flags are rejected. */
+/* Reads and checks the header. Versions outside [FERRY_STREAM_VERSION_MIN,
+ * FERRY_STREAM_VERSION] and unknown flags are rejected. */
 FERRY_API int ferry_stream_read_header(struct ferry_chan *c,
 				       struct ferry_error *err);
 

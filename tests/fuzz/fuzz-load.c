@@ -23,7 +23,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct ferry_error err = { 0 };
 	struct ferry_chan *c;
 	/* A small record cap keeps each run fast and memory flat. */
-	struct ferry_load_opts opts = { .max_record = 1u << 20 };
+	struct ferry_load_opts opts = { .size = sizeof(opts), .max_record = 1u << 20 };
 
 	testvm_init_small(&dst, false, 0);
 	c = ferry_chan_new_mem_reader(data, size);

@@ -53,7 +53,7 @@ TEST(cli_inspect_shows_every_section)
 	need_ferry();
 	path = save_file(21, NULL, NULL);
 	ASSERT_EQ(test_run(&out, "%s inspect %s", test_ferry_bin(), path), 0);
-	ASSERT_CONTAINS(out, "format version 1");
+	ASSERT_CONTAINS(out, "format version 2");
 	ASSERT_CONTAINS(out, "SECTION_START");
 	ASSERT_CONTAINS(out, "'tram' instance 0 (id 1) version 1");
 	ASSERT_CONTAINS(out, "SECTION_PART");

@@ -95,7 +95,7 @@ TEST(migration_precopy_rounds)
 	ASSERT_GT(must, 0);
 	ASSERT_OK_E(ferry_save_complete(s, &err), err);
 	{
-		struct ferry_save_stats st;
+		struct ferry_save_stats st = { .size = sizeof(st) };
 		ferry_save_get_stats(s, &st);
 		ASSERT_NE(st.device_digest, 0);
 		ASSERT_GT(st.t_final_sync, 0);
@@ -109,8 +109,8 @@ TEST(migration_precopy_rounds)
 	ASSERT_EQ(src.ram.iterates, 6);
 	d = ferry_chan_mem_data(c, &n);
 	{
-		struct ferry_load_stats ls;
-		struct ferry_load_opts lo = { .stats = &ls };
+		struct ferry_load_stats ls = { .size = sizeof(ls) };
+		struct ferry_load_opts lo = { .size = sizeof(lo), .stats = &ls };
 		struct ferry_chan *r = ferry_chan_new_mem_reader(d, n);
 
 		ASSERT_OK_E(ferry_load(dst.ctx, r, &lo, &err), err);
@@ -173,7 +173,8 @@ TEST(migration_commands)
 	struct ferry_record_io pio;
 	struct ferry_save *s;
 	struct cmdlog log = { 0 };
-	struct ferry_load_opts opts = { .on_command = on_cmd, .opaque = &log };
+	struct ferry_load_opts opts = { .size = sizeof(opts), .on_command = on_cmd,
+					.opaque = &log };
 	uint8_t adv[16] = { 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x10, 0 };
 	uint8_t ping[4] = { 0xca, 0xfe, 0xba, 0xbe };
 	uint8_t disc[4 + 4 + 32] = { 3, 'r', 'a', 'm', 0, 0, 0, 2,
@@ -324,7 +325,7 @@ TEST(migration_registry_rules)
 	struct ferry_error err = { 0 };
 	struct ferry_ctx *ctx = ferry_ctx_new(NULL);
 	struct tram t;
-	static const struct ferry_dev_ops bad = { .save_iterate = NULL };
+	static const struct ferry_dev_ops bad = { .size = sizeof(bad) };
 
 	tram_init(&t, 1, 0);
 	ASSERT_OK(ferry_register(ctx, "x", 0, 1, 1, &tram_ops, &t, &err));

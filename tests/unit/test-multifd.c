@@ -111,6 +111,7 @@ static int g_populated(void *o, unsigned b, uint64_t *bm, struct ferry_error *e)
 }
 
 static const struct ferry_ram_dirty_ops g_ops = {
+	.size = sizeof(struct ferry_ram_dirty_ops),
 	.start = g_start, .sync = g_sync, .stop = g_stop, .populated = g_populated,
 };
 
@@ -175,7 +176,7 @@ static void socketpairs(int (*fds)[2], unsigned n)
 static void dest_start(struct dest *d, unsigned channels, const int *chan_fds,
 		       int main_fd)
 {
-	struct ferry_multifd_params p = { .channels = channels };
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = channels };
 
 	d->ram = g_ram(&d->g, false);
 	d->ctx = ferry_ctx_new(NULL);
@@ -264,7 +265,7 @@ static void precopy(unsigned channels, enum ferry_multifd_compression comp,
 	struct guest src;
 	struct dest d = { 0 };
 	struct ferry_error err = { 0 };
-	struct ferry_multifd_params p = { .channels = channels, .compression = comp };
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = channels, .compression = comp };
 	int mainfd[2];
 	int sfds[FERRY_MULTIFD_MAX_CHANNELS], dfds[FERRY_MULTIFD_MAX_CHANNELS];
 	struct ferry_multifd_stats ms;
@@ -473,7 +474,7 @@ static struct ferry_multifd *recv_for(unsigned channels, const uint8_t *session,
 				      void *cb_opaque)
 {
 	struct ferry_error err = { 0 };
-	struct ferry_multifd_params p = { .channels = channels,
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = channels,
 					  .devstate = cb_opaque ? ds_cb : NULL,
 					  .opaque = cb_opaque };
 	struct ferry_ram_block blk = { "b", dummy_block, sizeof(dummy_block), PS };
@@ -490,7 +491,7 @@ static struct ferry_multifd *recv_for(unsigned channels, const uint8_t *session,
 TEST(multifd_devstate_in_order)
 {
 	static const uint8_t session[16] = "devstate-test-01";
-	struct ferry_multifd_params p = { .channels = 4 };
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = 4 };
 	struct ferry_error err = { 0 };
 	struct ferry_multifd_stats st;
 	struct ferry_multifd *src, *dst;
@@ -815,7 +816,7 @@ static int load_start(const uint8_t *body, size_t len, bool with_mf,
 	ctx = ferry_ctx_new(NULL);
 	ASSERT_OK(ferry_ram_register(ram, ctx, NULL));
 	if (with_mf) {
-		struct ferry_multifd_params p = { .channels = 2 };
+		struct ferry_multifd_params p = { .size = sizeof(p), .channels = 2 };
 		m = ferry_multifd_recv_new(&p, NULL);
 		ASSERT_OK(ferry_ram_set_multifd_recv(ram, m, NULL));
 	}
@@ -978,7 +979,7 @@ TEST(multifd_channel_killed)
 	struct guest src;
 	struct dest d = { 0 };
 	struct ferry_error err = { 0 };
-	struct ferry_multifd_params p = { .channels = 2 };
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = 2 };
 	int mainfd[2], sfds[2], dfds[2], r = 0;
 	struct src S;
 
@@ -1034,7 +1035,7 @@ TEST(multifd_prepopulate_ranges)
 	struct guest src;
 	struct dest d = { 0 };
 	struct ferry_error err = { 0 };
-	struct ferry_multifd_params p = { .channels = 2 };
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = 2 };
 	int mainfd[2], sfds[2], dfds[2];
 	struct ferry_ram_stats st;
 	struct src S;

@@ -73,6 +73,7 @@ static int f_populated(void *o, unsigned b, uint64_t *bm, struct ferry_error *e)
 
 
 static const struct ferry_ram_dirty_ops fake_ops = {
+	.size = sizeof(struct ferry_ram_dirty_ops),
 	.start = f_start, .sync = f_sync, .stop = f_stop, .populated = f_populated,
 };
 

@@ -14,7 +14,7 @@
 TEST(stream_header_golden)
 {
 	static const uint8_t want[16] = {
-		'F', 'R', 'R', 'Y', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0,
+		'F', 'R', 'R', 'Y', 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0,
 	};
 	struct ferry_chan *c = ferry_chan_new_mem_writer(0);
 	const uint8_t *d;
@@ -62,7 +62,7 @@ static const struct ferry_vmsd g_vmsd = {
 TEST(stream_save_golden)
 {
 	static const uint8_t want[] = {
-		'F', 'R', 'R', 'Y', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0,
+		'F', 'R', 'R', 'Y', 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0,
 		0x04, 0x00, 0x00, 0x00, 0x13,           /* FULL, 19 bytes */
 		0x00, 0x00, 0x00, 0x01,                 /* section id 1 */
 		0x01, 'g',                              /* idstr */
@@ -223,4 +223,18 @@ TEST(stream_bad_header)
 	ASSERT_ERR(ferry_stream_read_header(r, &err), -EBADMSG);
 	ASSERT_CONTAINS(err.msg, "not a ferry stream");
 	ferry_chan_free(r);
+	/* Version 1 (before the switchover handshake) still reads; 0 and 3
+	 * do not. */
+	for (uint8_t v = 0; v <= 3; v++) {
+		h[0] = 'F';
+		h[7] = v;
+		r = ferry_chan_new_mem_reader(h, sizeof(h));
+		ferry_error_clear(&err);
+		if (v == 1 || v == 2)
+			ASSERT_OK_E(ferry_stream_read_header(r, &err), err);
+		else
+			ASSERT_ERR(ferry_stream_read_header(r, &err),
+				   -EPROTONOSUPPORT);
+		ferry_chan_free(r);
+	}
 }

@@ -153,6 +153,7 @@ static int tram_load(struct ferry_chan *c, void *opaque, uint32_t version,
 }
 
 const struct ferry_dev_ops tram_ops = {
+	.size = sizeof(struct ferry_dev_ops),
 	.save_setup = tram_save_setup,
 	.save_pending = tram_pending,
 	.save_iterate = tram_iterate,
@@ -284,6 +285,7 @@ static int tblob_switchover(void *opaque, struct ferry_error *err)
 }
 
 const struct ferry_dev_ops tblob_ops = {
+	.size = sizeof(struct ferry_dev_ops),
 	.save_state = tblob_save_state,
 	.save_complete_thread = tblob_complete_thread,
 	.load_state = tblob_load_state,

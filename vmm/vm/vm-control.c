@@ -23,12 +23,12 @@ static int h_query_status(void *opaque, json_t *args, json_t **ret,
 			  struct ferry_error *err)
 {
 	struct vm *vm = opaque;
-	enum vm_run_state s = vm_run_state(vm);
+	enum ferry_run_state s = vm_run_state(vm);
 
 	(void)args;
 	(void)err;
-	*ret = json_pack("{s:s, s:b}", "status", vm_run_state_name(s),
-			 "running", s == VM_RUNNING);
+	*ret = json_pack("{s:s, s:b}", "status", ferry_run_state_name(s),
+			 "running", s == FERRY_RUN_RUNNING);
 	return 0;
 }
 
@@ -96,10 +96,10 @@ static int h_guest_verify(void *opaque, json_t *args, json_t **ret,
 	uint64_t seq;
 	int r;
 
-	if (wait && vm_run_state(vm) != VM_RUNNING)
+	if (wait && vm_run_state(vm) != FERRY_RUN_RUNNING)
 		return ferry_error_set(err, -EINVAL,
 			"the guest is %s; it verifies only while running "
-			"(or pass \"wait\": false)", vm_run_state_name(vm_run_state(vm)));
+			"(or pass \"wait\": false)", ferry_run_state_name(vm_run_state(vm)));
 	seq = vm_guest_verify(vm);
 	if (wait && (r = vm_guest_wait_verify(vm, seq, timeout, err)))
 		return r;
@@ -135,83 +135,82 @@ static int h_migrate(void *opaque, json_t *args, json_t **ret,
 static int h_migrate_cancel(void *opaque, json_t *args, json_t **ret,
 			    struct ferry_error *err)
 {
+	struct vm *vm = opaque;
+
 	(void)args;
 	(void)ret;
-	return vm_migrate_cancel(opaque, err);
+	return ferry_mig_cancel(vm->mig, err);
 }
 
+/* query-migrate: the engine's snapshot in QEMU's shape, plus ferry's
+ * "switchover" and "downtime-phases". */
 static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 			   struct ferry_error *err)
 {
 	struct vm *vm = opaque;
-	struct ferry_ram_stats st;
-	struct mig_progress prog;
-	enum mig_status s;
+	struct ferry_mig_info i = { .size = sizeof(i) };
 	json_t *o;
-	uint64_t now = vm_now_ns(), total;
 
 	(void)args;
 	(void)err;
-	pthread_mutex_lock(&vm->mig_lock);
-	s = vm->mig_status;
-	/* An incoming VM reports its side of the migration. */
-	if (s == MIG_NONE && vm->in_status != MIG_NONE) {
-		o = json_pack("{s:s, s:b}", "status", mig_status_name(vm->in_status),
-			      "incoming", 1);
-		if (vm->in_error[0])
-			json_object_set_new(o, "error-desc", json_string(vm->in_error));
-		pthread_mutex_unlock(&vm->mig_lock);
+	ferry_mig_query(vm->mig, &i);
+	o = json_pack("{s:s}", "status", ferry_mig_status_name(i.status));
+	if (i.switchover != FERRY_SWO_NONE)
+		json_object_set_new(o, "switchover",
+				    json_string(ferry_switchover_name(i.switchover)));
+	if (i.error[0])
+		json_object_set_new(o, "error-desc", json_string(i.error));
+	if (i.incoming) {
+		if (i.status != FERRY_MIG_NONE) {
+			json_object_set_new(o, "incoming", json_true());
+			json_object_set_new(o, "total-time",
+				json_integer((json_int_t)i.total_time_ms));
+		}
 		*ret = o;
 		return 0;
 	}
-	o = json_pack("{s:s}", "status", mig_status_name(s));
-	prog = vm->prog;
-	if (s != MIG_NONE) {
+	if (i.status != FERRY_MIG_NONE) {
 		json_t *ph = json_object();
-		total = (vm->mig_end_ns ? vm->mig_end_ns : now) - vm->mig_start_ns;
+
 		json_object_set_new(o, "total-time",
-				    json_integer((json_int_t)(total / 1000000)));
+				    json_integer((json_int_t)i.total_time_ms));
 		json_object_set_new(o, "setup-time",
-				    json_integer((json_int_t)(vm->mig_setup_ns / 1000000)));
+				    json_integer((json_int_t)i.setup_time_ms));
 		json_object_set_new(o, "expected-downtime",
-				    json_integer((json_int_t)vm->prog.expected_downtime_ms));
-		json_object_set_new(o, "pass", json_integer((json_int_t)vm->prog.pass));
+				    json_integer((json_int_t)i.expected_downtime_ms));
+		json_object_set_new(o, "pass", json_integer((json_int_t)i.pass));
 		json_object_set_new(o, "cpu-throttle-percentage",
-				    json_integer(vm->prog.throttle_pct));
-		if (s == MIG_COMPLETED) {
+				    json_integer(i.throttle_pct));
+		if (i.status == FERRY_MIG_COMPLETED) {
 			json_object_set_new(o, "downtime",
-				json_integer((json_int_t)((vm->mig_downtime_ns + 500000) / 1000000)));
+				json_integer((json_int_t)((i.downtime_ns + 500000) / 1000000)));
 			json_object_set_new(o, "downtime-us",
-				json_integer((json_int_t)(vm->mig_downtime_ns / 1000)));
-			for (int i = 0; i < MIG_PHASE__MAX; i++)
-				json_object_set_new(ph, mig_phase_names[i],
-						    json_real(vm->phase_ms[i]));
+				json_integer((json_int_t)(i.downtime_ns / 1000)));
+			for (int p = 0; p < FERRY_PHASE__MAX; p++)
+				json_object_set_new(ph, ferry_phase_name(p),
+						    json_real(i.phase_ms[p]));
 			json_object_set_new(o, "downtime-phases", ph);
 		} else {
 			json_decref(ph);
 		}
-		if (vm->mig_error[0])
-			json_object_set_new(o, "error-desc", json_string(vm->mig_error));
-	}
-	pthread_mutex_unlock(&vm->mig_lock);
-	if (s != MIG_NONE) {
-		st = prog.ram;
 		json_object_set_new(o, "ram", json_pack(
 			"{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:I, s:I, s:I}",
-			"total", (json_int_t)st.total,
+			"total", (json_int_t)i.ram_total,
 			/* Pages on multifd channels count like pages in the
 			 * main stream (the RAM device's counters include them). */
-			"transferred", (json_int_t)st.transferred,
-			"remaining", (json_int_t)st.remaining,
-			"duplicate", (json_int_t)st.duplicate,
-			"normal", (json_int_t)st.normal,
-			"normal-bytes", (json_int_t)(st.normal * GUEST_PAGE_SIZE),
-			"dirty-sync-count", (json_int_t)st.dirty_sync_count,
-			"dirty-pages-rate", (json_int_t)prog.dirty_pages_rate,
-			"mbps", prog.mbps,
-			"precopy-bytes", (json_int_t)prog.precopy_bytes,
-			"downtime-bytes", (json_int_t)prog.downtime_bytes,
-			"multifd-bytes", (json_int_t)prog.multifd_bytes));
+			"transferred", (json_int_t)i.ram_transferred,
+			"remaining", (json_int_t)i.ram_remaining,
+			"duplicate", (json_int_t)i.ram_duplicate,
+			"normal", (json_int_t)i.ram_normal,
+			"normal-bytes", (json_int_t)i.ram_normal_bytes,
+			"dirty-sync-count", (json_int_t)i.ram_dirty_sync_count,
+			"dirty-pages-rate", (json_int_t)i.dirty_pages_rate,
+			"mbps", i.mbps,
+			"precopy-bytes", (json_int_t)i.precopy_bytes,
+			"downtime-bytes", (json_int_t)i.downtime_bytes,
+			"multifd-bytes", (json_int_t)i.multifd_bytes));
+		json_object_set_new(o, "bandwidth",
+				    json_integer((json_int_t)i.bandwidth));
 	}
 	*ret = o;
 	return 0;
@@ -228,159 +227,171 @@ static int h_migrate_incoming(void *opaque, json_t *args, json_t **ret,
 	return vm_migrate_incoming(opaque, uri, err);
 }
 
-static const struct {
-	const char *name;
-	size_t off;
-} caps[] = {
-	{ "auto-converge", offsetof(struct mig_params, auto_converge) },
-	{ "multifd", offsetof(struct mig_params, multifd) },
-	{ "return-path", offsetof(struct mig_params, return_path) },
-};
-
-static bool migration_running(struct vm *vm)
+/* A JSON value as a setting of @info's type, or -EINVAL. */
+static int json_setting(const struct ferry_setting_info *info, json_t *v,
+			struct ferry_setting *out, struct ferry_error *err)
 {
-	enum mig_status s = vm->mig_status;
-	return s == MIG_SETUP || s == MIG_ACTIVE || s == MIG_DEVICE ||
-	       s == MIG_CANCELLING;
+	*out = (struct ferry_setting){ .name = info->name };
+	switch (info->type) {
+	case FERRY_SETTING_BOOL:
+		if (!json_is_boolean(v))
+			break;
+		out->u = json_is_true(v);
+		return 0;
+	case FERRY_SETTING_U64:
+		if (!json_is_integer(v) || json_integer_value(v) < 0)
+			break;
+		out->u = (uint64_t)json_integer_value(v);
+		return 0;
+	case FERRY_SETTING_STR:
+		if (!json_is_string(v))
+			break;
+		out->s = json_string_value(v);
+		return 0;
+	}
+	return ferry_error_set(err, -EINVAL, "bad value for '%s'", info->name);
+}
+
+static const struct ferry_setting_info *setting_named(const char *name,
+						      bool capability)
+{
+	const struct ferry_setting_info *info;
+
+	for (unsigned k = 0; (info = ferry_mig_setting_info(k)); k++)
+		if (info->capability == capability && !strcmp(info->name, name))
+			return info;
+	return NULL;
+}
+
+/* Names the engine knows of one kind, for error messages. */
+static void list_settings(char *buf, size_t len, bool capability)
+{
+	const struct ferry_setting_info *info;
+	size_t n = 0;
+
+	buf[0] = 0;
+	for (unsigned k = 0; (info = ferry_mig_setting_info(k)) && n < len; k++)
+		if (info->capability == capability)
+			n += (size_t)snprintf(buf + n, len - n, "%s%s",
+					      n ? ", " : "", info->name);
+}
+
+/* migrate-set-capabilities / migrate-set-parameters: checked and applied
+ * by the engine all at once, or not at all. */
+static int set_settings(struct vm *vm, json_t *list, bool capability,
+			struct ferry_error *err)
+{
+	struct ferry_setting v[32];
+	unsigned n = 0;
+	size_t idx;
+	const char *key;
+	json_t *c;
+	char known[512];
+
+	list_settings(known, sizeof(known), capability);
+	if (capability) {
+		if (!json_is_array(list))
+			return ferry_error_set(err, -EINVAL,
+					       "\"capabilities\" must be a list");
+		json_array_foreach(list, idx, c) {
+			const char *name = json_string_value(
+				json_object_get(c, "capability"));
+			const struct ferry_setting_info *info =
+				name ? setting_named(name, true) : NULL;
+
+			if (!info || n == 32)
+				return ferry_error_set(err, -EINVAL,
+					"unknown capability: %s (known: %s)",
+					name ? name : "?", known);
+			if (json_setting(info, json_object_get(c, "state"),
+					 &v[n++], err))
+				return -EINVAL;
+		}
+	} else {
+		json_object_foreach(list, key, c) {
+			const struct ferry_setting_info *info =
+				setting_named(key, false);
+
+			if (!info || n == 32)
+				return ferry_error_set(err, -EINVAL,
+					"unknown parameter: %s (known: %s)",
+					key, known);
+			if (json_setting(info, c, &v[n++], err))
+				return -EINVAL;
+		}
+	}
+	return ferry_mig_set(vm->mig, v, n, err);
 }
 
 static int h_set_caps(void *opaque, json_t *args, json_t **ret,
 		      struct ferry_error *err)
 {
-	struct vm *vm = opaque;
-	json_t *list = json_object_get(args, "capabilities"), *c;
-	struct mig_params p;
-	size_t i;
-
 	(void)ret;
-	if (!json_is_array(list))
-		return ferry_error_set(err, -EINVAL, "\"capabilities\" must be a list");
-	pthread_mutex_lock(&vm->mig_lock);
-	p = vm->params;
-	json_array_foreach(list, i, c) {
-		const char *name = json_string_value(json_object_get(c, "capability"));
-		json_t *state = json_object_get(c, "state");
-		size_t k;
+	return set_settings(opaque, json_object_get(args, "capabilities"), true,
+			    err);
+}
 
-		for (k = 0; name && k < sizeof(caps) / sizeof(caps[0]); k++)
-			if (!strcmp(name, caps[k].name))
-				break;
-		if (!name || k == sizeof(caps) / sizeof(caps[0]) || !json_is_boolean(state)) {
-			pthread_mutex_unlock(&vm->mig_lock);
-			return ferry_error_set(err, -EINVAL,
-				"unknown capability or state: %s (known: auto-converge, "
-				"multifd, return-path)", name ? name : "?");
-		}
-		*(bool *)((char *)&p + caps[k].off) = json_is_true(state);
+static int h_set_params(void *opaque, json_t *args, json_t **ret,
+			struct ferry_error *err)
+{
+	(void)ret;
+	return set_settings(opaque, args, false, err);
+}
+
+/* query-migrate-capabilities / query-migrate-parameters. */
+static json_t *query_settings(struct vm *vm, bool capability)
+{
+	const struct ferry_setting_info *info;
+	json_t *o = capability ? json_array() : json_object();
+
+	for (unsigned k = 0; (info = ferry_mig_setting_info(k)); k++) {
+		struct ferry_setting v;
+		json_t *j;
+
+		if (info->capability != capability ||
+		    ferry_mig_get(vm->mig, info->name, &v, NULL))
+			continue;
+		j = info->type == FERRY_SETTING_BOOL ? json_boolean(v.u) :
+		    info->type == FERRY_SETTING_STR ? json_string(v.s) :
+		    json_integer((json_int_t)v.u);
+		if (capability)
+			json_array_append_new(o, json_pack("{s:s, s:o}",
+				"capability", info->name, "state", j));
+		else
+			json_object_set_new(o, info->name, j);
 	}
-	if (migration_running(vm)) {
-		pthread_mutex_unlock(&vm->mig_lock);
-		return ferry_error_set(err, -EBUSY, "a migration is running");
-	}
-	vm->params = p;
-	pthread_mutex_unlock(&vm->mig_lock);
-	return 0;
+	return o;
 }
 
 static int h_query_caps(void *opaque, json_t *args, json_t **ret,
 			struct ferry_error *err)
 {
-	struct vm *vm = opaque;
-	json_t *a = json_array();
-
 	(void)args;
 	(void)err;
-	pthread_mutex_lock(&vm->mig_lock);
-	for (size_t k = 0; k < sizeof(caps) / sizeof(caps[0]); k++)
-		json_array_append_new(a, json_pack("{s:s, s:b}", "capability",
-			caps[k].name, *(bool *)((char *)&vm->params + caps[k].off)));
-	pthread_mutex_unlock(&vm->mig_lock);
-	*ret = a;
-	return 0;
-}
-
-/* Integer parameters: name, offset, width, bounds. */
-static const struct {
-	const char *name;
-	size_t off;
-	bool is64;
-	uint64_t min, max;
-} iparams[] = {
-	{ "multifd-channels", offsetof(struct mig_params, multifd_channels), false, 1, 16 },
-	{ "downtime-limit", offsetof(struct mig_params, downtime_limit_ms), true, 1, 2000000 },
-	{ "max-bandwidth", offsetof(struct mig_params, max_bandwidth), true, 0, UINT64_MAX >> 1 },
-	{ "cpu-throttle-initial", offsetof(struct mig_params, throttle_initial), false, 1, 99 },
-	{ "cpu-throttle-increment", offsetof(struct mig_params, throttle_increment), false, 1, 99 },
-	{ "cpu-throttle-max", offsetof(struct mig_params, throttle_max), false, 1, 99 },
-};
-
-static int h_set_params(void *opaque, json_t *args, json_t **ret,
-			struct ferry_error *err)
-{
-	struct vm *vm = opaque;
-	struct mig_params p;
-	const char *key;
-	json_t *v;
-
-	(void)ret;
-	pthread_mutex_lock(&vm->mig_lock);
-	p = vm->params;
-	json_object_foreach(args, key, v) {
-		size_t k;
-
-		if (!strcmp(key, "multifd-compression")) {
-			const char *c = json_string_value(v);
-			if (!c || (strcmp(c, "zstd") && strcmp(c, "none")))
-				goto bad;
-			p.zstd = !strcmp(c, "zstd");
-			continue;
-		}
-		for (k = 0; k < sizeof(iparams) / sizeof(iparams[0]); k++)
-			if (!strcmp(key, iparams[k].name))
-				break;
-		if (k == sizeof(iparams) / sizeof(iparams[0]) || !json_is_integer(v) ||
-		    json_integer_value(v) < 0 ||
-		    (uint64_t)json_integer_value(v) < iparams[k].min ||
-		    (uint64_t)json_integer_value(v) > iparams[k].max)
-			goto bad;
-		if (iparams[k].is64)
-			*(uint64_t *)((char *)&p + iparams[k].off) =
-				(uint64_t)json_integer_value(v);
-		else
-			*(unsigned *)((char *)&p + iparams[k].off) =
-				(unsigned)json_integer_value(v);
-		continue;
-bad:
-		pthread_mutex_unlock(&vm->mig_lock);
-		return ferry_error_set(err, -EINVAL, "bad value for parameter '%s'", key);
-	}
-	/* Like QEMU, parameters may change while a migration runs; this one
-	 * read its copy at start. */
-	vm->params = p;
-	pthread_mutex_unlock(&vm->mig_lock);
+	*ret = query_settings(opaque, true);
 	return 0;
 }
 
 static int h_query_params(void *opaque, json_t *args, json_t **ret,
 			  struct ferry_error *err)
 {
-	struct vm *vm = opaque;
-	json_t *o = json_object();
-
 	(void)args;
 	(void)err;
-	pthread_mutex_lock(&vm->mig_lock);
-	for (size_t k = 0; k < sizeof(iparams) / sizeof(iparams[0]); k++) {
-		const char *base = (const char *)&vm->params + iparams[k].off;
-		json_object_set_new(o, iparams[k].name, json_integer(iparams[k].is64 ?
-			(json_int_t)*(const uint64_t *)base :
-			(json_int_t)*(const unsigned *)base));
-	}
-	json_object_set_new(o, "multifd-compression",
-			    json_string(vm->params.zstd ? "zstd" : "none"));
-	pthread_mutex_unlock(&vm->mig_lock);
-	*ret = o;
+	*ret = query_settings(opaque, false);
 	return 0;
+}
+
+/* Test hook: arm one of the engine's fault points (engine.h). */
+static int h_migrate_fault(void *opaque, json_t *args, json_t **ret,
+			   struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	json_t *p = json_object_get(args, "point");
+
+	(void)ret;
+	if (p && !json_is_string(p))
+		return ferry_error_set(err, -EINVAL, "\"point\" must be a string");
+	return ferry_mig_inject_fault(vm->mig, json_string_value(p), err);
 }
 
 /* Test hook: flip one byte of data page @page behind the guest's back, as
@@ -454,7 +465,7 @@ static int h_query_memslots(void *opaque, json_t *args, json_t **ret,
 			"kind", memmap_region_kind(r->mr) == MEMMAP_RAM ? "ram" : "mmio"));
 	}
 	pthread_mutex_lock(&vm->lock);
-	if (vm->run_state != VM_INMIGRATE) {
+	if (vm->run_state != FERRY_RUN_INMIGRATE) {
 		struct memmap_stats st;
 
 		memmap_get_stats(vm->memmap, &st);
@@ -508,22 +519,36 @@ int vm_control_start(struct vm *vm, struct ferry_error *err)
 		{ "migrate-set-parameters", h_set_params },
 		{ "query-migrate-parameters", h_query_params },
 		{ "x-corrupt-page", h_corrupt_page },
+		{ "x-migrate-fault", h_migrate_fault },
 		{ "x-query-memslots", h_query_memslots },
 	};
 
-	vm->control = control_create(vm->cfg.control, err);
-	if (!vm->control)
+	struct control *c = control_create(vm->cfg.control, err);
+
+	if (!c)
 		return err && err->code ? err->code : -EIO;
 	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
-		int r = control_register(vm->control, cmds[i].name, cmds[i].fn, vm);
-		if (r)
+		int r = control_register(c, cmds[i].name, cmds[i].fn, vm);
+		if (r) {
+			control_destroy(c);
 			return ferry_error_set(err, r, "registering %s", cmds[i].name);
+		}
 	}
-	return control_start(vm->control, err);
+	/* Published under vm->lock: the engine's threads send events. */
+	pthread_mutex_lock(&vm->lock);
+	vm->control = c;
+	pthread_mutex_unlock(&vm->lock);
+	return control_start(c, err);
 }
 
 void vm_control_stop(struct vm *vm)
 {
-	control_destroy(vm->control);
+	struct control *c;
+
+	pthread_mutex_lock(&vm->lock);
+	c = vm->control;
 	vm->control = NULL;
+	pthread_mutex_unlock(&vm->lock);
+	/* Joins the server thread: no handler runs after this. */
+	control_destroy(c);
 }

@@ -5,10 +5,11 @@
  * Ownership and locking:
  *   - vm->lock guards the run state and every backend pause/resume, so a
  *     `stop` from the control socket and a migration's switchover cannot
- *     interleave. The control thread, the migration thread and the main
- *     thread all take it; vCPU threads never do.
- *   - The migration fields (mig_*) are written by the migration thread under
- *     mig_lock and read by query-migrate under the same lock.
+ *     interleave. The control thread, the engine's threads (through the
+ *     hooks in vm-migrate.c) and the main thread all take it; vCPU threads
+ *     never do. It also guards vm->control for events from engine threads.
+ *   - Migrations belong to libferry's engine (vm->mig), which keeps its own
+ *     state and locks; the VMM never holds vm->lock while calling it.
  *   - Guest RAM belongs to the guest; the VMM writes only the command block,
  *     and every such write is reported to the RAM device as dirty, because
  *     no dirty log sees writes made through the VMM's own mapping.
@@ -36,38 +37,21 @@
 #include "threads/dirty-uffd.h"
 #include "vm/vm-internal.h"
 
-static const char *const run_state_names[VM_RUN_STATE__MAX] = {
-	[VM_PRELAUNCH] = "prelaunch",
-	[VM_INMIGRATE] = "inmigrate",
-	[VM_RUNNING] = "running",
-	[VM_PAUSED] = "paused",
-	[VM_FINISH_MIGRATE] = "finish-migrate",
-	[VM_POSTMIGRATE] = "postmigrate",
-	[VM_GUEST_PANICKED] = "guest-panicked",
-	[VM_SHUTDOWN] = "shutdown",
-};
-
 /* allowed[from] = bitmask of states reachable from it. */
-#define B(s) (1u << (s))
-static const unsigned run_state_allowed[VM_RUN_STATE__MAX] = {
-	[VM_PRELAUNCH] = B(VM_RUNNING) | B(VM_PAUSED) | B(VM_INMIGRATE) |
-			 B(VM_SHUTDOWN),
-	[VM_INMIGRATE] = B(VM_RUNNING) | B(VM_PAUSED) | B(VM_SHUTDOWN),
-	[VM_RUNNING] = B(VM_PAUSED) | B(VM_FINISH_MIGRATE) |
-		       B(VM_GUEST_PANICKED) | B(VM_SHUTDOWN),
-	[VM_PAUSED] = B(VM_RUNNING) | B(VM_FINISH_MIGRATE) | B(VM_SHUTDOWN),
-	[VM_FINISH_MIGRATE] = B(VM_POSTMIGRATE) | B(VM_RUNNING) | B(VM_PAUSED) |
-			      B(VM_SHUTDOWN),
-	[VM_POSTMIGRATE] = B(VM_RUNNING) | B(VM_FINISH_MIGRATE) | B(VM_SHUTDOWN),
-	[VM_GUEST_PANICKED] = B(VM_SHUTDOWN),
-	[VM_SHUTDOWN] = 0,
+#define B(s) (1u << FERRY_RUN_##s)
+static const unsigned run_state_allowed[FERRY_RUN__MAX] = {
+	[FERRY_RUN_PRELAUNCH] = B(RUNNING) | B(PAUSED) | B(INMIGRATE) | B(SHUTDOWN),
+	[FERRY_RUN_INMIGRATE] = B(RUNNING) | B(PAUSED) | B(SHUTDOWN),
+	[FERRY_RUN_RUNNING] = B(PAUSED) | B(FINISH_MIGRATE) | B(GUEST_PANICKED) |
+			      B(SHUTDOWN),
+	[FERRY_RUN_PAUSED] = B(RUNNING) | B(FINISH_MIGRATE) | B(SHUTDOWN),
+	[FERRY_RUN_FINISH_MIGRATE] = B(POSTMIGRATE) | B(RUNNING) | B(PAUSED) |
+				     B(SHUTDOWN),
+	[FERRY_RUN_POSTMIGRATE] = B(RUNNING) | B(FINISH_MIGRATE) | B(SHUTDOWN),
+	[FERRY_RUN_GUEST_PANICKED] = B(SHUTDOWN),
+	[FERRY_RUN_SHUTDOWN] = 0,
 };
 #undef B
-
-const char *vm_run_state_name(enum vm_run_state s)
-{
-	return s < VM_RUN_STATE__MAX ? run_state_names[s] : "unknown";
-}
 
 void vm_trace(struct vm *vm, const char *fmt, ...)
 {
@@ -86,34 +70,34 @@ void vm_trace(struct vm *vm, const char *fmt, ...)
 }
 
 /* Caller holds vm->lock. A transition outside the table is a VMM bug. */
-void vm_set_run_state(struct vm *vm, enum vm_run_state to)
+void vm_set_run_state(struct vm *vm, enum ferry_run_state to)
 {
-	enum vm_run_state from = vm->run_state;
+	enum ferry_run_state from = vm->run_state;
 
 	if (from == to)
 		return;
 	if (!(run_state_allowed[from] & (1u << to))) {
 		fprintf(stderr, "ferry vm: invalid run state transition %s -> %s\n",
-			vm_run_state_name(from), vm_run_state_name(to));
+			ferry_run_state_name(from), ferry_run_state_name(to));
 		abort();
 	}
 	vm->run_state = to;
-	vm_trace(vm, "run state %s -> %s", vm_run_state_name(from),
-		 vm_run_state_name(to));
+	vm_trace(vm, "run state %s -> %s", ferry_run_state_name(from),
+		 ferry_run_state_name(to));
 	if (vm->control) {
-		json_t *d = json_pack("{s:s, s:s}", "status", vm_run_state_name(to),
-				      "from", vm_run_state_name(from));
-		if (to == VM_RUNNING)
+		json_t *d = json_pack("{s:s, s:s}", "status", ferry_run_state_name(to),
+				      "from", ferry_run_state_name(from));
+		if (to == FERRY_RUN_RUNNING)
 			control_event(vm->control, "RESUME", NULL);
-		else if (from == VM_RUNNING)
+		else if (from == FERRY_RUN_RUNNING)
 			control_event(vm->control, "STOP", NULL);
 		control_event(vm->control, "RUN_STATE", d); /* takes d */
 	}
 }
 
-enum vm_run_state vm_run_state(struct vm *vm)
+enum ferry_run_state vm_run_state(struct vm *vm)
 {
-	enum vm_run_state s;
+	enum ferry_run_state s;
 
 	pthread_mutex_lock(&vm->lock);
 	s = vm->run_state;
@@ -202,10 +186,10 @@ int vm_guest_wait_verify(struct vm *vm, uint64_t seq, int timeout_ms,
 
 int vm_ram_digest(struct vm *vm, char out[33], struct ferry_error *err)
 {
-	enum vm_run_state st = vm_run_state(vm);
+	enum ferry_run_state st = vm_run_state(vm);
 	XXH128_hash_t h;
 
-	if (st == VM_RUNNING)
+	if (st == FERRY_RUN_RUNNING)
 		return ferry_error_set(err, -EBUSY,
 			"the RAM digest needs a stopped VM (run 'stop' first)");
 	h = XXH3_128bits(vm->ram, vm->cfg.mem);
@@ -219,10 +203,10 @@ int vm_stop(struct vm *vm, struct ferry_error *err)
 	int r = 0;
 
 	pthread_mutex_lock(&vm->lock);
-	if (vm->run_state == VM_RUNNING) {
+	if (vm->run_state == FERRY_RUN_RUNNING) {
 		r = vm->be->pause(vm->be_priv, err);
 		if (!r)
-			vm_set_run_state(vm, VM_PAUSED);
+			vm_set_run_state(vm, FERRY_RUN_PAUSED);
 	}
 	pthread_mutex_unlock(&vm->lock);
 	return r;
@@ -233,11 +217,11 @@ int vm_resume_locked(struct vm *vm, struct ferry_error *err)
 {
 	int r;
 
-	if (vm->run_state == VM_RUNNING)
+	if (vm->run_state == FERRY_RUN_RUNNING)
 		return 0;
-	if (vm->run_state == VM_GUEST_PANICKED || vm->run_state == VM_SHUTDOWN)
+	if (vm->run_state == FERRY_RUN_GUEST_PANICKED || vm->run_state == FERRY_RUN_SHUTDOWN)
 		return ferry_error_set(err, -EINVAL, "the VM is %s",
-				       vm_run_state_name(vm->run_state));
+				       ferry_run_state_name(vm->run_state));
 	if (!vm->started) {
 		r = vm->be->start(vm->be_priv, err);
 		if (r)
@@ -246,7 +230,7 @@ int vm_resume_locked(struct vm *vm, struct ferry_error *err)
 	} else {
 		vm->be->resume(vm->be_priv);
 	}
-	vm_set_run_state(vm, VM_RUNNING);
+	vm_set_run_state(vm, FERRY_RUN_RUNNING);
 	return 0;
 }
 
@@ -255,8 +239,14 @@ int vm_cont(struct vm *vm, struct ferry_error *err)
 	int r;
 
 	pthread_mutex_lock(&vm->lock);
-	if (vm->run_state == VM_INMIGRATE)
+	if (vm->run_state == FERRY_RUN_INMIGRATE)
 		r = ferry_error_set(err, -EBUSY, "incoming migration not finished");
+	/* The switchover stopped the vCPUs: only the migration may end that
+	 * (by resuming on failure, or handing the VM over). Running them now
+	 * would let the guest write after the final state was taken. */
+	else if (vm->run_state == FERRY_RUN_FINISH_MIGRATE)
+		r = ferry_error_set(err, -EBUSY, "a migration is switching over; "
+				    "cancel it (migrate-cancel) to get the VM back");
 	else
 		r = vm_resume_locked(vm, err);
 	pthread_mutex_unlock(&vm->lock);
@@ -294,6 +284,7 @@ static int ram_populated(void *opaque, unsigned block, uint64_t *bitmap,
 }
 
 static const struct ferry_ram_dirty_ops ram_dirty_ops = {
+	.size = sizeof(struct ferry_ram_dirty_ops),
 	.start = ram_dirty_start,
 	.sync = ram_dirty_sync,
 	.stop = ram_dirty_stop,
@@ -454,18 +445,9 @@ struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err)
 	vm->cfg = *cfg;
 	vm->trace = getenv("FERRY_TRACE") && *getenv("FERRY_TRACE") == '1';
 	pthread_mutex_init(&vm->lock, NULL);
-	pthread_mutex_init(&vm->mig_lock, NULL);
 	pthread_cond_init(&vm->quit_cond, NULL);
-	pthread_cond_init(&vm->in_cond, NULL);
 	pthread_cond_init(&vm->throttle_cond, NULL);
-	vm->run_state = VM_PRELAUNCH;
-	vm->in_fd = -1;
-	vm->mig_fd = -1;
-	mig_params_default(&vm->params);
-	if (cfg->incoming && !strcmp(cfg->incoming, "defer"))
-		vm->in_defer = true;
-	else if (cfg->incoming)
-		snprintf(vm->in_uri, sizeof(vm->in_uri), "%s", cfg->incoming);
+	vm->run_state = FERRY_RUN_PRELAUNCH;
 
 	r = map_ram(vm, err);
 	if (!r)
@@ -498,9 +480,10 @@ struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err)
 	if (vm->be == &backend_kvm_ops &&
 	    backend_kvm_attach_memmap(vm->be_priv, vm->memmap, vm->ram_region, err))
 		goto fail;
-	/* Listen before the control socket answers: whoever sees the VM up
-	 * may start the source at once. */
-	if (vm_incoming_bind(vm, err))
+	/* The engine, and an incoming migration's listener, before the
+	 * control socket answers: whoever sees the VM up may start the source
+	 * at once. */
+	if (vm_migration_init(vm, err))
 		goto fail;
 	if (cfg->control && vm_control_start(vm, err))
 		goto fail;
@@ -515,16 +498,11 @@ void vm_destroy(struct vm *vm)
 	if (!vm)
 		return;
 	vm_control_stop(vm);
-	/* A migration still running is abandoned: cancel it, and cut its
-	 * connection even mid-switchover so the thread returns. */
-	vm_migrate_cancel(vm, NULL);
-	pthread_mutex_lock(&vm->mig_lock);
-	if (vm->mig_fd >= 0)
-		shutdown(vm->mig_fd, SHUT_RDWR);
-	pthread_mutex_unlock(&vm->mig_lock);
-	vm_migrate_join(vm);
-	ferry_listener_close(vm->in_listener);
-	vm->in_listener = NULL;
+	/* A migration still running is abandoned: the engine cuts its
+	 * connections and joins its threads (which may still call the hooks,
+	 * so this comes before the backend goes). */
+	ferry_mig_free(vm->mig);
+	vm->mig = NULL;
 	vm_throttle_stop(vm);
 	if (vm->be && vm->be_priv)
 		vm->be->destroy(vm->be_priv);
@@ -534,9 +512,7 @@ void vm_destroy(struct vm *vm)
 	if (vm->ram)
 		munmap(vm->ram, vm->cfg.mem);
 	pthread_mutex_destroy(&vm->lock);
-	pthread_mutex_destroy(&vm->mig_lock);
 	pthread_cond_destroy(&vm->quit_cond);
-	pthread_cond_destroy(&vm->in_cond);
 	pthread_cond_destroy(&vm->throttle_cond);
 	free(vm);
 }
@@ -547,28 +523,17 @@ int vm_start(struct vm *vm, struct ferry_error *err)
 {
 	int r;
 
-	pthread_mutex_lock(&vm->lock);
-	if (vm->cfg.incoming) {
-		vm_set_run_state(vm, VM_INMIGRATE);
-		pthread_mutex_unlock(&vm->lock);
-		r = vm_incoming(vm, err);
-		if (r)
-			return r;
-		pthread_mutex_lock(&vm->lock);
-	} else {
-		r = vm->be->boot(vm->be_priv, err);
-		if (r)
-			goto out;
-	}
-	if (vm->cfg.paused)
-		vm_set_run_state(vm, VM_PAUSED);
-	else
-		r = vm_resume_locked(vm, err);
-out:
-	pthread_mutex_unlock(&vm->lock);
-	/* The source waits for this verdict before it lets go of the VM. */
+	/* An incoming VM waits for the engine, which runs it (or leaves it
+	 * paused) once its state is loaded and the switchover says so. */
 	if (vm->cfg.incoming)
-		vm_incoming_done(vm, !r && !vm->cfg.paused);
+		return 0;
+	pthread_mutex_lock(&vm->lock);
+	r = vm->be->boot(vm->be_priv, err);
+	if (!r && vm->cfg.paused)
+		vm_set_run_state(vm, FERRY_RUN_PAUSED);
+	else if (!r)
+		r = vm_resume_locked(vm, err);
+	pthread_mutex_unlock(&vm->lock);
 	return r;
 }
 
@@ -594,7 +559,7 @@ static void *throttle_main(void *arg)
 		unsigned pct = vm->throttle_pct;
 		struct timespec ts;
 
-		if (pct && vm->run_state == VM_RUNNING &&
+		if (pct && vm->run_state == FERRY_RUN_RUNNING &&
 		    !vm->be->pause(vm->be_priv, NULL)) {
 			uint64_t ns = THROTTLE_SLICE_NS * pct / (100 - pct);
 			struct timespec d = { (time_t)(ns / 1000000000ull),
@@ -603,7 +568,7 @@ static void *throttle_main(void *arg)
 			pthread_mutex_unlock(&vm->lock);
 			nanosleep(&d, NULL);
 			pthread_mutex_lock(&vm->lock);
-			if (vm->run_state == VM_RUNNING)
+			if (vm->run_state == FERRY_RUN_RUNNING)
 				vm->be->resume(vm->be_priv);
 		}
 		clock_gettime(CLOCK_REALTIME, &ts);
@@ -675,11 +640,11 @@ int vm_main_loop(struct vm *vm)
 			ts.tv_nsec -= 1000000000L;
 		}
 		pthread_cond_timedwait(&vm->quit_cond, &vm->lock, &ts);
-		if (vm->run_state != VM_GUEST_PANICKED &&
+		if (vm->run_state != FERRY_RUN_GUEST_PANICKED &&
 		    vm->be->failed(vm->be_priv, msg, sizeof(msg))) {
 			fprintf(stderr, "ferry vm: %s\n", msg);
-			if (vm->run_state == VM_RUNNING)
-				vm_set_run_state(vm, VM_GUEST_PANICKED);
+			if (vm->run_state == FERRY_RUN_RUNNING)
+				vm_set_run_state(vm, FERRY_RUN_GUEST_PANICKED);
 			if (vm->control) {
 				json_t *d = json_pack("{s:s}", "message", msg);
 				control_event(vm->control, "GUEST_PANICKED", d);
@@ -689,15 +654,19 @@ int vm_main_loop(struct vm *vm)
 			if (!vm->control)
 				break;
 		}
-		{
+		/* While the engine loads incoming state, device state is the
+		 * load's. */
+		if (vm->run_state != FERRY_RUN_INMIGRATE) {
 			struct timespec mono;
 			clock_gettime(CLOCK_MONOTONIC, &mono);
 			timer_update(&vm->timer, (uint64_t)mono.tv_sec * 1000000000ull +
 					     (uint64_t)mono.tv_nsec);
 		}
 	}
-	if (vm->run_state != VM_SHUTDOWN)
-		vm_set_run_state(vm, VM_SHUTDOWN);
+	if (vm->exit_status)
+		status = vm->exit_status;
+	if (vm->run_state != FERRY_RUN_SHUTDOWN)
+		vm_set_run_state(vm, FERRY_RUN_SHUTDOWN);
 	pthread_mutex_unlock(&vm->lock);
 	/* Let the control thread deliver the reply to `quit` before the
 	 * socket goes away. */

@@ -39,20 +39,8 @@ struct vm_config {
 	bool prealloc;                /* fault in all guest RAM at creation */
 };
 
-/* Run states, as QEMU's query-status reports them. */
-enum vm_run_state {
-	VM_PRELAUNCH,       /* created, never run */
-	VM_INMIGRATE,       /* waiting for / loading incoming state */
-	VM_RUNNING,
-	VM_PAUSED,          /* stopped by the user (or --paused) */
-	VM_FINISH_MIGRATE,  /* stopped for a migration's switchover */
-	VM_POSTMIGRATE,     /* stopped after a completed outgoing migration */
-	VM_GUEST_PANICKED,
-	VM_SHUTDOWN,
-	VM_RUN_STATE__MAX
-};
-
-const char *vm_run_state_name(enum vm_run_state s);
+/* Run states are libferry's (enum ferry_run_state, QEMU's names): the
+ * engine moves the VM through finish-migrate, postmigrate and inmigrate. */
 int vm_parse_workload(const char *spec, struct vm_workload *wl,
 		      struct ferry_error *err);
 int vm_parse_size(const char *s, uint64_t *out);
@@ -62,7 +50,9 @@ struct vm;
 struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err);
 void vm_destroy(struct vm *vm);
 
-/* Boot a fresh guest, or load cfg->incoming first; then run unless paused. */
+/* Boot a fresh guest and run it unless paused. An incoming VM (--incoming)
+ * is already waiting for its state: the engine loads it and runs it (or
+ * leaves it paused) on its own; a failed load ends the process with 1. */
 int vm_start(struct vm *vm, struct ferry_error *err);
 /* Serve the control socket until quit or the guest fails. Returns the
  * process exit status. */
@@ -73,7 +63,7 @@ void vm_request_quit_async(struct vm *vm);
 
 int vm_stop(struct vm *vm, struct ferry_error *err);
 int vm_cont(struct vm *vm, struct ferry_error *err);
-enum vm_run_state vm_run_state(struct vm *vm);
+enum ferry_run_state vm_run_state(struct vm *vm);
 
 /* Guest view, from the status block. */
 struct vm_guest_info {
@@ -92,7 +82,7 @@ int vm_guest_wait_verify(struct vm *vm, uint64_t seq, int timeout_ms,
 /* XXH3-128 of all guest RAM, as 32 hex digits; VM must be stopped. */
 int vm_ram_digest(struct vm *vm, char out[33], struct ferry_error *err);
 
-/* Outgoing migration to @uri, in the migration thread; see vm.c. */
+/* Outgoing migration to @uri, run by the engine (vm-migrate.c). */
 int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err);
 
 /*

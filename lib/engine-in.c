@@ -1,0 +1,861 @@
+/*
+ * engine-in.c - the incoming migration: the listener and the acceptor that
+ * tells connections apart, the load, the return path and its heartbeats,
+ * and the destination's half of the switchover handshake.
+ *
+ * Threads:
+ *   - the incoming thread waits for the main connection, runs the load
+ *     (every load hook but load_buffer), then the handshake, and calls the
+ *     VMM's vm_start / vm_set_state;
+ *   - the acceptor (socket URIs) polls the listener and every connection
+ *     that has not yet said what it is, with a deadline each, so a client
+ *     that connects and sends nothing holds up nobody; it hands the first
+ *     stream connection to the incoming thread, adds multifd channels to
+ *     the receiver, and turns away a second stream with a SHUT saying why;
+ *   - the heartbeat sender puts a HEARTBEAT on the return path every
+ *     quarter of peer-timeout, from the moment the source opens it until
+ *     the handshake is over, so the source can tell a loading destination
+ *     from a dead one;
+ *   - the load's own helpers: multifd channel threads, device load
+ *     threads, RAM pre-population.
+ *
+ * Connections are told apart by their first four bytes: the stream magic
+ * (the main connection) or the multifd handshake magic. A postcopy preempt
+ * channel or a connection after a reconnect gets its own magic and a case
+ * in classify(); device state arriving on multifd channels is routed by
+ * the receiver's devstate callback, which a later change connects to the
+ * loader's per-device load threads.
+ *
+ * The switchover, destination side: after EOF it reports LOADED, then reads
+ * what the source sends after EOF. GO: the VM is ours, run it (or keep it
+ * paused without autostart) and ack with SHUT. ABORT: the source kept the
+ * VM, fail. Anything else - silence for peer-timeout, a reset, the source
+ * going away without a verdict - leaves us unable to know whether GO was
+ * sent: the switchover is in doubt, the VM stays here, stopped, whole.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "engine-internal.h"
+
+/* Connections the acceptor holds while they have not said what they are. */
+#define ACC_MAX_PENDING 16
+
+struct mig_in {
+	struct ferry_mig *m;
+	char uri[4096];                 /* immutable */
+	struct ferry_uri u;             /* immutable */
+	char listen_uri[4096];          /* immutable once bound */
+	struct ferry_listener *l;       /* bound at start; closed at the end */
+	struct mig_settings set;        /* immutable: copied at start */
+	pthread_t thread;
+	bool thread_started;
+
+	/* The acceptor. */
+	pthread_t acc_thread;
+	bool acc_live;                  /* incoming thread */
+	int wake[2];                    /* pipe: stop the acceptor */
+	pthread_mutex_t acc_lock;
+	pthread_cond_t acc_cond;        /* monotonic: main_fd arrived, or stop */
+	int main_fd;                    /* acc_lock: -1 until it comes */
+	bool main_taken;                /* acc_lock: the load has it */
+	struct ferry_multifd *mf;       /* acc_lock: created on demand */
+
+	/* m->lock */
+	bool cancel;
+	int fd;                         /* main connection, for cancel */
+	bool loaded_sent;               /* LOADED went out: no more cancel */
+
+	/* The return path writer and its heartbeat (rp_lock). */
+	pthread_mutex_t rp_lock;
+	pthread_cond_t hb_cond;         /* monotonic */
+	struct ferry_chan *rp_chan;
+	struct ferry_record_io rp_io;
+	bool rp_silent;                 /* a fault: say nothing more */
+	bool hb_stop;
+	pthread_t hb_thread;
+	bool hb_live;                   /* incoming thread */
+
+	/* Load thread only. */
+	struct ferry_load_stats stats;
+	uint32_t version;
+};
+
+static uint64_t now_ns(void)
+{
+	return ferry__mono_ns();
+}
+
+static uint32_t be32_at(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	       (uint32_t)p[2] << 8 | p[3];
+}
+
+/* ---- the return path ------------------------------------------------------- */
+
+static int rp_send(struct mig_in *in, const struct ferry_rp_msg *msg,
+		   struct ferry_error *err)
+{
+	int r = 0;
+
+	ferry__mutex_lock(&in->rp_lock);
+	if (in->rp_chan && !in->rp_silent)
+		r = ferry_rp_send(&in->rp_io, msg, err);
+	ferry__mutex_unlock(&in->rp_lock);
+	return r;
+}
+
+static void rp_silence(struct mig_in *in)
+{
+	ferry__mutex_lock(&in->rp_lock);
+	in->rp_silent = true;
+	ferry__mutex_unlock(&in->rp_lock);
+}
+
+static void *hb_main(void *arg)
+{
+	struct mig_in *in = arg;
+	uint64_t interval = in->set.peer_timeout_ms * 1000000ull / 4;
+	struct ferry_rp_msg beat = { .type = FERRY_RP_HEARTBEAT };
+
+	ferry__mutex_lock(&in->rp_lock);
+	while (!in->hb_stop) {
+		uint64_t deadline = now_ns() + interval;
+
+		while (!in->hb_stop && mig_cond_wait_until(&in->hb_cond,
+							   &in->rp_lock, deadline))
+			;
+		/* Written under rp_lock: if the source stopped reading, the
+		 * write times out (peer-timeout) rather than hang. */
+		if (!in->hb_stop && !in->rp_silent && in->rp_chan)
+			ferry_rp_send(&in->rp_io, &beat, NULL);
+	}
+	ferry__mutex_unlock(&in->rp_lock);
+	return NULL;
+}
+
+static int rp_open(struct mig_in *in, struct ferry_error *err)
+{
+	int dfd, e;
+
+	if (in->rp_chan)
+		return ferry_error_set(err, -EBADMSG, "return path opened twice");
+	if (!ferry_uri_is_socket(&in->u))
+		return ferry_error_set(err, -EINVAL, "a return path needs a "
+				       "socket (this stream comes from %s)",
+				       in->uri);
+	dfd = dup(in->fd);
+	if (dfd < 0)
+		return ferry_error_set(err, -errno, "dup: %s", strerror(errno));
+	ferry__mutex_lock(&in->rp_lock);
+	in->rp_chan = ferry_chan_new_fd(dfd, FERRY_CHAN_WRITE, true);
+	if (in->rp_chan) {
+		ferry_chan_set_timeout(in->rp_chan, (int)in->set.peer_timeout_ms);
+		in->rp_io.chan = in->rp_chan;
+	}
+	ferry__mutex_unlock(&in->rp_lock);
+	if (!in->rp_chan) {
+		close(dfd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	e = pthread_create(&in->hb_thread, NULL, hb_main, in);
+	if (e)
+		return ferry_error_set(err, -e, "cannot start the heartbeat");
+	in->hb_live = true;
+	return 0;
+}
+
+static void rp_close(struct mig_in *in)
+{
+	if (in->hb_live) {
+		ferry__mutex_lock(&in->rp_lock);
+		in->hb_stop = true;
+		pthread_cond_broadcast(&in->hb_cond);
+		ferry__mutex_unlock(&in->rp_lock);
+		pthread_join(in->hb_thread, NULL);
+		in->hb_live = false;
+	}
+	ferry__mutex_lock(&in->rp_lock);
+	ferry_chan_free(in->rp_chan);
+	in->rp_chan = NULL;
+	ferry_record_io_release(&in->rp_io);
+	ferry__mutex_unlock(&in->rp_lock);
+}
+
+/* ---- the acceptor ------------------------------------------------------------- */
+
+/* Another source while one is loading: tell it why, and hang up. */
+static void refuse_stream(struct mig_in *in, int fd)
+{
+	struct ferry_chan *c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, false);
+	struct ferry_record_io io = { .chan = c };
+	struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT, .status = EBUSY };
+
+	snprintf(shut.reason, sizeof(shut.reason),
+		 "this destination is already receiving a migration");
+	if (c) {
+		/* A fresh socket has room for one small record; never wait. */
+		ferry_chan_set_timeout(c, 100);
+		ferry_rp_send(&io, &shut, NULL);
+		ferry_chan_free(c);
+	}
+	mig_trace(in->m, "a second migration stream while one is loading: "
+		  "refused");
+	close(fd);
+}
+
+/* The multifd receiver, created by the first channel or by the RAM START
+ * section (whichever comes first). acc_lock held. */
+static struct ferry_multifd *receiver_locked(struct mig_in *in, unsigned channels,
+					     struct ferry_error *err)
+{
+	struct ferry_multifd_params mp = { .size = sizeof(mp),
+					   .channels = channels };
+	struct ferry_multifd *mf;
+
+	if (in->mf)
+		return in->mf;
+	if (!in->m->ram) {
+		ferry_error_set(err, -EOPNOTSUPP, "multifd: this destination "
+				"has no RAM to receive into");
+		return NULL;
+	}
+	mf = ferry_multifd_recv_new(&mp, err);
+	if (mf && ferry__ram_give_blocks(in->m->ram, mf, err)) {
+		ferry_multifd_free(mf);
+		mf = NULL;
+	}
+	in->mf = mf;
+	return mf;
+}
+
+static struct ferry_multifd *provide_receiver(void *opaque, unsigned channels,
+					      struct ferry_error *err)
+{
+	struct mig_in *in = opaque;
+	struct ferry_multifd *mf;
+
+	ferry__mutex_lock(&in->acc_lock);
+	mf = receiver_locked(in, channels, err);
+	ferry__mutex_unlock(&in->acc_lock);
+	return mf;
+}
+
+enum verdict { WAIT, DONE };
+
+/* What is this connection? Consumes @fd when it returns DONE. */
+static enum verdict classify(struct mig_in *in, int fd)
+{
+	uint8_t hs[FERRY_MULTIFD_HANDSHAKE_SIZE];
+	ssize_t n = recv(fd, hs, 4, MSG_PEEK | MSG_DONTWAIT);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return WAIT;
+	if (n > 0 && n < 4)
+		return WAIT;
+	if (n == 4 && be32_at(hs) == FERRY_STREAM_MAGIC) {
+		ferry__mutex_lock(&in->acc_lock);
+		if (in->main_fd < 0 && !in->main_taken) {
+			in->main_fd = fd;
+			fd = -1;
+			pthread_cond_broadcast(&in->acc_cond);
+		}
+		ferry__mutex_unlock(&in->acc_lock);
+		if (fd >= 0)
+			refuse_stream(in, fd);
+		return DONE;
+	}
+	if (n == 4 && be32_at(hs) == FERRY_MULTIFD_MAGIC) {
+		struct ferry_error err = { 0 };
+		struct ferry_multifd *mf;
+
+		n = recv(fd, hs, sizeof(hs), MSG_PEEK | MSG_DONTWAIT);
+		if ((n < 0 && (errno == EAGAIN || errno == EINTR)) ||
+		    (n > 0 && n < (ssize_t)sizeof(hs)))
+			return WAIT;
+		if (n == (ssize_t)sizeof(hs)) {
+			/* Bounds and the handshake's own check are the
+			 * receiver's job; the count only sizes it. */
+			ferry__mutex_lock(&in->acc_lock);
+			mf = receiver_locked(in, be32_at(hs + 28), &err);
+			if (mf)
+				ferry_multifd_recv_add_channel(mf, fd, &err);
+			ferry__mutex_unlock(&in->acc_lock);
+			if (!mf) {
+				mig_trace(in->m, "multifd channel refused: %s",
+					  err.msg);
+				close(fd);
+			}
+			return DONE;
+		}
+	}
+	if (n != 0)
+		mig_trace(in->m, "an incoming connection that is neither a "
+			  "ferry stream nor a multifd channel: closed");
+	close(fd);
+	return DONE;
+}
+
+struct pending {
+	int fd;
+	uint64_t deadline;
+};
+
+static void *acc_main(void *arg)
+{
+	struct mig_in *in = arg;
+	struct pending p[ACC_MAX_PENDING];
+	uint64_t patience = in->set.peer_timeout_ms * 1000000ull;
+	unsigned n = 0;
+
+	for (;;) {
+		struct pollfd pf[2 + ACC_MAX_PENDING];
+		uint64_t now = now_ns(), next = UINT64_MAX;
+		unsigned k = 0, polled;
+		int timeout, pr;
+
+		/* Drop those that said nothing in time: a half-open or idle
+		 * connection must not keep a real source waiting. */
+		for (unsigned i = 0; i < n;) {
+			if (p[i].deadline <= now) {
+				mig_trace(in->m, "an incoming connection sent "
+					  "nothing for %llu ms: closed",
+					  (unsigned long long)in->set.peer_timeout_ms);
+				close(p[i].fd);
+				p[i] = p[--n];
+				continue;
+			}
+			if (p[i].deadline < next)
+				next = p[i].deadline;
+			i++;
+		}
+		pf[k++] = (struct pollfd){ .fd = in->wake[0], .events = POLLIN };
+		/* Full: stop accepting until one is classified or expires. */
+		if (n < ACC_MAX_PENDING)
+			pf[k++] = (struct pollfd){ .fd = ferry_listener_fd(in->l),
+						   .events = POLLIN };
+		for (unsigned i = 0; i < n; i++)
+			pf[k + i] = (struct pollfd){ .fd = p[i].fd, .events = POLLIN };
+		timeout = next == UINT64_MAX ? -1
+			: (int)((next - now + 999999) / 1000000);
+		pr = poll(pf, k + n, timeout);
+		if (pr < 0 && errno != EINTR)
+			break;
+		if (pr <= 0)
+			continue;
+		if (pf[0].revents)
+			break;
+		polled = n;
+		if (k == 2 && pf[1].revents) {
+			struct ferry_error err = { 0 };
+			int fd = ferry_listener_accept(in->l, 0, &err);
+
+			if (fd >= 0)
+				p[n++] = (struct pending){ fd, now_ns() + patience };
+			else if (fd != -ETIMEDOUT && fd != -EAGAIN &&
+				 fd != -EINTR && fd != -ECONNABORTED)
+				mig_trace(in->m, "accept: %s", err.msg);
+		}
+		/* Backwards, so that moving the last entry into a finished
+		 * one's place only moves entries already looked at. */
+		for (unsigned i = polled; i-- > 0;)
+			if (pf[k + i].revents && classify(in, p[i].fd) == DONE)
+				p[i] = p[--n];
+	}
+	for (unsigned i = 0; i < n; i++)
+		close(p[i].fd);
+	return NULL;
+}
+
+static int acc_start(struct mig_in *in, struct ferry_error *err)
+{
+	int e;
+
+	if (pipe2(in->wake, O_CLOEXEC))
+		return ferry_error_set(err, -errno, "pipe: %s", strerror(errno));
+	e = pthread_create(&in->acc_thread, NULL, acc_main, in);
+	if (e)
+		return ferry_error_set(err, -e, "cannot start the acceptor");
+	in->acc_live = true;
+	return 0;
+}
+
+static void acc_stop(struct mig_in *in)
+{
+	if (in->acc_live) {
+		/* Inside the downtime: the acceptor must go at once. */
+		if (write(in->wake[1], "x", 1) < 0)
+			shutdown(ferry_listener_fd(in->l), SHUT_RDWR);
+		pthread_join(in->acc_thread, NULL);
+		in->acc_live = false;
+	}
+}
+
+/* Wait for the main connection; a cancel ends the wait. */
+static int wait_main(struct mig_in *in, struct ferry_error *err)
+{
+	struct ferry_mig *m = in->m;
+	int fd = -1;
+
+	ferry__mutex_lock(&in->acc_lock);
+	for (;;) {
+		bool stop;
+
+		if (in->main_fd >= 0) {
+			fd = in->main_fd;
+			in->main_fd = -1;
+			in->main_taken = true;
+			break;
+		}
+		ferry__mutex_unlock(&in->acc_lock);
+		ferry__mutex_lock(&m->lock);
+		stop = in->cancel;
+		ferry__mutex_unlock(&m->lock);
+		ferry__mutex_lock(&in->acc_lock);
+		if (stop)
+			break;
+		mig_cond_wait_until(&in->acc_cond, &in->acc_lock,
+				    now_ns() + 200 * 1000000ull);
+	}
+	ferry__mutex_unlock(&in->acc_lock);
+	if (fd < 0)
+		return ferry_error_set(err, -ECANCELED, "cancelled while waiting "
+				       "for the source");
+	return fd;
+}
+
+/* ---- the load ----------------------------------------------------------------- */
+
+static int on_command(void *opaque, const struct ferry_cmd_msg *msg,
+		      struct ferry_error *err)
+{
+	struct mig_in *in = opaque;
+
+	switch (msg->cmd) {
+	case FERRY_CMD_OPEN_RETURN_PATH:
+		return rp_open(in, err);
+	case FERRY_CMD_PING: {
+		struct ferry_rp_msg pong = { .type = FERRY_RP_PONG,
+					     .pong = msg->u.ping };
+		return rp_send(in, &pong, err);
+	}
+	default:
+		/* ADVISE, LISTEN, RUN, DISCARD: postcopy resumes the VM from
+		 * here (POSTCOPY_RUN), through the same path as GO. */
+		return ferry_error_set(err, -EOPNOTSUPP,
+				       "postcopy is not enabled on this destination");
+	}
+}
+
+static bool cancelled(struct mig_in *in)
+{
+	bool c;
+
+	ferry__mutex_lock(&in->m->lock);
+	c = in->cancel;
+	ferry__mutex_unlock(&in->m->lock);
+	return c;
+}
+
+static int dev_load_begin(void *opaque, struct ferry_error *err)
+{
+	struct mig_in *in = opaque;
+	struct ferry_mig *m = in->m;
+
+	if (mig_fault_take(m, FAULT_STALL_LOAD)) {
+		/* As if the process stopped: no more heartbeats, no
+		 * progress, until cancelled. */
+		rp_silence(in);
+		while (!cancelled(in))
+			usleep(10000);
+		return ferry_error_set(err, -ECANCELED, "cancelled while stalled");
+	}
+	return m->ops.device_load_begin ? m->ops.device_load_begin(m->opaque, err)
+					: 0;
+}
+
+static int dev_load_end(void *opaque, int result, struct ferry_error *err)
+{
+	struct mig_in *in = opaque;
+	struct ferry_mig *m = in->m;
+
+	return m->ops.device_load_end ?
+		m->ops.device_load_end(m->opaque, result, err) : 0;
+}
+
+/* The values LOADED and SHUT carry (see enum ferry_rp_shut_value). */
+static void shut_values(struct mig_in *in, struct ferry_rp_msg *msg)
+{
+	msg->values[FERRY_SHUT_T_EOF] = in->stats.t_eof;
+	msg->values[FERRY_SHUT_DEVICE_LOAD_NS] = in->stats.device_load_ns;
+	msg->values[FERRY_SHUT_DEVICE_DIGEST] = in->stats.device_digest;
+	msg->values[FERRY_SHUT_BOOT_ID] = mig_boot_id_hash();
+}
+
+/* Run the VM (or leave it paused without autostart): the destination has
+ * it now. Also the path postcopy's RUN will take. */
+static int take_vm(struct mig_in *in, struct ferry_error *err)
+{
+	struct ferry_mig *m = in->m;
+
+	if (m->autostart)
+		return m->ops.vm_start(m->opaque, err);
+	m->ops.vm_set_state(m->opaque, FERRY_RUN_PAUSED);
+	return 0;
+}
+
+/* After EOF on a live stream: LOADED, then the source's verdict. Returns 0
+ * when the VM is ours; sets *swo either way. */
+static int handshake(struct mig_in *in, struct ferry_record_io *io,
+		     enum ferry_switchover *swo, struct ferry_error *err)
+{
+	struct ferry_mig *m = in->m;
+	struct ferry_rp_msg msg = { .type = FERRY_RP_LOADED };
+	struct ferry_error e2 = { 0 };
+	struct timespec rt;
+	int r;
+
+	shut_values(in, &msg);
+	msg.values[FERRY_SHUT_T_LOADED] = now_ns();
+	ferry__mutex_lock(&m->lock);
+	in->loaded_sent = true;
+	ferry__mutex_unlock(&m->lock);
+	if (mig_fault_take(m, FAULT_LOSE_LOADED))
+		rp_silence(in);
+	else if ((r = rp_send(in, &msg, err)))
+		return ferry_error_prefix(err, "sending LOADED: ");
+	*swo = FERRY_SWO_LOADED;
+	mig_set_switchover(m, true, FERRY_SWO_LOADED);
+
+	for (;;) {
+		struct ferry_record rec;
+		uint16_t cmd;
+
+		r = ferry_record_read(io, &rec, &e2);
+		if (r) {
+			*swo = FERRY_SWO_IN_DOUBT;
+			return ferry_error_set(err, r == -ETIMEDOUT ? r : -EPIPE,
+				"switchover in doubt: this side holds the loaded "
+				"VM and reported LOADED, but %s before the "
+				"source's verdict; the VM stays paused. Continue "
+				"it only if the source did not resume (its "
+				"switchover is \"in-doubt\" or it is gone)",
+				r == -ETIMEDOUT ? "the source fell silent" :
+				rec.at_end ? "the source closed the connection" :
+				"the connection broke");
+		}
+		cmd = rec.type == FERRY_REC_COMMAND && rec.len == 2 ?
+		      (uint16_t)(rec.body[0] << 8 | rec.body[1]) : 0;
+		if (cmd == FERRY_CMD_HEARTBEAT)
+			continue;
+		if (cmd == FERRY_CMD_SWITCHOVER_ABORT) {
+			*swo = FERRY_SWO_ABORTED;
+			return ferry_error_set(err, -ECANCELED,
+				"the source kept the VM (it aborted the "
+				"switchover)");
+		}
+		if (cmd == FERRY_CMD_SWITCHOVER_GO)
+			break;
+		*swo = FERRY_SWO_IN_DOUBT;
+		return ferry_error_set(err, -EBADMSG, "switchover in doubt: a %s "
+			"record where the source's verdict belongs",
+			ferry_record_type_name(rec.type));
+	}
+
+	/* GO: the VM is ours, whatever happens next. */
+	msg.values[FERRY_SHUT_T_GO] = now_ns();
+	*swo = FERRY_SWO_DONE;
+	mig_set_switchover(m, true, FERRY_SWO_DONE);
+	r = take_vm(in, err);
+	msg.type = FERRY_RP_SHUT;
+	msg.values[FERRY_SHUT_T_RESUMED] = now_ns();
+	clock_gettime(CLOCK_REALTIME, &rt);
+	msg.values[FERRY_SHUT_T_RESUMED_REAL] =
+		(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
+	if (r) {
+		msg.status = (uint32_t)-r;
+		snprintf(msg.reason, sizeof(msg.reason), "%.250s", err->msg);
+	}
+	if (mig_fault_take(m, FAULT_LOSE_ACK))
+		rp_silence(in);
+	else
+		rp_send(in, &msg, NULL);  /* the VM is ours either way */
+	return r;
+}
+
+static void *in_main(void *arg)
+{
+	struct mig_in *in = arg;
+	struct ferry_mig *m = in->m;
+	struct ferry_error err = { 0 };
+	struct ferry_record_io io = { 0 };
+	struct ferry_chan *c = NULL;
+	enum ferry_switchover swo = FERRY_SWO_NONE;
+	struct ferry_load_opts opts = {
+		.size = sizeof(opts), .on_command = on_command, .opaque = in,
+		.stats = &in->stats, .device_load_begin = dev_load_begin,
+		.device_load_end = dev_load_end,
+	};
+	bool socket = ferry_uri_is_socket(&in->u);
+	char msg[FERRY_ERROR_MSG_MAX];
+	int fd, r = 0;
+
+	in->stats.size = sizeof(in->stats);
+	if (socket)
+		fd = wait_main(in, &err);
+	else
+		fd = ferry_transport_open_incoming(in->uri, -1, &err);
+	if (fd < 0) {
+		r = fd;
+		goto out;
+	}
+	ferry__mutex_lock(&m->lock);
+	in->fd = fd;
+	if (in->cancel)
+		shutdown(fd, SHUT_RDWR);
+	ferry__mutex_unlock(&m->lock);
+	if (!mig_move_status(m, true, FERRY_MIG_SETUP, FERRY_MIG_ACTIVE)) {
+		r = ferry_error_set(&err, -ECANCELED, "cancelled");
+		goto out;
+	}
+	c = ferry_chan_new_fd(fd, FERRY_CHAN_READ, false);
+	if (!c) {
+		r = ferry_error_set(&err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	/* The source sends a heartbeat whenever its stream is idle: silence
+	 * this long means it is gone or stalled. */
+	if (socket)
+		ferry_chan_set_timeout(c, (int)in->set.peer_timeout_ms);
+	io.chan = c;
+	if (m->ram)
+		ferry__ram_set_multifd_provider(m->ram, provide_receiver, in);
+	r = ferry__load(m->ctx, c, &opts, &io, &in->version, &err);
+	if (r == -ETIMEDOUT) {
+		ferry_error_clear(&err);
+		ferry_error_set(&err, r, "no data from the source for %llu ms",
+				(unsigned long long)in->set.peer_timeout_ms);
+	}
+	/* Stop accepting at once (this is inside the downtime); a multifd
+	 * failure is the root cause if there is one. */
+	acc_stop(in);
+	if (m->ram) {
+		ferry__ram_set_multifd_provider(m->ram, NULL, NULL);
+		ferry_ram_set_multifd_recv(m->ram, NULL, NULL);
+	}
+	if (in->mf) {
+		struct ferry_error me = { 0 };
+
+		if (r && ferry_multifd_error(in->mf, &me) && me.code != -ECANCELED) {
+			ferry_error_clear(&err);
+			ferry_error_propagate(&err, &me);
+		}
+		if (r)
+			ferry_multifd_cancel(in->mf, r, "the load failed");
+		ferry_multifd_free(in->mf);
+		in->mf = NULL;
+	}
+	if (r) {
+		struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT,
+					     .status = (uint32_t)-r };
+
+		ferry_error_prefix(&err, "incoming migration from %s failed: ",
+				   in->uri);
+		snprintf(shut.reason, sizeof(shut.reason), "%.250s", err.msg);
+		shut_values(in, &shut);
+		rp_send(in, &shut, NULL);
+	} else if (in->rp_chan && in->version >= 2) {
+		r = handshake(in, &io, &swo, &err);
+	} else {
+		/* A file, or a source without a return path: nobody to ask,
+		 * the complete stream is the verdict. */
+		struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT };
+
+		r = take_vm(in, &err);
+		shut_values(in, &shut);
+		shut.values[FERRY_SHUT_T_RESUMED] = now_ns();
+		rp_send(in, &shut, NULL);
+	}
+	if (swo == FERRY_SWO_IN_DOUBT) {
+		/* Whole and stopped: the operator decides (see above). */
+		m->ops.vm_set_state(m->opaque, FERRY_RUN_PAUSED);
+	}
+out:
+	acc_stop(in);
+	rp_close(in);
+	ferry_record_io_release(&io);
+	ferry_chan_free(c);
+	ferry__mutex_lock(&m->lock);
+	in->fd = -1;
+	ferry__mutex_unlock(&m->lock);
+	if (fd >= 0)
+		close(fd);
+	ferry_listener_close(in->l);
+	in->l = NULL;
+	if (swo != FERRY_SWO_NONE && swo != FERRY_SWO_LOADED)
+		mig_set_switchover(m, true, swo);
+	if (r) {
+		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-r));
+		mig_trace(m, "%s", msg);
+		mig_set_status(m, true, r == -ECANCELED && cancelled(in) ?
+			       FERRY_MIG_CANCELLED : FERRY_MIG_FAILED, msg);
+	} else {
+		mig_set_status(m, true, FERRY_MIG_COMPLETED, NULL);
+	}
+	return NULL;
+}
+
+/* ---- start, cancel, free -------------------------------------------------------- */
+
+int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
+{
+	struct mig_in *in, *old = NULL;
+	int e;
+
+	in = calloc(1, sizeof(*in));
+	if (!in)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	in->m = m;
+	in->fd = -1;
+	in->main_fd = -1;
+	in->wake[0] = in->wake[1] = -1;
+	pthread_mutex_init(&in->acc_lock, NULL);
+	mig_cond_init(&in->acc_cond);
+	pthread_mutex_init(&in->rp_lock, NULL);
+	mig_cond_init(&in->hb_cond);
+	if (!uri || strlen(uri) >= sizeof(in->uri)) {
+		mig_in_free(in);
+		return ferry_error_set(err, -EINVAL, "bad URI");
+	}
+	if ((e = ferry_uri_parse(uri, &in->u, err))) {
+		mig_in_free(in);
+		return e;
+	}
+	snprintf(in->uri, sizeof(in->uri), "%s", uri);
+
+	ferry__mutex_lock(&m->lock);
+	if ((m->in && mig_status_live(m->in_info.status)) ||
+	    (m->out && mig_status_live(m->out_info.status)) || m->freeing) {
+		ferry__mutex_unlock(&m->lock);
+		mig_in_free(in);
+		return ferry_error_set(err, -EBUSY,
+				       "a migration is already set up");
+	}
+	in->set = m->set;
+	ferry__mutex_unlock(&m->lock);
+	/* Like QEMU's: when this returns, the port accepts. */
+	if (ferry_uri_is_socket(&in->u)) {
+		in->l = ferry_transport_listen(uri, err);
+		if (!in->l) {
+			mig_in_free(in);
+			return err && err->code ? err->code : -EIO;
+		}
+		snprintf(in->listen_uri, sizeof(in->listen_uri), "%s",
+			 ferry_listener_uri(in->l));
+		if ((e = acc_start(in, err))) {
+			mig_in_free(in);
+			return e;
+		}
+	}
+	ferry__mutex_lock(&m->lock);
+	old = m->in;
+	m->in = in;
+	memset(&m->in_info, 0, sizeof(m->in_info));
+	m->in_info.size = sizeof(m->in_info);
+	m->in_info.incoming = true;
+	m->in_info.status = old ? FERRY_MIG_FAILED : FERRY_MIG_NONE;
+	m->in_t0 = now_ns();
+	ferry__mutex_unlock(&m->lock);
+	mig_in_free(old);
+	mig_set_status(m, true, FERRY_MIG_SETUP, NULL);
+	if (in->l)
+		mig_trace(m, "waiting for the migration on %s", in->listen_uri);
+	e = pthread_create(&in->thread, NULL, in_main, in);
+	if (e) {
+		ferry__mutex_lock(&m->lock);
+		in->cancel = true;
+		ferry__mutex_unlock(&m->lock);
+		acc_stop(in);
+		mig_set_status(m, true, FERRY_MIG_FAILED,
+			       "cannot start the incoming thread");
+		return ferry_error_set(err, -e, "cannot start the incoming "
+				       "thread");
+	}
+	in->thread_started = true;
+	return 0;
+}
+
+const char *mig_in_uri(struct mig_in *in)
+{
+	return in->listen_uri[0] ? in->listen_uri : in->uri;
+}
+
+/* m->lock held. */
+static void cut_locked(struct mig_in *in)
+{
+	in->cancel = true;
+	if (in->fd >= 0)
+		shutdown(in->fd, SHUT_RDWR);
+}
+
+int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err)
+{
+	struct mig_in *in;
+	int r = 0;
+
+	ferry__mutex_lock(&m->lock);
+	in = m->in;
+	if (in && mig_status_live(m->in_info.status)) {
+		if (in->loaded_sent)
+			r = ferry_error_set(err, -EBUSY,
+				"too late to cancel: the VM is loaded and the "
+				"source decides the switchover");
+		else
+			cut_locked(in);
+	}
+	if (!r && in && in->mf)
+		ferry_multifd_cancel(in->mf, -ECANCELED, "cancelled");
+	ferry__mutex_unlock(&m->lock);
+	return r;
+}
+
+void mig_in_kill(struct mig_in *in)
+{
+	ferry__mutex_lock(&in->m->lock);
+	cut_locked(in);
+	ferry__mutex_unlock(&in->m->lock);
+	ferry__mutex_lock(&in->acc_lock);
+	if (in->mf)
+		ferry_multifd_cancel(in->mf, -ECANCELED, "cancelled");
+	pthread_cond_broadcast(&in->acc_cond);
+	ferry__mutex_unlock(&in->acc_lock);
+}
+
+void mig_in_free(struct mig_in *in)
+{
+	if (!in)
+		return;
+	if (in->thread_started)
+		pthread_join(in->thread, NULL);
+	acc_stop(in);
+	if (in->main_fd >= 0)
+		close(in->main_fd);
+	ferry_multifd_free(in->mf);
+	ferry_listener_close(in->l);
+	if (in->wake[0] >= 0)
+		close(in->wake[0]);
+	if (in->wake[1] >= 0)
+		close(in->wake[1]);
+	pthread_mutex_destroy(&in->acc_lock);
+	pthread_cond_destroy(&in->acc_cond);
+	pthread_mutex_destroy(&in->rp_lock);
+	pthread_cond_destroy(&in->hb_cond);
+	free(in);
+}

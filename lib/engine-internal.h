@@ -1,0 +1,143 @@
+/*
+ * engine-internal.h - the migration engine's private structures, shared by
+ * engine.c (settings, state machines, events, query), engine-out.c (the
+ * outgoing migration) and engine-in.c (the incoming one).
+ *
+ * Locks, in the order they may be taken:
+ *   m->ev_lock   serialises events and transition trace lines: taken by
+ *                whoever changes a status, held across the VMM's event
+ *                callback, so events arrive in the order things happened;
+ *   m->lock      everything marked (lock) below; never held while the
+ *                engine calls into the VMM or blocks on I/O;
+ *   per-object locks (the return-path reader's, the destination's RP
+ *                writer, the acceptor's), never held with m->lock taken
+ *                after them.
+ */
+#ifndef FERRY_ENGINE_INTERNAL_H
+#define FERRY_ENGINE_INTERNAL_H
+
+#include <pthread.h>
+
+#include "ferry/engine.h"
+#include "ferry/multifd.h"
+#include "ferry/transport.h"
+#include "internal.h"
+
+/* ---- settings ---------------------------------------------------------- */
+
+struct mig_settings {
+	bool auto_converge, multifd, return_path;
+	uint64_t multifd_channels;
+	uint64_t compression;          /* index into the choices: none, zstd */
+	uint64_t downtime_limit_ms;
+	uint64_t max_bandwidth;        /* bytes/s, 0 = unlimited */
+	uint64_t avail_switchover_bandwidth; /* bytes/s, 0 = measured */
+	uint64_t throttle_initial, throttle_increment, throttle_max;
+	uint64_t peer_timeout_ms;
+};
+
+void mig_settings_default(struct mig_settings *s);
+
+/* ---- fault points (test only) ------------------------------------------ */
+
+enum mig_fault {
+	FAULT_NONE,
+	FAULT_LOSE_EOF,
+	FAULT_LOSE_LOADED,
+	FAULT_LOSE_GO,
+	FAULT_LOSE_ACK,
+	FAULT_HOLD_DEVICE,
+	FAULT_STALL_LOAD,
+	FAULT__MAX
+};
+
+/* ---- the engine -------------------------------------------------------- */
+
+struct mig_out;
+struct mig_in;
+
+struct ferry_mig {
+	/* Immutable after ferry_mig_new. */
+	struct ferry_ctx *ctx;
+	struct ferry_ram *ram;
+	struct ferry_vmm_ops ops;
+	void *opaque;
+	bool autostart;
+
+	pthread_mutex_t ev_lock;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;           /* CLOCK_MONOTONIC; any status change */
+
+	struct mig_settings set;       /* lock */
+	enum mig_fault fault;          /* lock: armed, fires once */
+	bool freeing;                  /* lock: ferry_mig_free in progress */
+
+	/* The sides. Created by ferry_mig_start / ferry_mig_incoming (which
+	 * own the pointers, under lock), freed by the next start or by
+	 * ferry_mig_free after their threads are joined. */
+	struct mig_out *out;           /* lock */
+	struct mig_in *in;             /* lock */
+
+	/* Published snapshots (lock): each side writes its own. */
+	struct ferry_mig_info out_info, in_info;
+	uint64_t out_t0, in_t0;        /* lock: CLOCK_MONOTONIC ns at start */
+	bool out_used;                 /* lock: an outgoing migration ran */
+};
+
+/* Trace a line through ops.trace (no lock needed). */
+void mig_trace(struct ferry_mig *m, const char *fmt, ...) FERRY_PRINTF(2, 3);
+
+/*
+ * Move one side's status, checked against its transition table (an
+ * invalid transition is an engine bug: abort), published in the snapshot,
+ * traced and sent as an event. @error (may be NULL) is recorded for
+ * failed/cancelled. Takes ev_lock and lock; the caller holds neither.
+ */
+void mig_set_status(struct ferry_mig *m, bool incoming,
+		    enum ferry_mig_status to, const char *error);
+/* The same, only if the current status is @from; returns whether it moved. */
+bool mig_move_status(struct ferry_mig *m, bool incoming,
+		     enum ferry_mig_status from, enum ferry_mig_status to);
+/* Update the switchover field of one side's snapshot (lock inside). */
+void mig_set_switchover(struct ferry_mig *m, bool incoming,
+			enum ferry_switchover s);
+
+/* Take the armed fault if it is @f (fires once). */
+bool mig_fault_take(struct ferry_mig *m, enum mig_fault f);
+
+bool mig_status_live(enum ferry_mig_status s);
+
+/* CLOCK_MONOTONIC deadline helpers for timed waits. */
+void mig_cond_init(pthread_cond_t *c);
+/* Wait on @c until signalled or @deadline_ns (CLOCK_MONOTONIC) passed.
+ * Returns false once the deadline has passed. */
+bool mig_cond_wait_until(pthread_cond_t *c, pthread_mutex_t *mu,
+			 uint64_t deadline_ns);
+
+/* Bytes of a rate-limited transfer due by now, and how long to sleep so
+ * that @bytes sent since @t0 stay within @rate bytes/s. Overflow-safe for
+ * any byte count. */
+uint64_t mig_rate_delay_ns(uint64_t rate, uint64_t bytes, uint64_t elapsed_ns);
+
+/* XXH3-64 of this host's boot id: equal on one host (same monotonic
+ * clock). */
+uint64_t mig_boot_id_hash(void);
+
+/* ---- sides ------------------------------------------------------------- */
+
+/* engine-out.c */
+int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err);
+int mig_out_cancel(struct ferry_mig *m, struct ferry_error *err);
+/* Join the thread and free; @m->lock not held. */
+void mig_out_free(struct mig_out *o);
+/* Cut everything (ferry_mig_free): like cancel, even past GO. */
+void mig_out_kill(struct mig_out *o);
+
+/* engine-in.c */
+int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err);
+int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err);
+const char *mig_in_uri(struct mig_in *in);
+void mig_in_free(struct mig_in *in);
+void mig_in_kill(struct mig_in *in);
+
+#endif

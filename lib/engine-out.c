@@ -1,0 +1,1136 @@
+/*
+ * engine-out.c - the outgoing migration: setup, precopy until the rest fits
+ * the downtime limit, the switchover and its handshake, and putting the VM
+ * back as it was when anything fails before GO.
+ *
+ * Threads. The migration thread runs everything below except:
+ *   - the return-path reader, which reads the destination's messages
+ *     (LOADED, SHUT, PONG, HEARTBEAT) and hands them over under rp->lock;
+ *     its reads time out after peer-timeout, so a destination that stops
+ *     talking is noticed even while the migration thread waits;
+ *   - the heartbeat sender, which puts a HEARTBEAT on the main stream
+ *     whenever it was idle for a quarter of peer-timeout (with multifd the
+ *     main stream is quiet for whole passes), so the destination can tell a
+ *     silent source from a slow one;
+ *   - cancel (any thread), which sets o->cancel under m->lock and shuts
+ *     every connection down, so every thread of the migration returns at
+ *     once.
+ *
+ * The switchover rule (see docs/architecture.md): the source stops the VM,
+ * sends the rest and waits for LOADED; only then, and only if no cancel
+ * came, it sends GO. "GO sent" means every byte of the GO record was handed
+ * to the kernel: before that point any failure resumes the VM (and an
+ * ABORT tells a destination that is still listening); after it the source
+ * never resumes by itself. It then waits up to peer-timeout for the
+ * destination's ack (SHUT); without it the switchover is in doubt and the
+ * VM stays stopped here.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine-internal.h"
+
+/* Bytes per PART section: small enough that cancel, rate limiting and the
+ * convergence check react quickly, large enough to amortise a section. */
+#define ROUND_BUDGET (16ull << 20)
+/* A pass "still shrinks the rest" if it leaves less than this share of the
+ * previous pass's remainder (percent). */
+#define SHRINK_PCT 80
+/* Once the rest fits the limit, at most this many more passes to shrink it
+ * further: the rest of a busy guest can go up again, and a chance to switch
+ * must not be waited away. */
+#define MAX_EXTRA_PASSES 5
+/* The PING before the switchover: best effort, this long at most. */
+#define DRAIN_TIMEOUT_MS 10000
+/* Longest sleep slice of the rate limiter (cancel is checked between). */
+#define RATE_SLICE_NS 50000000ull
+/* Bandwidth is measured over windows at least this long: a pass can last
+ * a few milliseconds, too short to say anything about the link. */
+#define BW_WINDOW_NS 100000000ull
+
+/* ---- the return path, source side --------------------------------------- */
+
+struct rp_reader {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;            /* monotonic; anything below changed */
+	struct ferry_record_io io;      /* reader thread */
+	struct ferry_chan *chan;        /* reader thread (shut down by others) */
+	pthread_t thread;
+	bool live;                      /* migration thread */
+	uint64_t timeout_ms;            /* immutable */
+
+	/* lock */
+	bool done;                      /* the reader ended */
+	int err;                        /* why, if not a SHUT */
+	char errmsg[FERRY_ERROR_MSG_MAX];
+	bool loaded;
+	struct ferry_rp_msg loaded_msg;
+	uint64_t t_loaded;              /* our clock, when LOADED arrived */
+	bool shut;
+	struct ferry_rp_msg shut_msg;
+	uint64_t t_shut;
+	uint32_t pong;
+};
+
+struct heartbeat {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;            /* monotonic */
+	pthread_t thread;
+	bool live;                      /* migration thread */
+	bool stop;                      /* lock */
+	bool silent;                    /* lock: a lose-* fault fired */
+	uint64_t interval_ns;           /* immutable */
+	struct ferry_save *s;           /* immutable while live */
+};
+
+struct mig_out {
+	struct ferry_mig *m;
+	char uri[4096];                 /* immutable */
+	struct ferry_uri u;             /* immutable */
+	pthread_t thread;               /* joined by mig_out_free */
+
+	/* m->lock */
+	bool cancel;                    /* cancel or kill: wind down */
+	bool killed;                    /* ferry_mig_free: even past GO */
+	bool committing;                /* GO on its way: too late to cancel */
+	int fd;                         /* main connection, or -1 */
+	struct ferry_multifd *mf;       /* while it exists */
+
+	/* Migration thread only. */
+	struct mig_settings set;
+	bool use_rp;
+	struct ferry_save *s;
+	struct ferry_chan *c;
+	struct rp_reader rp;
+	struct heartbeat hb;
+	enum ferry_run_state was;       /* run state before vm_stop */
+	bool stopped;                   /* vm_stop succeeded */
+	bool throttled;
+	bool eof_sent;                  /* the stream is complete */
+	bool committed;                 /* GO went out (or lose-go said so) */
+	bool in_doubt;
+	bool completed;
+	uint64_t t_start, t_stop;
+	struct ferry_save_stats ss;
+	struct ferry_mig_info prog;     /* published into m->out_info */
+};
+
+static uint64_t now_ns(void)
+{
+	return ferry__mono_ns();
+}
+
+static void *rp_main(void *arg)
+{
+	struct rp_reader *rp = arg;
+
+	for (;;) {
+		struct ferry_error err = { 0 };
+		struct ferry_rp_msg msg;
+		int r = ferry_rp_recv(&rp->io, &msg, &err);
+		bool end = false;
+
+		ferry__mutex_lock(&rp->lock);
+		if (r == -ETIMEDOUT) {
+			rp->err = r;
+			snprintf(rp->errmsg, sizeof(rp->errmsg),
+				 "no word from the destination for %llu ms",
+				 (unsigned long long)rp->timeout_ms);
+			end = true;
+		} else if (r) {
+			rp->err = r;
+			snprintf(rp->errmsg, sizeof(rp->errmsg), "%s", err.msg);
+			end = true;
+		} else switch (msg.type) {
+		case FERRY_RP_LOADED:
+			if (rp->loaded || msg.status) {
+				rp->err = -EBADMSG;
+				snprintf(rp->errmsg, sizeof(rp->errmsg),
+					 "return path: unexpected LOADED");
+				end = true;
+				break;
+			}
+			rp->loaded = true;
+			rp->loaded_msg = msg;
+			rp->t_loaded = now_ns();
+			break;
+		case FERRY_RP_SHUT:
+			rp->shut = true;
+			rp->shut_msg = msg;
+			rp->t_shut = now_ns();
+			end = true;
+			break;
+		case FERRY_RP_PONG:
+			rp->pong = msg.pong;
+			break;
+		case FERRY_RP_HEARTBEAT:
+			break;
+		default:
+			/* REQ_PAGES and friends belong to postcopy, which this
+			 * migration did not ask for. */
+			rp->err = -EBADMSG;
+			snprintf(rp->errmsg, sizeof(rp->errmsg),
+				 "return path: unexpected %s message",
+				 ferry_rp_name(msg.type));
+			end = true;
+		}
+		if (end)
+			rp->done = true;
+		pthread_cond_broadcast(&rp->cond);
+		ferry__mutex_unlock(&rp->lock);
+		if (end)
+			return NULL;
+	}
+}
+
+static int rp_start(struct rp_reader *rp, int fd, uint64_t timeout_ms,
+		    struct ferry_error *err)
+{
+	int dfd = dup(fd), e;
+
+	if (dfd < 0)
+		return ferry_error_set(err, -errno, "dup: %s", strerror(errno));
+	rp->chan = ferry_chan_new_fd(dfd, FERRY_CHAN_READ, true);
+	if (!rp->chan) {
+		close(dfd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	rp->timeout_ms = timeout_ms;
+	ferry_chan_set_timeout(rp->chan, (int)timeout_ms);
+	rp->io.chan = rp->chan;
+	e = pthread_create(&rp->thread, NULL, rp_main, rp);
+	if (e)
+		return ferry_error_set(err, -e, "cannot start the return-path "
+				       "reader");
+	rp->live = true;
+	return 0;
+}
+
+static void rp_stop(struct rp_reader *rp)
+{
+	if (rp->live) {
+		ferry_chan_shutdown(rp->chan);
+		pthread_join(rp->thread, NULL);
+		rp->live = false;
+	}
+	ferry_chan_free(rp->chan);
+	rp->chan = NULL;
+	ferry_record_io_release(&rp->io);
+}
+
+/* Did the destination give up, vanish or fall silent? Fills @err. rp->lock
+ * held. */
+static int rp_failure_locked(struct rp_reader *rp, struct ferry_error *err)
+{
+	if (rp->shut && rp->shut_msg.status)
+		return ferry_error_set(err, -(int)rp->shut_msg.status,
+				       "destination: %s", rp->shut_msg.reason);
+	if (rp->done && rp->err)
+		return ferry_error_set(err, rp->err, "destination: %s",
+				       rp->errmsg);
+	return 0;
+}
+
+static int rp_failed(struct rp_reader *rp, struct ferry_error *err)
+{
+	int r;
+
+	if (!rp->live)
+		return 0;
+	ferry__mutex_lock(&rp->lock);
+	r = rp_failure_locked(rp, err);
+	ferry__mutex_unlock(&rp->lock);
+	return r;
+}
+
+/* ---- heartbeats ------------------------------------------------------------ */
+
+static void *hb_main(void *arg)
+{
+	struct heartbeat *hb = arg;
+
+	ferry__mutex_lock(&hb->lock);
+	while (!hb->stop) {
+		uint64_t deadline = now_ns() + hb->interval_ns;
+
+		while (!hb->stop && mig_cond_wait_until(&hb->cond, &hb->lock,
+							deadline))
+			;
+		if (hb->stop || hb->silent)
+			continue;
+		ferry__mutex_unlock(&hb->lock);
+		/* A failure here is the connection's: the migration thread
+		 * meets it on its next write or through the return path. */
+		ferry__save_heartbeat(hb->s, hb->interval_ns);
+		ferry__mutex_lock(&hb->lock);
+	}
+	ferry__mutex_unlock(&hb->lock);
+	return NULL;
+}
+
+static int hb_start(struct heartbeat *hb, struct ferry_save *s,
+		    uint64_t peer_timeout_ms, struct ferry_error *err)
+{
+	int e;
+
+	hb->s = s;
+	hb->interval_ns = peer_timeout_ms * 1000000ull / 4;
+	e = pthread_create(&hb->thread, NULL, hb_main, hb);
+	if (e)
+		return ferry_error_set(err, -e, "cannot start the heartbeat");
+	hb->live = true;
+	return 0;
+}
+
+static void hb_silence(struct heartbeat *hb)
+{
+	ferry__mutex_lock(&hb->lock);
+	hb->silent = true;
+	ferry__mutex_unlock(&hb->lock);
+}
+
+static void hb_stop(struct heartbeat *hb)
+{
+	if (!hb->live)
+		return;
+	ferry__mutex_lock(&hb->lock);
+	hb->stop = true;
+	pthread_cond_broadcast(&hb->cond);
+	ferry__mutex_unlock(&hb->lock);
+	pthread_join(hb->thread, NULL);
+	hb->live = false;
+}
+
+/* ---- cancel ------------------------------------------------------------------ */
+
+/* Shut every connection down: blocked reads and writes return at once.
+ * m->lock held. The fds stay open (their owners close them after joining
+ * their threads), so no fd number can be reused under a shutdown. */
+static void cut_locked(struct mig_out *o)
+{
+	if (o->fd >= 0)
+		shutdown(o->fd, SHUT_RDWR);
+	if (o->mf)
+		ferry_multifd_cancel(o->mf, -ECANCELED, "cancelled");
+}
+
+static bool cancelled(struct mig_out *o)
+{
+	bool c;
+
+	ferry__mutex_lock(&o->m->lock);
+	c = o->cancel;
+	ferry__mutex_unlock(&o->m->lock);
+	return c;
+}
+
+static int cancel_check(struct ferry_mig *m, struct ferry_error *err)
+{
+	struct mig_out *o = m->out;
+
+	switch (m->out_info.status) {
+	case FERRY_MIG_SETUP:
+	case FERRY_MIG_ACTIVE:
+	case FERRY_MIG_DEVICE:
+		if (o->committing)
+			return ferry_error_set(err, -EBUSY,
+				"too late to cancel: the destination has been "
+				"told to run the VM");
+		return 0;
+	default:
+		return 1;  /* nothing to cancel (QEMU: not an error) */
+	}
+}
+
+int mig_out_cancel(struct ferry_mig *m, struct ferry_error *err)
+{
+	struct ferry_error e = { 0 };
+	int r;
+
+	/* The check and the transition happen under one hold of the lock,
+	 * and the migration thread takes the same lock to commit to GO: a
+	 * cancel either comes first (and there is no GO) or is refused. */
+	ferry__mutex_lock(&m->ev_lock);
+	ferry__mutex_lock(&m->lock);
+	r = m->out ? cancel_check(m, &e) : 1;
+	if (!r) {
+		m->out->cancel = true;
+		cut_locked(m->out);
+	}
+	ferry__mutex_unlock(&m->lock);
+	ferry__mutex_unlock(&m->ev_lock);
+	if (!r)
+		mig_set_status(m, false, FERRY_MIG_CANCELLING, "cancelled");
+	if (r < 0)
+		return ferry_error_propagate(err, &e);
+	return 0;
+}
+
+void mig_out_kill(struct mig_out *o)
+{
+	ferry__mutex_lock(&o->m->lock);
+	o->cancel = true;
+	o->killed = true;
+	cut_locked(o);
+	pthread_cond_broadcast(&o->m->cond);
+	ferry__mutex_unlock(&o->m->lock);
+	ferry__mutex_lock(&o->rp.lock);
+	pthread_cond_broadcast(&o->rp.cond);
+	ferry__mutex_unlock(&o->rp.lock);
+}
+
+/* ---- progress ------------------------------------------------------------------ */
+
+static uint64_t multifd_bytes(struct mig_out *o)
+{
+	struct ferry_multifd_stats st;
+	uint64_t b = 0;
+
+	if (!o->mf)
+		return 0;
+	ferry_multifd_get_stats(o->mf, &st);
+	for (unsigned i = 0; i < st.channels; i++)
+		b += st.chan[i].bytes;
+	return b;
+}
+
+/* Every byte this migration put on any connection. */
+static uint64_t total_bytes(struct mig_out *o)
+{
+	return (o->c ? ferry_chan_offset(o->c) : 0) + multifd_bytes(o);
+}
+
+static void publish(struct mig_out *o)
+{
+	struct ferry_mig *m = o->m;
+	struct ferry_mig_info *i = &o->prog;
+
+	/* The RAM counters belong to this thread (ferry_ram_get_stats may
+	 * only be called here): copy them into the snapshot. */
+	if (m->ram) {
+		struct ferry_ram_stats st;
+
+		ferry_ram_get_stats(m->ram, &st);
+		i->ram_total = st.total;
+		i->ram_transferred = st.transferred;
+		i->ram_remaining = st.remaining;
+		i->ram_duplicate = st.duplicate;
+		i->ram_normal = st.normal;
+		i->ram_normal_bytes = st.normal_bytes;
+		i->ram_dirty_sync_count = st.dirty_sync_count;
+	}
+	i->multifd_bytes = multifd_bytes(o);
+	ferry__mutex_lock(&m->lock);
+#define CP(f) m->out_info.f = i->f
+	CP(setup_time_ms); CP(expected_downtime_ms); CP(bandwidth); CP(pass);
+	CP(throttle_pct); CP(mbps); CP(dirty_pages_rate); CP(precopy_bytes);
+	CP(downtime_bytes); CP(multifd_bytes); CP(ram_total);
+	CP(ram_transferred); CP(ram_remaining); CP(ram_duplicate);
+	CP(ram_normal); CP(ram_normal_bytes); CP(ram_dirty_sync_count);
+	CP(downtime_ns);
+	memcpy(m->out_info.phase_ms, i->phase_ms, sizeof(i->phase_ms));
+#undef CP
+	ferry__mutex_unlock(&m->lock);
+}
+
+static void pass_event(struct ferry_mig *m, uint64_t pass)
+{
+	struct ferry_mig_event ev = { .kind = FERRY_EV_PASS, .pass = pass };
+
+	ferry__mutex_lock(&m->ev_lock);
+	if (m->ops.event)
+		m->ops.event(m->opaque, &ev);
+	ferry__mutex_unlock(&m->ev_lock);
+}
+
+/* The parameters that apply to a running migration, re-read every pass. */
+static void refresh_live(struct mig_out *o)
+{
+	struct ferry_mig *m = o->m;
+
+	ferry__mutex_lock(&m->lock);
+	o->set.downtime_limit_ms = m->set.downtime_limit_ms;
+	o->set.max_bandwidth = m->set.max_bandwidth;
+	o->set.avail_switchover_bandwidth = m->set.avail_switchover_bandwidth;
+	o->set.throttle_initial = m->set.throttle_initial;
+	o->set.throttle_increment = m->set.throttle_increment;
+	o->set.throttle_max = m->set.throttle_max;
+	ferry__mutex_unlock(&m->lock);
+}
+
+/* Sleep as needed so that every channel's bytes since the start stay
+ * within max-bandwidth. Sleeps in slices, so a cancel is not kept waiting. */
+static int rate_limit(struct mig_out *o, uint64_t bytes0)
+{
+	for (;;) {
+		uint64_t d = mig_rate_delay_ns(o->set.max_bandwidth,
+					       total_bytes(o) - bytes0,
+					       now_ns() - o->t_start);
+		struct timespec ts;
+
+		if (!d)
+			return 0;
+		if (cancelled(o))
+			return -ECANCELED;
+		if (d > RATE_SLICE_NS)
+			d = RATE_SLICE_NS;
+		ts.tv_sec = (time_t)(d / 1000000000ull);
+		ts.tv_nsec = (long)(d % 1000000000ull);
+		nanosleep(&ts, NULL);
+	}
+}
+
+/* ---- setup --------------------------------------------------------------------- */
+
+static int connect_multifd(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	struct ferry_multifd_params mp = {
+		.size = sizeof(mp),
+		.channels = (unsigned)o->set.multifd_channels,
+		.compression = o->set.compression ? FERRY_MULTIFD_COMP_ZSTD
+						  : FERRY_MULTIFD_COMP_NONE,
+		.zstd_level = 1,
+		/* With a return path a stalled destination is noticed by its
+		 * silence there; without one, by writes that make no
+		 * progress. */
+		.timeout_ms = o->use_rp ? 0 : (uint32_t)o->set.peer_timeout_ms,
+	};
+	int fds[FERRY_MULTIFD_MAX_CHANNELS];
+	struct ferry_multifd *mf;
+	unsigned i;
+	int r;
+
+	for (i = 0; i < mp.channels; i++) {
+		fds[i] = ferry_transport_connect(o->uri,
+						 (int)o->set.peer_timeout_ms, err);
+		if (fds[i] < 0)
+			break;
+	}
+	if (i < mp.channels) {
+		while (i--)
+			close(fds[i]);
+		return ferry_error_prefix(err, "multifd channel: ");
+	}
+	mf = ferry_multifd_send_new(&mp, fds, err);
+	if (!mf)
+		return err && err->code ? err->code : -EIO;
+	r = ferry_ram_set_multifd_send(m->ram, mf, err);
+	if (r) {
+		ferry_multifd_free(mf);
+		return r;
+	}
+	ferry__mutex_lock(&m->lock);
+	o->mf = mf;
+	if (o->cancel)
+		cut_locked(o);
+	ferry__mutex_unlock(&m->lock);
+	return 0;
+}
+
+static int setup(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	bool socket = ferry_uri_is_socket(&o->u);
+	int fd, r;
+
+	o->use_rp = o->set.return_path && socket;
+	/*
+	 * The channels first, their handshakes written, then the main
+	 * connection: the destination tells connections apart by their first
+	 * bytes, so by the time it reads the main stream its multifd receiver
+	 * exists.
+	 */
+	if (o->set.multifd && socket && m->ram && (r = connect_multifd(o, err)))
+		return r;
+	fd = ferry_transport_connect(o->uri, (int)o->set.peer_timeout_ms, err);
+	if (fd < 0)
+		return fd;
+	o->c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, true);
+	if (!o->c) {
+		close(fd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	if (socket && !o->use_rp)
+		ferry_chan_set_timeout(o->c, (int)o->set.peer_timeout_ms);
+	ferry__mutex_lock(&m->lock);
+	o->fd = fd;
+	if (o->cancel)
+		cut_locked(o);
+	ferry__mutex_unlock(&m->lock);
+	if (o->use_rp && (r = rp_start(&o->rp, fd, o->set.peer_timeout_ms, err)))
+		return r;
+	o->s = ferry_save_new(m->ctx, o->c, err);
+	if (!o->s)
+		return err && err->code ? err->code : -EIO;
+	if (o->use_rp) {
+		/* Open the return path first: a destination that refuses
+		 * the setup sections can then say why. */
+		r = ferry_save_command(o->s, FERRY_CMD_OPEN_RETURN_PATH, NULL, 0,
+				       err);
+		if (!r)
+			r = hb_start(&o->hb, o->s, o->set.peer_timeout_ms, err);
+		if (r)
+			return r;
+	}
+	r = ferry_save_setup(o->s, err);
+	if (r)
+		return r;
+	o->prog.setup_time_ms = (now_ns() - o->t_start) / 1000000;
+	publish(o);
+	return 0;
+}
+
+/* ---- precopy -------------------------------------------------------------------- */
+
+/*
+ * Precopy until the rest fits the downtime limit and further passes stop
+ * shrinking it. Decisions are taken when a pass ends (a dirty-log sync),
+ * when "remaining" is the dirty set of a whole pass; in between, rounds
+ * just send. Bandwidth is every byte on every connection over the pass, so
+ * with multifd (where the main stream carries almost nothing) the expected
+ * downtime is what the link really gives.
+ */
+static int precopy(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	struct ferry_mig_info *p = &o->prog;
+	uint64_t bytes0 = total_bytes(o), pass_t0 = now_ns(), pass_b0 = bytes0;
+	uint64_t bw_t0 = pass_t0, bw_b0 = bytes0;
+	uint64_t last_sync = 0, prev_rest = UINT64_MAX, bw = 0;
+	unsigned strikes = 0, fit_passes = 0;
+
+	for (;;) {
+		uint64_t must, can, rest, sync = 0;
+		int r;
+
+		if (cancelled(o))
+			return ferry_error_set(err, -ECANCELED, "cancelled");
+		if ((r = rp_failed(&o->rp, err)))
+			return r;
+		ferry_save_pending(o->s, true, &must, &can);
+		rest = must + can;
+		if (m->ram) {
+			struct ferry_ram_stats st;
+
+			ferry_ram_get_stats(m->ram, &st);
+			sync = st.dirty_sync_count;
+			p->dirty_pages_rate = st.dirty_pages_last_sync;
+		} else {
+			sync = last_sync + 1;  /* no dirty log: a round is a pass */
+		}
+		if (sync != last_sync) {
+			uint64_t now = now_ns(), sent = total_bytes(o) - pass_b0;
+			uint64_t dt = now > pass_t0 ? now - pass_t0 : 1, avail;
+			bool fits, shrinks;
+
+			refresh_live(o);
+			if (!bw || now - bw_t0 >= BW_WINDOW_NS) {
+				uint64_t wb = total_bytes(o) - bw_b0;
+
+				if (wb)
+					bw = (uint64_t)((unsigned __int128)wb *
+						1000000000ull / (now - bw_t0 ? now - bw_t0 : 1));
+				bw_t0 = now;
+				bw_b0 = total_bytes(o);
+			}
+			avail = o->set.avail_switchover_bandwidth ?
+				o->set.avail_switchover_bandwidth : bw;
+			p->pass++;
+			p->bandwidth = bw;
+			p->mbps = (double)sent * 8 / 1e6 / ((double)dt / 1e9);
+			p->dirty_pages_rate = (uint64_t)((unsigned __int128)
+				p->dirty_pages_rate * 1000000000ull / dt);
+			p->expected_downtime_ms = avail ? rest * 1000 / avail : 0;
+			fits = !rest || (avail && p->expected_downtime_ms <=
+					 o->set.downtime_limit_ms);
+			shrinks = rest * 100 < prev_rest * SHRINK_PCT;
+			mig_trace(m, "pass %llu: rest %llu bytes, %llu bytes/s over "
+				  "every channel, expected downtime %llu ms%s%s",
+				  (unsigned long long)p->pass,
+				  (unsigned long long)rest,
+				  (unsigned long long)bw,
+				  (unsigned long long)p->expected_downtime_ms,
+				  fits ? ", fits" : "", shrinks ? ", shrinking" : "");
+			pass_event(m, p->pass);
+			if (fits && (!rest || !shrinks ||
+				     fit_passes++ >= MAX_EXTRA_PASSES)) {
+				publish(o);
+				return 0;
+			}
+			/* Auto-converge: the guest dirties faster than we send. */
+			if (!fits && !shrinks && o->set.auto_converge &&
+			    ++strikes >= 2) {
+				unsigned pct = p->throttle_pct ?
+					p->throttle_pct + (unsigned)o->set.throttle_increment :
+					(unsigned)o->set.throttle_initial;
+
+				if (pct > o->set.throttle_max)
+					pct = (unsigned)o->set.throttle_max;
+				if (pct != p->throttle_pct) {
+					p->throttle_pct = pct;
+					m->ops.vm_throttle(m->opaque, pct);
+					o->throttled = true;
+					mig_trace(m, "auto-converge: throttle %u%%",
+						  pct);
+				}
+				strikes = 0;
+			}
+			prev_rest = rest;
+			last_sync = sync;
+			pass_t0 = now;
+			pass_b0 = total_bytes(o);
+		}
+		p->precopy_bytes = total_bytes(o) - bytes0;
+		publish(o);
+		r = ferry_save_round(o->s, ROUND_BUDGET, err);
+		if (r)
+			return r;
+		if ((r = rate_limit(o, bytes0)))
+			return ferry_error_set(err, r, "cancelled");
+	}
+}
+
+/*
+ * Before stopping the guest, let the destination catch up: it answers a
+ * PING only once it has loaded everything before it on the main stream,
+ * including the last pass's multifd sync point, so pages still sitting in
+ * socket buffers are applied now, while the guest runs, instead of inside
+ * the downtime. Best effort.
+ */
+static void drain(struct mig_out *o)
+{
+	struct rp_reader *rp = &o->rp;
+	uint32_t value = (uint32_t)o->prog.pass + 1;
+	uint8_t be[4] = { (uint8_t)(value >> 24), (uint8_t)(value >> 16),
+			  (uint8_t)(value >> 8), (uint8_t)value };
+	uint64_t deadline = now_ns() + DRAIN_TIMEOUT_MS * 1000000ull;
+
+	if (!rp->live || ferry_save_command(o->s, FERRY_CMD_PING, be, 4, NULL) ||
+	    ferry_chan_flush(o->c))
+		return;
+	ferry__mutex_lock(&rp->lock);
+	while (rp->pong != value && !rp->done &&
+	       mig_cond_wait_until(&rp->cond, &rp->lock, deadline))
+		;
+	ferry__mutex_unlock(&rp->lock);
+}
+
+/* ---- the switchover ---------------------------------------------------------------- */
+
+/* Wait for LOADED, a failure of the destination, or a cancel. 0 when the
+ * destination holds the whole state. */
+static int wait_loaded(struct mig_out *o, struct ferry_error *err)
+{
+	struct rp_reader *rp = &o->rp;
+	int r = 0;
+
+	ferry__mutex_lock(&rp->lock);
+	for (;;) {
+		if (rp->loaded)
+			break;
+		if ((r = rp_failure_locked(rp, err)))
+			break;
+		if (rp->done) {
+			r = ferry_error_set(err, -EPROTO, "destination: closed "
+					    "the return path without LOADED");
+			break;
+		}
+		ferry__mutex_unlock(&rp->lock);
+		if (cancelled(o)) {
+			r = ferry_error_set(err, -ECANCELED, "cancelled");
+			ferry__mutex_lock(&rp->lock);
+			break;
+		}
+		ferry__mutex_lock(&rp->lock);
+		/* The reader's own reads time out after peer-timeout; this
+		 * wait only needs to notice a cancel now and then. */
+		mig_cond_wait_until(&rp->cond, &rp->lock,
+				    now_ns() + 100 * 1000000ull);
+	}
+	ferry__mutex_unlock(&rp->lock);
+	return r;
+}
+
+/* After GO: the destination's ack (SHUT), within peer-timeout. */
+static bool wait_ack(struct mig_out *o)
+{
+	struct rp_reader *rp = &o->rp;
+	uint64_t deadline = now_ns() + o->set.peer_timeout_ms * 1000000ull;
+	bool ack;
+
+	ferry__mutex_lock(&rp->lock);
+	while (!rp->shut && !rp->done &&
+	       mig_cond_wait_until(&rp->cond, &rp->lock, deadline))
+		;
+	ack = rp->shut;
+	if (ack && rp->shut_msg.status)
+		/* It has the VM, but says something went wrong running it:
+		 * that is its side's report; ours is that it has the VM. */
+		mig_trace(o->m, "destination acknowledged GO with status %u: %s",
+			  rp->shut_msg.status, rp->shut_msg.reason);
+	ferry__mutex_unlock(&rp->lock);
+	return ack;
+}
+
+static double span_ms(uint64_t a, uint64_t b)
+{
+	return b > a ? (double)(b - a) / 1e6 : 0;
+}
+
+/* Downtime and its phases, from both sides' timestamps. */
+static void account_downtime(struct mig_out *o)
+{
+	const struct ferry_save_stats *ss = &o->ss;
+	struct rp_reader *rp = &o->rp;
+	const uint64_t *lv = rp->loaded_msg.values, *av = rp->shut_msg.values;
+	double *ph = o->prog.phase_ms, dev;
+	uint64_t t0 = o->t_stop, end = ss->t_done;
+
+	memset(ph, 0, sizeof(o->prog.phase_ms));
+	ph[FERRY_PHASE_FINAL_SYNC] = span_ms(t0, ss->t_final_sync);
+	ph[FERRY_PHASE_REMAINING_RAM] = span_ms(ss->t_final_sync,
+						ss->t_iterable_done);
+	ph[FERRY_PHASE_DEVICE_SAVE] = span_ms(ss->t_iterable_done, ss->t_done);
+	dev = (double)lv[FERRY_SHUT_DEVICE_LOAD_NS] / 1e6;
+	if (o->use_rp && rp->shut && av[FERRY_SHUT_T_RESUMED] &&
+	    lv[FERRY_SHUT_BOOT_ID] == mig_boot_id_hash()) {
+		/* One host: both monotonic clocks are the same clock. A
+		 * destination left paused reports when it was ready to run:
+		 * the wait for `cont` is not downtime. */
+		double xfer = span_ms(ss->t_done, lv[FERRY_SHUT_T_LOADED]) - dev;
+
+		ph[FERRY_PHASE_TRANSFER] = xfer > 0 ? xfer : 0;
+		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
+		ph[FERRY_PHASE_HANDSHAKE] = span_ms(lv[FERRY_SHUT_T_LOADED],
+						    av[FERRY_SHUT_T_GO]);
+		ph[FERRY_PHASE_RESUME] = span_ms(av[FERRY_SHUT_T_GO],
+						 av[FERRY_SHUT_T_RESUMED]);
+		end = av[FERRY_SHUT_T_RESUMED];
+	} else if (o->use_rp && rp->shut) {
+		/* Two hosts: our clock bounds it, the destination's clock
+		 * gives its own durations. */
+		double xfer = span_ms(ss->t_done, rp->t_loaded) - dev;
+		double resume = span_ms(av[FERRY_SHUT_T_GO],
+					av[FERRY_SHUT_T_RESUMED]);
+		double hs = span_ms(rp->t_loaded, rp->t_shut) - resume;
+
+		ph[FERRY_PHASE_TRANSFER] = xfer > 0 ? xfer : 0;
+		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
+		ph[FERRY_PHASE_HANDSHAKE] = hs > 0 ? hs : 0;
+		ph[FERRY_PHASE_RESUME] = resume;
+		end = rp->t_shut;
+	}
+	o->prog.downtime_ns = end > t0 ? end - t0 : 0;
+}
+
+/* Wait in device until cancelled (the hold-device fault point). */
+static void hold(struct mig_out *o)
+{
+	struct ferry_mig *m = o->m;
+
+	ferry__mutex_lock(&m->lock);
+	while (!o->cancel)
+		pthread_cond_wait(&m->cond, &m->lock);
+	ferry__mutex_unlock(&m->lock);
+}
+
+static int switchover(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	uint64_t bytes_before;
+	bool abort_go;
+	int r;
+
+	/* The guest must not write while the rest is sent. */
+	r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);
+	if (r)
+		return ferry_error_prefix(err, "stopping the VM: ");
+	o->stopped = true;
+	o->t_stop = now_ns();
+	if (o->throttled) {
+		m->ops.vm_throttle(m->opaque, 0);
+		o->throttled = false;
+	}
+	if (!mig_move_status(m, false, FERRY_MIG_ACTIVE, FERRY_MIG_DEVICE))
+		return ferry_error_set(err, -ECANCELED, "cancelled");
+	if (mig_fault_take(m, FAULT_HOLD_DEVICE))
+		hold(o);
+	if (cancelled(o))
+		return ferry_error_set(err, -ECANCELED, "cancelled");
+	if (m->ops.switchover_begin &&
+	    (r = m->ops.switchover_begin(m->opaque, err)))
+		return ferry_error_prefix(err, "switchover_begin: ");
+	bytes_before = total_bytes(o);
+	if (mig_fault_take(m, FAULT_LOSE_EOF)) {
+		/* The link goes silent before the rest arrives. */
+		hb_silence(&o->hb);
+	} else {
+		r = ferry_save_complete(o->s, err);
+		if (r)
+			return r;
+		o->eof_sent = true;
+	}
+	ferry_save_get_stats(o->s, &o->ss);
+	o->prog.downtime_bytes = total_bytes(o) - bytes_before;
+	publish(o);
+	if (!o->use_rp) {
+		/* No one to ask: the stream is complete, the VM is theirs. */
+		o->completed = true;
+		account_downtime(o);
+		return 0;
+	}
+
+	r = wait_loaded(o, err);
+	if (r)
+		return r;
+	mig_set_switchover(m, false, FERRY_SWO_LOADED);
+	/* The commit point. A cancel that came first wins; one that comes
+	 * later is refused (cancel_check). */
+	ferry__mutex_lock(&m->lock);
+	abort_go = o->cancel;
+	if (!abort_go)
+		o->committing = true;
+	ferry__mutex_unlock(&m->lock);
+	if (abort_go)
+		return ferry_error_set(err, -ECANCELED, "cancelled");
+	if (mig_fault_take(m, FAULT_LOSE_GO)) {
+		/* As if GO went out and was lost on the way. */
+		hb_silence(&o->hb);
+		o->committed = true;
+	} else {
+		r = ferry__save_verdict(o->s, FERRY_CMD_SWITCHOVER_GO, err);
+		if (r)
+			return ferry_error_prefix(err, "sending GO: ");
+		o->committed = true;
+	}
+	mig_set_switchover(m, false, FERRY_SWO_GO);
+	if (!wait_ack(o)) {
+		o->in_doubt = true;
+		return ferry_error_set(err, -ETIMEDOUT,
+			"switchover in doubt: GO was sent but the destination "
+			"did not confirm it within %llu ms; the VM stays stopped "
+			"here. Continue the destination if it runs or holds the "
+			"loaded VM (its switchover is \"in-doubt\"); continue "
+			"this side only if the destination is gone",
+			(unsigned long long)o->set.peer_timeout_ms);
+	}
+	o->completed = true;
+	account_downtime(o);
+	return 0;
+}
+
+/* ---- the migration thread ---------------------------------------------------------- */
+
+/* Tear down in a fixed order, put the VM where it belongs, and only then
+ * publish the terminal status. */
+static void finish(struct mig_out *o, int r, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	enum ferry_mig_status st;
+	char msg[FERRY_ERROR_MSG_MAX];
+	bool was_cancel;
+
+	if (o->throttled)
+		m->ops.vm_throttle(m->opaque, 0);
+	if (o->completed) {
+		/* As QEMU does: once completed, "mbps" is the whole
+		 * migration's average, not the last (tiny) pass's rate. */
+		uint64_t dt = now_ns() - o->t_start;
+
+		o->prog.mbps = (double)(o->prog.precopy_bytes +
+					o->prog.downtime_bytes) * 8 / 1e6 /
+			       ((double)(dt ? dt : 1) / 1e9);
+	}
+	/* The last figures, while the channels (which count the RAM pages
+	 * they carried) still exist. */
+	publish(o);
+	if (r && o->rp.live && !o->committed) {
+		/* A write error is often the echo of the destination giving
+		 * up: if it said why, that is the error worth reporting. */
+		struct ferry_error dest = { 0 };
+
+		ferry__mutex_lock(&o->rp.lock);
+		while (!o->rp.done && mig_cond_wait_until(&o->rp.cond, &o->rp.lock,
+				now_ns() + 1000 * 1000000ull))
+			;
+		if (rp_failure_locked(&o->rp, &dest) && o->rp.shut &&
+		    !cancelled(o)) {
+			ferry_error_clear(err);
+			ferry_error_propagate(err, &dest);
+		}
+		ferry__mutex_unlock(&o->rp.lock);
+	}
+	/* A destination still listening after EOF learns that we keep the
+	 * VM (best effort: the connection may be gone). */
+	if (r && o->eof_sent && !o->committed)
+		ferry__save_verdict(o->s, FERRY_CMD_SWITCHOVER_ABORT, NULL);
+	hb_stop(&o->hb);
+	if (o->mf) {
+		if (r)
+			ferry_multifd_cancel(o->mf, r, "the migration failed");
+		ferry_ram_set_multifd_send(m->ram, NULL, NULL);
+	}
+	ferry_save_end(o->s);
+	o->s = NULL;
+	if (o->c)
+		ferry_chan_shutdown(o->c);
+	rp_stop(&o->rp);
+	ferry__mutex_lock(&m->lock);
+	o->fd = -1;
+	ferry__mutex_unlock(&m->lock);
+	if (o->mf) {
+		struct ferry_multifd *mf = o->mf;
+
+		ferry__mutex_lock(&m->lock);
+		o->mf = NULL;
+		ferry__mutex_unlock(&m->lock);
+		ferry_multifd_free(mf);
+	}
+	ferry_chan_free(o->c);
+	o->c = NULL;
+
+	/* The VM. Completed or in doubt: it stays stopped for good here. */
+	if (o->completed || o->committed) {
+		m->ops.vm_set_state(m->opaque, FERRY_RUN_POSTMIGRATE);
+	} else if (o->stopped) {
+		struct ferry_error e2 = { 0 };
+
+		if (o->was == FERRY_RUN_RUNNING) {
+			if (m->ops.vm_start(m->opaque, &e2))
+				mig_trace(m, "cannot resume the VM after a failed "
+					  "migration: %s", e2.msg);
+		} else {
+			m->ops.vm_set_state(m->opaque, o->was);
+		}
+	}
+	if (o->stopped && m->ops.switchover_end)
+		m->ops.switchover_end(m->opaque, o->completed);
+
+	if (o->in_doubt)
+		mig_set_switchover(m, false, FERRY_SWO_IN_DOUBT);
+	else if (o->completed && o->use_rp)
+		mig_set_switchover(m, false, FERRY_SWO_DONE);
+	else if (o->eof_sent && o->use_rp)
+		mig_set_switchover(m, false, FERRY_SWO_ABORTED);
+
+	ferry__mutex_lock(&m->lock);
+	was_cancel = o->cancel && !o->killed;
+	ferry__mutex_unlock(&m->lock);
+	if (!r) {
+		st = FERRY_MIG_COMPLETED;
+	} else {
+		snprintf(msg, sizeof(msg), "%s", err->msg[0] ? err->msg
+							     : strerror(-r));
+		mig_trace(m, "migration to %s failed: %s", o->uri, msg);
+		st = was_cancel && !o->committed ? FERRY_MIG_CANCELLED
+						 : FERRY_MIG_FAILED;
+	}
+	mig_set_status(m, false, st, r ? msg : NULL);
+}
+
+static void *out_main(void *arg)
+{
+	struct mig_out *o = arg;
+	struct ferry_error err = { 0 };
+	int r;
+
+	r = setup(o, &err);
+	if (!r && !mig_move_status(o->m, false, FERRY_MIG_SETUP, FERRY_MIG_ACTIVE))
+		r = ferry_error_set(&err, -ECANCELED, "cancelled");
+	if (!r)
+		r = precopy(o, &err);
+	if (!r)
+		drain(o);
+	if (!r)
+		r = switchover(o, &err);
+	finish(o, r, &err);
+	return NULL;
+}
+
+int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
+{
+	struct mig_out *o, *old = NULL;
+	int e;
+
+	o = calloc(1, sizeof(*o));
+	if (!o)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	if (!uri || strlen(uri) >= sizeof(o->uri)) {
+		free(o);
+		return ferry_error_set(err, -EINVAL, "bad URI");
+	}
+	if ((e = ferry_uri_parse(uri, &o->u, err))) {
+		free(o);
+		return e;
+	}
+	snprintf(o->uri, sizeof(o->uri), "%s", uri);
+	o->m = m;
+	o->fd = -1;
+	pthread_mutex_init(&o->rp.lock, NULL);
+	mig_cond_init(&o->rp.cond);
+	pthread_mutex_init(&o->hb.lock, NULL);
+	mig_cond_init(&o->hb.cond);
+
+	ferry__mutex_lock(&m->lock);
+	if ((m->out && mig_status_live(m->out_info.status)) ||
+	    (m->in && mig_status_live(m->in_info.status)) || m->freeing) {
+		enum ferry_mig_status s = m->out && mig_status_live(m->out_info.status)
+			? m->out_info.status : m->in_info.status;
+
+		ferry__mutex_unlock(&m->lock);
+		mig_out_free(o);
+		return ferry_error_set(err, -EBUSY, "a migration is already %s",
+				       ferry_mig_status_name(s));
+	}
+	o->set = m->set;
+	if (o->set.auto_converge && !m->ops.vm_throttle) {
+		ferry__mutex_unlock(&m->lock);
+		mig_out_free(o);
+		return ferry_error_set(err, -EOPNOTSUPP, "auto-converge needs "
+				       "the VMM's vm_throttle hook");
+	}
+	/* The previous migration's thread has finished (terminal status);
+	 * join and free it outside the lock. */
+	old = m->out;
+	m->out = o;
+	m->out_used = true;
+	memset(&m->out_info, 0, sizeof(m->out_info));
+	m->out_info.size = sizeof(m->out_info);
+	m->out_info.status = old ? FERRY_MIG_COMPLETED : FERRY_MIG_NONE;
+	m->out_t0 = o->t_start = now_ns();
+	ferry__mutex_unlock(&m->lock);
+	mig_out_free(old);
+	mig_set_status(m, false, FERRY_MIG_SETUP, NULL);
+	mig_trace(m, "migration to %s", uri);
+	e = pthread_create(&o->thread, NULL, out_main, o);
+	if (e) {
+		mig_set_status(m, false, FERRY_MIG_FAILED,
+			       "cannot start the migration thread");
+		ferry__mutex_lock(&m->lock);
+		m->out = NULL;
+		ferry__mutex_unlock(&m->lock);
+		mig_out_free(o);
+		return ferry_error_set(err, -e, "cannot start the migration "
+				       "thread");
+	}
+	return 0;
+}
+
+void mig_out_free(struct mig_out *o)
+{
+	if (!o)
+		return;
+	if (o->thread)
+		pthread_join(o->thread, NULL);
+	pthread_mutex_destroy(&o->rp.lock);
+	pthread_cond_destroy(&o->rp.cond);
+	pthread_mutex_destroy(&o->hb.lock);
+	pthread_cond_destroy(&o->hb.cond);
+	free(o);
+}
