@@ -79,6 +79,8 @@ struct mig_in {
 	struct ferry_record_io rp_io;
 	bool rp_silent;                 /* a fault: say nothing more */
 	bool hb_stop;
+	uint32_t src_ms;                /* the source's peer-timeout, from
+					   OPEN_RETURN_PATH (0 = not said) */
 	pthread_t hb_thread;
 	bool hb_live;                   /* incoming thread */
 
@@ -119,29 +121,40 @@ static void rp_silence(struct mig_in *in)
 	ferry__mutex_unlock(&in->rp_lock);
 }
 
+/*
+ * Beat at a quarter of the shorter of the two peer-timeouts: the source's
+ * (it told us when it opened the return path) and ours (each beat tells
+ * it, so it beats fast enough for us too). The first beat goes at once.
+ */
 static void *hb_main(void *arg)
 {
 	struct mig_in *in = arg;
-	uint64_t interval = in->set.peer_timeout_ms * 1000000ull / 4;
-	struct ferry_rp_msg beat = { .type = FERRY_RP_HEARTBEAT };
+	uint64_t ms = in->set.peer_timeout_ms;
+	struct ferry_rp_msg beat = { .type = FERRY_RP_HEARTBEAT,
+				     .peer_timeout_ms = (uint32_t)ms };
+	uint64_t interval;
 
+	if (in->src_ms && in->src_ms < ms)
+		ms = in->src_ms;
+	interval = ms * 1000000ull / 4;
 	ferry__mutex_lock(&in->rp_lock);
 	while (!in->hb_stop) {
 		uint64_t deadline = now_ns() + interval;
 
+		/* Written under rp_lock: if the source stopped reading, the
+		 * write times out (peer-timeout) rather than hang. */
+		if (!in->rp_silent && in->rp_chan)
+			ferry_rp_send(&in->rp_io, &beat, NULL);
 		while (!in->hb_stop && mig_cond_wait_until(&in->hb_cond,
 							   &in->rp_lock, deadline))
 			;
-		/* Written under rp_lock: if the source stopped reading, the
-		 * write times out (peer-timeout) rather than hang. */
-		if (!in->hb_stop && !in->rp_silent && in->rp_chan)
-			ferry_rp_send(&in->rp_io, &beat, NULL);
 	}
 	ferry__mutex_unlock(&in->rp_lock);
 	return NULL;
 }
 
-static int rp_open(struct mig_in *in, struct ferry_error *err)
+static int rp_open(struct mig_in *in, uint32_t src_ms,
+		   struct ferry_error *err)
 {
 	int dfd, e;
 
@@ -165,6 +178,7 @@ static int rp_open(struct mig_in *in, struct ferry_error *err)
 		close(dfd);
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	}
+	in->src_ms = src_ms;
 	e = pthread_create(&in->hb_thread, NULL, hb_main, in);
 	if (e)
 		return ferry_error_set(err, -e, "cannot start the heartbeat");
@@ -440,7 +454,7 @@ static int on_command(void *opaque, const struct ferry_cmd_msg *msg,
 
 	switch (msg->cmd) {
 	case FERRY_CMD_OPEN_RETURN_PATH:
-		return rp_open(in, err);
+		return rp_open(in, msg->u.peer_timeout_ms, err);
 	case FERRY_CMD_PING: {
 		struct ferry_rp_msg pong = { .type = FERRY_RP_PONG,
 					     .pong = msg->u.ping };

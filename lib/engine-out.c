@@ -55,7 +55,10 @@
 
 /* ---- the return path, source side --------------------------------------- */
 
+struct mig_out;
+
 struct rp_reader {
+	struct mig_out *o;              /* immutable: cut on failure */
 	pthread_mutex_t lock;
 	pthread_cond_t cond;            /* monotonic; anything below changed */
 	struct ferry_record_io io;      /* reader thread */
@@ -84,7 +87,9 @@ struct heartbeat {
 	bool live;                      /* migration thread */
 	bool stop;                      /* lock */
 	bool silent;                    /* lock: a lose-* fault fired */
-	uint64_t interval_ns;           /* immutable */
+	uint64_t own_ms;                /* immutable: our peer-timeout */
+	uint32_t peer_ms;               /* atomic: the destination's, as it
+					   announced it (0 = not yet) */
 	struct ferry_save *s;           /* immutable while live */
 };
 
@@ -98,6 +103,9 @@ struct mig_out {
 	bool cancel;                    /* cancel or kill: wind down */
 	bool killed;                    /* ferry_mig_free: even past GO */
 	bool committing;                /* GO on its way: too late to cancel */
+	bool eof_sent;                  /* the stream is complete */
+	bool cut;                       /* connections shut down */
+	bool cut_by_rp;                 /* ... first by a return-path failure */
 	int fd;                         /* main connection, or -1 */
 	struct ferry_multifd *mf;       /* while it exists */
 
@@ -111,7 +119,6 @@ struct mig_out {
 	enum ferry_run_state was;       /* run state before vm_stop */
 	bool stopped;                   /* vm_stop succeeded */
 	bool throttled;
-	bool eof_sent;                  /* the stream is complete */
 	bool committed;                 /* GO went out (or lose-go said so) */
 	bool in_doubt;
 	bool completed;
@@ -124,6 +131,8 @@ static uint64_t now_ns(void)
 {
 	return ferry__mono_ns();
 }
+
+static void rp_cut(struct mig_out *o);
 
 static void *rp_main(void *arg)
 {
@@ -169,6 +178,10 @@ static void *rp_main(void *arg)
 			rp->pong = msg.pong;
 			break;
 		case FERRY_RP_HEARTBEAT:
+			/* It says how long it waits for us: beat faster than
+			 * that, whatever our own setting. */
+			__atomic_store_n(&rp->o->hb.peer_ms, msg.peer_timeout_ms,
+					 __ATOMIC_RELAXED);
 			break;
 		default:
 			/* REQ_PAGES and friends belong to postcopy, which this
@@ -183,6 +196,8 @@ static void *rp_main(void *arg)
 			rp->done = true;
 		pthread_cond_broadcast(&rp->cond);
 		ferry__mutex_unlock(&rp->lock);
+		if (end && (r || msg.status))
+			rp_cut(rp->o);
 		if (end)
 			return NULL;
 	}
@@ -250,13 +265,23 @@ static int rp_failed(struct rp_reader *rp, struct ferry_error *err)
 
 /* ---- heartbeats ------------------------------------------------------------ */
 
+/* A quarter of the shorter of the two peer-timeouts. */
+static uint64_t hb_interval_ns(struct heartbeat *hb)
+{
+	uint64_t peer = __atomic_load_n(&hb->peer_ms, __ATOMIC_RELAXED);
+	uint64_t ms = peer && peer < hb->own_ms ? peer : hb->own_ms;
+
+	return ms * 1000000ull / 4;
+}
+
 static void *hb_main(void *arg)
 {
 	struct heartbeat *hb = arg;
 
 	ferry__mutex_lock(&hb->lock);
 	while (!hb->stop) {
-		uint64_t deadline = now_ns() + hb->interval_ns;
+		uint64_t interval = hb_interval_ns(hb);
+		uint64_t deadline = now_ns() + interval;
 
 		while (!hb->stop && mig_cond_wait_until(&hb->cond, &hb->lock,
 							deadline))
@@ -266,7 +291,7 @@ static void *hb_main(void *arg)
 		ferry__mutex_unlock(&hb->lock);
 		/* A failure here is the connection's: the migration thread
 		 * meets it on its next write or through the return path. */
-		ferry__save_heartbeat(hb->s, hb->interval_ns);
+		ferry__save_heartbeat(hb->s, interval);
 		ferry__mutex_lock(&hb->lock);
 	}
 	ferry__mutex_unlock(&hb->lock);
@@ -279,7 +304,7 @@ static int hb_start(struct heartbeat *hb, struct ferry_save *s,
 	int e;
 
 	hb->s = s;
-	hb->interval_ns = peer_timeout_ms * 1000000ull / 4;
+	hb->own_ms = peer_timeout_ms;
 	e = pthread_create(&hb->thread, NULL, hb_main, hb);
 	if (e)
 		return ferry_error_set(err, -e, "cannot start the heartbeat");
@@ -308,15 +333,23 @@ static void hb_stop(struct heartbeat *hb)
 
 /* ---- cancel ------------------------------------------------------------------ */
 
-/* Shut every connection down: blocked reads and writes return at once.
+/*
+ * Shut every connection down: blocked reads and writes return at once.
  * m->lock held. The fds stay open (their owners close them after joining
- * their threads), so no fd number can be reused under a shutdown. */
+ * their threads), so no fd number can be reused under a shutdown. Once
+ * the stream is complete nothing blocks on the main connection any more
+ * (its writes are bounded by peer-timeout from then on), and it must stay
+ * up: it carries the ABORT that tells a listening destination we keep the
+ * VM.
+ */
 static void cut_locked(struct mig_out *o)
 {
-	if (o->fd >= 0)
+	o->cut = true;
+	if (o->fd >= 0 && !o->eof_sent)
 		shutdown(o->fd, SHUT_RDWR);
 	if (o->mf)
 		ferry_multifd_cancel(o->mf, -ECANCELED, "cancelled");
+	pthread_cond_broadcast(&o->m->cond);
 }
 
 static bool cancelled(struct mig_out *o)
@@ -345,6 +378,17 @@ static int cancel_check(struct ferry_mig *m, struct ferry_error *err)
 	default:
 		return 1;  /* nothing to cancel (QEMU: not an error) */
 	}
+}
+
+/* The return path failed (silence, reset, the destination gave up): the
+ * migration is over, so unblock whoever waits on a connection. */
+static void rp_cut(struct mig_out *o)
+{
+	ferry__mutex_lock(&o->m->lock);
+	if (!o->cut)
+		o->cut_by_rp = true;
+	cut_locked(o);
+	ferry__mutex_unlock(&o->m->lock);
 }
 
 int mig_out_cancel(struct ferry_mig *m, struct ferry_error *err)
@@ -570,8 +614,13 @@ static int setup(struct mig_out *o, struct ferry_error *err)
 		return err && err->code ? err->code : -EIO;
 	if (o->use_rp) {
 		/* Open the return path first: a destination that refuses
-		 * the setup sections can then say why. */
-		r = ferry_save_command(o->s, FERRY_CMD_OPEN_RETURN_PATH, NULL, 0,
+		 * the setup sections can then say why. It also learns how
+		 * long we wait for its heartbeats. */
+		uint32_t t = (uint32_t)o->set.peer_timeout_ms;
+		uint8_t be[4] = { (uint8_t)(t >> 24), (uint8_t)(t >> 16),
+				  (uint8_t)(t >> 8), (uint8_t)t };
+
+		r = ferry_save_command(o->s, FERRY_CMD_OPEN_RETURN_PATH, be, 4,
 				       err);
 		if (!r)
 			r = hb_start(&o->hb, o->s, o->set.peer_timeout_ms, err);
@@ -802,10 +851,14 @@ static void account_downtime(struct mig_out *o)
 	    lv[FERRY_SHUT_BOOT_ID] == mig_boot_id_hash()) {
 		/* One host: both monotonic clocks are the same clock. A
 		 * destination left paused reports when it was ready to run:
-		 * the wait for `cont` is not downtime. */
-		double xfer = span_ms(ss->t_done, lv[FERRY_SHUT_T_LOADED]) - dev;
+		 * the wait for `cont` is not downtime. Device loading that
+		 * overlapped our own device-save is not counted twice: the
+		 * phases are slices of one span and add up to the downtime. */
+		double tail = span_ms(ss->t_done, lv[FERRY_SHUT_T_LOADED]);
 
-		ph[FERRY_PHASE_TRANSFER] = xfer > 0 ? xfer : 0;
+		if (dev > tail)
+			dev = tail;
+		ph[FERRY_PHASE_TRANSFER] = tail - dev;
 		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
 		ph[FERRY_PHASE_HANDSHAKE] = span_ms(lv[FERRY_SHUT_T_LOADED],
 						    av[FERRY_SHUT_T_GO]);
@@ -815,12 +868,14 @@ static void account_downtime(struct mig_out *o)
 	} else if (o->use_rp && rp->shut) {
 		/* Two hosts: our clock bounds it, the destination's clock
 		 * gives its own durations. */
-		double xfer = span_ms(ss->t_done, rp->t_loaded) - dev;
+		double tail = span_ms(ss->t_done, rp->t_loaded);
 		double resume = span_ms(av[FERRY_SHUT_T_GO],
 					av[FERRY_SHUT_T_RESUMED]);
 		double hs = span_ms(rp->t_loaded, rp->t_shut) - resume;
 
-		ph[FERRY_PHASE_TRANSFER] = xfer > 0 ? xfer : 0;
+		if (dev > tail)
+			dev = tail;
+		ph[FERRY_PHASE_TRANSFER] = tail - dev;
 		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
 		ph[FERRY_PHASE_HANDSHAKE] = hs > 0 ? hs : 0;
 		ph[FERRY_PHASE_RESUME] = resume;
@@ -874,8 +929,15 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 		r = ferry_save_complete(o->s, err);
 		if (r)
 			return r;
+		/* From here the main connection only carries the verdict and
+		 * heartbeats: bound those writes, so a destination that
+		 * stopped reading cannot hold the migration thread. */
+		ferry__save_set_timeout(o->s, (int)o->set.peer_timeout_ms);
+		ferry__mutex_lock(&m->lock);
 		o->eof_sent = true;
+		ferry__mutex_unlock(&m->lock);
 	}
+	o->ss.size = sizeof(o->ss);
 	ferry_save_get_stats(o->s, &o->ss);
 	o->prog.downtime_bytes = total_bytes(o) - bytes_before;
 	publish(o);
@@ -927,6 +989,16 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 
 /* ---- the migration thread ---------------------------------------------------------- */
 
+static bool eof_sent(struct mig_out *o)
+{
+	bool e;
+
+	ferry__mutex_lock(&o->m->lock);
+	e = o->eof_sent;
+	ferry__mutex_unlock(&o->m->lock);
+	return e;
+}
+
 /* Tear down in a fixed order, put the VM where it belongs, and only then
  * publish the terminal status. */
 static void finish(struct mig_out *o, int r, struct ferry_error *err)
@@ -952,14 +1024,20 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	publish(o);
 	if (r && o->rp.live && !o->committed) {
 		/* A write error is often the echo of the destination giving
-		 * up: if it said why, that is the error worth reporting. */
+		 * up (its SHUT says why), and a failure of ours after the
+		 * return path broke is its consequence: report the root
+		 * cause. */
 		struct ferry_error dest = { 0 };
+		bool by_rp;
 
+		ferry__mutex_lock(&m->lock);
+		by_rp = o->cut_by_rp;
+		ferry__mutex_unlock(&m->lock);
 		ferry__mutex_lock(&o->rp.lock);
 		while (!o->rp.done && mig_cond_wait_until(&o->rp.cond, &o->rp.lock,
 				now_ns() + 1000 * 1000000ull))
 			;
-		if (rp_failure_locked(&o->rp, &dest) && o->rp.shut &&
+		if (rp_failure_locked(&o->rp, &dest) && (o->rp.shut || by_rp) &&
 		    !cancelled(o)) {
 			ferry_error_clear(err);
 			ferry_error_propagate(err, &dest);
@@ -968,7 +1046,7 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	}
 	/* A destination still listening after EOF learns that we keep the
 	 * VM (best effort: the connection may be gone). */
-	if (r && o->eof_sent && !o->committed)
+	if (r && eof_sent(o) && !o->committed)
 		ferry__save_verdict(o->s, FERRY_CMD_SWITCHOVER_ABORT, NULL);
 	hb_stop(&o->hb);
 	if (o->mf) {
@@ -1016,7 +1094,7 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 		mig_set_switchover(m, false, FERRY_SWO_IN_DOUBT);
 	else if (o->completed && o->use_rp)
 		mig_set_switchover(m, false, FERRY_SWO_DONE);
-	else if (o->eof_sent && o->use_rp)
+	else if (eof_sent(o) && o->use_rp)
 		mig_set_switchover(m, false, FERRY_SWO_ABORTED);
 
 	ferry__mutex_lock(&m->lock);
@@ -1072,6 +1150,7 @@ int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	snprintf(o->uri, sizeof(o->uri), "%s", uri);
 	o->m = m;
 	o->fd = -1;
+	o->rp.o = o;
 	pthread_mutex_init(&o->rp.lock, NULL);
 	mig_cond_init(&o->rp.cond);
 	pthread_mutex_init(&o->hb.lock, NULL);

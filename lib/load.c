@@ -441,6 +441,13 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 			"EOF)", (unsigned long long)rec->offset,
 			ferry_cmd_name(m.cmd));
 	case FERRY_CMD_OPEN_RETURN_PATH:
+		/* Version 2 says how often the source wants to hear from us. */
+		if (plen == 4)
+			m.u.peer_timeout_ms = (uint32_t)p[0] << 24 |
+				(uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+		else
+			WANT_LEN(0);
+		break;
 	case FERRY_CMD_POSTCOPY_LISTEN:
 	case FERRY_CMD_POSTCOPY_RUN:
 	case FERRY_CMD_SWITCHOVER_START:

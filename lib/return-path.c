@@ -39,8 +39,10 @@ int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 		ferry_put_be64(b, m->start);
 		ferry_put_be32(b, m->len);
 		break;
-	case FERRY_RP_SWITCHOVER_ACK:
 	case FERRY_RP_HEARTBEAT:
+		ferry_put_be32(b, m->peer_timeout_ms);
+		break;
+	case FERRY_RP_SWITCHOVER_ACK:
 		break;
 	default:
 		ferry_chan_free(b);
@@ -105,8 +107,10 @@ int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 		m->start = ferry_get_be64(c);
 		m->len = ferry_get_be32(c);
 		break;
-	case FERRY_RP_SWITCHOVER_ACK:
 	case FERRY_RP_HEARTBEAT:
+		m->peer_timeout_ms = ferry_get_be32(c);
+		break;
+	case FERRY_RP_SWITCHOVER_ACK:
 		break;
 	default:
 		ferry_chan_set_error(c, -EBADMSG, "unknown message type %u", m->type);

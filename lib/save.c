@@ -474,6 +474,13 @@ int ferry__save_heartbeat(struct ferry_save *s, uint64_t idle_ns)
 	return r;
 }
 
+void ferry__save_set_timeout(struct ferry_save *s, int timeout_ms)
+{
+	ferry__mutex_lock(&s->out_lock);
+	ferry_chan_set_timeout(s->io.chan, timeout_ms);
+	ferry__mutex_unlock(&s->out_lock);
+}
+
 int ferry__save_verdict(struct ferry_save *s, uint16_t cmd,
 			struct ferry_error *err)
 {

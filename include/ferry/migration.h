@@ -225,6 +225,7 @@ struct ferry_cmd_msg {
 	uint16_t cmd;
 	union {
 		uint32_t ping;
+		uint32_t peer_timeout_ms;  /* OPEN_RETURN_PATH (0 = v1, none) */
 		struct { uint64_t host_page_size, target_page_size; } advise;
 		struct {
 			char block[FERRY_IDSTR_MAX + 1];
@@ -304,6 +305,7 @@ struct ferry_rp_msg {
 	char reason[256];                    /* SHUT */
 	uint64_t values[FERRY_SHUT__MAX];    /* SHUT, LOADED */
 	uint32_t pong;                       /* PONG */
+	uint32_t peer_timeout_ms;            /* HEARTBEAT */
 	char block[FERRY_IDSTR_MAX + 1];     /* REQ_PAGES */
 	uint64_t start;                      /* REQ_PAGES */
 	uint32_t len;                        /* REQ_PAGES */

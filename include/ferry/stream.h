@@ -59,7 +59,9 @@ enum ferry_record_type {
  */
 enum ferry_cmd {
 	FERRY_CMD_INVALID = 0,
-	FERRY_CMD_OPEN_RETURN_PATH = 1, /* empty */
+	FERRY_CMD_OPEN_RETURN_PATH = 1, /* v1: empty; v2: be32 the source's
+					   peer-timeout in ms (the destination
+					   beats at least 4 times per it) */
 	FERRY_CMD_PING = 2,             /* be32 value; answered by RP PONG */
 	FERRY_CMD_POSTCOPY_ADVISE = 3,  /* be64 host page size, be64 target page size */
 	FERRY_CMD_POSTCOPY_LISTEN = 4,  /* empty */
@@ -83,7 +85,8 @@ enum ferry_rp {
 	FERRY_RP_SWITCHOVER_ACK = 4, /* empty */
 	/* Version 2: */
 	FERRY_RP_LOADED = 5,         /* as SHUT: loaded, waiting for GO */
-	FERRY_RP_HEARTBEAT = 6,      /* empty; the destination is alive */
+	FERRY_RP_HEARTBEAT = 6,      /* be32 the destination's peer-timeout in
+					ms; the destination is alive */
 	FERRY_RP__MAX
 };
 

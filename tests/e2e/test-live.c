@@ -36,28 +36,35 @@ static void set_params(struct proc *p, int channels, bool zstd, int limit_ms,
 	json_decref(call(p, "migrate-set-parameters", params));
 }
 
-/* Start a destination listening on a fresh loopback port. */
+/* Start a destination listening on a fresh loopback port (kept paused
+ * after the load unless @extra says --run, which is dropped here). */
 static int spawn_dest(struct proc *d, const char *backend, const char *mem,
 		      const char *extra)
 {
+	bool run = !strncmp(extra, "--run", 5);
 	int port = free_port();
 
-	vm_spawn(d, "dst", test_fmt("--backend %s --mem %s --paused %s "
+	vm_spawn(d, "dst", test_fmt("--backend %s --mem %s %s %s "
 				    "--incoming tcp:127.0.0.1:%d", backend, mem,
-				    extra, port));
+				    run ? "" : "--paused", run ? extra + 5 : extra,
+				    port));
 	return port;
 }
 
 /*
- * Migrate a guest running @workload, then prove it: equal RAM digests
- * with both sides stopped, then the destination resumes and its own
- * verify pass finds 0 bad pages.
+ * Migrate a guest running @workload, then prove it. A destination kept
+ * paused: equal RAM digests with both sides stopped, then it resumes and
+ * its own verify pass finds 0 bad pages. A destination that resumes on its
+ * own (@dest_extra "--run ..."): it runs at once, the guest carries on
+ * from the migrated state and verifies clean, and the downtime includes a
+ * measured resume.
  */
 static void live_to(const char *backend, const char *workload, int channels,
 		    bool zstd, const char *dest_extra)
 {
+	bool run = !strncmp(dest_extra, "--run", 5);
 	struct proc s, d;
-	json_t *m, *v;
+	json_t *m, *v, *ph;
 	char digest[64], loaded[64];
 	long long g;
 	int port;
@@ -74,7 +81,13 @@ static void live_to(const char *backend, const char *workload, int channels,
 	wait_migration(&s, "completed");
 	m = call(&s, "query-migrate", NULL);
 	ASSERT_GE(geti(m, "downtime"), 0);
-	ASSERT(json_is_object(json_object_get(m, "downtime-phases")));
+	ASSERT_STREQ(gets(m, "switchover"), "done");
+	ph = json_object_get(m, "downtime-phases");
+	ASSERT(json_is_object(ph));
+	if (run) {
+		ASSERT(json_number_value(json_object_get(ph, "resume")) > 0);
+		ASSERT(json_number_value(json_object_get(ph, "handshake")) > 0);
+	}
 	if (channels > 0 && strcmp(workload, "idle"))
 		ASSERT_GT(geti(json_object_get(m, "ram"), "multifd-bytes"), 0);
 	if (strcmp(workload, "idle")) {
@@ -88,12 +101,21 @@ static void live_to(const char *backend, const char *workload, int channels,
 	}
 	json_decref(m);
 	ASSERT_STREQ(status_of(&s), "postmigrate");
-	ASSERT_STREQ(status_of(&d), "paused");
-	ram_digest(&s, digest);
-	ram_digest(&d, loaded);
-	ASSERT_STREQ(loaded, digest);
+	if (run) {
+		wait_loaded(&d);
+		ASSERT_STREQ(status_of(&d), "running");
+		m = call(&d, "query-migrate", NULL);
+		ASSERT_STREQ(gets(m, "status"), "completed");
+		ASSERT_STREQ(gets(m, "switchover"), "done");
+		json_decref(m);
+	} else {
+		ASSERT_STREQ(status_of(&d), "paused");
+		ram_digest(&s, digest);
+		ram_digest(&d, loaded);
+		ASSERT_STREQ(loaded, digest);
+		json_decref(call(&d, "cont", NULL));
+	}
 	g = generation(&d);
-	json_decref(call(&d, "cont", NULL));
 	/* A dirtying guest must carry on writing; a fill may be done. */
 	if (!strncmp(workload, "dirty", 5))
 		wait_generation(&d, g + 100);
@@ -123,7 +145,10 @@ TEST(live_##be##_dirty_1ch) { live(#be, "dirty,ws=128M,rate=200", 1, false); } \
 TEST(live_##be##_dirty_2ch_zstd) { live(#be, "dirty,ws=128M,rate=200", 2, true); } \
 TEST(live_##be##_dirty_4ch) { live(#be, "dirty,ws=128M,rate=200", 4, false); } \
 TEST(live_##be##_fill_main_stream) { live(#be, "fill", 0, false); }	\
-TEST(live_##be##_fill_prealloc_dest) { live_to(#be, "fill", 2, false, "--prealloc"); }
+TEST(live_##be##_fill_prealloc_dest) { live_to(#be, "fill", 2, false, "--prealloc"); } \
+TEST(live_##be##_idle_resume) { live_to(#be, "idle", 2, false, "--run"); } \
+TEST(live_##be##_fill_resume) { live_to(#be, "fill", 2, false, "--run"); } \
+TEST(live_##be##_dirty_resume) { live_to(#be, "dirty,ws=128M,rate=200", 2, false, "--run"); }
 LIVE_TESTS(kvm)
 LIVE_TESTS(thread)
 
@@ -401,3 +426,99 @@ static void dest_rejects(const char *backend)
 
 TEST(live_kvm_dest_rejects) { dest_rejects("kvm"); }
 TEST(live_thread_dest_rejects) { dest_rejects("thread"); }
+
+/* ---- the switchover, made safe ------------------------------------------ */
+
+/*
+ * The source holds in the switchover (vCPUs stopped, a fault point keeps
+ * it there): `cont` is refused - running the guest now would let it write
+ * after its final state was taken - and migrate-cancel works there, so
+ * the guest runs on and verifies clean.
+ */
+static void cont_refused_in_switchover(const char *backend)
+{
+	struct proc s, d;
+	char msg[512];
+	json_t *v;
+	int port;
+
+	need_backend(backend);
+	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M "
+				     "--workload dirty,ws=64M,rate=200", backend));
+	port = spawn_dest(&d, backend, "512M", "--run");
+	wait_generation(&s, 1000);
+	json_decref(call(&s, "x-migrate-fault", json_pack("{s:s}", "point",
+							 "hold-device")));
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_migration_live(&s, "device");
+	ASSERT_STREQ(status_of(&s), "finish-migrate");
+	call_fails(&s, "cont", NULL, msg, sizeof(msg));
+	ASSERT_CONTAINS(msg, "switching over");
+	ASSERT_STREQ(status_of(&s), "finish-migrate");
+	json_decref(call(&s, "migrate-cancel", NULL));
+	wait_migration(&s, "cancelled");
+	ASSERT_STREQ(status_of(&s), "running");
+	v = verify(&s);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+	/* The destination never ran it, and gave up. */
+	vm_wait_exit(&d, 1);
+	vm_quit(&s);
+}
+
+TEST(live_kvm_cont_refused_in_switchover) { cont_refused_in_switchover("kvm"); }
+TEST(live_thread_cont_refused_in_switchover) { cont_refused_in_switchover("thread"); }
+
+/*
+ * A destination that stops answering: stopped outright (SIGSTOP) during
+ * precopy, or silent while it loads the final state (a fault point, the
+ * moment that used to hold the guest paused for ever). Either way the
+ * source notices within peer-timeout and resumes.
+ */
+static void dest_goes_silent(const char *backend, bool at_switchover)
+{
+	struct proc s, d;
+	json_t *m;
+	int port, st;
+
+	need_backend(backend);
+	vm_spawn(&s, "src", test_fmt("--backend %s --mem 512M "
+				     "--workload dirty,ws=64M,rate=200", backend));
+	port = spawn_dest(&d, backend, "512M", "");
+	wait_generation(&s, 1000);
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i}", "peer-timeout", 1000)));
+	if (at_switchover) {
+		json_decref(call(&d, "x-migrate-fault", json_pack("{s:s}", "point",
+								 "stall-load")));
+		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+				 test_fmt("tcp:127.0.0.1:%d", port))));
+	} else {
+		start_slow(&s, port);
+		kill(d.pid, SIGSTOP);
+	}
+	wait_failed(&s);
+	m = call(&s, "query-migrate", NULL);
+	ASSERT_CONTAINS(gets(m, "error-desc"),
+			"no word from the destination for 1000 ms");
+	json_decref(m);
+	ASSERT_STREQ(status_of(&s), "running");
+	if (at_switchover) {
+		/* It never ran the VM; quitting ends the stall. */
+		ASSERT_STREQ(status_of(&d), "inmigrate");
+		vm_quit(&d);
+	} else {
+		kill(d.pid, SIGKILL);
+		waitpid(d.pid, &st, 0);
+	}
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 0)));
+	source_survives(&s, backend, "no word from the destination");
+	vm_quit(&s);
+}
+
+TEST(live_kvm_dest_stopped) { dest_goes_silent("kvm", false); }
+TEST(live_thread_dest_stopped) { dest_goes_silent("thread", false); }
+TEST(live_kvm_dest_silent_at_switchover) { dest_goes_silent("kvm", true); }
+TEST(live_thread_dest_silent_at_switchover) { dest_goes_silent("thread", true); }

@@ -99,6 +99,21 @@ json_t *call(struct proc *p, const char *cmd, json_t *args)
 	return ret;
 }
 
+int call_fails(struct proc *p, const char *cmd, json_t *args, char *msg,
+	       size_t len)
+{
+	struct ferry_error err = { 0 };
+	json_t *ret = NULL;
+	int r = control_client_call(p->fd, cmd, args, &ret, 120000, &err);
+
+	json_decref(args);
+	json_decref(ret);
+	if (!r)
+		FAIL("%s succeeded; it should have been refused", cmd);
+	snprintf(msg, len, "%s", err.msg);
+	return r;
+}
+
 long long geti(json_t *o, const char *key)
 {
 	json_t *v = json_object_get(o, key);
@@ -193,6 +208,20 @@ void ram_digest(struct proc *p, char *out)
 json_t *verify(struct proc *p)
 {
 	return call(p, "guest-verify", json_pack("{s:b}", "wait", 1));
+}
+
+void wait_migration_live(struct proc *p, const char *want)
+{
+	for (int i = 0; i < 12000; i++) {
+		json_t *m = call(p, "query-migrate", NULL);
+		bool hit = !strcmp(gets(m, "status"), want);
+
+		json_decref(m);
+		if (hit)
+			return;
+		usleep(5000);
+	}
+	FAIL("migration never reached %s", want);
 }
 
 void wait_migration(struct proc *p, const char *want)

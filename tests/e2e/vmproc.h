@@ -31,6 +31,9 @@ void need_backend(const char *backend);
 void vm_spawn(struct proc *p, const char *name, const char *args);
 /* Execute a command (takes @args); returns the "return" value. */
 json_t *call(struct proc *p, const char *cmd, json_t *args);
+/* Execute a command that must be refused: its error (desc into @msg). */
+int call_fails(struct proc *p, const char *cmd, json_t *args, char *msg,
+	       size_t len);
 long long geti(json_t *o, const char *key);
 const char *gets(json_t *o, const char *key);
 long long generation(struct proc *p);
@@ -46,5 +49,7 @@ void ram_digest(struct proc *p, char *out);
 json_t *verify(struct proc *p);
 /* Poll query-migrate until @want; FAIL on another terminal status. */
 void wait_migration(struct proc *p, const char *want);
+/* Poll query-migrate until the status is @want (a live one, say "device"). */
+void wait_migration_live(struct proc *p, const char *want);
 
 #endif

@@ -259,13 +259,19 @@ static void src_free(struct src *S)
  * points an older copy could land last), then switchover. The destination
  * must end byte-identical.
  */
+/* Pages per packet the source uses in precopy() (0 = its default); the
+ * destination keeps its own default whatever the source picks. */
+static uint32_t src_packet_pages;
+
 static void precopy(unsigned channels, enum ferry_multifd_compression comp,
 		    bool tcp, uint64_t budget)
 {
 	struct guest src;
 	struct dest d = { 0 };
 	struct ferry_error err = { 0 };
-	struct ferry_multifd_params p = { .size = sizeof(p), .channels = channels, .compression = comp };
+	struct ferry_multifd_params p = { .size = sizeof(p), .channels = channels,
+					  .compression = comp,
+					  .packet_pages = src_packet_pages };
 	int mainfd[2];
 	int sfds[FERRY_MULTIFD_MAX_CHANNELS], dfds[FERRY_MULTIFD_MAX_CHANNELS];
 	struct ferry_multifd_stats ms;
@@ -386,6 +392,16 @@ TEST(multifd_precopy_tcp)
 {
 	precopy(2, FERRY_MULTIFD_COMP_NONE, true, 0);
 	precopy(4, FERRY_MULTIFD_COMP_ZSTD, true, 500 * PS);
+}
+
+/* The packet size is the source's to choose (its handshake says it): a
+ * destination with the default of 128 pages takes 512 and 1024. */
+TEST(multifd_source_packet_size)
+{
+	src_packet_pages = 512;
+	precopy(2, FERRY_MULTIFD_COMP_NONE, false, 0);
+	src_packet_pages = FERRY_MULTIFD_PACKET_PAGES_MAX;
+	precopy(1, FERRY_MULTIFD_COMP_ZSTD, false, 0);
 }
 
 /* ---- device state ---------------------------------------------------------- */
@@ -606,6 +622,39 @@ static size_t pkt(uint8_t *b, uint32_t chan, uint32_t flags, uint32_t block,
 	return n;
 }
 
+/* A DEVICE_STATE packet: the header's block field is the instance, its
+ * two counts are the name length and the buffer's sequence number. */
+static size_t dspkt(uint8_t *b, uint32_t chan, uint64_t num, const char *idstr,
+		    uint32_t instance, uint32_t seq, const void *data,
+		    uint32_t len)
+{
+	size_t il = strlen(idstr), n = 48;
+
+	memset(b, 0, 48);
+	be32(b, FERRY_MULTIFD_PACKET_MAGIC);
+	be32(b + 4, 1);
+	be32(b + 8, FERRY_MULTIFD_FLAG_DEVICE_STATE);
+	be32(b + 12, instance);
+	be64(b + 16, num);
+	be32(b + 24, (uint32_t)il);
+	be32(b + 28, seq);
+	be32(b + 32, len);
+	memcpy(b + n, idstr, il);
+	n += il;
+	if (len)
+		memcpy(b + n, data, len);
+	n += len;
+	{
+		XXH3_state_t *x = XXH3_createState();
+		XXH3_64bits_reset_withSeed(x, chan);
+		XXH3_64bits_update(x, b, 40);
+		XXH3_64bits_update(x, b + 48, n - 48);
+		be64(b + 40, XXH3_64bits_digest(x));
+		XXH3_freeState(x);
+	}
+	return n;
+}
+
 static void put_all(int fd, const void *buf, size_t len)
 {
 	while (len) {
@@ -620,6 +669,10 @@ static void put_all(int fd, const void *buf, size_t len)
 	}
 }
 
+/* The device-state callback's opaque of expect_reject's destination
+ * (NULL: it takes no device state). */
+static void *reject_cb;
+
 /* Feed @a (and @b on a second connection if set) to a destination; its
  * next sync point must fail with @code and a message containing @needle. */
 static void expect_reject(const uint8_t *a, size_t alen, const uint8_t *b,
@@ -627,7 +680,7 @@ static void expect_reject(const uint8_t *a, size_t alen, const uint8_t *b,
 {
 	struct ferry_error err = { 0 };
 	unsigned n = b ? 2 : 1;
-	struct ferry_multifd *m = recv_for(n, SESSION, NULL);
+	struct ferry_multifd *m = recv_for(n, SESSION, reject_cb);
 	int fds[2][2];
 
 	socketpairs(fds, n);
@@ -674,6 +727,27 @@ TEST(multifd_hostile_handshake)
 	expect_reject(a, 30, NULL, 0, -EBADMSG, "handshake truncated");
 	hs(a, SESSION, 0, 1, 7, FERRY_MULTIFD_MAGIC);
 	expect_reject(a, 64, NULL, 0, -EBADMSG, "unknown flags");
+}
+
+/* Device-state buffers that never become deliverable (buffer 0 never
+ * comes) are held only up to a count, not just up to a byte total: empty
+ * ones cost nothing in bytes and would otherwise pile up without end. */
+TEST(multifd_devstate_reorder_bounded)
+{
+	const unsigned n = FERRY_MULTIFD_REORDER_MAX_BUFFERS + 8;
+	uint8_t *buf = malloc(64 + (size_t)n * 64);
+	struct ds_log log = { { 0 } };
+	size_t len;
+
+	ASSERT_PTR(buf);
+	len = hs(buf, SESSION, 0, 1, 0, FERRY_MULTIFD_MAGIC);
+	for (unsigned i = 0; i < n; i++)
+		len += dspkt(buf + len, 0, i, "dev", 0, i + 1, NULL, 0);
+	reject_cb = &log;
+	expect_reject(buf, len, NULL, 0, -ENOBUFS, "out of order");
+	reject_cb = NULL;
+	ASSERT_EQ(log.calls, 0);
+	free(buf);
 }
 
 TEST(multifd_hostile_packets)

@@ -337,3 +337,29 @@ TEST(ram_rejects_bad_blocks)
 	ASSERT_CONTAINS(err.msg, "multiple");
 	ASSERT_NULL(ferry_ram_new(b, 0, NULL, NULL, NULL));
 }
+
+/* "remaining" and the pending bytes count each block's pages at that
+ * block's page size (a 2 MiB-page block next to a 4 KiB one). */
+TEST(ram_remaining_per_block_page_size)
+{
+	const uint64_t huge = 2u << 20;
+	uint8_t *small = calloc(16, PS), *big = malloc(4 * huge);
+	struct ferry_ram_block blocks[2] = {
+		{ "pc.ram", small, 16 * PS, PS },
+		{ "huge.ram", big, 4 * huge, (uint32_t)huge },
+	};
+	struct ferry_error err = { 0 };
+	struct ferry_ram_stats st;
+	struct ferry_ram *ram;
+
+	ASSERT_PTR(big);
+	ram = ferry_ram_new(blocks, 2, NULL, NULL, &err);
+	ASSERT_PTR(ram);
+	ferry_ram_mark_dirty(ram, 1, 0, 2 * huge);  /* two huge pages */
+	ferry_ram_mark_dirty(ram, 0, 0, 3 * PS);    /* three small ones */
+	ferry_ram_get_stats(ram, &st);
+	ASSERT_EQ_U64(st.remaining, 2 * huge + 3 * PS);
+	ferry_ram_free(ram);
+	free(small);
+	free(big);
+}

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../harness.h"
 
@@ -90,6 +91,10 @@ static int tram_iterate(struct ferry_chan *c, void *opaque, uint64_t budget,
 	if (t->fail_iterate)
 		return ferry_error_set(err, t->fail_iterate, "injected iterate failure");
 	tram_send(t, c, budget);
+	if (t->redirty) {
+		t->redirty--;
+		t->dirty[0] = 1;
+	}
 	return 0;
 }
 
@@ -258,6 +263,9 @@ static int tblob_load_state(struct ferry_chan *c, void *opaque, uint32_t v,
 	(void)v;
 	b->nbufs = ferry_get_be32(c);
 	b->bufsize = ferry_get_be32(c);
+	/* The configuration comes after all of the device's data. */
+	if (b->received != b->nbufs)
+		b->config_before_data = true;
 	return ferry_chan_error(c, err);
 }
 
@@ -269,6 +277,8 @@ static int tblob_load_buffer(void *opaque, const void *buf, size_t len,
 
 	if (len % 8)
 		return ferry_error_set(err, -EBADMSG, "odd buffer size %zu", len);
+	if (b->load_delay_us)
+		usleep(b->load_delay_us);
 	if (len >= 8 && w[0] != blob_word(b->received, 0))
 		b->order_ok = false;
 	for (size_t i = 0; i < len / 8; i++)

@@ -25,6 +25,8 @@ struct tram {
 	/* Test knobs. */
 	int fail_iterate;             /* -errno returned by save_iterate */
 	int fail_load;                /* -errno returned by load_state */
+	uint32_t redirty;             /* iterate re-dirties page 0 this many
+					 more times (pending stays > 0) */
 };
 
 struct tregs_inner {
@@ -51,6 +53,8 @@ struct tblob {
 	uint64_t sum;                 /* checksum of received content, in order */
 	bool switchover_seen;
 	bool order_ok;
+	unsigned load_delay_us;       /* knob: each load_buffer takes this long */
+	bool config_before_data;      /* load_state ran before every buffer */
 };
 
 void tram_init(struct tram *t, uint32_t npages, uint64_t seed);
