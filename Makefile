@@ -5,6 +5,8 @@
 #   make bench      benchmarks (figures printed)
 #   make demo       install missing deps, build, run the end-to-end demo
 #   make fuzz       longer libFuzzer run of the stream loader
+#   make install    headers, libferry.so/.a and libferry.pc under PREFIX
+#                   (default /usr/local; DESTDIR for staging)
 #
 # Knobs: V=1 (echo commands), SAN=address|undefined|thread, WERROR=0, O=2.
 
@@ -111,9 +113,18 @@ $(B)/libferry.a: $(LIB_OBJS)
 	@$(if $(Q),echo "  AR      $@")
 	$(Q)rm -f $@ && ar rcs $@ $^
 
-$(B)/libferry.so: $(LIB_PIC)
+# ABI version 1: soname libferry.so.1, symbols versioned FERRY_1
+# (lib/libferry.map); the file is libferry.so.ABI.MINOR.PATCH of the ABI.
+VERSION    := 0.1.0
+ABI        := 1
+SO_REAL    := libferry.so.$(ABI).0.0
+$(B)/$(SO_REAL): $(LIB_PIC) lib/libferry.map
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -shared -Wl,-soname,libferry.so.0 -o $@ $^ $(LDFLAGS_SAN) $(LIBS)
+	$(Q)$(CC) -shared -Wl,-soname,libferry.so.$(ABI) \
+		-Wl,--version-script,lib/libferry.map -Wl,--no-undefined \
+		-o $@ $(LIB_PIC) $(LDFLAGS_SAN) $(LIBS)
+$(B)/libferry.so: $(B)/$(SO_REAL)
+	$(Q)ln -sf $(SO_REAL) $(B)/libferry.so.$(ABI) && ln -sf libferry.so.$(ABI) $@
 
 $(B)/ferry: $(CLI_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
@@ -150,7 +161,7 @@ deps:
 	$(Q)./scripts/install-deps.sh
 
 check: deps
-	$(Q)$(MAKE) --no-print-directory all $(B)/ferry-test
+	$(Q)$(MAKE) --no-print-directory all $(B)/ferry-test $(B)/examples/mini-vmm
 	$(Q)./scripts/check.sh $(B)
 
 BENCHES := $(B)/bench-stream $(B)/bench-multifd
@@ -174,9 +185,36 @@ bench: deps all $(BENCHES)
 demo: deps all
 	$(Q)$(B)/ferry demo
 
+# ---- install ----------------------------------------------------------------
+PREFIX  ?= /usr/local
+LIBDIR  := $(PREFIX)/lib
+INCDIR  := $(PREFIX)/include
+install: $(B)/libferry.a $(B)/libferry.so
+	$(Q)install -d $(DESTDIR)$(INCDIR)/ferry $(DESTDIR)$(LIBDIR)/pkgconfig
+	$(Q)install -m 644 include/ferry/*.h $(DESTDIR)$(INCDIR)/ferry/
+	$(Q)install -m 644 $(B)/libferry.a $(DESTDIR)$(LIBDIR)/
+	$(Q)install -m 755 $(B)/$(SO_REAL) $(DESTDIR)$(LIBDIR)/
+	$(Q)ln -sf $(SO_REAL) $(DESTDIR)$(LIBDIR)/libferry.so.$(ABI)
+	$(Q)ln -sf libferry.so.$(ABI) $(DESTDIR)$(LIBDIR)/libferry.so
+	$(Q)sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' \
+		lib/libferry.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/libferry.pc
+	@echo "installed libferry $(VERSION) under $(DESTDIR)$(PREFIX)"
+
+# ---- the example VMM, built as its readers would: against the installed
+# library, through pkg-config (make check runs it) ---------------------------
+EXAMPLE_PREFIX := $(abspath $(B))/install
+$(B)/examples/mini-vmm: examples/mini-vmm.c $(B)/libferry.so $(B)/libferry.a
+	$(Q)$(MAKE) --no-print-directory -s install PREFIX=$(EXAMPLE_PREFIX) DESTDIR=
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@ (pkg-config libferry)")
+	$(Q)PKG_CONFIG_PATH=$(EXAMPLE_PREFIX)/lib/pkgconfig; export PKG_CONFIG_PATH; \
+	$(CC) -std=gnu11 -O2 -g $(WARN) -D_GNU_SOURCE $(if $(SAN),-fsanitize=$(SAN)) \
+		-o $@ $< $$(pkg-config --cflags --libs libferry) \
+		-Wl,-rpath,$(EXAMPLE_PREFIX)/lib
+
 clean:
 	rm -rf build build-*
 
-.PHONY: all check bench demo fuzz fuzz-smoke clean deps
+.PHONY: all check bench demo fuzz fuzz-smoke clean deps install
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)

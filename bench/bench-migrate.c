@@ -161,16 +161,11 @@ static void stat3(const char *label, double *v, int n, const char *unit)
 	       v[n / 2], v[n - 1], unit);
 }
 
-static const char *const phases[] = {
-	"final-sync", "remaining-ram", "device-save", "transfer", "device-load",
-	"resume",
-};
-
 static void bench(const char *backend, uint64_t mem, const char *wl,
 		  bool prealloc, int channels, int runs)
 {
 	double total[MAXRUNS], down[MAXRUNS], tput[MAXRUNS], cs[MAXRUNS],
-	       cd[MAXRUNS], ph[6][MAXRUNS];
+	       cd[MAXRUNS], ph[FERRY_PHASE__MAX][MAXRUNS];
 
 	for (int r = 0; r < runs; r++) {
 		struct vmp s, d;
@@ -215,8 +210,9 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 		tput[r] = (double)geti(json_object_get(m, "ram"), "transferred") /
 			  1048576.0 / (total[r] > 0 ? total[r] / 1000.0 : 1);
 		phj = json_object_get(m, "downtime-phases");
-		for (int i = 0; i < 6; i++)
-			ph[i][r] = json_real_value(json_object_get(phj, phases[i]));
+		for (int i = 0; i < FERRY_PHASE__MAX; i++)
+			ph[i][r] = json_real_value(json_object_get(phj,
+						    ferry_phase_name(i)));
 		json_decref(m);
 		quit(&s);
 		quit(&d);
@@ -227,8 +223,8 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 	       channels > 1 ? "s" : "", runs);
 	stat3("total time", total, runs, "ms");
 	stat3("downtime", down, runs, "ms");
-	for (int i = 0; i < 6; i++)
-		stat3(phases[i], ph[i], runs, "ms");
+	for (int i = 0; i < FERRY_PHASE__MAX; i++)
+		stat3(ferry_phase_name(i), ph[i], runs, "ms");
 	stat3("throughput", tput, runs, "MiB/s");
 	stat3("CPU source", cs, runs, "s");
 	stat3("CPU destination", cd, runs, "s");

@@ -27,6 +27,7 @@
 #include <jansson.h>
 
 #include "ferry/common.h"
+#include "ferry/engine.h"
 #include "ferry/transport.h"
 #include "cli.h"
 #include "control/control.h"
@@ -549,26 +550,27 @@ static void row_ms(FILE *f, const char *name, json_t *o, const char *key)
 
 void migrate_print_stats(FILE *f, json_t *m)
 {
-	static const char *const phases[] = {
-		"final-sync", "remaining-ram", "device-save", "transfer",
-		"device-load", "resume",
-	};
 	json_t *ram = json_object_get(m, "ram");
 	json_t *ph = json_object_get(m, "downtime-phases");
 	const char *e = json_string_value(json_object_get(m, "error-desc"));
+	const char *swo = json_string_value(json_object_get(m, "switchover"));
 	double v, t;
 	char b[32];
 
 	fprintf(f, "  %-22s %s\n", "status", mig_status(m));
+	/* "in-doubt" is the one the operator must act on (error says how). */
+	if (swo && strcmp(swo, "done"))
+		fprintf(f, "  %-22s %s\n", "switchover", swo);
 	if (e)
 		fprintf(f, "  %-22s %s\n", "error", e);
 	if (jnum(m, "total-time", &t))
 		fprintf(f, "  %-22s %.3f s\n", "total time", t / 1000.0);
 	row_ms(f, "downtime", m, "downtime");
 	if (json_is_object(ph)) {
-		for (size_t i = 0; i < sizeof(phases) / sizeof(phases[0]); i++)
-			if (jnum(ph, phases[i], &v))
-				fprintf(f, "    %-20s %8.2f ms\n", phases[i], v);
+		for (int i = 0; i < FERRY_PHASE__MAX; i++)
+			if (jnum(ph, ferry_phase_name(i), &v))
+				fprintf(f, "    %-20s %8.2f ms\n",
+					ferry_phase_name(i), v);
 	}
 	row_ms(f, "setup time", m, "setup-time");
 	row_ms(f, "expected downtime", m, "expected-downtime");

@@ -611,6 +611,7 @@ static void *in_main(void *arg)
 	struct ferry_error err = { 0 };
 	struct ferry_record_io io = { 0 };
 	struct ferry_chan *c = NULL;
+	struct ferry_multifd *mf;
 	enum ferry_switchover swo = FERRY_SWO_NONE;
 	struct ferry_load_opts opts = {
 		.size = sizeof(opts), .on_command = on_command, .opaque = in,
@@ -664,17 +665,22 @@ static void *in_main(void *arg)
 		ferry__ram_set_multifd_provider(m->ram, NULL, NULL);
 		ferry_ram_set_multifd_recv(m->ram, NULL, NULL);
 	}
-	if (in->mf) {
+	/* The receiver leaves the acceptor's hands (a cancel may be using
+	 * it, under acc_lock). */
+	ferry__mutex_lock(&in->acc_lock);
+	mf = in->mf;
+	in->mf = NULL;
+	ferry__mutex_unlock(&in->acc_lock);
+	if (mf) {
 		struct ferry_error me = { 0 };
 
-		if (r && ferry_multifd_error(in->mf, &me) && me.code != -ECANCELED) {
+		if (r && ferry_multifd_error(mf, &me) && me.code != -ECANCELED) {
 			ferry_error_clear(&err);
 			ferry_error_propagate(&err, &me);
 		}
 		if (r)
-			ferry_multifd_cancel(in->mf, r, "the load failed");
-		ferry_multifd_free(in->mf);
-		in->mf = NULL;
+			ferry_multifd_cancel(mf, r, "the load failed");
+		ferry_multifd_free(mf);
 	}
 	if (r) {
 		struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT,
@@ -781,10 +787,14 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	ferry__mutex_lock(&m->lock);
 	old = m->in;
 	m->in = in;
-	memset(&m->in_info, 0, sizeof(m->in_info));
-	m->in_info.size = sizeof(m->in_info);
-	m->in_info.incoming = true;
-	m->in_info.status = old ? FERRY_MIG_FAILED : FERRY_MIG_NONE;
+	{
+		enum ferry_mig_status last = m->in_info.status;
+
+		memset(&m->in_info, 0, sizeof(m->in_info));
+		m->in_info.size = sizeof(m->in_info);
+		m->in_info.incoming = true;
+		m->in_info.status = last;
+	}
 	m->in_t0 = now_ns();
 	ferry__mutex_unlock(&m->lock);
 	mig_in_free(old);
@@ -822,6 +832,7 @@ static void cut_locked(struct mig_in *in)
 int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err)
 {
 	struct mig_in *in;
+	bool cut = false;
 	int r = 0;
 
 	ferry__mutex_lock(&m->lock);
@@ -833,10 +844,18 @@ int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err)
 				"source decides the switchover");
 		else
 			cut_locked(in);
+		cut = !r;
 	}
-	if (!r && in && in->mf)
-		ferry_multifd_cancel(in->mf, -ECANCELED, "cancelled");
 	ferry__mutex_unlock(&m->lock);
+	/* The receiver is the acceptor's (acc_lock); the incoming thread
+	 * frees it only after its own cancel check, under the same lock. */
+	if (cut) {
+		ferry__mutex_lock(&in->acc_lock);
+		if (in->mf)
+			ferry_multifd_cancel(in->mf, -ECANCELED, "cancelled");
+		pthread_cond_broadcast(&in->acc_cond);
+		ferry__mutex_unlock(&in->acc_lock);
+	}
 	return r;
 }
 

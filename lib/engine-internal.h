@@ -98,6 +98,16 @@ void mig_set_status(struct ferry_mig *m, bool incoming,
 /* The same, only if the current status is @from; returns whether it moved. */
 bool mig_move_status(struct ferry_mig *m, bool incoming,
 		     enum ferry_mig_status from, enum ferry_mig_status to);
+/*
+ * Check and move in one step: @check runs under lock (it may change the
+ * side's fields) and returns 0 to move to @to, or anything else to leave
+ * the status alone (returned as is). Events and the caller's own
+ * transitions cannot come in between.
+ */
+int mig_transition_if(struct ferry_mig *m, bool incoming,
+		      enum ferry_mig_status to,
+		      int (*check)(struct ferry_mig *m, struct ferry_error *err),
+		      const char *error, struct ferry_error *err);
 /* Update the switchover field of one side's snapshot (lock inside). */
 void mig_set_switchover(struct ferry_mig *m, bool incoming,
 			enum ferry_switchover s);

@@ -305,10 +305,12 @@ static int hb_start(struct heartbeat *hb, struct ferry_save *s,
 
 	hb->s = s;
 	hb->own_ms = peer_timeout_ms;
+	hb->live = true;  /* before the thread reads its neighbours */
 	e = pthread_create(&hb->thread, NULL, hb_main, hb);
-	if (e)
+	if (e) {
+		hb->live = false;
 		return ferry_error_set(err, -e, "cannot start the heartbeat");
-	hb->live = true;
+	}
 	return 0;
 }
 
@@ -362,18 +364,24 @@ static bool cancelled(struct mig_out *o)
 	return c;
 }
 
+/* Under m->lock, with the transition to cancelling that follows. */
 static int cancel_check(struct ferry_mig *m, struct ferry_error *err)
 {
 	struct mig_out *o = m->out;
 
+	if (!o)
+		return 1;
 	switch (m->out_info.status) {
 	case FERRY_MIG_SETUP:
 	case FERRY_MIG_ACTIVE:
 	case FERRY_MIG_DEVICE:
 		if (o->committing)
-			return ferry_error_set(err, -EBUSY,
+			return ferry_error_set(err, -EBUSY, o->use_rp ?
 				"too late to cancel: the destination has been "
-				"told to run the VM");
+				"told to run the VM" :
+				"too late to cancel: the stream is complete");
+		o->cancel = true;
+		cut_locked(o);
 		return 0;
 	default:
 		return 1;  /* nothing to cancel (QEMU: not an error) */
@@ -393,26 +401,14 @@ static void rp_cut(struct mig_out *o)
 
 int mig_out_cancel(struct ferry_mig *m, struct ferry_error *err)
 {
-	struct ferry_error e = { 0 };
-	int r;
+	/* The check, the cut and the transition happen under one hold of the
+	 * locks, and the migration thread takes the same lock to commit to
+	 * GO: a cancel either comes first (and there is no GO) or is refused;
+	 * and no status of the migration thread can slip in between. */
+	int r = mig_transition_if(m, false, FERRY_MIG_CANCELLING, cancel_check,
+				  "cancelled", err);
 
-	/* The check and the transition happen under one hold of the lock,
-	 * and the migration thread takes the same lock to commit to GO: a
-	 * cancel either comes first (and there is no GO) or is refused. */
-	ferry__mutex_lock(&m->ev_lock);
-	ferry__mutex_lock(&m->lock);
-	r = m->out ? cancel_check(m, &e) : 1;
-	if (!r) {
-		m->out->cancel = true;
-		cut_locked(m->out);
-	}
-	ferry__mutex_unlock(&m->lock);
-	ferry__mutex_unlock(&m->ev_lock);
-	if (!r)
-		mig_set_status(m, false, FERRY_MIG_CANCELLING, "cancelled");
-	if (r < 0)
-		return ferry_error_propagate(err, &e);
-	return 0;
+	return r < 0 ? r : 0;
 }
 
 void mig_out_kill(struct mig_out *o)
@@ -443,10 +439,11 @@ static uint64_t multifd_bytes(struct mig_out *o)
 	return b;
 }
 
-/* Every byte this migration put on any connection. */
+/* Every byte this migration put on any connection (the main stream's
+ * count under the writers' lock: the heartbeat sender writes it too). */
 static uint64_t total_bytes(struct mig_out *o)
 {
-	return (o->c ? ferry_chan_offset(o->c) : 0) + multifd_bytes(o);
+	return (o->s ? ferry__save_offset(o->s) : 0) + multifd_bytes(o);
 }
 
 static void publish(struct mig_out *o)
@@ -650,8 +647,8 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 	struct ferry_mig *m = o->m;
 	struct ferry_mig_info *p = &o->prog;
 	uint64_t bytes0 = total_bytes(o), pass_t0 = now_ns(), pass_b0 = bytes0;
-	uint64_t bw_t0 = pass_t0, bw_b0 = bytes0;
-	uint64_t last_sync = 0, prev_rest = UINT64_MAX, bw = 0;
+	uint64_t bw_t0 = pass_t0, bw_b0 = bytes0, dirty = 0;
+	uint64_t last_sync = 0, prev_rest = 0, bw = 0;
 	unsigned strikes = 0, fit_passes = 0;
 
 	for (;;) {
@@ -669,7 +666,7 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 
 			ferry_ram_get_stats(m->ram, &st);
 			sync = st.dirty_sync_count;
-			p->dirty_pages_rate = st.dirty_pages_last_sync;
+			dirty = st.dirty_pages_last_sync;
 		} else {
 			sync = last_sync + 1;  /* no dirty log: a round is a pass */
 		}
@@ -679,12 +676,15 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 			bool fits, shrinks;
 
 			refresh_live(o);
-			if (!bw || now - bw_t0 >= BW_WINDOW_NS) {
+			/* A window shorter than that says nothing about the
+			 * link: until one is long enough, nothing "fits" but
+			 * an empty rest. */
+			if (now - bw_t0 >= BW_WINDOW_NS) {
 				uint64_t wb = total_bytes(o) - bw_b0;
 
 				if (wb)
 					bw = (uint64_t)((unsigned __int128)wb *
-						1000000000ull / (now - bw_t0 ? now - bw_t0 : 1));
+						1000000000ull / (now - bw_t0));
 				bw_t0 = now;
 				bw_b0 = total_bytes(o);
 			}
@@ -694,11 +694,12 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 			p->bandwidth = bw;
 			p->mbps = (double)sent * 8 / 1e6 / ((double)dt / 1e9);
 			p->dirty_pages_rate = (uint64_t)((unsigned __int128)
-				p->dirty_pages_rate * 1000000000ull / dt);
+				dirty * 1000000000ull / dt);
 			p->expected_downtime_ms = avail ? rest * 1000 / avail : 0;
 			fits = !rest || (avail && p->expected_downtime_ms <=
 					 o->set.downtime_limit_ms);
-			shrinks = rest * 100 < prev_rest * SHRINK_PCT;
+			shrinks = !last_sync ||
+				  rest * 100 < prev_rest * SHRINK_PCT;
 			mig_trace(m, "pass %llu: rest %llu bytes, %llu bytes/s over "
 				  "every channel, expected downtime %llu ms%s%s",
 				  (unsigned long long)p->pass,
@@ -942,7 +943,14 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 	o->prog.downtime_bytes = total_bytes(o) - bytes_before;
 	publish(o);
 	if (!o->use_rp) {
-		/* No one to ask: the stream is complete, the VM is theirs. */
+		/* No one to ask: the complete stream is the verdict, unless a
+		 * cancel came first. */
+		ferry__mutex_lock(&m->lock);
+		abort_go = o->cancel;
+		o->committing = !abort_go;
+		ferry__mutex_unlock(&m->lock);
+		if (abort_go)
+			return ferry_error_set(err, -ECANCELED, "cancelled");
 		o->completed = true;
 		account_downtime(o);
 		return 0;
@@ -1022,7 +1030,7 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	/* The last figures, while the channels (which count the RAM pages
 	 * they carried) still exist. */
 	publish(o);
-	if (r && o->rp.live && !o->committed) {
+	if (r && o->rp.live && !o->committed && !cancelled(o)) {
 		/* A write error is often the echo of the destination giving
 		 * up (its SHUT says why), and a failure of ours after the
 		 * return path broke is its consequence: report the root
@@ -1037,8 +1045,7 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 		while (!o->rp.done && mig_cond_wait_until(&o->rp.cond, &o->rp.lock,
 				now_ns() + 1000 * 1000000ull))
 			;
-		if (rp_failure_locked(&o->rp, &dest) && (o->rp.shut || by_rp) &&
-		    !cancelled(o)) {
+		if (rp_failure_locked(&o->rp, &dest) && (o->rp.shut || by_rp)) {
 			ferry_error_clear(err);
 			ferry_error_propagate(err, &dest);
 		}
@@ -1102,12 +1109,15 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	ferry__mutex_unlock(&m->lock);
 	if (!r) {
 		st = FERRY_MIG_COMPLETED;
+	} else if (was_cancel && !o->committed) {
+		/* Whatever broke on the way down was the cancel's doing. */
+		snprintf(msg, sizeof(msg), "cancelled");
+		st = FERRY_MIG_CANCELLED;
 	} else {
 		snprintf(msg, sizeof(msg), "%s", err->msg[0] ? err->msg
 							     : strerror(-r));
 		mig_trace(m, "migration to %s failed: %s", o->uri, msg);
-		st = was_cancel && !o->committed ? FERRY_MIG_CANCELLED
-						 : FERRY_MIG_FAILED;
+		st = FERRY_MIG_FAILED;
 	}
 	mig_set_status(m, false, st, r ? msg : NULL);
 }
@@ -1179,9 +1189,14 @@ int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	old = m->out;
 	m->out = o;
 	m->out_used = true;
-	memset(&m->out_info, 0, sizeof(m->out_info));
-	m->out_info.size = sizeof(m->out_info);
-	m->out_info.status = old ? FERRY_MIG_COMPLETED : FERRY_MIG_NONE;
+	{
+		/* Fresh figures; the status moves on from the last one. */
+		enum ferry_mig_status last = m->out_info.status;
+
+		memset(&m->out_info, 0, sizeof(m->out_info));
+		m->out_info.size = sizeof(m->out_info);
+		m->out_info.status = last;
+	}
 	m->out_t0 = o->t_start = now_ns();
 	ferry__mutex_unlock(&m->lock);
 	mig_out_free(old);

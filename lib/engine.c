@@ -236,6 +236,32 @@ bool mig_move_status(struct ferry_mig *m, bool incoming,
 	return set_status(m, incoming, (int)from, to, NULL);
 }
 
+int mig_transition_if(struct ferry_mig *m, bool incoming,
+		      enum ferry_mig_status to,
+		      int (*check)(struct ferry_mig *m, struct ferry_error *err),
+		      const char *error, struct ferry_error *err)
+{
+	struct ferry_mig_event ev;
+	int r;
+
+	ferry__mutex_lock(&m->ev_lock);
+	ferry__mutex_lock(&m->lock);
+	r = check(m, err);
+	if (!r)
+		transition_locked(m, incoming, -1, to, error, &ev);
+	ferry__mutex_unlock(&m->lock);
+	if (!r) {
+		mig_trace(m, "%s migration: %s -> %s",
+			  incoming ? "incoming" : "outgoing",
+			  ferry_mig_status_name(ev.from),
+			  ferry_mig_status_name(ev.to));
+		if (m->ops.event)
+			m->ops.event(m->opaque, &ev);
+	}
+	ferry__mutex_unlock(&m->ev_lock);
+	return r;
+}
+
 void mig_set_switchover(struct ferry_mig *m, bool incoming,
 			enum ferry_switchover s)
 {

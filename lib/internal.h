@@ -100,6 +100,8 @@ void ferry__fill_sized(void *dst, const void *src, size_t src_size);
 /* Heartbeat: a HEARTBEAT command, flushed, if nothing was written for
  * @idle_ns. Never waits for a busy writer. 0 or -errno. Any thread. */
 int ferry__save_heartbeat(struct ferry_save *s, uint64_t idle_ns);
+/* Bytes written to the stream so far (under the writers' lock). */
+uint64_t ferry__save_offset(struct ferry_save *s);
 /* Bound every later write of the stream (ferry_chan_set_timeout), under
  * the writers' lock. */
 void ferry__save_set_timeout(struct ferry_save *s, int timeout_ms);

@@ -289,8 +289,11 @@ void ferry_ram_mark_dirty(struct ferry_ram *ram, unsigned block,
 	last = (offset + len - 1) / b->page_size;
 	for (uint64_t p = first; p <= last; p++) {
 		uint64_t bit = 1ull << (p % WORD_BITS);
+		/* Release: the caller's writes to the page happen before the
+		 * bit is seen set, which the sender's acquiring exchange pairs
+		 * with, so it never copies the page older than the mark. */
 		uint64_t old = __atomic_fetch_or(&b->bitmap[p / WORD_BITS], bit,
-						 __ATOMIC_RELAXED);
+						 __ATOMIC_RELEASE);
 		if (!(old & bit)) {
 			__atomic_fetch_add(&ram->dirty_pages, 1, __ATOMIC_RELAXED);
 			__atomic_fetch_add(&ram->dirty_bytes, b->page_size,
@@ -536,8 +539,6 @@ static int ram_save_setup(struct ferry_chan *c, void *opaque,
 	ram->last_sent_block = UINT32_MAX;
 	ram->mf_unsynced = false;
 	ram->iterated = false;
-	__atomic_store_n(&ram->dirty_pages, 0, __ATOMIC_RELAXED);
-	__atomic_store_n(&ram->dirty_bytes, 0, __ATOMIC_RELAXED);
 	/* Track first, then look: see the design note at the top. */
 	if (ram->ops && ram->ops->start) {
 		r = ram->ops->start(ram->opaque, err);
@@ -549,7 +550,20 @@ static int ram_save_setup(struct ferry_chan *c, void *opaque,
 		struct ram_block *b = &ram->blocks[i];
 		uint64_t n = words_for(b->npages), found = 0;
 
-		memset(b->bitmap, 0, n * sizeof(uint64_t));
+		/* VMM threads may mark pages dirty right now: clear word by
+		 * word and count what was cleared, so the counters always
+		 * match the bits (a reset to zero beside a concurrent mark
+		 * would let them wrap below zero). A mark lost here is of a
+		 * page written before the look below, which finds it. */
+		for (uint64_t w = 0; w < n; w++) {
+			uint64_t old = __atomic_exchange_n(&b->bitmap[w], 0,
+							   __ATOMIC_ACQ_REL);
+			uint64_t k = (uint64_t)__builtin_popcountll(old);
+
+			__atomic_fetch_sub(&ram->dirty_pages, k, __ATOMIC_RELAXED);
+			__atomic_fetch_sub(&ram->dirty_bytes, k * b->page_size,
+					   __ATOMIC_RELAXED);
+		}
 		if (ram->ops && ram->ops->populated) {
 			memset(b->scratch, 0, n * sizeof(uint64_t));
 			r = ram->ops->populated(ram->opaque, i, b->scratch, err);

@@ -406,7 +406,7 @@ void ferry_save_get_stats(struct ferry_save *s, struct ferry_save_stats *st)
 	struct ferry_save_stats now = s->stats;
 
 	now.size = sizeof(now);
-	now.bytes = ferry_chan_offset(s->io.chan);
+	now.bytes = ferry__save_offset(s);
 	ferry__fill_sized(st, &now, sizeof(now));
 }
 
@@ -472,6 +472,16 @@ int ferry__save_heartbeat(struct ferry_save *s, uint64_t idle_ns)
 	}
 	ferry__mutex_unlock(&s->out_lock);
 	return r;
+}
+
+uint64_t ferry__save_offset(struct ferry_save *s)
+{
+	uint64_t off;
+
+	ferry__mutex_lock(&s->out_lock);
+	off = ferry_chan_offset(s->io.chan);
+	ferry__mutex_unlock(&s->out_lock);
+	return off;
 }
 
 void ferry__save_set_timeout(struct ferry_save *s, int timeout_ms)

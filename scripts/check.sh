@@ -7,6 +7,8 @@ B=${1:-build}
 [ $# -gt 0 ] && shift
 cd "$(dirname "$0")/.." || exit 1
 export FERRY_BIN="$PWD/$B/ferry"
+# The example VMM, built against the installed library (make check builds it).
+[ -x "$B/examples/mini-vmm" ] && export FERRY_EXAMPLE_BIN="$PWD/$B/examples/mini-vmm"
 if command -v clang >/dev/null 2>&1 && make --no-print-directory -s "$B/fuzz-load" >/dev/null 2>"$B/fuzz-build.log"; then
 	export FERRY_FUZZ_BIN="$PWD/$B/fuzz-load"
 else

@@ -240,6 +240,9 @@ X(multifd_flush_without_channels, 10)
 X(multifd_channel_killed, 30)
 X(multifd_prepopulate_ranges, 30)
 X(ram_prepopulate_main_stream, 20)
+/* ---- the example VMM against the installed library (tests/e2e/test-example.c) ---- */
+X(example_mini_vmm_migrates, 120)
+X(example_links_libferry_so_1, 20)
 /* ---- ferry migrate / ferry demo (tests/e2e/test-migrate-cli.c) ---- */
 X(migrate_cli_usage, 20)
 X(migrate_cli_no_socket, 20)

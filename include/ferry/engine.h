@@ -137,8 +137,9 @@ struct ferry_mig_event {
 
 /*
  * Every hook returns 0 or -errno with @err filled (or nothing, where it has
- * no return value). The engine never holds one of its locks while it calls
- * a hook, so a hook may call ferry_mig_query. Hooks marked optional may be
+ * no return value). The engine holds none of its locks while it calls a
+ * hook - except the event hook, called under the lock that keeps events in
+ * order - so a hook may call ferry_mig_query. Hooks marked optional may be
  * NULL. Growing this struct: set .size = sizeof(struct ferry_vmm_ops); a
  * library newer than the caller treats hooks past .size as NULL.
  */
@@ -197,7 +198,8 @@ struct ferry_vmm_ops {
 struct ferry_mig_config {
 	size_t size;                     /* sizeof(struct ferry_mig_config) */
 	struct ferry_ctx *ctx;           /* required; must outlive the engine */
-	struct ferry_ram *ram;           /* optional: RAM registered in ctx */
+	struct ferry_ram *ram;           /* optional: RAM registered in ctx;
+					    without it, no multifd */
 	const struct ferry_vmm_ops *ops; /* required; copied */
 	void *opaque;                    /* passed to every hook */
 	/* Destination: run the VM once it is ours (QEMU without -S). */
@@ -286,7 +288,8 @@ FERRY_API const char *ferry_mig_incoming_uri(struct ferry_mig *m, char *buf,
 FERRY_API int ferry_mig_cancel(struct ferry_mig *m, struct ferry_error *err);
 
 /* Wait until the current migration (outgoing, else incoming) reaches a
- * terminal status; -ETIMEDOUT after @timeout_ms (-1: no limit). */
+ * terminal status; -ETIMEDOUT after @timeout_ms (-1: no limit). The event
+ * hook for that status may still be running when this returns. */
 FERRY_API int ferry_mig_wait(struct ferry_mig *m, int timeout_ms);
 
 /* ---- statistics ------------------------------------------------------------ */

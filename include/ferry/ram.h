@@ -126,7 +126,10 @@ FERRY_API void ferry_ram_free(struct ferry_ram *ram);
 FERRY_API int ferry_ram_register(struct ferry_ram *ram, struct ferry_ctx *ctx,
 				 struct ferry_error *err);
 
-/* Mark [offset, offset+len) of block @block dirty (VMM writes). Any thread. */
+/* Mark [offset, offset+len) of block @block dirty (VMM writes). Any thread.
+ * Call it after writing the memory: the mark is published with release
+ * order, and the migration clears a page's bit before copying the page, so
+ * a write is always either in the copy or marked again. */
 FERRY_API void ferry_ram_mark_dirty(struct ferry_ram *ram, unsigned block,
 				    uint64_t offset, uint64_t len);
 

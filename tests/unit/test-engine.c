@@ -132,7 +132,7 @@ TEST(engine_live_resume_dest)
 	ASSERT(is.phase_ms[FERRY_PHASE_RESUME] > 0);
 	ASSERT(is.phase_ms[FERRY_PHASE_HANDSHAKE] > 0);
 	/* It carries on from where the source stopped. */
-	ASSERT_GE(d.dev.pages, s.dev.pages);
+	ASSERT_GE(__atomic_load_n(&d.dev.pages, __ATOMIC_ACQUIRE), s.dev.pages);
 	minivm_wait_pages(&d, 1000);
 	minivm_park(&d);
 	ASSERT_EQ_U64(minivm_verify(&d), 0);
