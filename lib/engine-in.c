@@ -87,6 +87,11 @@ struct mig_in {
 	/* Load thread only. */
 	struct ferry_load_stats stats;
 	uint32_t version;
+	/* A lose-* fault: act as if the network between us failed - say
+	 * nothing more, and keep the connection (held_fd) until freed, so
+	 * the peer sees silence, not a close. */
+	bool partitioned;
+	int held_fd;
 };
 
 static uint64_t now_ns(void)
@@ -597,10 +602,12 @@ static int handshake(struct mig_in *in, struct ferry_record_io *io,
 		msg.status = (uint32_t)-r;
 		snprintf(msg.reason, sizeof(msg.reason), "%.250s", err->msg);
 	}
-	if (mig_fault_take(m, FAULT_LOSE_ACK))
+	if (mig_fault_take(m, FAULT_LOSE_ACK)) {
 		rp_silence(in);
-	else
+		in->partitioned = true;
+	} else {
 		rp_send(in, &msg, NULL);  /* the VM is ours either way */
+	}
 	return r;
 }
 
@@ -709,13 +716,16 @@ static void *in_main(void *arg)
 	}
 out:
 	acc_stop(in);
-	rp_close(in);
+	if (!in->partitioned)
+		rp_close(in);
 	ferry_record_io_release(&io);
 	ferry_chan_free(c);
 	ferry__mutex_lock(&m->lock);
 	in->fd = -1;
 	ferry__mutex_unlock(&m->lock);
-	if (fd >= 0)
+	if (in->partitioned)
+		in->held_fd = fd;
+	else if (fd >= 0)
 		close(fd);
 	ferry_listener_close(in->l);
 	in->l = NULL;
@@ -744,6 +754,7 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	in->m = m;
 	in->fd = -1;
+	in->held_fd = -1;
 	in->main_fd = -1;
 	in->wake[0] = in->wake[1] = -1;
 	pthread_mutex_init(&in->acc_lock, NULL);
@@ -878,6 +889,9 @@ void mig_in_free(struct mig_in *in)
 	if (in->thread_started)
 		pthread_join(in->thread, NULL);
 	acc_stop(in);
+	rp_close(in);
+	if (in->held_fd >= 0)
+		close(in->held_fd);
 	if (in->main_fd >= 0)
 		close(in->main_fd);
 	ferry_multifd_free(in->mf);

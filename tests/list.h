@@ -77,6 +77,7 @@ X(engine_two_pairs_concurrently, 90)
 X(engine_settings, 60)
 X(engine_versioned_structs, 20)
 X(engine_rate_limit_math, 10)
+X(engine_timed_wait_precision, 10)
 /* ---- hostile input (tests/unit/test-hostile.c) ---- */
 X(hostile_every_truncation, 60)
 X(hostile_byte_flips, 60)
