@@ -184,10 +184,12 @@ static int rp_open(struct mig_in *in, uint32_t src_ms,
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	}
 	in->src_ms = src_ms;
+	in->hb_live = true;  /* before the thread reads its neighbours */
 	e = pthread_create(&in->hb_thread, NULL, hb_main, in);
-	if (e)
+	if (e) {
+		in->hb_live = false;
 		return ferry_error_set(err, -e, "cannot start the heartbeat");
-	in->hb_live = true;
+	}
 	return 0;
 }
 

@@ -730,7 +730,10 @@ static int send_dirty(struct ferry_ram *ram, struct ferry_chan *c,
 		}
 		ram->cur_block++;
 		ram->cur_page = 0;
-		if (budget && sent >= budget)
+		/* A budget used up on the last word of the last block still
+		 * ends the round here: left for the next call, the round's
+		 * end would come as an empty walk after the next sync. */
+		if (budget && sent >= budget && ram->cur_block < ram->nblocks)
 			goto out;
 	}
 	/* End of the bitmaps: the round is complete. */

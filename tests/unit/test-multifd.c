@@ -589,8 +589,21 @@ static size_t hs(uint8_t *b, const uint8_t *session, uint32_t id, uint32_t nch,
 	return 64;
 }
 
-/* A RAM packet; the check is XXH3-64 seeded with the channel id over
- * header bytes 0..39, the offsets and the payload. */
+/* Put the check into the @n-byte packet at @b: XXH3-64 seeded with the
+ * channel id over header bytes 0..39, then everything after the header. */
+static size_t seal(uint8_t *b, uint32_t chan, size_t n)
+{
+	XXH3_state_t *x = XXH3_createState();
+
+	XXH3_64bits_reset_withSeed(x, chan);
+	XXH3_64bits_update(x, b, 40);
+	XXH3_64bits_update(x, b + 48, n - 48);
+	be64(b + 40, XXH3_64bits_digest(x));
+	XXH3_freeState(x);
+	return n;
+}
+
+/* A RAM packet: offsets, then the payload. */
 static size_t pkt(uint8_t *b, uint32_t chan, uint32_t flags, uint32_t block,
 		  uint64_t num, uint32_t nn, uint32_t nz, const uint64_t *offs,
 		  const void *payload, uint32_t plen)
@@ -611,15 +624,7 @@ static size_t pkt(uint8_t *b, uint32_t chan, uint32_t flags, uint32_t block,
 	if (plen)
 		memcpy(b + n, payload, plen);
 	n += plen;
-	{
-		XXH3_state_t *x = XXH3_createState();
-		XXH3_64bits_reset_withSeed(x, chan);
-		XXH3_64bits_update(x, b, 40);
-		XXH3_64bits_update(x, b + 48, n - 48);
-		be64(b + 40, XXH3_64bits_digest(x));
-		XXH3_freeState(x);
-	}
-	return n;
+	return seal(b, chan, n);
 }
 
 /* A DEVICE_STATE packet: the header's block field is the instance, its
@@ -644,15 +649,7 @@ static size_t dspkt(uint8_t *b, uint32_t chan, uint64_t num, const char *idstr,
 	if (len)
 		memcpy(b + n, data, len);
 	n += len;
-	{
-		XXH3_state_t *x = XXH3_createState();
-		XXH3_64bits_reset_withSeed(x, chan);
-		XXH3_64bits_update(x, b, 40);
-		XXH3_64bits_update(x, b + 48, n - 48);
-		be64(b + 40, XXH3_64bits_digest(x));
-		XXH3_freeState(x);
-	}
-	return n;
+	return seal(b, chan, n);
 }
 
 static void put_all(int fd, const void *buf, size_t len)
