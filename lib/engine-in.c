@@ -269,7 +269,9 @@ static struct ferry_multifd *provide_receiver(void *opaque, unsigned channels,
 	return mf;
 }
 
-enum verdict { WAIT, DONE };
+/* DONE: @fd is dealt with. WAIT: nothing yet. PARTIAL: some of its first
+ * bytes came, not all (it stays readable: poll cannot wait on it). */
+enum verdict { DONE, WAIT, PARTIAL };
 
 /* What is this connection? Consumes @fd when it returns DONE. */
 static enum verdict classify(struct mig_in *in, int fd)
@@ -280,7 +282,7 @@ static enum verdict classify(struct mig_in *in, int fd)
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return WAIT;
 	if (n > 0 && n < 4)
-		return WAIT;
+		return PARTIAL;
 	if (n == 4 && be32_at(hs) == FERRY_STREAM_MAGIC) {
 		ferry__mutex_lock(&in->acc_lock);
 		if (in->main_fd < 0 && !in->main_taken) {
@@ -298,9 +300,10 @@ static enum verdict classify(struct mig_in *in, int fd)
 		struct ferry_multifd *mf;
 
 		n = recv(fd, hs, sizeof(hs), MSG_PEEK | MSG_DONTWAIT);
-		if ((n < 0 && (errno == EAGAIN || errno == EINTR)) ||
-		    (n > 0 && n < (ssize_t)sizeof(hs)))
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return WAIT;
+		if (n > 0 && n < (ssize_t)sizeof(hs))
+			return PARTIAL;
 		if (n == (ssize_t)sizeof(hs)) {
 			/* Bounds and the handshake's own check are the
 			 * receiver's job; the count only sizes it. */
@@ -324,9 +327,15 @@ static enum verdict classify(struct mig_in *in, int fd)
 	return DONE;
 }
 
+/* How often a connection that sent only part of its first bytes is
+ * looked at again. */
+#define ACC_PARTIAL_NS 10000000ull
+
 struct pending {
 	int fd;
 	uint64_t deadline;
+	bool partial;
+	int slot;                       /* its pollfd, or -1 */
 };
 
 static void *acc_main(void *arg)
@@ -355,6 +364,8 @@ static void *acc_main(void *arg)
 			}
 			if (p[i].deadline < next)
 				next = p[i].deadline;
+			if (p[i].partial && now + ACC_PARTIAL_NS < next)
+				next = now + ACC_PARTIAL_NS;
 			i++;
 		}
 		pf[k++] = (struct pollfd){ .fd = in->wake[0], .events = POLLIN };
@@ -362,33 +373,46 @@ static void *acc_main(void *arg)
 		if (n < ACC_MAX_PENDING)
 			pf[k++] = (struct pollfd){ .fd = ferry_listener_fd(in->l),
 						   .events = POLLIN };
-		for (unsigned i = 0; i < n; i++)
-			pf[k + i] = (struct pollfd){ .fd = p[i].fd, .events = POLLIN };
+		for (unsigned i = 0; i < n; i++) {
+			p[i].slot = -1;
+			if (!p[i].partial) {
+				p[i].slot = (int)k;
+				pf[k++] = (struct pollfd){ .fd = p[i].fd,
+							   .events = POLLIN };
+			}
+		}
 		timeout = next == UINT64_MAX ? -1
 			: (int)((next - now + 999999) / 1000000);
-		pr = poll(pf, k + n, timeout);
+		pr = poll(pf, k, timeout);
 		if (pr < 0 && errno != EINTR)
 			break;
-		if (pr <= 0)
-			continue;
-		if (pf[0].revents)
+		if (pr > 0 && pf[0].revents)
 			break;
 		polled = n;
-		if (k == 2 && pf[1].revents) {
+		if (pr > 0 && n < ACC_MAX_PENDING && pf[1].revents) {
 			struct ferry_error err = { 0 };
 			int fd = ferry_listener_accept(in->l, 0, &err);
 
 			if (fd >= 0)
-				p[n++] = (struct pending){ fd, now_ns() + patience };
+				p[n++] = (struct pending){ fd, now_ns() + patience,
+							   false, -1 };
 			else if (fd != -ETIMEDOUT && fd != -EAGAIN &&
 				 fd != -EINTR && fd != -ECONNABORTED)
 				mig_trace(in->m, "accept: %s", err.msg);
 		}
 		/* Backwards, so that moving the last entry into a finished
 		 * one's place only moves entries already looked at. */
-		for (unsigned i = polled; i-- > 0;)
-			if (pf[k + i].revents && classify(in, p[i].fd) == DONE)
+		for (unsigned i = polled; i-- > 0;) {
+			enum verdict v;
+
+			if (!p[i].partial && (p[i].slot < 0 || !pf[p[i].slot].revents))
+				continue;
+			v = classify(in, p[i].fd);
+			if (v == DONE)
 				p[i] = p[--n];
+			else
+				p[i].partial = v == PARTIAL;
+		}
 	}
 	for (unsigned i = 0; i < n; i++)
 		close(p[i].fd);
