@@ -113,16 +113,20 @@ static void *vcpu_main(void *opaque)
 
 	pthread_mutex_lock(&vm->lock);
 	while (!vm->quit) {
-		uint64_t n = vm->dev.pages_written;
-		uint64_t p = n % vm->ws_pages, gen = n / vm->ws_pages + 1;
+		uint64_t n, p, gen;
 
-		/* The vCPU parks here only: between two pages. */
+		/* The vCPU parks here only: between two pages. A parked vCPU
+		 * does not look at the device either: on the destination the
+		 * engine is loading it. */
 		vm->parked = !vm->run;
 		if (vm->parked) {
 			pthread_cond_broadcast(&vm->cond);
 			pthread_cond_wait(&vm->cond, &vm->lock);
 			continue;
 		}
+		n = vm->dev.pages_written;
+		p = n % vm->ws_pages;
+		gen = n / vm->ws_pages + 1;
 		pthread_mutex_unlock(&vm->lock);
 		/* A real vCPU leaves guest mode now and then (exits, halts).
 		 * Ours never would: yielding every 64 pages (~100 us) keeps

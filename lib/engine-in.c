@@ -85,6 +85,7 @@ struct mig_in {
 	bool hb_live;                   /* incoming thread */
 
 	/* Load thread only. */
+	struct ferry_chan *main_chan;   /* the stream, while it is read */
 	struct ferry_load_stats stats;
 	uint32_t version;
 	/* A lose-* fault: act as if the network between us failed - say
@@ -184,6 +185,12 @@ static int rp_open(struct mig_in *in, uint32_t src_ms,
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	}
 	in->src_ms = src_ms;
+	/* The source now sends a heartbeat whenever its stream is idle:
+	 * silence this long means it is gone or stalled. (A version-1 source
+	 * says nothing of heartbeats: then there is no read timeout.) */
+	if (src_ms)
+		ferry_chan_set_timeout(in->main_chan,
+				       (int)in->set.peer_timeout_ms);
 	in->hb_live = true;  /* before the thread reads its neighbours */
 	e = pthread_create(&in->hb_thread, NULL, hb_main, in);
 	if (e) {
@@ -567,11 +574,18 @@ static int handshake(struct mig_in *in, struct ferry_record_io *io,
 	struct timespec rt;
 	int r;
 
+	bool cancel;
+
 	shut_values(in, &msg);
 	msg.values[FERRY_SHUT_T_LOADED] = now_ns();
+	/* From LOADED on the VM is held for the source's verdict: a cancel
+	 * is refused, so one that came first wins here. */
 	ferry__mutex_lock(&m->lock);
-	in->loaded_sent = true;
+	cancel = in->cancel;
+	in->loaded_sent = !cancel;
 	ferry__mutex_unlock(&m->lock);
+	if (cancel)
+		return ferry_error_set(err, -ECANCELED, "cancelled");
 	if (mig_fault_take(m, FAULT_LOSE_LOADED))
 		rp_silence(in);
 	else if ((r = rp_send(in, &msg, err)))
@@ -664,6 +678,10 @@ static void *in_main(void *arg)
 		r = fd;
 		goto out;
 	}
+	/* Without a return path there are no heartbeats to go by: a dead
+	 * link is noticed by TCP, within about peer-timeout. */
+	if (socket)
+		mig_socket_keepalive(fd, in->set.peer_timeout_ms);
 	ferry__mutex_lock(&m->lock);
 	in->fd = fd;
 	if (in->cancel)
@@ -678,10 +696,9 @@ static void *in_main(void *arg)
 		r = ferry_error_set(&err, -ENOMEM, "out of memory");
 		goto out;
 	}
-	/* The source sends a heartbeat whenever its stream is idle: silence
-	 * this long means it is gone or stalled. */
-	if (socket)
-		ferry_chan_set_timeout(c, (int)in->set.peer_timeout_ms);
+	/* The read timeout comes with the return path (rp_open): only then
+	 * does the source send heartbeats whenever its stream is idle. */
+	in->main_chan = c;
 	io.chan = c;
 	if (m->ram)
 		ferry__ram_set_multifd_provider(m->ram, provide_receiver, in);
@@ -760,8 +777,13 @@ out:
 	if (r) {
 		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-r));
 		mig_trace(m, "%s", msg);
-		mig_set_status(m, true, r == -ECANCELED && cancelled(in) ?
-			       FERRY_MIG_CANCELLED : FERRY_MIG_FAILED, msg);
+		/* A cancel before LOADED ends cancelled, whatever broke on
+		 * the way down because of it. */
+		bool by_cancel = cancelled(in) && swo == FERRY_SWO_NONE;
+
+		mig_set_status(m, true, by_cancel ? FERRY_MIG_CANCELLED
+						  : FERRY_MIG_FAILED,
+			       by_cancel ? "cancelled" : msg);
 	} else {
 		mig_set_status(m, true, FERRY_MIG_COMPLETED, NULL);
 	}
@@ -770,9 +792,45 @@ out:
 
 /* ---- start, cancel, free -------------------------------------------------------- */
 
+static bool busy_locked(struct ferry_mig *m, struct ferry_error *err)
+{
+	if ((m->in && mig_status_live(m->in_info.status)) ||
+	    (m->out && mig_status_live(m->out_info.status)) || m->freeing) {
+		ferry_error_set(err, -EBUSY, "a migration is already set up");
+		return true;
+	}
+	return false;
+}
+
+struct start {
+	struct mig_in *in;
+	struct mig_in *old;             /* the previous one, to free */
+};
+
+/* Under the engine's locks, with the move to setup that follows. */
+static int start_check(struct ferry_mig *m, void *arg, struct ferry_error *err)
+{
+	struct start *st = arg;
+	enum ferry_mig_status last = m->in_info.status;
+
+	if (busy_locked(m, err))
+		return -EBUSY;
+	st->old = m->in;
+	m->in = st->in;
+	m->out_used = false;   /* query and wait follow this side now */
+	memset(&m->in_info, 0, sizeof(m->in_info));
+	m->in_info.size = sizeof(m->in_info);
+	m->in_info.incoming = true;
+	m->in_info.status = last;
+	m->in_t0 = now_ns();
+	return 0;
+}
+
 int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 {
-	struct mig_in *in, *old = NULL;
+	struct start st = { 0 };
+	struct mig_in *in;
+	bool busy;
 	int e;
 
 	in = calloc(1, sizeof(*in));
@@ -796,17 +854,16 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 		return e;
 	}
 	snprintf(in->uri, sizeof(in->uri), "%s", uri);
-
+	/* A first look, so a busy engine does not even bind; the real
+	 * check is start_check's. */
 	ferry__mutex_lock(&m->lock);
-	if ((m->in && mig_status_live(m->in_info.status)) ||
-	    (m->out && mig_status_live(m->out_info.status)) || m->freeing) {
-		ferry__mutex_unlock(&m->lock);
-		mig_in_free(in);
-		return ferry_error_set(err, -EBUSY,
-				       "a migration is already set up");
-	}
+	busy = busy_locked(m, err);
 	in->set = m->set;
 	ferry__mutex_unlock(&m->lock);
+	if (busy) {
+		mig_in_free(in);
+		return -EBUSY;
+	}
 	/* Like QEMU's: when this returns, the port accepts. */
 	if (ferry_uri_is_socket(&in->u)) {
 		in->l = ferry_transport_listen(uri, err);
@@ -821,25 +878,21 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 			return e;
 		}
 	}
-	ferry__mutex_lock(&m->lock);
-	old = m->in;
-	m->in = in;
-	{
-		enum ferry_mig_status last = m->in_info.status;
-
-		memset(&m->in_info, 0, sizeof(m->in_info));
-		m->in_info.size = sizeof(m->in_info);
-		m->in_info.incoming = true;
-		m->in_info.status = last;
+	st.in = in;
+	e = mig_transition_if(m, true, FERRY_MIG_SETUP, start_check, &st, NULL,
+			      err);
+	if (e) {
+		mig_in_free(in);
+		return e;
 	}
-	m->in_t0 = now_ns();
-	ferry__mutex_unlock(&m->lock);
-	mig_in_free(old);
-	mig_set_status(m, true, FERRY_MIG_SETUP, NULL);
+	mig_in_free(st.old);
 	if (in->l)
 		mig_trace(m, "waiting for the migration on %s", in->listen_uri);
+	/* Set before the thread exists (see mig_out_start). */
+	in->thread_started = true;
 	e = pthread_create(&in->thread, NULL, in_main, in);
 	if (e) {
+		in->thread_started = false;
 		ferry__mutex_lock(&m->lock);
 		in->cancel = true;
 		ferry__mutex_unlock(&m->lock);
@@ -849,7 +902,6 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 		return ferry_error_set(err, -e, "cannot start the incoming "
 				       "thread");
 	}
-	in->thread_started = true;
 	return 0;
 }
 
@@ -869,30 +921,28 @@ static void cut_locked(struct mig_in *in)
 int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err)
 {
 	struct mig_in *in;
-	bool cut = false;
 	int r = 0;
 
 	ferry__mutex_lock(&m->lock);
 	in = m->in;
 	if (in && mig_status_live(m->in_info.status)) {
-		if (in->loaded_sent)
+		if (in->loaded_sent) {
 			r = ferry_error_set(err, -EBUSY,
 				"too late to cancel: the VM is loaded and the "
 				"source decides the switchover");
-		else
+		} else {
 			cut_locked(in);
-		cut = !r;
+			/* The receiver is the acceptor's (acc_lock, taken
+			 * inside the engine lock, which pins @in). */
+			ferry__mutex_lock(&in->acc_lock);
+			if (in->mf)
+				ferry_multifd_cancel(in->mf, -ECANCELED,
+						     "cancelled");
+			pthread_cond_broadcast(&in->acc_cond);
+			ferry__mutex_unlock(&in->acc_lock);
+		}
 	}
 	ferry__mutex_unlock(&m->lock);
-	/* The receiver is the acceptor's (acc_lock); the incoming thread
-	 * frees it only after its own cancel check, under the same lock. */
-	if (cut) {
-		ferry__mutex_lock(&in->acc_lock);
-		if (in->mf)
-			ferry_multifd_cancel(in->mf, -ECANCELED, "cancelled");
-		pthread_cond_broadcast(&in->acc_cond);
-		ferry__mutex_unlock(&in->acc_lock);
-	}
 	return r;
 }
 

@@ -81,7 +81,8 @@ struct ferry_mig {
 	/* Published snapshots (lock): each side writes its own. */
 	struct ferry_mig_info out_info, in_info;
 	uint64_t out_t0, in_t0;        /* lock: CLOCK_MONOTONIC ns at start */
-	bool out_used;                 /* lock: an outgoing migration ran */
+	bool out_used;                 /* lock: the side started last is the
+					  outgoing one (query, wait) */
 };
 
 /* Trace a line through ops.trace (no lock needed). */
@@ -106,8 +107,9 @@ bool mig_move_status(struct ferry_mig *m, bool incoming,
  */
 int mig_transition_if(struct ferry_mig *m, bool incoming,
 		      enum ferry_mig_status to,
-		      int (*check)(struct ferry_mig *m, struct ferry_error *err),
-		      const char *error, struct ferry_error *err);
+		      int (*check)(struct ferry_mig *m, void *arg,
+				   struct ferry_error *err),
+		      void *arg, const char *error, struct ferry_error *err);
 /* Update the switchover field of one side's snapshot (lock inside). */
 void mig_set_switchover(struct ferry_mig *m, bool incoming,
 			enum ferry_switchover s);
@@ -128,6 +130,11 @@ bool mig_cond_wait_until(pthread_cond_t *c, pthread_mutex_t *mu,
  * that @bytes sent since @t0 stay within @rate bytes/s. Overflow-safe for
  * any byte count. */
 uint64_t mig_rate_delay_ns(uint64_t rate, uint64_t bytes, uint64_t elapsed_ns);
+
+/* TCP keepalive and TCP_USER_TIMEOUT on @fd, so a dead link (no ACKs, no
+ * replies to probes) breaks the connection within about @timeout_ms even
+ * where no heartbeat is expected. Best effort; no-op on unix sockets. */
+void mig_socket_keepalive(int fd, uint64_t timeout_ms);
 
 /* XXH3-64 of this host's boot id: equal on one host (same monotonic
  * clock). */

@@ -98,6 +98,7 @@ struct mig_out {
 	char uri[4096];                 /* immutable */
 	struct ferry_uri u;             /* immutable */
 	pthread_t thread;               /* joined by mig_out_free */
+	bool thread_started;
 
 	/* m->lock */
 	bool cancel;                    /* cancel or kill: wind down */
@@ -347,7 +348,8 @@ static void hb_stop(struct heartbeat *hb)
 static void cut_locked(struct mig_out *o)
 {
 	o->cut = true;
-	if (o->fd >= 0 && !o->eof_sent)
+	/* ferry_mig_free does not wait for the ABORT to get through. */
+	if (o->fd >= 0 && (!o->eof_sent || o->killed))
 		shutdown(o->fd, SHUT_RDWR);
 	if (o->mf)
 		ferry_multifd_cancel(o->mf, -ECANCELED, "cancelled");
@@ -365,8 +367,9 @@ static bool cancelled(struct mig_out *o)
 }
 
 /* Under m->lock, with the transition to cancelling that follows. */
-static int cancel_check(struct ferry_mig *m, struct ferry_error *err)
+static int cancel_check(struct ferry_mig *m, void *arg, struct ferry_error *err)
 {
+	(void)arg;
 	struct mig_out *o = m->out;
 
 	if (!o)
@@ -406,7 +409,7 @@ int mig_out_cancel(struct ferry_mig *m, struct ferry_error *err)
 	 * GO: a cancel either comes first (and there is no GO) or is refused;
 	 * and no status of the migration thread can slip in between. */
 	int r = mig_transition_if(m, false, FERRY_MIG_CANCELLING, cancel_check,
-				  "cancelled", err);
+				  NULL, "cancelled", err);
 
 	return r < 0 ? r : 0;
 }
@@ -537,10 +540,9 @@ static int connect_multifd(struct mig_out *o, struct ferry_error *err)
 		.compression = o->set.compression ? FERRY_MULTIFD_COMP_ZSTD
 						  : FERRY_MULTIFD_COMP_NONE,
 		.zstd_level = 1,
-		/* With a return path a stalled destination is noticed by its
-		 * silence there; without one, by writes that make no
-		 * progress. */
-		.timeout_ms = o->use_rp ? 0 : (uint32_t)o->set.peer_timeout_ms,
+		/* A channel the destination stopped reading is broken even
+		 * while the main stream and the return path are fine. */
+		.timeout_ms = (uint32_t)o->set.peer_timeout_ms,
 	};
 	int fds[FERRY_MULTIFD_MAX_CHANNELS];
 	struct ferry_multifd *mf;
@@ -552,6 +554,7 @@ static int connect_multifd(struct mig_out *o, struct ferry_error *err)
 						 (int)o->set.peer_timeout_ms, err);
 		if (fds[i] < 0)
 			break;
+		mig_socket_keepalive(fds[i], o->set.peer_timeout_ms);
 	}
 	if (i < mp.channels) {
 		while (i--)
@@ -599,6 +602,7 @@ static int setup(struct mig_out *o, struct ferry_error *err)
 	}
 	if (socket && !o->use_rp)
 		ferry_chan_set_timeout(o->c, (int)o->set.peer_timeout_ms);
+	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
 	ferry__mutex_lock(&m->lock);
 	o->fd = fd;
 	if (o->cancel)
@@ -762,7 +766,7 @@ static void drain(struct mig_out *o)
 	uint64_t deadline = now_ns() + DRAIN_TIMEOUT_MS * 1000000ull;
 
 	if (!rp->live || ferry_save_command(o->s, FERRY_CMD_PING, be, 4, NULL) ||
-	    ferry_chan_flush(o->c))
+	    ferry__save_flush(o->s, NULL))
 		return;
 	ferry__mutex_lock(&rp->lock);
 	while (rp->pong != value && !rp->done &&
@@ -807,24 +811,48 @@ static int wait_loaded(struct mig_out *o, struct ferry_error *err)
 	return r;
 }
 
-/* After GO: the destination's ack (SHUT), within peer-timeout. */
+static bool killed(struct mig_out *o)
+{
+	bool k;
+
+	ferry__mutex_lock(&o->m->lock);
+	k = o->killed;
+	ferry__mutex_unlock(&o->m->lock);
+	return k;
+}
+
+/* After GO: the destination's ack (SHUT), within peer-timeout (or until
+ * ferry_mig_free, which does not wait for it). */
 static bool wait_ack(struct mig_out *o)
 {
 	struct rp_reader *rp = &o->rp;
 	uint64_t deadline = now_ns() + o->set.peer_timeout_ms * 1000000ull;
+	uint32_t status = 0;
+	char reason[sizeof(rp->shut_msg.reason)];
 	bool ack;
 
 	ferry__mutex_lock(&rp->lock);
-	while (!rp->shut && !rp->done &&
-	       mig_cond_wait_until(&rp->cond, &rp->lock, deadline))
-		;
+	while (!rp->shut && !rp->done && now_ns() < deadline) {
+		ferry__mutex_unlock(&rp->lock);
+		if (killed(o)) {
+			ferry__mutex_lock(&rp->lock);
+			break;
+		}
+		ferry__mutex_lock(&rp->lock);
+		mig_cond_wait_until(&rp->cond, &rp->lock,
+				    now_ns() + 100 * 1000000ull);
+	}
 	ack = rp->shut;
-	if (ack && rp->shut_msg.status)
+	if (ack) {
+		status = rp->shut_msg.status;
+		snprintf(reason, sizeof(reason), "%s", rp->shut_msg.reason);
+	}
+	ferry__mutex_unlock(&rp->lock);
+	if (status)
 		/* It has the VM, but says something went wrong running it:
 		 * that is its side's report; ours is that it has the VM. */
 		mig_trace(o->m, "destination acknowledged GO with status %u: %s",
-			  rp->shut_msg.status, rp->shut_msg.reason);
-	ferry__mutex_unlock(&rp->lock);
+			  status, reason);
 	return ack;
 }
 
@@ -856,13 +884,17 @@ static void account_downtime(struct mig_out *o)
 		 * overlapped our own device-save is not counted twice: the
 		 * phases are slices of one span and add up to the downtime. */
 		double tail = span_ms(ss->t_done, lv[FERRY_SHUT_T_LOADED]);
+		/* LOADED can be stamped before our own t_done: the phases
+		 * are consecutive slices, so the handshake starts at the
+		 * later of the two. */
+		uint64_t hs0 = lv[FERRY_SHUT_T_LOADED] > ss->t_done ?
+			       lv[FERRY_SHUT_T_LOADED] : ss->t_done;
 
 		if (dev > tail)
 			dev = tail;
 		ph[FERRY_PHASE_TRANSFER] = tail - dev;
 		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
-		ph[FERRY_PHASE_HANDSHAKE] = span_ms(lv[FERRY_SHUT_T_LOADED],
-						    av[FERRY_SHUT_T_GO]);
+		ph[FERRY_PHASE_HANDSHAKE] = span_ms(hs0, av[FERRY_SHUT_T_GO]);
 		ph[FERRY_PHASE_RESUME] = span_ms(av[FERRY_SHUT_T_GO],
 						 av[FERRY_SHUT_T_RESUMED]);
 		end = av[FERRY_SHUT_T_RESUMED];
@@ -883,6 +915,34 @@ static void account_downtime(struct mig_out *o)
 		end = rp->t_shut;
 	}
 	o->prog.downtime_ns = end > t0 ? end - t0 : 0;
+}
+
+/*
+ * Called by the save just before it writes EOF. With a return path, this
+ * is where the main connection becomes the verdict's: from here a cancel
+ * leaves it up (it carries the ABORT) and its writes are bounded. Without
+ * one, EOF *is* the verdict: this is the commit point, taken under the
+ * lock a cancel takes, so a cancel either comes first (no EOF goes out) or
+ * is refused.
+ */
+static int before_eof(void *arg, struct ferry_error *err)
+{
+	struct mig_out *o = arg;
+	struct ferry_mig *m = o->m;
+	bool cancel;
+
+	ferry__mutex_lock(&m->lock);
+	cancel = o->cancel;
+	if (!cancel) {
+		o->eof_sent = true;
+		if (!o->use_rp)
+			o->committing = true;
+	}
+	ferry__mutex_unlock(&m->lock);
+	if (cancel)
+		return ferry_error_set(err, -ECANCELED, "cancelled");
+	ferry__save_set_timeout(o->s, (int)o->set.peer_timeout_ms);
+	return 0;
 }
 
 /* Wait in device until cancelled (the hold-device fault point). */
@@ -927,30 +987,18 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 		/* The link goes silent before the rest arrives. */
 		hb_silence(&o->hb);
 	} else {
-		r = ferry_save_complete(o->s, err);
+		r = ferry__save_complete(o->s, before_eof, o, err);
 		if (r)
 			return r;
-		/* From here the main connection only carries the verdict and
-		 * heartbeats: bound those writes, so a destination that
-		 * stopped reading cannot hold the migration thread. */
-		ferry__save_set_timeout(o->s, (int)o->set.peer_timeout_ms);
-		ferry__mutex_lock(&m->lock);
-		o->eof_sent = true;
-		ferry__mutex_unlock(&m->lock);
 	}
 	o->ss.size = sizeof(o->ss);
 	ferry_save_get_stats(o->s, &o->ss);
 	o->prog.downtime_bytes = total_bytes(o) - bytes_before;
 	publish(o);
 	if (!o->use_rp) {
-		/* No one to ask: the complete stream is the verdict, unless a
-		 * cancel came first. */
-		ferry__mutex_lock(&m->lock);
-		abort_go = o->cancel;
-		o->committing = !abort_go;
-		ferry__mutex_unlock(&m->lock);
-		if (abort_go)
-			return ferry_error_set(err, -ECANCELED, "cancelled");
+		/* No one to ask: the complete stream (flushed whole) was the
+		 * verdict, committed in before_eof. */
+		o->committed = true;
 		o->completed = true;
 		account_downtime(o);
 		return 0;
@@ -960,8 +1008,18 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 	if (r)
 		return r;
 	mig_set_switchover(m, false, FERRY_SWO_LOADED);
+	/* The destination must hold what we sent: its digest of every
+	 * device's state is ours, or it ran into something we did not send. */
+	if (o->rp.loaded_msg.values[FERRY_SHUT_DEVICE_DIGEST] !=
+	    o->ss.device_digest)
+		return ferry_error_set(err, -EBADMSG, "the destination loaded "
+			"other device state than was sent (digest %016llx, "
+			"sent %016llx)",
+			(unsigned long long)o->rp.loaded_msg.values[FERRY_SHUT_DEVICE_DIGEST],
+			(unsigned long long)o->ss.device_digest);
 	/* The commit point. A cancel that came first wins; one that comes
-	 * later is refused (cancel_check). */
+	 * later is refused (cancel_check). A return path that already broke
+	 * would swallow GO and leave both sides in doubt: keep the VM. */
 	ferry__mutex_lock(&m->lock);
 	abort_go = o->cancel;
 	if (!abort_go)
@@ -969,6 +1027,12 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 	ferry__mutex_unlock(&m->lock);
 	if (abort_go)
 		return ferry_error_set(err, -ECANCELED, "cancelled");
+	if ((r = rp_failed(&o->rp, err))) {
+		ferry__mutex_lock(&m->lock);
+		o->committing = false;
+		ferry__mutex_unlock(&m->lock);
+		return r;
+	}
 	if (mig_fault_take(m, FAULT_LOSE_GO)) {
 		/* As if GO went out and was lost on the way. */
 		hb_silence(&o->hb);
@@ -1014,7 +1078,7 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	struct ferry_mig *m = o->m;
 	enum ferry_mig_status st;
 	char msg[FERRY_ERROR_MSG_MAX];
-	bool was_cancel;
+	bool was_cancel, by_rp;
 
 	if (o->throttled)
 		m->ops.vm_throttle(m->opaque, 0);
@@ -1030,17 +1094,18 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	/* The last figures, while the channels (which count the RAM pages
 	 * they carried) still exist. */
 	publish(o);
-	if (r && o->rp.live && !o->committed && !cancelled(o)) {
-		/* A write error is often the echo of the destination giving
-		 * up (its SHUT says why), and a failure of ours after the
-		 * return path broke is its consequence: report the root
-		 * cause. */
+	ferry__mutex_lock(&m->lock);
+	by_rp = o->cut_by_rp;
+	ferry__mutex_unlock(&m->lock);
+	/* A connection error is often the echo of the destination giving up
+	 * (its SHUT says why), and a failure of ours after the return path
+	 * broke is its consequence: report the root cause. A failure of our
+	 * own (a device, a cancel) resumes the VM at once. */
+	if (r && o->rp.live && !o->committed && !cancelled(o) &&
+	    (by_rp || r == -EPIPE || r == -ECONNRESET || r == -ESHUTDOWN ||
+	     r == -ETIMEDOUT || r == -ECANCELED)) {
 		struct ferry_error dest = { 0 };
-		bool by_rp;
 
-		ferry__mutex_lock(&m->lock);
-		by_rp = o->cut_by_rp;
-		ferry__mutex_unlock(&m->lock);
 		ferry__mutex_lock(&o->rp.lock);
 		while (!o->rp.done && mig_cond_wait_until(&o->rp.cond, &o->rp.lock,
 				now_ns() + 1000 * 1000000ull))
@@ -1053,8 +1118,12 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	}
 	/* A destination still listening after EOF learns that we keep the
 	 * VM (best effort: the connection may be gone). */
-	if (r && eof_sent(o) && !o->committed)
+	if (r && eof_sent(o) && !o->committed && !killed(o))
 		ferry__save_verdict(o->s, FERRY_CMD_SWITCHOVER_ABORT, NULL);
+	/* A heartbeat blocked on a peer that stopped reading returns once
+	 * the connection is down. */
+	if (r && o->c)
+		ferry_chan_shutdown(o->c);
 	hb_stop(&o->hb);
 	if (o->mf) {
 		if (r)
@@ -1141,9 +1210,46 @@ static void *out_main(void *arg)
 	return NULL;
 }
 
+struct start {
+	struct mig_out *o;
+	struct mig_out *old;            /* the previous migration, to free */
+};
+
+/* Under the engine's locks, with the move to setup that follows: nothing
+ * can start in between (two starts at once: one wins, one gets -EBUSY). */
+static int start_check(struct ferry_mig *m, void *arg, struct ferry_error *err)
+{
+	struct start *st = arg;
+	struct mig_out *o = st->o;
+	enum ferry_mig_status s;
+
+	if ((m->out && mig_status_live(m->out_info.status)) ||
+	    (m->in && mig_status_live(m->in_info.status)) || m->freeing) {
+		s = m->out && mig_status_live(m->out_info.status) ?
+		    m->out_info.status : m->in_info.status;
+		return ferry_error_set(err, -EBUSY, "a migration is already %s",
+				       ferry_mig_status_name(s));
+	}
+	if (m->set.auto_converge && !m->ops.vm_throttle)
+		return ferry_error_set(err, -EOPNOTSUPP, "auto-converge needs "
+				       "the VMM's vm_throttle hook");
+	o->set = m->set;
+	st->old = m->out;
+	m->out = o;
+	m->out_used = true;
+	/* Fresh figures; the status moves on from the last one. */
+	s = m->out_info.status;
+	memset(&m->out_info, 0, sizeof(m->out_info));
+	m->out_info.size = sizeof(m->out_info);
+	m->out_info.status = s;
+	m->out_t0 = o->t_start = now_ns();
+	return 0;
+}
+
 int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 {
-	struct mig_out *o, *old = NULL;
+	struct start st = { 0 };
+	struct mig_out *o;
 	int e;
 
 	o = calloc(1, sizeof(*o));
@@ -1166,50 +1272,24 @@ int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	pthread_mutex_init(&o->hb.lock, NULL);
 	mig_cond_init(&o->hb.cond);
 
-	ferry__mutex_lock(&m->lock);
-	if ((m->out && mig_status_live(m->out_info.status)) ||
-	    (m->in && mig_status_live(m->in_info.status)) || m->freeing) {
-		enum ferry_mig_status s = m->out && mig_status_live(m->out_info.status)
-			? m->out_info.status : m->in_info.status;
-
-		ferry__mutex_unlock(&m->lock);
+	st.o = o;
+	e = mig_transition_if(m, false, FERRY_MIG_SETUP, start_check, &st, NULL,
+			      err);
+	if (e) {
 		mig_out_free(o);
-		return ferry_error_set(err, -EBUSY, "a migration is already %s",
-				       ferry_mig_status_name(s));
+		return e;
 	}
-	o->set = m->set;
-	if (o->set.auto_converge && !m->ops.vm_throttle) {
-		ferry__mutex_unlock(&m->lock);
-		mig_out_free(o);
-		return ferry_error_set(err, -EOPNOTSUPP, "auto-converge needs "
-				       "the VMM's vm_throttle hook");
-	}
-	/* The previous migration's thread has finished (terminal status);
-	 * join and free it outside the lock. */
-	old = m->out;
-	m->out = o;
-	m->out_used = true;
-	{
-		/* Fresh figures; the status moves on from the last one. */
-		enum ferry_mig_status last = m->out_info.status;
-
-		memset(&m->out_info, 0, sizeof(m->out_info));
-		m->out_info.size = sizeof(m->out_info);
-		m->out_info.status = last;
-	}
-	m->out_t0 = o->t_start = now_ns();
-	ferry__mutex_unlock(&m->lock);
-	mig_out_free(old);
-	mig_set_status(m, false, FERRY_MIG_SETUP, NULL);
+	/* The previous migration's thread has finished (terminal status). */
+	mig_out_free(st.old);
 	mig_trace(m, "migration to %s", uri);
+	/* Set before the thread exists: once it ends the migration (maybe
+	 * at once), the next start may free this one and must join it. */
+	o->thread_started = true;
 	e = pthread_create(&o->thread, NULL, out_main, o);
 	if (e) {
+		o->thread_started = false;
 		mig_set_status(m, false, FERRY_MIG_FAILED,
 			       "cannot start the migration thread");
-		ferry__mutex_lock(&m->lock);
-		m->out = NULL;
-		ferry__mutex_unlock(&m->lock);
-		mig_out_free(o);
 		return ferry_error_set(err, -e, "cannot start the migration "
 				       "thread");
 	}
@@ -1220,7 +1300,7 @@ void mig_out_free(struct mig_out *o)
 {
 	if (!o)
 		return;
-	if (o->thread)
+	if (o->thread_started)
 		pthread_join(o->thread, NULL);
 	pthread_mutex_destroy(&o->rp.lock);
 	pthread_cond_destroy(&o->rp.cond);

@@ -19,6 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -238,15 +241,16 @@ bool mig_move_status(struct ferry_mig *m, bool incoming,
 
 int mig_transition_if(struct ferry_mig *m, bool incoming,
 		      enum ferry_mig_status to,
-		      int (*check)(struct ferry_mig *m, struct ferry_error *err),
-		      const char *error, struct ferry_error *err)
+		      int (*check)(struct ferry_mig *m, void *arg,
+				   struct ferry_error *err),
+		      void *arg, const char *error, struct ferry_error *err)
 {
 	struct ferry_mig_event ev;
 	int r;
 
 	ferry__mutex_lock(&m->ev_lock);
 	ferry__mutex_lock(&m->lock);
-	r = check(m, err);
+	r = check(m, arg, err);
 	if (!r)
 		transition_locked(m, incoming, -1, to, error, &ev);
 	ferry__mutex_unlock(&m->lock);
@@ -312,6 +316,25 @@ uint64_t mig_rate_delay_ns(uint64_t rate, uint64_t bytes, uint64_t elapsed_ns)
 	due = bytes / rate * 1000000000ull +
 	      (uint64_t)((unsigned __int128)(bytes % rate) * 1000000000ull / rate);
 	return due > elapsed_ns ? due - elapsed_ns : 0;
+}
+
+void mig_socket_keepalive(int fd, uint64_t timeout_ms)
+{
+	int on = 1, idle = (int)(timeout_ms / 2000), intvl = (int)(timeout_ms / 4000);
+	int cnt = 2;
+	unsigned int user = timeout_ms > UINT32_MAX ? UINT32_MAX
+						    : (unsigned int)timeout_ms;
+
+	/* Best effort: a unix socket (or an fd: that is not a socket) has
+	 * none of this, and that is fine. */
+	if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)))
+		return;
+	idle = idle < 1 ? 1 : idle;
+	intvl = intvl < 1 ? 1 : intvl;
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user, sizeof(user));
 }
 
 uint64_t mig_boot_id_hash(void)

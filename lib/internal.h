@@ -97,6 +97,15 @@ void ferry__fill_sized(void *dst, const void *src, size_t src_size);
 
 /* ---- save internals for the engine (save.c) ---------------------------- */
 
+/* ferry_save_complete, with @before_eof (may be NULL) called after every
+ * record but EOF is written (not all of them flushed), outside the writers'
+ * lock: a non-zero return ends the save there, without EOF, so the
+ * destination can never complete the load. The caller's commit point. */
+int ferry__save_complete(struct ferry_save *s,
+			 int (*before_eof)(void *arg, struct ferry_error *err),
+			 void *arg, struct ferry_error *err);
+/* Flush the stream under the writers' lock. */
+int ferry__save_flush(struct ferry_save *s, struct ferry_error *err);
 /* Heartbeat: a HEARTBEAT command, flushed, if nothing was written for
  * @idle_ns. Never waits for a busy writer. 0 or -errno. Any thread. */
 int ferry__save_heartbeat(struct ferry_save *s, uint64_t idle_ns);

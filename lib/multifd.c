@@ -418,11 +418,15 @@ void ferry_multifd_free(struct ferry_multifd *m)
 	if (!m->source || busy || m->error)
 		shutdown_all_locked(m);
 	ferry__mutex_unlock(&m->lock);
+	/* Every thread first: until the last one is gone, any of them may
+	 * still fail and wake (or shut down) every channel, so no condition
+	 * variable is destroyed and no socket closed before that. */
+	for (unsigned i = 0; i < FERRY_MULTIFD_MAX_CHANNELS; i++)
+		if (m->ch[i].started)
+			pthread_join(m->ch[i].thread, NULL);
 	for (unsigned i = 0; i < FERRY_MULTIFD_MAX_CHANNELS; i++) {
 		struct mf_chan *c = &m->ch[i];
 
-		if (c->started)
-			pthread_join(c->thread, NULL);
 		if (c->fd >= 0)
 			close(c->fd);
 		free(c->stage);

@@ -292,6 +292,13 @@ static void *complete_thread(void *arg)
 
 int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 {
+	return ferry__save_complete(s, NULL, NULL, err);
+}
+
+int ferry__save_complete(struct ferry_save *s,
+			 int (*before_eof)(void *arg, struct ferry_error *err),
+			 void *arg, struct ferry_error *err)
+{
 	struct ferry_devstate_sink *sinks = NULL;
 	unsigned nthreads = 0, started = 0;
 	char *desc;
@@ -389,15 +396,17 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	r = write_record2(s, FERRY_REC_VMDESC, desc, strlen(desc), NULL, 0, err);
 	free(desc);
+	/* The digest is final here: the caller may decide on it. */
+	s->stats.device_digest = XXH3_64bits_digest(&s->digest);
+	if (!r && before_eof)
+		r = before_eof(arg, err);
 	if (!r)
 		r = write_record2(s, FERRY_REC_EOF, NULL, 0, NULL, 0, err);
 	if (!r)
 		r = flush_out(s, err);
 	s->completed = !r;
-	if (!r) {
+	if (!r)
 		s->stats.t_done = ferry__mono_ns();
-		s->stats.device_digest = XXH3_64bits_digest(&s->digest);
-	}
 	return r;
 }
 
@@ -452,6 +461,11 @@ int ferry_save_all(struct ferry_ctx *ctx, struct ferry_chan *out,
 }
 
 /* ---- for the engine (lib/engine-out.c) ------------------------------------ */
+
+int ferry__save_flush(struct ferry_save *s, struct ferry_error *err)
+{
+	return flush_out(s, err);
+}
 
 int ferry__save_heartbeat(struct ferry_save *s, uint64_t idle_ns)
 {

@@ -138,9 +138,9 @@ struct ferry_mig_event {
 /*
  * Every hook returns 0 or -errno with @err filled (or nothing, where it has
  * no return value). The engine holds none of its locks while it calls a
- * hook - except the event hook, called under the lock that keeps events in
- * order - so a hook may call ferry_mig_query. Hooks marked optional may be
- * NULL. Growing this struct: set .size = sizeof(struct ferry_vmm_ops); a
+ * hook - except the event hook and the trace lines of status changes,
+ * called under the lock that keeps events in order - so a hook may call
+ * ferry_mig_query. Hooks marked optional may be NULL. Growing this struct: set .size = sizeof(struct ferry_vmm_ops); a
  * library newer than the caller treats hooks past .size as NULL.
  */
 struct ferry_vmm_ops {

@@ -193,7 +193,10 @@ const char *status_of(struct proc *p)
 
 void wait_loaded(struct proc *p)
 {
-	for (int i = 0; i < 6000 && !strcmp(status_of(p), "inmigrate"); i++)
+	/* A sanitizer build loads a multi-GiB image several times slower. */
+	int limit = slow_build() ? 30000 : 6000;
+
+	for (int i = 0; i < limit && !strcmp(status_of(p), "inmigrate"); i++)
 		usleep(10000);
 }
 

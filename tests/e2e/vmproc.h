@@ -42,7 +42,8 @@ void vm_quit(struct proc *p);
 /* Wait for the VM process to exit by itself with @status. */
 void vm_wait_exit(struct proc *p, int status);
 const char *status_of(struct proc *p);
-/* Wait (up to 60 s) while an incoming VM is still loading. */
+/* Wait (up to 60 s, 300 s in sanitizer builds) while an incoming VM is
+ * still loading. */
 void wait_loaded(struct proc *p);
 /* query-ram-digest's "digest" into @out (at least 64 bytes). */
 void ram_digest(struct proc *p, char *out);

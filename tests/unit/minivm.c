@@ -297,6 +297,11 @@ void minivm_wait_pages(struct minivm *vm, uint64_t pages)
 	FAIL("the writer did not write %llu pages", (unsigned long long)pages);
 }
 
+void minivm_cont(struct minivm *vm)
+{
+	h_start(vm, NULL);
+}
+
 void minivm_park(struct minivm *vm)
 {
 	pthread_mutex_lock(&vm->lock);

@@ -60,6 +60,8 @@ void minivm_free(struct minivm *vm);
 
 /* Let the writer write at least @pages more pages (it must be running). */
 void minivm_wait_pages(struct minivm *vm, uint64_t pages);
+/* Run the writer again (as a `cont` would). */
+void minivm_cont(struct minivm *vm);
 /* Stop the writer (as a `stop` would); the run state is left alone. */
 void minivm_park(struct minivm *vm);
 enum ferry_run_state minivm_state(struct minivm *vm);

@@ -161,8 +161,61 @@ TEST(engine_file_roundtrip)
 	ASSERT_EQ(minivm_wait(&d, 60000).status, FERRY_MIG_COMPLETED);
 	ASSERT_EQ(minivm_state(&d), FERRY_RUN_PAUSED);
 	assert_same_vm(&s, &d);
+	/* The source takes its own state back: from then on its snapshot
+	 * (and wait) are the incoming side's. */
+	ASSERT_OK_E(ferry_mig_incoming(s.mig, uri, &err), err);
+	{
+		struct ferry_mig_info i = minivm_wait(&s, 60000);
+
+		ASSERT(i.incoming);
+		ASSERT_EQ(i.status, FERRY_MIG_COMPLETED);
+	}
 	minivm_free(&s);
 	minivm_free(&d);
+}
+
+/* Two starts at once: one wins, the other is told so; never both, never
+ * a crash. */
+struct racer {
+	struct minivm *vm;
+	const char *uri;
+	pthread_barrier_t *go;
+	int ret;
+};
+
+static void *race_start(void *arg)
+{
+	struct racer *r = arg;
+
+	pthread_barrier_wait(r->go);
+	r->ret = ferry_mig_start(r->vm->mig, r->uri, NULL);
+	return NULL;
+}
+
+TEST(engine_concurrent_starts)
+{
+	const char *uri = test_fmt("file:%s/vm.img", test_tmpdir());
+	pthread_barrier_t go;
+	struct minivm s;
+
+	minivm_init(&s, 4 * MB, 2 * MB, 0, true, false);
+	for (int k = 0; k < 40; k++) {
+		struct racer r[2] = { { &s, uri, &go, 1 }, { &s, uri, &go, 1 } };
+		pthread_t t[2];
+
+		pthread_barrier_init(&go, NULL, 2);
+		for (int i = 0; i < 2; i++)
+			ASSERT_OK(pthread_create(&t[i], NULL, race_start, &r[i]));
+		for (int i = 0; i < 2; i++)
+			pthread_join(t[i], NULL);
+		pthread_barrier_destroy(&go);
+		ASSERT((r[0].ret == 0) != (r[1].ret == 0));
+		ASSERT(r[0].ret == -EBUSY || r[1].ret == -EBUSY);
+		ASSERT_EQ(minivm_wait(&s, 30000).status, FERRY_MIG_COMPLETED);
+		/* Back to running for the next round. */
+		minivm_cont(&s);
+	}
+	minivm_free(&s);
 }
 
 /* After a failed or cancelled migration the source runs on and a new
@@ -215,6 +268,20 @@ TEST(engine_cancel_setup_and_active)
 	ASSERT_EQ(i.status, FERRY_MIG_CANCELLED);
 	ASSERT_STREQ(i.error, "cancelled");
 	ASSERT_EQ(minivm_wait(&d, 10000).status, FERRY_MIG_FAILED);
+	minivm_free(&d);
+
+	/* The destination cancels while it loads: cancelled there, failed
+	 * on the source, which runs on. */
+	minivm_init(&d, 64 * MB, 32 * MB, 0, false, false);
+	start(&s, incoming(&d, "m3"));
+	minivm_wait_status(&d, FERRY_MIG_ACTIVE, 10000);
+	usleep(200000);
+	ASSERT_OK_E(ferry_mig_cancel(d.mig, &err), err);
+	i = minivm_wait(&d, 10000);
+	ASSERT_EQ(i.status, FERRY_MIG_CANCELLED);
+	ASSERT_STREQ(i.error, "cancelled");
+	ASSERT_EQ(minivm_wait(&s, 10000).status, FERRY_MIG_FAILED);
+	ASSERT_EQ(d.starts, 0);
 	source_survives(&s);
 	minivm_free(&s);
 	minivm_free(&d);

@@ -654,9 +654,11 @@ int vm_main_loop(struct vm *vm)
 			if (!vm->control)
 				break;
 		}
-		/* While the engine loads incoming state, device state is the
-		 * load's. */
-		if (vm->run_state != FERRY_RUN_INMIGRATE) {
+		/* While the engine loads incoming state, or saves it at the
+		 * switchover, device state is the migration's: the counter
+		 * catches up afterwards (it is free-running). */
+		if (vm->run_state != FERRY_RUN_INMIGRATE &&
+		    vm->run_state != FERRY_RUN_FINISH_MIGRATE) {
 			struct timespec mono;
 			clock_gettime(CLOCK_MONOTONIC, &mono);
 			timer_update(&vm->timer, (uint64_t)mono.tv_sec * 1000000000ull +
