@@ -16,6 +16,14 @@
 #define SYNCS 10
 #define INTERVAL_MS 200
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static int cmp(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
@@ -66,10 +74,10 @@ static int run(enum vm_backend_kind be, uint64_t mem)
 	/* Let the guest touch its memory once, then measure it untracked. */
 	sleep(mem > (1ull << 30) ? 6 : 2);
 	g0 = gen(vm);
-	t0 = vm_now_ns();
+	t0 = now_ns();
 	usleep(500000);
 	g1 = gen(vm);
-	t1 = vm_now_ns();
+	t1 = now_ns();
 	untracked = (double)(g1 - g0) * 4096 / 1048576 / ((double)(t1 - t0) / 1e9);
 
 	if (vm->be->dirty_start(vm->be_priv, &err)) {
@@ -83,12 +91,12 @@ static int run(enum vm_backend_kind be, uint64_t mem)
 		memset(bm, 0, words * 8);
 		gb = gen(vm);
 		usleep(INTERVAL_MS * 1000);
-		ts = vm_now_ns();
+		ts = now_ns();
 		if (vm->be->dirty_sync(vm->be_priv, bm, &err)) {
 			fprintf(stderr, "bench-dirty: %s\n", err.msg);
 			return 1;
 		}
-		te = vm_now_ns();
+		te = now_ns();
 		ge = gen(vm);
 		for (uint64_t w = 0; w < words; w++)
 			n += (uint64_t)__builtin_popcountll(bm[w]);
