@@ -100,12 +100,6 @@ static uint64_t now_ns(void)
 	return ferry__mono_ns();
 }
 
-static uint32_t be32_at(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-	       (uint32_t)p[2] << 8 | p[3];
-}
-
 /* ---- the return path ------------------------------------------------------- */
 
 static int rp_send(struct mig_in *in, const struct ferry_rp_msg *msg,
@@ -290,7 +284,7 @@ static enum verdict classify(struct mig_in *in, int fd)
 		return WAIT;
 	if (n > 0 && n < 4)
 		return PARTIAL;
-	if (n == 4 && be32_at(hs) == FERRY_STREAM_MAGIC) {
+	if (n == 4 && ferry__get_be32(hs) == FERRY_STREAM_MAGIC) {
 		ferry__mutex_lock(&in->acc_lock);
 		if (in->main_fd < 0 && !in->main_taken) {
 			in->main_fd = fd;
@@ -302,7 +296,7 @@ static enum verdict classify(struct mig_in *in, int fd)
 			refuse_stream(in, fd);
 		return DONE;
 	}
-	if (n == 4 && be32_at(hs) == FERRY_MULTIFD_MAGIC) {
+	if (n == 4 && ferry__get_be32(hs) == FERRY_MULTIFD_MAGIC) {
 		struct ferry_error err = { 0 };
 		struct ferry_multifd *mf;
 
@@ -315,7 +309,7 @@ static enum verdict classify(struct mig_in *in, int fd)
 			/* Bounds and the handshake's own check are the
 			 * receiver's job; the count only sizes it. */
 			ferry__mutex_lock(&in->acc_lock);
-			mf = receiver_locked(in, be32_at(hs + 28), &err);
+			mf = receiver_locked(in, ferry__get_be32(hs + 28), &err);
 			if (mf)
 				ferry_multifd_recv_add_channel(mf, fd, &err);
 			ferry__mutex_unlock(&in->acc_lock);
@@ -611,7 +605,7 @@ static int handshake(struct mig_in *in, struct ferry_record_io *io,
 				"the connection broke");
 		}
 		cmd = rec.type == FERRY_REC_COMMAND && rec.len == 2 ?
-		      (uint16_t)(rec.body[0] << 8 | rec.body[1]) : 0;
+		      ferry__get_be16(rec.body) : 0;
 		if (cmd == FERRY_CMD_HEARTBEAT)
 			continue;
 		if (cmd == FERRY_CMD_SWITCHOVER_ABORT) {

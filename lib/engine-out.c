@@ -617,10 +617,9 @@ static int setup(struct mig_out *o, struct ferry_error *err)
 		/* Open the return path first: a destination that refuses
 		 * the setup sections can then say why. It also learns how
 		 * long we wait for its heartbeats. */
-		uint32_t t = (uint32_t)o->set.peer_timeout_ms;
-		uint8_t be[4] = { (uint8_t)(t >> 24), (uint8_t)(t >> 16),
-				  (uint8_t)(t >> 8), (uint8_t)t };
+		uint8_t be[4];
 
+		ferry__put_be32(be, (uint32_t)o->set.peer_timeout_ms);
 		r = ferry_save_command(o->s, FERRY_CMD_OPEN_RETURN_PATH, be, 4,
 				       err);
 		if (!r)
@@ -761,10 +760,10 @@ static void drain(struct mig_out *o)
 {
 	struct rp_reader *rp = &o->rp;
 	uint32_t value = (uint32_t)o->prog.pass + 1;
-	uint8_t be[4] = { (uint8_t)(value >> 24), (uint8_t)(value >> 16),
-			  (uint8_t)(value >> 8), (uint8_t)value };
 	uint64_t deadline = now_ns() + DRAIN_TIMEOUT_MS * 1000000ull;
+	uint8_t be[4];
 
+	ferry__put_be32(be, value);
 	if (!rp->live || ferry_save_command(o->s, FERRY_CMD_PING, be, 4, NULL) ||
 	    ferry__save_flush(o->s, NULL))
 		return;

@@ -6,6 +6,7 @@
 #define FERRY_INTERNAL_H
 
 #include <pthread.h>
+#include <stdint.h>
 
 #include "ferry/migration.h"
 
@@ -13,6 +14,43 @@
  * input, so it aborts (the one place the library may). */
 void ferry__mutex_lock(pthread_mutex_t *m);
 void ferry__mutex_unlock(pthread_mutex_t *m);
+
+/* Big-endian fields in byte buffers (the stream's byte order). */
+static inline void ferry__put_be16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static inline uint16_t ferry__get_be16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static inline void ferry__put_be32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)(v >> 24);
+	p[1] = (uint8_t)(v >> 16);
+	p[2] = (uint8_t)(v >> 8);
+	p[3] = (uint8_t)v;
+}
+
+static inline void ferry__put_be64(uint8_t *p, uint64_t v)
+{
+	ferry__put_be32(p, (uint32_t)(v >> 32));
+	ferry__put_be32(p + 4, (uint32_t)v);
+}
+
+static inline uint32_t ferry__get_be32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	       (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline uint64_t ferry__get_be64(const uint8_t *p)
+{
+	return (uint64_t)ferry__get_be32(p) << 32 | ferry__get_be32(p + 4);
+}
 
 /* One registered device. Immutable after registration. */
 struct ferry_dev {

@@ -424,7 +424,7 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 			"offset %llu: COMMAND record too short",
 			(unsigned long long)rec->offset);
 	memset(&m, 0, sizeof(m));
-	m.cmd = (uint16_t)(rec->body[0] << 8 | rec->body[1]);
+	m.cmd = ferry__get_be16(rec->body);
 	plen = rec->len - 2;
 
 #define WANT_LEN(n) do { if (plen != (n)) goto bad_len; } while (0)
@@ -443,8 +443,7 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 	case FERRY_CMD_OPEN_RETURN_PATH:
 		/* Version 2 says how often the source wants to hear from us. */
 		if (plen == 4)
-			m.u.peer_timeout_ms = (uint32_t)p[0] << 24 |
-				(uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+			m.u.peer_timeout_ms = ferry__get_be32(p);
 		else
 			WANT_LEN(0);
 		break;
@@ -455,16 +454,12 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 		break;
 	case FERRY_CMD_PING:
 		WANT_LEN(4);
-		m.u.ping = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-			   (uint32_t)p[2] << 8 | p[3];
+		m.u.ping = ferry__get_be32(p);
 		break;
 	case FERRY_CMD_POSTCOPY_ADVISE:
 		WANT_LEN(16);
-		for (int i = 0; i < 8; i++) {
-			m.u.advise.host_page_size = m.u.advise.host_page_size << 8 | p[i];
-			m.u.advise.target_page_size =
-				m.u.advise.target_page_size << 8 | p[8 + i];
-		}
+		m.u.advise.host_page_size = ferry__get_be64(p);
+		m.u.advise.target_page_size = ferry__get_be64(p + 8);
 		break;
 	case FERRY_CMD_POSTCOPY_DISCARD: {
 		size_t nl;
@@ -477,8 +472,7 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 		m.u.discard.block[nl] = 0;
 		if (memchr(p + 1, 0, nl))
 			goto bad_len;
-		n = (uint32_t)p[1 + nl] << 24 | (uint32_t)p[2 + nl] << 16 |
-		    (uint32_t)p[3 + nl] << 8 | p[4 + nl];
+		n = ferry__get_be32(p + 1 + nl);
 		if (n > FERRY_DISCARD_MAX_RANGES)
 			goto bad_len;
 		WANT_LEN(1 + nl + 4 + (size_t)n * 16);

@@ -161,31 +161,6 @@ struct ferry_multifd {
 
 /* ---- small helpers ------------------------------------------------------- */
 
-static void put32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)(v >> 24);
-	p[1] = (uint8_t)(v >> 16);
-	p[2] = (uint8_t)(v >> 8);
-	p[3] = (uint8_t)v;
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	put32(p, (uint32_t)(v >> 32));
-	put32(p + 4, (uint32_t)v);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-	       (uint32_t)p[2] << 8 | p[3];
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-	return (uint64_t)get32(p) << 32 | get32(p + 4);
-}
-
 static void stat_add(uint64_t *c, uint64_t v)
 {
 	__atomic_fetch_add(c, v, __ATOMIC_RELAXED);
@@ -514,14 +489,14 @@ static int send_handshake(struct mf_chan *c)
 	struct iovec iov = { hs, sizeof(hs) };
 	int r;
 
-	put32(hs, FERRY_MULTIFD_MAGIC);
-	put32(hs + 4, FERRY_MULTIFD_VERSION);
+	ferry__put_be32(hs, FERRY_MULTIFD_MAGIC);
+	ferry__put_be32(hs + 4, FERRY_MULTIFD_VERSION);
 	memcpy(hs + 8, m->p.session, 16);
-	put32(hs + 24, c->idx);
-	put32(hs + 28, m->nch);
-	put32(hs + 32, (uint32_t)m->p.compression << 1);
-	put32(hs + 36, m->p.packet_pages);
-	put64(hs + 56, XXH3_64bits_withSeed(hs, 56, 0));
+	ferry__put_be32(hs + 24, c->idx);
+	ferry__put_be32(hs + 28, m->nch);
+	ferry__put_be32(hs + 32, (uint32_t)m->p.compression << 1);
+	ferry__put_be32(hs + 36, m->p.packet_pages);
+	ferry__put_be64(hs + 56, XXH3_64bits_withSeed(hs, 56, 0));
 	r = write_iov(c->fd, &iov, 1, (int)m->p.timeout_ms);
 	if (r)
 		return mf_fail(m, r, "channel %u: writing the handshake: %s",
@@ -535,14 +510,14 @@ static void fill_header(uint8_t *h, uint32_t flags, uint32_t block,
 			uint64_t num, uint32_t a, uint32_t b, uint32_t payload)
 {
 	memset(h, 0, FERRY_MULTIFD_HEADER_SIZE);
-	put32(h, FERRY_MULTIFD_PACKET_MAGIC);
-	put32(h + 4, FERRY_MULTIFD_VERSION);
-	put32(h + 8, flags);
-	put32(h + 12, block);
-	put64(h + 16, num);
-	put32(h + 24, a);
-	put32(h + 28, b);
-	put32(h + 32, payload);
+	ferry__put_be32(h, FERRY_MULTIFD_PACKET_MAGIC);
+	ferry__put_be32(h + 4, FERRY_MULTIFD_VERSION);
+	ferry__put_be32(h + 8, flags);
+	ferry__put_be32(h + 12, block);
+	ferry__put_be64(h + 16, num);
+	ferry__put_be32(h + 24, a);
+	ferry__put_be32(h + 28, b);
+	ferry__put_be32(h + 32, payload);
 }
 
 static int send_packet(struct mf_chan *c, uint8_t *h, const void *meta,
@@ -559,7 +534,7 @@ static int send_packet(struct mf_chan *c, uint8_t *h, const void *meta,
 	XXH3_64bits_update(c->xxh, h, 40);
 	XXH3_64bits_update(c->xxh, meta, mlen);
 	XXH3_64bits_update(c->xxh, payload, plen);
-	put64(h + 40, XXH3_64bits_digest(c->xxh));
+	ferry__put_be64(h + 40, XXH3_64bits_digest(c->xxh));
 	r = write_iov(c->fd, iov, 3, (int)c->m->p.timeout_ms);
 	if (r == -ETIMEDOUT)
 		return mf_fail(c->m, r, "channel %u: the destination took no data "
@@ -593,10 +568,10 @@ static int send_ram(struct mf_chan *c, struct job *j)
 		if (ferry__page_is_zero(dst, ps))
 			c->zoffs[nz++] = j->offs[i];
 		else
-			put64((uint8_t *)&c->wire[nn++], j->offs[i]);
+			ferry__put_be64((uint8_t *)&c->wire[nn++], j->offs[i]);
 	}
 	for (uint32_t i = 0; i < nz; i++)
-		put64((uint8_t *)&c->wire[nn + i], c->zoffs[i]);
+		ferry__put_be64((uint8_t *)&c->wire[nn + i], c->zoffs[i]);
 	payload = c->stage;
 	plen = (size_t)nn * ps;
 	if (c->comp == FERRY_MULTIFD_COMP_ZSTD && nn) {
@@ -976,12 +951,12 @@ static int recv_handshake(struct mf_chan *c)
 			       "connection %u: handshake %s", c->idx,
 			       got < 0 ? strerror((int)-got) : "truncated");
 	stat_add(&c->bytes, sizeof(hs));
-	magic = get32(hs);
-	version = get32(hs + 4);
-	id = get32(hs + 24);
-	nch = get32(hs + 28);
-	flags = get32(hs + 32);
-	ppages = get32(hs + 36);
+	magic = ferry__get_be32(hs);
+	version = ferry__get_be32(hs + 4);
+	id = ferry__get_be32(hs + 24);
+	nch = ferry__get_be32(hs + 28);
+	flags = ferry__get_be32(hs + 32);
+	ppages = ferry__get_be32(hs + 36);
 	if (magic != FERRY_MULTIFD_MAGIC)
 		return mf_fail(m, -EBADMSG, "connection %u: bad handshake magic "
 			       "0x%08x (not a multifd channel)", c->idx, magic);
@@ -989,7 +964,7 @@ static int recv_handshake(struct mf_chan *c)
 		return mf_fail(m, -EPROTONOSUPPORT, "connection %u: handshake "
 			       "version %u, this side speaks %u", c->idx, version,
 			       FERRY_MULTIFD_VERSION);
-	if (get64(hs + 56) != XXH3_64bits_withSeed(hs, 56, 0))
+	if (ferry__get_be64(hs + 56) != XXH3_64bits_withSeed(hs, 56, 0))
 		return mf_fail(m, -EBADMSG, "connection %u: handshake check "
 			       "mismatch", c->idx);
 	if (memcmp(hs + 40, zero_tail, 16) || flags & ~FERRY_MULTIFD_FLAG_COMP_MASK ||
@@ -1119,8 +1094,8 @@ static int ds_deliver(struct mf_chan *c, const char *idstr, uint32_t instance,
 static int recv_devstate(struct mf_chan *c, const uint8_t *h)
 {
 	struct ferry_multifd *m = c->m;
-	uint32_t flags = get32(h + 8), instance = get32(h + 12);
-	uint32_t il = get32(h + 24), seq = get32(h + 28), plen = get32(h + 32);
+	uint32_t flags = ferry__get_be32(h + 8), instance = ferry__get_be32(h + 12);
+	uint32_t il = ferry__get_be32(h + 24), seq = ferry__get_be32(h + 28), plen = ferry__get_be32(h + 32);
 	struct ferry_error e = { 0 };
 	char idstr[FERRY_IDSTR_MAX + 1];
 	int r;
@@ -1144,7 +1119,7 @@ static int recv_devstate(struct mf_chan *c, const uint8_t *h)
 	XXH3_64bits_update(c->xxh, h, 40);
 	XXH3_64bits_update(c->xxh, idstr, il);
 	XXH3_64bits_update(c->xxh, c->stage, plen);
-	if (XXH3_64bits_digest(c->xxh) != get64(h + 40))
+	if (XXH3_64bits_digest(c->xxh) != ferry__get_be64(h + 40))
 		return mf_fail(m, -EBADMSG, "channel %u: packet %llu: check "
 			       "mismatch (damaged device state)", c->id,
 			       (unsigned long long)c->pkt_num);
@@ -1183,8 +1158,8 @@ static int recv_sync_point(struct mf_chan *c)
 static int recv_ram(struct mf_chan *c, const uint8_t *h)
 {
 	struct ferry_multifd *m = c->m;
-	uint32_t flags = get32(h + 8), bi = get32(h + 12);
-	uint32_t nn = get32(h + 24), nz = get32(h + 28), plen = get32(h + 32);
+	uint32_t flags = ferry__get_be32(h + 8), bi = ferry__get_be32(h + 12);
+	uint32_t nn = ferry__get_be32(h + 24), nz = ferry__get_be32(h + 28), plen = ferry__get_be32(h + 32);
 	unsigned long long num = (unsigned long long)c->pkt_num;
 	const struct mf_block *b;
 	const uint8_t *pages;
@@ -1233,7 +1208,7 @@ static int recv_ram(struct mf_chan *c, const uint8_t *h)
 	XXH3_64bits_update(c->xxh, h, 40);
 	XXH3_64bits_update(c->xxh, c->wire, (size_t)(nn + nz) * 8);
 	XXH3_64bits_update(c->xxh, c->comp ? c->zbuf : c->stage, plen);
-	if (XXH3_64bits_digest(c->xxh) != get64(h + 40))
+	if (XXH3_64bits_digest(c->xxh) != ferry__get_be64(h + 40))
 		return mf_fail(m, -EBADMSG, "channel %u: packet %llu: check "
 			       "mismatch (damaged packet)", c->id, num);
 	if (flags & FERRY_MULTIFD_FLAG_SYNC)
@@ -1241,7 +1216,7 @@ static int recv_ram(struct mf_chan *c, const uint8_t *h)
 
 	b = &m->blk[bi];
 	for (uint32_t i = 0; i < nn + nz; i++) {
-		uint64_t off = get64((const uint8_t *)&c->wire[i]);
+		uint64_t off = ferry__get_be64((const uint8_t *)&c->wire[i]);
 		if (off % b->page_size || off >= b->size)
 			return mf_fail(m, -ERANGE, "channel %u: packet %llu: "
 				       "page offset 0x%llx outside RAM block %u "
@@ -1259,10 +1234,10 @@ static int recv_ram(struct mf_chan *c, const uint8_t *h)
 				       ZSTD_isError(z) ? ZSTD_getErrorName(z) : "");
 	}
 	for (uint32_t i = 0; i < nn; i++)
-		memcpy(b->host + get64((const uint8_t *)&c->wire[i]),
+		memcpy(b->host + ferry__get_be64((const uint8_t *)&c->wire[i]),
 		       pages + (size_t)i * b->page_size, b->page_size);
 	for (uint32_t i = nn; i < nn + nz; i++) {
-		uint8_t *p = b->host + get64((const uint8_t *)&c->wire[i]);
+		uint8_t *p = b->host + ferry__get_be64((const uint8_t *)&c->wire[i]);
 		/* Reading a never-touched page maps the shared zero page;
 		 * writing would commit memory for nothing. */
 		if (!ferry__page_is_zero(p, b->page_size))
@@ -1297,14 +1272,14 @@ static int recv_packet(struct mf_chan *c)
 			       (unsigned long long)c->pkt_num, got,
 			       FERRY_MULTIFD_HEADER_SIZE);
 	stat_add(&c->bytes, sizeof(h));
-	magic = get32(h);
-	version = get32(h + 4);
-	flags = get32(h + 8);
-	num = get64(h + 16);
+	magic = ferry__get_be32(h);
+	version = ferry__get_be32(h + 4);
+	flags = ferry__get_be32(h + 8);
+	num = ferry__get_be64(h + 16);
 	if (magic != FERRY_MULTIFD_PACKET_MAGIC)
 		return mf_fail(m, -EBADMSG, "channel %u: packet %llu: bad magic "
 			       "0x%08x", c->id, (unsigned long long)c->pkt_num, magic);
-	if (version != FERRY_MULTIFD_VERSION || get32(h + 36) ||
+	if (version != FERRY_MULTIFD_VERSION || ferry__get_be32(h + 36) ||
 	    flags & ~(FERRY_MULTIFD_FLAG_SYNC | FERRY_MULTIFD_FLAG_COMP_MASK |
 		      FERRY_MULTIFD_FLAG_DEVICE_STATE) ||
 	    (flags & FERRY_MULTIFD_FLAG_SYNC &&

@@ -78,18 +78,15 @@ static size_t section_prefix(uint8_t *p, uint8_t type, const struct ferry_dev *d
 {
 	size_t n = 0, idlen = strlen(d->idstr);
 
-	p[n++] = (uint8_t)(d->section_id >> 24);
-	p[n++] = (uint8_t)(d->section_id >> 16);
-	p[n++] = (uint8_t)(d->section_id >> 8);
-	p[n++] = (uint8_t)d->section_id;
+	ferry__put_be32(p, d->section_id);
+	n += 4;
 	if (type == FERRY_REC_SECTION_START || type == FERRY_REC_SECTION_FULL) {
 		p[n++] = (uint8_t)idlen;
 		memcpy(p + n, d->idstr, idlen);
 		n += idlen;
-		for (int i = 3; i >= 0; i--)
-			p[n++] = (uint8_t)(d->instance >> (8 * i));
-		for (int i = 3; i >= 0; i--)
-			p[n++] = (uint8_t)(d->version >> (8 * i));
+		ferry__put_be32(p + n, d->instance);
+		ferry__put_be32(p + n + 4, d->version);
+		n += 8;
 	}
 	return n;
 }
@@ -98,9 +95,9 @@ void ferry__digest_section(void *xxh3, const char *idstr, uint32_t instance,
 			   const void *payload, size_t len)
 {
 	XXH3_state_t *st = xxh3;
-	uint8_t inst[4] = { (uint8_t)(instance >> 24), (uint8_t)(instance >> 16),
-			    (uint8_t)(instance >> 8), (uint8_t)instance };
+	uint8_t inst[4];
 
+	ferry__put_be32(inst, instance);
 	XXH3_64bits_update(st, idstr, strlen(idstr));
 	XXH3_64bits_update(st, inst, 4);
 	XXH3_64bits_update(st, payload, len);
@@ -257,7 +254,9 @@ int ferry_save_round(struct ferry_save *s, uint64_t budget,
 int ferry_save_command(struct ferry_save *s, uint16_t cmd, const void *payload,
 		       size_t len, struct ferry_error *err)
 {
-	uint8_t c[2] = { (uint8_t)(cmd >> 8), (uint8_t)cmd };
+	uint8_t c[2];
+
+	ferry__put_be16(c, cmd);
 	return write_record2(s, FERRY_REC_COMMAND, c, 2, payload, len, err);
 }
 
@@ -268,11 +267,8 @@ int ferry_devstate_send(struct ferry_devstate_sink *k, const void *buf,
 	size_t n = k->prefix_len;
 
 	memcpy(p, k->prefix, n);
-	p[n++] = (uint8_t)(k->seq >> 24);
-	p[n++] = (uint8_t)(k->seq >> 16);
-	p[n++] = (uint8_t)(k->seq >> 8);
-	p[n++] = (uint8_t)k->seq;
-	k->seq++;
+	ferry__put_be32(p + n, k->seq++);
+	n += 4;
 	return write_record2(k->s, FERRY_REC_DEVSTATE, p, n, buf, len, err);
 }
 
@@ -508,9 +504,10 @@ void ferry__save_set_timeout(struct ferry_save *s, int timeout_ms)
 int ferry__save_verdict(struct ferry_save *s, uint16_t cmd,
 			struct ferry_error *err)
 {
-	uint8_t c[2] = { (uint8_t)(cmd >> 8), (uint8_t)cmd };
+	uint8_t c[2];
 	int r;
 
+	ferry__put_be16(c, cmd);
 	ferry__mutex_lock(&s->out_lock);
 	/* Empty the buffer first: then a failed flush below means some byte
 	 * of the verdict itself never reached the kernel, so the peer can

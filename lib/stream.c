@@ -118,10 +118,7 @@ int ferry__stream_read_header(struct ferry_chan *c, uint32_t *version_out,
 static void put_hdr(uint8_t hdr[5], uint8_t type, uint32_t len)
 {
 	hdr[0] = type;
-	hdr[1] = (uint8_t)(len >> 24);
-	hdr[2] = (uint8_t)(len >> 16);
-	hdr[3] = (uint8_t)(len >> 8);
-	hdr[4] = (uint8_t)len;
+	ferry__put_be32(hdr + 1, len);
 }
 
 static uint64_t check2(uint64_t seq, const uint8_t hdr[5], const void *a,
@@ -240,8 +237,7 @@ int ferry_record_read(struct ferry_record_io *io, struct ferry_record *rec,
 			"offset %llu: truncated record header (%zd of 5 bytes)",
 			(unsigned long long)rec->offset, n);
 	rec->type = hdr[0];
-	rec->len = (uint32_t)hdr[1] << 24 | (uint32_t)hdr[2] << 16 |
-		   (uint32_t)hdr[3] << 8 | hdr[4];
+	rec->len = ferry__get_be32(hdr + 1);
 	if (rec->len > max)
 		return ferry_error_set(err, -EBADMSG,
 			"offset %llu: %s record claims %u bytes (limit %u)",
@@ -269,9 +265,7 @@ int ferry_record_read(struct ferry_record_io *io, struct ferry_record *rec,
 			"offset %llu: truncated %s record (check value missing)",
 			(unsigned long long)rec->offset,
 			ferry_record_type_name(rec->type));
-	check = 0;
-	for (int i = 0; i < 8; i++)
-		check = check << 8 | cb[i];
+	check = ferry__get_be64(cb);
 	want = check2(io->seq, hdr, io->buf, rec->len, NULL, 0);
 	if (check != want)
 		return ferry_error_set(err, -EBADMSG,
@@ -296,8 +290,7 @@ int ferry_record_section_hint(const struct ferry_record *rec, uint32_t *id,
 	if (rec->type < FERRY_REC_SECTION_START ||
 	    rec->type > FERRY_REC_SECTION_FULL || !b || n < 4)
 		return 0;
-	*id = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 |
-	      (uint32_t)b[2] << 8 | b[3];
+	*id = ferry__get_be32(b);
 	found |= 1;
 	if ((rec->type == FERRY_REC_SECTION_START ||
 	     rec->type == FERRY_REC_SECTION_FULL) && n >= 5 &&
