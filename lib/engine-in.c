@@ -786,16 +786,6 @@ out:
 
 /* ---- start, cancel, free -------------------------------------------------------- */
 
-static bool busy_locked(struct ferry_mig *m, struct ferry_error *err)
-{
-	if ((m->in && mig_status_live(m->in_info.status)) ||
-	    (m->out && mig_status_live(m->out_info.status)) || m->freeing) {
-		ferry_error_set(err, -EBUSY, "a migration is already set up");
-		return true;
-	}
-	return false;
-}
-
 struct start {
 	struct mig_in *in;
 	struct mig_in *old;             /* the previous one, to free */
@@ -806,9 +796,10 @@ static int start_check(struct ferry_mig *m, void *arg, struct ferry_error *err)
 {
 	struct start *st = arg;
 	enum ferry_mig_status last = m->in_info.status;
+	int r = mig_busy_locked(m, err);
 
-	if (busy_locked(m, err))
-		return -EBUSY;
+	if (r)
+		return r;
 	st->old = m->in;
 	m->in = st->in;
 	m->out_used = false;   /* query and wait follow this side now */
@@ -824,7 +815,6 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 {
 	struct start st = { 0 };
 	struct mig_in *in;
-	bool busy;
 	int e;
 
 	in = calloc(1, sizeof(*in));
@@ -851,12 +841,12 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	/* A first look, so a busy engine does not even bind; the real
 	 * check is start_check's. */
 	ferry__mutex_lock(&m->lock);
-	busy = busy_locked(m, err);
+	e = mig_busy_locked(m, err);
 	in->set = m->set;
 	ferry__mutex_unlock(&m->lock);
-	if (busy) {
+	if (e) {
 		mig_in_free(in);
-		return -EBUSY;
+		return e;
 	}
 	/* Like QEMU's: when this returns, the port accepts. */
 	if (ferry_uri_is_socket(&in->u)) {
@@ -912,6 +902,18 @@ static void cut_locked(struct mig_in *in)
 		shutdown(in->fd, SHUT_RDWR);
 }
 
+/* After cut_locked: stop the multifd receiver and end wait_main. The
+ * receiver is the acceptor's (acc_lock, which may be taken inside the
+ * engine lock: that pins @in). */
+static void cut_receiver(struct mig_in *in)
+{
+	ferry__mutex_lock(&in->acc_lock);
+	if (in->mf)
+		ferry_multifd_cancel(in->mf, -ECANCELED, "cancelled");
+	pthread_cond_broadcast(&in->acc_cond);
+	ferry__mutex_unlock(&in->acc_lock);
+}
+
 int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err)
 {
 	struct mig_in *in;
@@ -926,14 +928,7 @@ int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err)
 				"source decides the switchover");
 		} else {
 			cut_locked(in);
-			/* The receiver is the acceptor's (acc_lock, taken
-			 * inside the engine lock, which pins @in). */
-			ferry__mutex_lock(&in->acc_lock);
-			if (in->mf)
-				ferry_multifd_cancel(in->mf, -ECANCELED,
-						     "cancelled");
-			pthread_cond_broadcast(&in->acc_cond);
-			ferry__mutex_unlock(&in->acc_lock);
+			cut_receiver(in);
 		}
 	}
 	ferry__mutex_unlock(&m->lock);
@@ -945,11 +940,7 @@ void mig_in_kill(struct mig_in *in)
 	ferry__mutex_lock(&in->m->lock);
 	cut_locked(in);
 	ferry__mutex_unlock(&in->m->lock);
-	ferry__mutex_lock(&in->acc_lock);
-	if (in->mf)
-		ferry_multifd_cancel(in->mf, -ECANCELED, "cancelled");
-	pthread_cond_broadcast(&in->acc_cond);
-	ferry__mutex_unlock(&in->acc_lock);
+	cut_receiver(in);
 }
 
 void mig_in_free(struct mig_in *in)

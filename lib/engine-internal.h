@@ -119,6 +119,10 @@ bool mig_fault_take(struct ferry_mig *m, enum mig_fault f);
 
 bool mig_status_live(enum ferry_mig_status s);
 
+/* -EBUSY (and @err) while either side is live or the engine is being
+ * freed: no new migration may start. m->lock held. */
+int mig_busy_locked(struct ferry_mig *m, struct ferry_error *err);
+
 /* CLOCK_MONOTONIC deadline helpers for timed waits. */
 void mig_cond_init(pthread_cond_t *c);
 /* Wait on @c until signalled or @deadline_ns (CLOCK_MONOTONIC) passed.

@@ -1221,14 +1221,10 @@ static int start_check(struct ferry_mig *m, void *arg, struct ferry_error *err)
 	struct start *st = arg;
 	struct mig_out *o = st->o;
 	enum ferry_mig_status s;
+	int r = mig_busy_locked(m, err);
 
-	if ((m->out && mig_status_live(m->out_info.status)) ||
-	    (m->in && mig_status_live(m->in_info.status)) || m->freeing) {
-		s = m->out && mig_status_live(m->out_info.status) ?
-		    m->out_info.status : m->in_info.status;
-		return ferry_error_set(err, -EBUSY, "a migration is already %s",
-				       ferry_mig_status_name(s));
-	}
+	if (r)
+		return r;
 	if (m->set.auto_converge && !m->ops.vm_throttle)
 		return ferry_error_set(err, -EOPNOTSUPP, "auto-converge needs "
 				       "the VMM's vm_throttle hook");

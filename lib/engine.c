@@ -197,24 +197,35 @@ static bool transition_locked(struct ferry_mig *m, bool incoming, int from,
 	return true;
 }
 
-static bool set_status(struct ferry_mig *m, bool incoming, int from,
-		       enum ferry_mig_status to, const char *error)
+/*
+ * The one way a status changes: under ev_lock and lock, run @check (if
+ * any; nonzero leaves the status alone and is returned as is), move from
+ * @from (-1: from anywhere the table allows; returns 1 if the status is
+ * not @from), then trace and send the event, still under ev_lock.
+ */
+static int transition(struct ferry_mig *m, bool incoming, int from,
+		      enum ferry_mig_status to, const char *error,
+		      int (*check)(struct ferry_mig *m, void *arg,
+				   struct ferry_error *err),
+		      void *arg, struct ferry_error *err)
 {
 	struct ferry_mig_event ev;
 	char msg[FERRY_ERROR_MSG_MAX];
-	bool moved;
+	int r;
 
 	ferry__mutex_lock(&m->ev_lock);
 	ferry__mutex_lock(&m->lock);
-	moved = transition_locked(m, incoming, from, to, error, &ev);
+	r = check ? check(m, arg, err) : 0;
+	if (!r && !transition_locked(m, incoming, from, to, error, &ev))
+		r = 1;
 	/* The event's error string lives in the snapshot, which may change
 	 * once the lock is dropped: give the callback a copy. */
-	if (moved && ev.error) {
+	if (!r && ev.error) {
 		snprintf(msg, sizeof(msg), "%s", ev.error);
 		ev.error = msg;
 	}
 	ferry__mutex_unlock(&m->lock);
-	if (moved) {
+	if (!r) {
 		mig_trace(m, "%s migration: %s -> %s%s%s",
 			  incoming ? "incoming" : "outgoing",
 			  ferry_mig_status_name(ev.from),
@@ -224,19 +235,19 @@ static bool set_status(struct ferry_mig *m, bool incoming, int from,
 			m->ops.event(m->opaque, &ev);
 	}
 	ferry__mutex_unlock(&m->ev_lock);
-	return moved;
+	return r;
 }
 
 void mig_set_status(struct ferry_mig *m, bool incoming,
 		    enum ferry_mig_status to, const char *error)
 {
-	set_status(m, incoming, -1, to, error);
+	transition(m, incoming, -1, to, error, NULL, NULL, NULL);
 }
 
 bool mig_move_status(struct ferry_mig *m, bool incoming,
 		     enum ferry_mig_status from, enum ferry_mig_status to)
 {
-	return set_status(m, incoming, (int)from, to, NULL);
+	return !transition(m, incoming, (int)from, to, NULL, NULL, NULL, NULL);
 }
 
 int mig_transition_if(struct ferry_mig *m, bool incoming,
@@ -245,25 +256,7 @@ int mig_transition_if(struct ferry_mig *m, bool incoming,
 				   struct ferry_error *err),
 		      void *arg, const char *error, struct ferry_error *err)
 {
-	struct ferry_mig_event ev;
-	int r;
-
-	ferry__mutex_lock(&m->ev_lock);
-	ferry__mutex_lock(&m->lock);
-	r = check(m, arg, err);
-	if (!r)
-		transition_locked(m, incoming, -1, to, error, &ev);
-	ferry__mutex_unlock(&m->lock);
-	if (!r) {
-		mig_trace(m, "%s migration: %s -> %s",
-			  incoming ? "incoming" : "outgoing",
-			  ferry_mig_status_name(ev.from),
-			  ferry_mig_status_name(ev.to));
-		if (m->ops.event)
-			m->ops.event(m->opaque, &ev);
-	}
-	ferry__mutex_unlock(&m->ev_lock);
-	return r;
+	return transition(m, incoming, -1, to, error, check, arg, err);
 }
 
 void mig_set_switchover(struct ferry_mig *m, bool incoming,
@@ -517,6 +510,18 @@ static bool out_live_locked(struct ferry_mig *m)
 static bool in_live_locked(struct ferry_mig *m)
 {
 	return m->in && mig_status_live(m->in_info.status);
+}
+
+int mig_busy_locked(struct ferry_mig *m, struct ferry_error *err)
+{
+	if (m->freeing)
+		return ferry_error_set(err, -EBUSY, "the engine is being freed");
+	if (out_live_locked(m) || in_live_locked(m))
+		return ferry_error_set(err, -EBUSY, "a migration is already %s",
+			ferry_mig_status_name(out_live_locked(m) ?
+					      m->out_info.status :
+					      m->in_info.status));
+	return 0;
 }
 
 int ferry_mig_set(struct ferry_mig *m, const struct ferry_setting *v,
