@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "engine-internal.h"
+#include "postcopy.h"
 
 /* Connections the acceptor holds while they have not said what they are. */
 #define ACC_MAX_PENDING 16
@@ -83,6 +84,21 @@ struct mig_in {
 					   OPEN_RETURN_PATH (0 = not said) */
 	pthread_t hb_thread;
 	bool hb_live;                   /* incoming thread */
+
+	/* Postcopy. The state lives in the pcd (postcopy.h); the pointer is
+	 * set by the load thread at ADVISE under m->lock (query reads it
+	 * there) and freed with this struct - never while a page may be
+	 * missing. */
+	struct ferry_pcd *pcd;
+	bool pc_ran;                    /* load thread: RUN took the VM */
+	uint64_t t_pc_run;              /* load thread: when */
+	/* The preempt channel's reader (acceptor starts it, in_main joins). */
+	pthread_t pre_thread;
+	bool pre_live;                  /* acc_lock */
+	int pre_fd;                     /* acc_lock: -1 until it comes */
+	pthread_mutex_t pre_lock;
+	pthread_cond_t pre_cond;        /* monotonic: pre_done changed */
+	bool pre_done;                  /* pre_lock: EOF read, or it failed */
 
 	/* Load thread only. */
 	struct ferry_chan *main_chan;   /* the stream, while it is read */
@@ -270,6 +286,223 @@ static struct ferry_multifd *provide_receiver(void *opaque, unsigned channels,
 	return mf;
 }
 
+/* ---- postcopy --------------------------------------------------------------------- */
+
+/*
+ * The preempt channel: requested pages, each a PAGE record, placed the
+ * moment they arrive; the listen thread places the main stream's. The
+ * source's last record here is an EOF, sent before its END, so END can
+ * wait for it and no requested page arrives after RAM is unregistered.
+ */
+static void *pre_main(void *arg)
+{
+	struct mig_in *in = arg;
+	struct ferry_chan *c = ferry_chan_new_fd(in->pre_fd, FERRY_CHAN_READ,
+						 false);
+	struct ferry_record_io io = { .chan = c };
+	struct ferry_error err = { 0 };
+	uint8_t session[16];
+	int r = c ? 0 : -ENOMEM;
+
+	if (!r) {
+		ferry_get_be32(c);  /* the magic, seen by classify() */
+		ferry_get_buf(c, session, sizeof(session));
+		r = ferry_chan_error(c, &err);
+	}
+	while (!r) {
+		struct ferry_record rec;
+		struct ferry_pcd *pcd;
+
+		if ((r = ferry_record_read(&io, &rec, &err)))
+			break;
+		if (rec.type == FERRY_REC_EOF)
+			break;
+		if (rec.type != FERRY_REC_PAGE) {
+			r = ferry_error_set(&err, -EBADMSG, "%s record on the "
+				"preempt channel", ferry_record_type_name(rec.type));
+			break;
+		}
+		ferry__mutex_lock(&in->m->lock);
+		pcd = in->pcd;
+		ferry__mutex_unlock(&in->m->lock);
+		r = pcd ? ferry__pcd_page_record(pcd, rec.body, rec.len, &err)
+			: ferry_error_set(&err, -EPROTO, "a page before "
+					  "POSTCOPY_ADVISE");
+	}
+	if (r)
+		mig_trace(in->m, "postcopy preempt channel: %s", err.msg);
+	ferry__mutex_lock(&in->pre_lock);
+	in->pre_done = true;
+	pthread_cond_broadcast(&in->pre_cond);
+	ferry__mutex_unlock(&in->pre_lock);
+	ferry_record_io_release(&io);
+	ferry_chan_free(c);
+	return NULL;
+}
+
+static void pre_stop(struct mig_in *in)
+{
+	bool live;
+
+	ferry__mutex_lock(&in->acc_lock);
+	live = in->pre_live;
+	if (live)
+		shutdown(in->pre_fd, SHUT_RDWR);
+	ferry__mutex_unlock(&in->acc_lock);
+	if (live)
+		pthread_join(in->pre_thread, NULL);
+	ferry__mutex_lock(&in->acc_lock);
+	in->pre_live = false;
+	if (in->pre_fd >= 0)
+		close(in->pre_fd);
+	in->pre_fd = -1;
+	ferry__mutex_unlock(&in->acc_lock);
+}
+
+static void pcd_trace(void *opaque, const char *line)
+{
+	mig_trace(((struct mig_in *)opaque)->m, "%s", line);
+}
+
+/* The fault thread's requests (any thread but the heartbeat's). */
+static int request_pages(void *opaque, const char *block, uint64_t start,
+			 uint32_t len)
+{
+	struct mig_in *in = opaque;
+	struct ferry_rp_msg msg = { .type = FERRY_RP_REQ_PAGES, .start = start,
+				    .len = len };
+
+	snprintf(msg.block, sizeof(msg.block), "%s", block);
+	return rp_send(in, &msg, NULL);
+}
+
+/* The package failed while the listen thread reads: end its read. The
+ * return path (the same socket) stays up for the SHUT that tells the
+ * source the VM never ran here. */
+static void stop_listen(void *opaque)
+{
+	struct mig_in *in = opaque;
+
+	ferry__mutex_lock(&in->m->lock);
+	if (in->fd >= 0)
+		shutdown(in->fd, SHUT_RD);
+	ferry__mutex_unlock(&in->m->lock);
+}
+
+static void shut_values(struct mig_in *in, struct ferry_rp_msg *msg);
+static int take_vm(struct mig_in *in, struct ferry_error *err);
+
+static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
+		      struct ferry_error *err)
+{
+	struct ferry_mig *m = in->m;
+	struct ferry_pcd *pcd = in->pcd;
+	int r;
+
+	switch (msg->cmd) {
+	case FERRY_CMD_POSTCOPY_ADVISE:
+		if (!in->set.postcopy_ram)
+			return ferry_error_set(err, -EOPNOTSUPP, "the source "
+				"migrates with postcopy: set capability "
+				"postcopy-ram on this side too");
+		if (!m->ram)
+			return ferry_error_set(err, -EOPNOTSUPP, "postcopy: this "
+					       "destination has no RAM");
+		if (pcd)
+			return ferry_error_set(err, -EPROTO, "POSTCOPY_ADVISE in "
+				"postcopy state %s (it belongs in state none)",
+				ferry_pc_state_name(ferry__pcd_state(pcd)));
+		pcd = ferry__pcd_new(m->ram, msg->u.advise.host_page_size,
+				     msg->u.advise.target_page_size, pcd_trace,
+				     in, err);
+		if (!pcd)
+			return err && err->code ? err->code : -ENOMEM;
+		ferry__mutex_lock(&m->lock);
+		in->pcd = pcd;
+		ferry__mutex_unlock(&m->lock);
+		return 0;
+	case FERRY_CMD_POSTCOPY_DISCARD:
+		if (!pcd)
+			break;
+		return ferry__pcd_discard(pcd, msg->u.discard.block,
+					  msg->u.discard.n, msg->u.discard.ranges,
+					  err);
+	case FERRY_CMD_POSTCOPY_LISTEN:
+		if (!pcd)
+			break;
+		return ferry__pcd_listen(pcd, request_pages, in, err);
+	case FERRY_CMD_POSTCOPY_RUN: {
+		struct ferry_rp_msg run = { .type = FERRY_RP_RUNNING };
+		struct timespec rt;
+
+		if (!pcd)
+			break;
+		if (mig_fault_take(m, FAULT_FAIL_PACKAGE))
+			return ferry_error_set(err, -EIO, "fault point "
+					       "fail-package");
+		run.values[FERRY_SHUT_T_GO] = now_ns();
+		if ((r = ferry__pcd_move(pcd, FERRY_PC_LISTENING,
+					 FERRY_PC_RUNNING, "POSTCOPY_RUN", err)))
+			return r;
+		/* The VM is ours from here, whatever its pages' whereabouts:
+		 * the source never resumes once it sent RUN. */
+		in->pc_ran = true;
+		in->t_pc_run = now_ns();
+		mig_set_switchover(m, true, FERRY_SWO_DONE);
+		r = take_vm(in, err);
+		mig_move_status(m, true, FERRY_MIG_ACTIVE,
+				FERRY_MIG_POSTCOPY_ACTIVE);
+		shut_values(in, &run);
+		run.values[FERRY_SHUT_T_RESUMED] = now_ns();
+		clock_gettime(CLOCK_REALTIME, &rt);
+		run.values[FERRY_SHUT_T_RESUMED_REAL] =
+			(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
+		rp_send(in, &run, NULL);
+		return r;
+	}
+	case FERRY_CMD_POSTCOPY_END: {
+		uint64_t deadline = now_ns() + in->set.peer_timeout_ms * 1000000ull;
+
+		if (msg->u.status)
+			return ferry_error_set(err, -EPROTO, "the source ended "
+					       "postcopy with status %u",
+					       msg->u.status);
+		if (ferry__pcd_state(pcd) != FERRY_PC_RUNNING)
+			return ferry_error_set(err, -EPROTO, "POSTCOPY_END in "
+				"postcopy state %s (it belongs in state running)",
+				ferry_pc_state_name(ferry__pcd_state(pcd)));
+		/* Requested pages on the preempt channel land first. */
+		ferry__mutex_lock(&in->pre_lock);
+		while (in->pre_live && !in->pre_done &&
+		       mig_cond_wait_until(&in->pre_cond, &in->pre_lock, deadline))
+			;
+		ferry__mutex_unlock(&in->pre_lock);
+		ferry__pcd_finish(pcd);
+		return ferry__pcd_move(pcd, FERRY_PC_RUNNING, FERRY_PC_END,
+				       "POSTCOPY_END", err);
+	}
+	default:
+		break;
+	}
+	return ferry_error_set(err, -EPROTO, "%s in postcopy state none",
+			       ferry_cmd_name(msg->cmd));
+}
+
+void mig_in_postcopy_info(struct mig_in *in, struct ferry_mig_info *i)
+{
+	struct ferry_pcd_stats st;
+
+	if (!in->pcd)
+		return;
+	ferry__pcd_get_stats(in->pcd, &st);
+	i->postcopy_requests = st.requests;
+	i->postcopy_faults = st.faults;
+	i->postcopy_lat_p50_us = st.lat_p50_ns / 1000;
+	i->postcopy_lat_p99_us = st.lat_p99_ns / 1000;
+	i->postcopy_lat_max_us = st.lat_max_ns / 1000;
+	i->postcopy_blocktime_ms = st.blocktime_ns / 1000000;
+}
+
 /* DONE: @fd is dealt with. WAIT: nothing yet. PARTIAL: some of its first
  * bytes came, not all (it stays readable: poll cannot wait on it). */
 enum verdict { DONE, WAIT, PARTIAL };
@@ -294,6 +527,25 @@ static enum verdict classify(struct mig_in *in, int fd)
 		ferry__mutex_unlock(&in->acc_lock);
 		if (fd >= 0)
 			refuse_stream(in, fd);
+		return DONE;
+	}
+	if (n == 4 && ferry__get_be32(hs) == FERRY_PREEMPT_MAGIC) {
+		bool taken = false;
+
+		ferry__mutex_lock(&in->acc_lock);
+		if (in->pre_fd < 0 && !in->pre_live) {
+			in->pre_fd = fd;
+			in->pre_live = !pthread_create(&in->pre_thread, NULL,
+						       pre_main, in);
+			taken = in->pre_live;
+			if (!taken)
+				in->pre_fd = -1;
+		}
+		ferry__mutex_unlock(&in->acc_lock);
+		if (!taken) {
+			mig_trace(in->m, "a second postcopy preempt channel: closed");
+			close(fd);
+		}
 		return DONE;
 	}
 	if (n == 4 && ferry__get_be32(hs) == FERRY_MULTIFD_MAGIC) {
@@ -493,10 +745,7 @@ static int on_command(void *opaque, const struct ferry_cmd_msg *msg,
 		return rp_send(in, &pong, err);
 	}
 	default:
-		/* ADVISE, LISTEN, RUN, DISCARD: postcopy resumes the VM from
-		 * here (POSTCOPY_RUN), through the same path as GO. */
-		return ferry_error_set(err, -EOPNOTSUPP,
-				       "postcopy is not enabled on this destination");
+		return pc_command(in, msg, err);
 	}
 }
 
@@ -659,6 +908,8 @@ static void *in_main(void *arg)
 		.stats = &in->stats, .device_load_begin = dev_load_begin,
 		.device_load_end = dev_load_end,
 	};
+	struct ferry__load_hooks hooks = { .stop_listen = stop_listen,
+					   .opaque = in };
 	bool socket = ferry_uri_is_socket(&in->u);
 	char msg[FERRY_ERROR_MSG_MAX];
 	int fd, r = 0;
@@ -696,7 +947,7 @@ static void *in_main(void *arg)
 	io.chan = c;
 	if (m->ram)
 		ferry__ram_set_multifd_provider(m->ram, provide_receiver, in);
-	r = ferry__load(m->ctx, c, &opts, &io, &in->version, &err);
+	r = ferry__load(m->ctx, c, &opts, &hooks, &io, &in->version, &err);
 	if (r == -ETIMEDOUT) {
 		ferry_error_clear(&err);
 		ferry_error_set(&err, r, "no data from the source for %llu ms",
@@ -726,10 +977,31 @@ static void *in_main(void *arg)
 			ferry_multifd_cancel(mf, r, "the load failed");
 		ferry_multifd_free(mf);
 	}
-	if (r) {
+	pre_stop(in);
+	if (in->pc_ran) {
+		/* Postcopy: the VM runs here since RUN. Done when every page
+		 * is in; otherwise part of its memory is still at the source
+		 * and the VM must wait for it (postcopy-paused): nothing here
+		 * may zero-fill a missing page. */
+		struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT };
+
+		if (!r) {
+			shut_values(in, &shut);
+			shut.values[FERRY_SHUT_T_RESUMED] = in->t_pc_run;
+			rp_send(in, &shut, NULL);
+		} else {
+			ferry_error_prefix(&err, "postcopy from %s broke after "
+				"the VM ran here; the VM waits for its missing "
+				"pages: ", in->uri);
+		}
+	} else if (r) {
 		struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT,
 					     .status = (uint32_t)-r };
 
+		/* Postcopy that failed before RUN: the VM never ran here and
+		 * never will; nobody serves its faults any more. */
+		if (in->pcd)
+			ferry__pcd_finish(in->pcd);
 		ferry_error_prefix(&err, "incoming migration from %s failed: ",
 				   in->uri);
 		snprintf(shut.reason, sizeof(shut.reason), "%.250s", err.msg);
@@ -768,7 +1040,11 @@ out:
 	in->l = NULL;
 	if (swo != FERRY_SWO_NONE && swo != FERRY_SWO_LOADED)
 		mig_set_switchover(m, true, swo);
-	if (r) {
+	if (r && in->pc_ran) {
+		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-r));
+		mig_trace(m, "%s", msg);
+		mig_set_status(m, true, FERRY_MIG_POSTCOPY_PAUSED, msg);
+	} else if (r) {
 		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-r));
 		mig_trace(m, "%s", msg);
 		/* A cancel before LOADED ends cancelled, whatever broke on
@@ -824,7 +1100,10 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	in->fd = -1;
 	in->held_fd = -1;
 	in->main_fd = -1;
+	in->pre_fd = -1;
 	in->wake[0] = in->wake[1] = -1;
+	pthread_mutex_init(&in->pre_lock, NULL);
+	mig_cond_init(&in->pre_cond);
 	pthread_mutex_init(&in->acc_lock, NULL);
 	mig_cond_init(&in->acc_cond);
 	pthread_mutex_init(&in->rp_lock, NULL);
@@ -950,6 +1229,9 @@ void mig_in_free(struct mig_in *in)
 	if (in->thread_started)
 		pthread_join(in->thread, NULL);
 	acc_stop(in);
+	pre_stop(in);
+	/* The fault thread sends on the return path: stop it first. */
+	ferry__pcd_free(in->pcd);
 	rp_close(in);
 	if (in->held_fd >= 0)
 		close(in->held_fd);
@@ -965,5 +1247,7 @@ void mig_in_free(struct mig_in *in)
 	pthread_cond_destroy(&in->acc_cond);
 	pthread_mutex_destroy(&in->rp_lock);
 	pthread_cond_destroy(&in->hb_cond);
+	pthread_mutex_destroy(&in->pre_lock);
+	pthread_cond_destroy(&in->pre_cond);
 	free(in);
 }

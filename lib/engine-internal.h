@@ -34,6 +34,8 @@ struct mig_settings {
 	uint64_t avail_switchover_bandwidth; /* bytes/s, 0 = measured */
 	uint64_t throttle_initial, throttle_increment, throttle_max;
 	uint64_t peer_timeout_ms;
+	bool postcopy_ram, postcopy_preempt;
+	uint64_t postcopy_after_ms, postcopy_after_passes;
 };
 
 void mig_settings_default(struct mig_settings *s);
@@ -48,6 +50,7 @@ enum mig_fault {
 	FAULT_LOSE_ACK,
 	FAULT_HOLD_DEVICE,
 	FAULT_STALL_LOAD,
+	FAULT_FAIL_PACKAGE,
 	FAULT__MAX
 };
 
@@ -149,6 +152,7 @@ uint64_t mig_boot_id_hash(void);
 /* engine-out.c */
 int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err);
 int mig_out_cancel(struct ferry_mig *m, struct ferry_error *err);
+int mig_out_start_postcopy(struct ferry_mig *m, struct ferry_error *err);
 /* Join the thread and free; @m->lock not held. */
 void mig_out_free(struct mig_out *o);
 /* Cut everything (ferry_mig_free): like cancel, even past GO. */
@@ -158,6 +162,8 @@ void mig_out_kill(struct mig_out *o);
 int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err);
 int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err);
 const char *mig_in_uri(struct mig_in *in);
+/* The destination's postcopy figures into @i (m->lock held). */
+void mig_in_postcopy_info(struct mig_in *in, struct ferry_mig_info *i);
 void mig_in_free(struct mig_in *in);
 void mig_in_kill(struct mig_in *in);
 

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "engine-internal.h"
+#include "ram-internal.h"
 
 /* Bytes per PART section: small enough that cancel, rate limiting and the
  * convergence check react quickly, large enough to amortise a section. */
@@ -52,6 +53,10 @@
 /* Bandwidth is measured over windows at least this long: a pass can last
  * a few milliseconds, too short to say anything about the link. */
 #define BW_WINDOW_NS 100000000ull
+/* Bytes of background pages per postcopy section: a requested page waits
+ * behind at most this much of our own buffer (the socket's is another
+ * matter: that is what postcopy-preempt is for). */
+#define PC_BUDGET (256ull << 10)
 
 /* ---- the return path, source side --------------------------------------- */
 
@@ -78,6 +83,9 @@ struct rp_reader {
 	struct ferry_rp_msg shut_msg;
 	uint64_t t_shut;
 	uint32_t pong;
+	bool running;                   /* postcopy: RUNNING read */
+	struct ferry_rp_msg running_msg;
+	uint64_t t_running;
 };
 
 struct heartbeat {
@@ -109,6 +117,17 @@ struct mig_out {
 	bool cut_by_rp;                 /* ... first by a return-path failure */
 	int fd;                         /* main connection, or -1 */
 	struct ferry_multifd *mf;       /* while it exists */
+	bool pc_requested;              /* migrate-start-postcopy */
+	bool pc_switched;               /* the VM stopped for postcopy */
+	int pre_fd;                     /* postcopy preempt connection, or -1 */
+
+	/* Postcopy: the return-path reader answers page requests once this
+	 * is set (atomic), on the preempt channel when there is one. */
+	bool pc_on;
+	pthread_mutex_t pre_lock;       /* the preempt channel's writer */
+	struct ferry_chan *pre_chan;    /* pre_lock (set before pc_on) */
+	struct ferry_record_io pre_io;  /* pre_lock */
+	bool pre_closed;                /* pre_lock: END's marker went out */
 
 	/* Migration thread only. */
 	struct mig_settings set;
@@ -124,6 +143,8 @@ struct mig_out {
 	bool in_doubt;
 	bool completed;
 	uint64_t t_start, t_stop;
+	uint64_t t_pc_sync, t_pc_discard; /* postcopy: switch section, DISCARDs */
+	uint64_t t_pc_start, pc_bytes0;
 	struct ferry_save_stats ss;
 	struct ferry_mig_info prog;     /* published into m->out_info */
 };
@@ -135,6 +156,33 @@ static uint64_t now_ns(void)
 
 static void rp_cut(struct mig_out *o);
 
+/*
+ * A page request (the return-path reader's thread). On the preempt channel
+ * the pages go out from here at once, never behind the background; else
+ * they are queued for the migration thread's next section. After END's
+ * marker every page has been sent: a late request is for a page the
+ * destination's END will settle.
+ */
+static int serve_request(struct mig_out *o, const struct ferry_rp_msg *msg,
+			 struct ferry_error *err)
+{
+	struct ferry_ram *ram = o->m->ram;
+	int r = 0;
+
+	if (!ram || !__atomic_load_n(&o->pc_on, __ATOMIC_ACQUIRE))
+		return ferry_error_set(err, -EBADMSG, "return path: page request "
+				       "outside postcopy");
+	if (!o->pre_chan)
+		return ferry__ram_pc_request(ram, msg->block, msg->start,
+					     msg->len, err);
+	ferry__mutex_lock(&o->pre_lock);
+	if (!o->pre_closed)
+		r = ferry__ram_pc_send_preempt(ram, &o->pre_io, msg->block,
+					       msg->start, msg->len, err);
+	ferry__mutex_unlock(&o->pre_lock);
+	return r;
+}
+
 static void *rp_main(void *arg)
 {
 	struct rp_reader *rp = arg;
@@ -145,6 +193,9 @@ static void *rp_main(void *arg)
 		int r = ferry_rp_recv(&rp->io, &msg, &err);
 		bool end = false;
 
+		if (!r && msg.type == FERRY_RP_REQ_PAGES &&
+		    !(r = serve_request(rp->o, &msg, &err)))
+			continue;
 		ferry__mutex_lock(&rp->lock);
 		if (r == -ETIMEDOUT) {
 			rp->err = r;
@@ -177,6 +228,19 @@ static void *rp_main(void *arg)
 			break;
 		case FERRY_RP_PONG:
 			rp->pong = msg.pong;
+			break;
+		case FERRY_RP_RUNNING:
+			if (rp->running || msg.status ||
+			    !__atomic_load_n(&rp->o->pc_on, __ATOMIC_ACQUIRE)) {
+				rp->err = -EBADMSG;
+				snprintf(rp->errmsg, sizeof(rp->errmsg),
+					 "return path: unexpected RUNNING");
+				end = true;
+				break;
+			}
+			rp->running = true;
+			rp->running_msg = msg;
+			rp->t_running = now_ns();
 			break;
 		case FERRY_RP_HEARTBEAT:
 			/* It says how long it waits for us: beat faster than
@@ -351,6 +415,8 @@ static void cut_locked(struct mig_out *o)
 	/* ferry_mig_free does not wait for the ABORT to get through. */
 	if (o->fd >= 0 && (!o->eof_sent || o->killed))
 		shutdown(o->fd, SHUT_RDWR);
+	if (o->pre_fd >= 0)
+		shutdown(o->pre_fd, SHUT_RDWR);
 	if (o->mf)
 		ferry_multifd_cancel(o->mf, -ECANCELED, "cancelled");
 	pthread_cond_broadcast(&o->m->cond);
@@ -386,6 +452,11 @@ static int cancel_check(struct ferry_mig *m, void *arg, struct ferry_error *err)
 		o->cancel = true;
 		cut_locked(o);
 		return 0;
+	case FERRY_MIG_POSTCOPY_ACTIVE:
+	case FERRY_MIG_POSTCOPY_PAUSED:
+		return ferry_error_set(err, -EBUSY, "too late to cancel: in "
+			"postcopy the destination runs the VM and this side holds "
+			"the rest of its memory");
 	default:
 		return 1;  /* nothing to cancel (QEMU: not an error) */
 	}
@@ -476,7 +547,8 @@ static void publish(struct mig_out *o)
 	CP(downtime_bytes); CP(multifd_bytes); CP(ram_total);
 	CP(ram_transferred); CP(ram_remaining); CP(ram_duplicate);
 	CP(ram_normal); CP(ram_normal_bytes); CP(ram_dirty_sync_count);
-	CP(downtime_ns);
+	CP(downtime_ns); CP(postcopy_bytes); CP(postcopy_requests);
+	CP(postcopy_time_ms);
 	memcpy(m->out_info.phase_ms, i->phase_ms, sizeof(i->phase_ms));
 #undef CP
 	ferry__mutex_unlock(&m->lock);
@@ -504,7 +576,19 @@ static void refresh_live(struct mig_out *o)
 	o->set.throttle_initial = m->set.throttle_initial;
 	o->set.throttle_increment = m->set.throttle_increment;
 	o->set.throttle_max = m->set.throttle_max;
+	o->set.postcopy_after_ms = m->set.postcopy_after_ms;
+	o->set.postcopy_after_passes = m->set.postcopy_after_passes;
 	ferry__mutex_unlock(&m->lock);
+}
+
+static bool postcopy_wanted(struct mig_out *o)
+{
+	bool w;
+
+	ferry__mutex_lock(&o->m->lock);
+	w = o->pc_requested;
+	ferry__mutex_unlock(&o->m->lock);
+	return w;
 }
 
 /* Sleep as needed so that every channel's bytes since the start stay
@@ -577,6 +661,60 @@ static int connect_multifd(struct mig_out *o, struct ferry_error *err)
 	return 0;
 }
 
+/* The preempt channel: its own connection, announced by its magic. */
+static int connect_preempt(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_chan *c;
+	int fd = ferry_transport_connect(o->uri, (int)o->set.peer_timeout_ms, err);
+
+	if (fd < 0)
+		return ferry_error_prefix(err, "postcopy preempt channel: ");
+	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
+	c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, true);
+	if (!c) {
+		close(fd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	/* A stalled destination must not hold the return-path reader, which
+	 * writes here, for longer than a silent one would. */
+	ferry_chan_set_timeout(c, (int)o->set.peer_timeout_ms);
+	ferry_put_be32(c, FERRY_PREEMPT_MAGIC);
+	ferry_put_buf(c, (const uint8_t[16]){ 0 }, 16);
+	if (ferry_chan_flush(c)) {
+		int r = ferry_chan_error(c, err);
+		ferry_chan_free(c);
+		ferry_error_prefix(err, "postcopy preempt channel: ");
+		return r;
+	}
+	ferry__mutex_lock(&o->m->lock);
+	o->pre_fd = fd;
+	if (o->cancel)
+		cut_locked(o);
+	ferry__mutex_unlock(&o->m->lock);
+	o->pre_chan = c;
+	o->pre_io = (struct ferry_record_io){ .chan = c };
+	return 0;
+}
+
+/* Postcopy at setup: ADVISE before any page, and the preempt channel. */
+static int postcopy_setup(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	uint8_t adv[16];
+	int r;
+
+	if (!o->use_rp || !m->ram)
+		return ferry_error_set(err, -EINVAL, "postcopy-ram needs %s",
+			!m->ram ? "the VM's RAM given to the engine" :
+			"a return path (a socket URI and capability return-path)");
+	ferry__put_be64(adv, (uint64_t)sysconf(_SC_PAGESIZE));
+	ferry__put_be64(adv + 8, m->ram->blocks[0].page_size);
+	r = ferry_save_command(o->s, FERRY_CMD_POSTCOPY_ADVISE, adv, 16, err);
+	if (!r && o->set.postcopy_preempt)
+		r = connect_preempt(o, err);
+	return r;
+}
+
 static int setup(struct mig_out *o, struct ferry_error *err)
 {
 	struct ferry_mig *m = o->m;
@@ -627,6 +765,8 @@ static int setup(struct mig_out *o, struct ferry_error *err)
 		if (r)
 			return r;
 	}
+	if (o->set.postcopy_ram && (r = postcopy_setup(o, err)))
+		return r;
 	r = ferry_save_setup(o->s, err);
 	if (r)
 		return r;
@@ -652,7 +792,7 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 	uint64_t bytes0 = total_bytes(o), pass_t0 = now_ns(), pass_b0 = bytes0;
 	uint64_t bw_t0 = pass_t0, bw_b0 = bytes0, dirty = 0;
 	uint64_t last_sync = 0, prev_rest = 0, bw = 0;
-	unsigned strikes = 0, fit_passes = 0;
+	unsigned strikes = 0, fit_passes = 0, stuck = 0;
 
 	for (;;) {
 		uint64_t must, can, rest, sync = 0;
@@ -660,6 +800,10 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 
 		if (cancelled(o))
 			return ferry_error_set(err, -ECANCELED, "cancelled");
+		if (postcopy_wanted(o)) {
+			publish(o);
+			return 1;
+		}
 		if ((r = rp_failed(&o->rp, err)))
 			return r;
 		ferry_save_pending(o->s, true, &must, &can);
@@ -715,6 +859,23 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 				     fit_passes++ >= MAX_EXTRA_PASSES)) {
 				publish(o);
 				return 0;
+			}
+			/* The automatic switch to postcopy (docs/architecture.md,
+			 * "Postcopy"): precopy is not converging. */
+			stuck = !fits && !shrinks ? stuck + 1 : 0;
+			if (o->set.postcopy_ram &&
+			    ((o->set.postcopy_after_passes &&
+			      stuck >= o->set.postcopy_after_passes) ||
+			     (!fits && o->set.postcopy_after_ms &&
+			      now - o->t_start >= o->set.postcopy_after_ms *
+						  1000000ull))) {
+				mig_trace(m, "postcopy: switching by itself (%s)",
+					  stuck >= o->set.postcopy_after_passes &&
+					  o->set.postcopy_after_passes ?
+					  "passes stopped shrinking" :
+					  "precopy ran too long");
+				publish(o);
+				return 1;
 			}
 			/* Auto-converge: the guest dirties faster than we send. */
 			if (!fits && !shrinks && o->set.auto_converge &&
@@ -1058,6 +1219,235 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 	return 0;
 }
 
+/* ---- postcopy ------------------------------------------------------------------------ */
+
+static int emit_discard(void *arg, const void *payload, size_t len,
+			struct ferry_error *err)
+{
+	struct mig_out *o = arg;
+
+	return ferry_save_command(o->s, FERRY_CMD_POSTCOPY_DISCARD, payload, len,
+				  err);
+}
+
+/* How the destination stands, from the return path: 0 while postcopy
+ * goes on; -errno with @err once it failed or went away. *@ran: it runs
+ * the VM (RUNNING came). */
+static int pc_peer(struct mig_out *o, bool *ran, struct ferry_error *err)
+{
+	struct rp_reader *rp = &o->rp;
+	int r;
+
+	ferry__mutex_lock(&rp->lock);
+	*ran = rp->running;
+	r = rp_failure_locked(rp, err);
+	if (!r && rp->done && !rp->shut)
+		r = ferry_error_set(err, -EPROTO, "destination: closed the "
+				    "return path");
+	ferry__mutex_unlock(&rp->lock);
+	return r;
+}
+
+/*
+ * A write of ours failed after the package went out. The destination may
+ * have refused the package (and closed the connection, which is what broke
+ * our write): its SHUT says so, and then the VM never ran there and may
+ * resume here. Anything else after the package is postcopy broken.
+ */
+static int pc_write_failed(struct mig_out *o, int r, struct ferry_error *err)
+{
+	struct rp_reader *rp = &o->rp;
+	struct ferry_error dest = { 0 };
+	uint64_t deadline = now_ns() + 1000 * 1000000ull;
+
+	ferry__mutex_lock(&rp->lock);
+	while (!rp->done && mig_cond_wait_until(&rp->cond, &rp->lock, deadline))
+		;
+	if (rp->shut && rp->shut_msg.status && !rp->running &&
+	    rp_failure_locked(rp, &dest)) {
+		o->committed = false;
+		ferry_error_clear(err);
+		ferry_error_propagate(err, &dest);
+		r = dest.code;
+	}
+	ferry__mutex_unlock(&rp->lock);
+	return r;
+}
+
+static void pc_account(struct mig_out *o)
+{
+	const uint64_t *v = o->rp.running_msg.values;
+	double *ph = o->prog.phase_ms, dev;
+	uint64_t t0 = o->t_stop, end = o->rp.t_running;
+
+	memset(ph, 0, sizeof(o->prog.phase_ms));
+	ph[FERRY_PHASE_FINAL_SYNC] = span_ms(t0, o->t_pc_sync);
+	ph[FERRY_PHASE_REMAINING_RAM] = span_ms(o->t_pc_sync, o->t_pc_discard);
+	ph[FERRY_PHASE_DEVICE_SAVE] = span_ms(o->t_pc_discard, o->ss.t_done);
+	dev = (double)v[FERRY_SHUT_DEVICE_LOAD_NS] / 1e6;
+	if (v[FERRY_SHUT_BOOT_ID] == mig_boot_id_hash() && v[FERRY_SHUT_T_RESUMED])
+		end = v[FERRY_SHUT_T_RESUMED];  /* one host, one clock */
+	{
+		double resume = span_ms(v[FERRY_SHUT_T_GO], v[FERRY_SHUT_T_RESUMED]);
+		double tail = span_ms(o->ss.t_done, end) - resume;
+
+		if (tail < 0)
+			tail = 0;
+		if (dev > tail)
+			dev = tail;
+		ph[FERRY_PHASE_TRANSFER] = tail - dev;
+		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
+		ph[FERRY_PHASE_RESUME] = resume;
+	}
+	o->prog.downtime_ns = end > t0 ? end - t0 : 0;
+}
+
+/*
+ * Postcopy (docs/architecture.md, "Postcopy"): stop the VM; a last multifd
+ * sync point and dirty sync; DISCARD every page still to send; LISTEN; the
+ * device state and RUN in one package. Once every byte of the package is
+ * in the kernel the destination may run the VM, and this side never
+ * resumes - unless the destination says it failed before it ran. Then the
+ * rest of RAM, requested pages first, and END.
+ */
+static int postcopy(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	bool sent, ran = false, cancel;
+	uint64_t last_pub = 0;
+	int r;
+
+	r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);
+	if (r)
+		return ferry_error_prefix(err, "stopping the VM: ");
+	o->stopped = true;
+	o->t_stop = now_ns();
+	if (o->throttled) {
+		m->ops.vm_throttle(m->opaque, 0);
+		o->throttled = false;
+	}
+	ferry__mutex_lock(&m->lock);
+	o->pc_switched = true;
+	ferry__mutex_unlock(&m->lock);
+	if (m->ops.switchover_begin &&
+	    (r = m->ops.switchover_begin(m->opaque, err)))
+		return ferry_error_prefix(err, "switchover_begin: ");
+	o->pc_bytes0 = total_bytes(o);
+	o->t_pc_start = o->t_stop;
+	r = ferry__save_ram_section(o->s, ferry__ram_pc_switch_section, err);
+	o->t_pc_sync = now_ns();
+	if (!r)
+		r = ferry__ram_pc_discard(m->ram, emit_discard, o, err);
+	o->t_pc_discard = now_ns();
+	if (!r)
+		r = ferry_save_command(o->s, FERRY_CMD_POSTCOPY_LISTEN, NULL, 0, err);
+	if (r)
+		return r;
+	/* The commit point, taken under the lock a cancel takes. */
+	ferry__mutex_lock(&m->lock);
+	cancel = o->cancel;
+	if (!cancel)
+		o->committing = true;
+	ferry__mutex_unlock(&m->lock);
+	if (cancel)
+		return ferry_error_set(err, -ECANCELED, "cancelled");
+	/* Requests may come while the destination loads the package. */
+	__atomic_store_n(&o->pc_on, true, __ATOMIC_RELEASE);
+	r = ferry__save_package(o->s, &sent, err);
+	if (sent) {
+		o->committed = true;
+		mig_move_status(m, false, FERRY_MIG_ACTIVE,
+				FERRY_MIG_POSTCOPY_ACTIVE);
+	}
+	if (r)
+		return sent ? pc_write_failed(o, r, err) : r;
+	o->ss.size = sizeof(o->ss);
+	ferry_save_get_stats(o->s, &o->ss);
+	o->prog.downtime_bytes = total_bytes(o) - o->pc_bytes0;
+
+	for (;;) {
+		uint64_t now = now_ns();
+
+		if ((r = pc_peer(o, &ran, err))) {
+			/* Failed before it ran the VM: the VM is still whole
+			 * here (never touched since the stop), so resume. */
+			if (!ran && o->rp.shut)
+				o->committed = false;
+			return r;
+		}
+		if (ran && !o->prog.downtime_ns)
+			pc_account(o);
+		if (ferry__ram_pc_idle(m->ram))
+			break;
+		r = ferry__save_ram_round(o->s, PC_BUDGET, false, err);
+		if (r) {
+			ferry_error_prefix(err, "postcopy: ");
+			return pc_write_failed(o, r, err);
+		}
+		if (now - last_pub >= 100000000ull) {
+			o->prog.postcopy_bytes = total_bytes(o) - o->pc_bytes0;
+			o->prog.postcopy_requests = __atomic_load_n(
+				&m->ram->pc_served, __ATOMIC_RELAXED);
+			publish(o);
+			last_pub = now;
+		}
+	}
+	/* Every page is out. The preempt channel's last record goes first,
+	 * so END on the main stream cannot overtake a requested page. */
+	if (o->pre_chan) {
+		ferry__mutex_lock(&o->pre_lock);
+		o->pre_closed = true;
+		r = ferry_record_write(&o->pre_io, FERRY_REC_EOF, NULL, 0, err);
+		if (!r && ferry_chan_flush(o->pre_chan))
+			r = ferry_chan_error(o->pre_chan, err);
+		ferry__mutex_unlock(&o->pre_lock);
+		if (r)
+			return ferry_error_prefix(err, "postcopy preempt channel: ");
+	}
+	r = ferry__save_ram_round(o->s, 0, true, err);
+	if (!r)
+		r = ferry__save_postcopy_end(o->s, err);
+	if (r)
+		return ferry_error_prefix(err, "postcopy: ");
+	o->prog.postcopy_bytes = total_bytes(o) - o->pc_bytes0;
+	o->prog.postcopy_requests = __atomic_load_n(&m->ram->pc_served,
+						    __ATOMIC_RELAXED);
+	/* The destination answers once every page is in place. */
+	ferry__mutex_lock(&o->rp.lock);
+	while (!o->rp.shut && !o->rp.done)
+		pthread_cond_wait(&o->rp.cond, &o->rp.lock);
+	ferry__mutex_unlock(&o->rp.lock);
+	if ((r = pc_peer(o, &ran, err)))
+		return r;
+	if (!o->prog.downtime_ns)
+		pc_account(o);
+	o->prog.postcopy_time_ms = (now_ns() - o->t_pc_start) / 1000000;
+	o->completed = true;
+	return 0;
+}
+
+int mig_out_start_postcopy(struct ferry_mig *m, struct ferry_error *err)
+{
+	int r = 0;
+
+	ferry__mutex_lock(&m->lock);
+	if (!m->out || !m->out_used ||
+	    (m->out_info.status != FERRY_MIG_ACTIVE &&
+	     m->out_info.status != FERRY_MIG_SETUP) || m->out->pc_switched)
+		r = ferry_error_set(err, -EINVAL, "no precopy to switch to "
+			"postcopy (status %s)",
+			ferry_mig_status_name(m->out_info.status));
+	else if (!m->out->set.postcopy_ram)
+		r = ferry_error_set(err, -EINVAL, "postcopy needs capability "
+			"postcopy-ram, set on both sides before the migration");
+	else
+		m->out->pc_requested = true;
+	ferry__mutex_unlock(&m->lock);
+	if (!r)
+		mig_trace(m, "postcopy: switch requested");
+	return r;
+}
+
 /* ---- the migration thread ---------------------------------------------------------- */
 
 static bool eof_sent(struct mig_out *o)
@@ -1136,7 +1526,11 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	rp_stop(&o->rp);
 	ferry__mutex_lock(&m->lock);
 	o->fd = -1;
+	o->pre_fd = -1;
 	ferry__mutex_unlock(&m->lock);
+	ferry_record_io_release(&o->pre_io);
+	ferry_chan_free(o->pre_chan);
+	o->pre_chan = NULL;
 	if (o->mf) {
 		struct ferry_multifd *mf = o->mf;
 
@@ -1201,10 +1595,14 @@ static void *out_main(void *arg)
 		r = ferry_error_set(&err, -ECANCELED, "cancelled");
 	if (!r)
 		r = precopy(o, &err);
-	if (!r)
-		drain(o);
-	if (!r)
-		r = switchover(o, &err);
+	if (r == 1) {
+		r = postcopy(o, &err);
+	} else {
+		if (!r)
+			drain(o);
+		if (!r)
+			r = switchover(o, &err);
+	}
 	finish(o, r, &err);
 	return NULL;
 }
@@ -1262,6 +1660,8 @@ int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	o->m = m;
 	o->fd = -1;
 	o->rp.o = o;
+	o->pre_fd = -1;
+	pthread_mutex_init(&o->pre_lock, NULL);
 	pthread_mutex_init(&o->rp.lock, NULL);
 	mig_cond_init(&o->rp.cond);
 	pthread_mutex_init(&o->hb.lock, NULL);
@@ -1301,5 +1701,6 @@ void mig_out_free(struct mig_out *o)
 	pthread_cond_destroy(&o->rp.cond);
 	pthread_mutex_destroy(&o->hb.lock);
 	pthread_cond_destroy(&o->hb.cond);
+	pthread_mutex_destroy(&o->pre_lock);
 	free(o);
 }

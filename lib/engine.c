@@ -352,6 +352,7 @@ static const char *const fault_names[FAULT__MAX] = {
 	[FAULT_LOSE_ACK] = "lose-ack",
 	[FAULT_HOLD_DEVICE] = "hold-device",
 	[FAULT_STALL_LOAD] = "stall-load",
+	[FAULT_FAIL_PACKAGE] = "fail-package",
 };
 
 int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,
@@ -435,6 +436,19 @@ static const struct setting {
 	PARAM("peer-timeout", peer_timeout_ms, false, 100, 3600000,
 	      "ms without a word from the peer before a live migration gives "
 	      "up on it, on either side (default 10000)"),
+	CAP("postcopy-ram", postcopy_ram,
+	    "allow switching to postcopy (migrate-start-postcopy, or the "
+	    "postcopy-after-* rule); set on both sides (default off)"),
+	CAP("postcopy-preempt", postcopy_preempt,
+	    "requested pages on a connection of their own, ahead of the "
+	    "background pages (default off; needs postcopy-ram)"),
+	PARAM("postcopy-after-ms", postcopy_after_ms, true, 0, 86400000,
+	      "with postcopy-ram: switch to postcopy once precopy has run this "
+	      "long without fitting the downtime limit; 0 = never (default)"),
+	PARAM("postcopy-after-passes", postcopy_after_passes, true, 0, 1000000,
+	      "with postcopy-ram: switch to postcopy after this many passes in "
+	      "a row that neither fit the downtime limit nor shrink the rest; "
+	      "0 = never (default)"),
 };
 #undef CAP
 #undef PARAM
@@ -683,6 +697,11 @@ int ferry_mig_cancel(struct ferry_mig *m, struct ferry_error *err)
 	return r ? r : mig_in_cancel(m, err);
 }
 
+int ferry_mig_start_postcopy(struct ferry_mig *m, struct ferry_error *err)
+{
+	return mig_out_start_postcopy(m, err);
+}
+
 int ferry_mig_wait(struct ferry_mig *m, int timeout_ms)
 {
 	uint64_t deadline = timeout_ms < 0 ? UINT64_MAX :
@@ -711,6 +730,8 @@ void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info)
 
 	ferry__mutex_lock(&m->lock);
 	snap = m->out_used ? m->out_info : m->in_info;
+	if (!m->out_used && m->in)
+		mig_in_postcopy_info(m->in, &snap);
 	if (mig_status_live(snap.status)) {
 		uint64_t t0 = m->out_used ? m->out_t0 : m->in_t0;
 		snap.total_time_ms = (ferry__mono_ns() - t0) / 1000000;

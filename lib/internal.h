@@ -158,7 +158,27 @@ void ferry__save_set_timeout(struct ferry_save *s, int timeout_ms);
 int ferry__save_verdict(struct ferry_save *s, uint16_t cmd,
 			struct ferry_error *err);
 
+/* Postcopy. A RAM PART section whose body @fn writes (the switch). */
+int ferry__save_ram_section(struct ferry_save *s,
+			    int (*fn)(struct ferry_chan *c, void *opaque,
+				      struct ferry_error *err),
+			    struct ferry_error *err);
+/* A RAM PART section of about @budget bytes (or the END section), flushed. */
+int ferry__save_ram_round(struct ferry_save *s, uint64_t budget, bool end,
+			  struct ferry_error *err);
+/* The package: every device's final state but RAM's, POSTCOPY_RUN, EOF,
+ * as one PACKAGED command, flushed. *@sent: every byte of it reached the
+ * kernel (from then on the destination may run the VM). */
+int ferry__save_package(struct ferry_save *s, bool *sent,
+			struct ferry_error *err);
+/* POSTCOPY_END (status 0) and EOF, flushed: every page was sent. */
+int ferry__save_postcopy_end(struct ferry_save *s, struct ferry_error *err);
+
 /* ---- RAM internals for the engine (ram.c) ------------------------------ */
+
+/* The body of the RAM PART section that switches to postcopy. */
+int ferry__ram_pc_switch_section(struct ferry_chan *c, void *opaque,
+				 struct ferry_error *err);
 
 struct ferry_ram;
 struct ferry_multifd;
@@ -176,14 +196,23 @@ void ferry__ram_set_multifd_provider(struct ferry_ram *ram,
 /* ---- load internals for the engine (load.c) ---------------------------- */
 
 /*
- * ferry_load, and then some: *@version receives the stream's format
+ * ferry_load, and then some (@hooks may be NULL): *@version receives the stream's format
  * version, and @io (zeroed by the caller, io->chan = @in) is the reader the
  * load used, left positioned after EOF, so the caller can read what a live
  * stream sends after it (the switchover verdict). The caller releases it
  * (ferry_record_io_release).
  */
+struct ferry__load_hooks {
+	/* Postcopy: the package failed to load while the listen thread reads
+	 * the stream. Make that thread's read return (the engine tells the
+	 * source first that the VM did not run here). Load thread. */
+	void (*stop_listen)(void *opaque);
+	void *opaque;
+};
+
 int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
-		const struct ferry_load_opts *opts, struct ferry_record_io *io,
+		const struct ferry_load_opts *opts,
+		const struct ferry__load_hooks *hooks, struct ferry_record_io *io,
 		uint32_t *version, struct ferry_error *err);
 
 /* Read the stream header; *version receives the format version (1..2). */

@@ -61,8 +61,27 @@ struct slot {
 	struct dsworker *ds;
 };
 
+struct loader;
+
+/* Postcopy's listen thread: from the package on it reads the stream (RAM
+ * pages, END, EOF) while the load thread loads the package, so a device
+ * whose load touches a page that has not arrived yet waits for that page
+ * instead of for itself. It may load only the RAM section (the others
+ * belong to the load thread now), and the load thread joins it before it
+ * looks at anything it wrote. */
+struct listen_thread {
+	struct loader *L;
+	struct slot *ram;             /* immutable: the "ram" slot */
+	pthread_t thread;
+	int ret;                      /* read after join */
+	struct ferry_error err;       /* listen thread; read after join */
+};
+
 struct loader {
 	struct ferry_ctx *ctx;
+	const struct ferry__load_hooks *hooks; /* may be NULL */
+	bool listening;               /* POSTCOPY_LISTEN accepted */
+	bool stream_done;             /* the listen thread read through EOF */
 	const struct ferry_load_opts *opts; /* = &o, or NULL */
 	struct ferry_load_opts o;     /* the caller's, at this layout */
 	struct ferry_record_io *io;   /* the top-level reader */
@@ -410,6 +429,153 @@ out:
 
 static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth);
 
+/* ---- postcopy: the listen thread ------------------------------------------ */
+
+static int listen_section(struct listen_thread *lt, const struct ferry_record *rec)
+{
+	struct ferry_chan *c = ferry_chan_new_mem_reader(rec->body, rec->len);
+	struct slot *sl = lt->ram;
+	struct ferry_error *err = &lt->err;
+	size_t left;
+	uint32_t id;
+	int r;
+
+	if (!c)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	id = ferry_get_be32(c);
+	if ((r = ferry_chan_error(c, err)))
+		goto out;
+	if (id != sl->stream_id || sl->state != SLOT_STARTED) {
+		r = ferry_error_set(err, -EBADMSG, "offset %llu: %s for section "
+			"id %u after POSTCOPY_LISTEN (only RAM, id %u, may "
+			"follow it%s)", (unsigned long long)rec->offset,
+			ferry_record_type_name(rec->type), id, sl->stream_id,
+			sl->state == SLOT_ENDED ? ", and RAM has ended" : "");
+		goto out;
+	}
+	if (rec->type == FERRY_REC_SECTION_END)
+		sl->state = SLOT_ENDED;
+	r = sl->dev->ops->load_state(c, sl->dev->opaque, sl->version, err);
+	if (!r)
+		r = ferry_chan_error(c, err);
+	if (!r && (left = ferry_chan_mem_remaining(c)))
+		r = ferry_error_set(err, -EBADMSG,
+			"%zu bytes left unread (format mismatch)", left);
+	if (r)
+		ferry_error_prefix(err, "offset %llu: section 'ram' (%s, postcopy): ",
+				   (unsigned long long)rec->offset,
+				   ferry_record_type_name(rec->type));
+out:
+	ferry_chan_free(c);
+	return r;
+}
+
+static int listen_command(struct listen_thread *lt, const struct ferry_record *rec)
+{
+	struct loader *L = lt->L;
+	struct ferry_cmd_msg m = { 0 };
+	size_t plen = rec->len >= 2 ? rec->len - 2 : 0;
+	int r;
+
+	if (rec->len < 2)
+		return ferry_error_set(&lt->err, -EBADMSG,
+			"offset %llu: COMMAND record too short",
+			(unsigned long long)rec->offset);
+	m.cmd = ferry__get_be16(rec->body);
+	if (m.cmd == FERRY_CMD_HEARTBEAT && !plen)
+		return 0;
+	if (m.cmd == FERRY_CMD_PING && plen == 4)
+		m.u.ping = ferry__get_be32(rec->body + 2);
+	else if (m.cmd == FERRY_CMD_POSTCOPY_END && plen == 4)
+		m.u.status = ferry__get_be32(rec->body + 2);
+	else
+		return ferry_error_set(&lt->err, -EBADMSG,
+			"offset %llu: command %s (%zu-byte payload) after "
+			"POSTCOPY_LISTEN, where only RAM, PING, HEARTBEAT and "
+			"POSTCOPY_END may come", (unsigned long long)rec->offset,
+			ferry_cmd_name(m.cmd), plen);
+	r = L->opts->on_command(L->opts->opaque, &m, &lt->err);
+	if (r)
+		ferry_error_prefix(&lt->err, "offset %llu: command %s: ",
+				   (unsigned long long)rec->offset,
+				   ferry_cmd_name(m.cmd));
+	return r;
+}
+
+static void *listen_main(void *arg)
+{
+	struct listen_thread *lt = arg;
+	struct loader *L = lt->L;
+	struct ferry_record rec;
+	int r;
+
+	for (;;) {
+		r = ferry_record_read(L->io, &rec, &lt->err);
+		if (r) {
+			ferry_error_prefix(&lt->err, "postcopy: ");
+			break;
+		}
+		switch (rec.type) {
+		case FERRY_REC_SECTION_PART:
+		case FERRY_REC_SECTION_END:
+			r = listen_section(lt, &rec);
+			break;
+		case FERRY_REC_COMMAND:
+			r = listen_command(lt, &rec);
+			break;
+		case FERRY_REC_EOF:
+			L->stats.t_eof = ferry__mono_ns();
+			if (rec.len)
+				r = ferry_error_set(&lt->err, -EBADMSG,
+					"offset %llu: EOF record with a body",
+					(unsigned long long)rec.offset);
+			lt->ret = r;
+			return NULL;
+		default:
+			if (rec.type & 0x80)
+				break;
+			r = ferry_error_set(&lt->err, -EBADMSG,
+				"offset %llu: %s record after POSTCOPY_LISTEN",
+				(unsigned long long)rec.offset,
+				ferry_record_type_name(rec.type));
+		}
+		if (r)
+			break;
+	}
+	lt->ret = r;
+	return NULL;
+}
+
+/* Load the package (@c) while a listen thread reads the rest of the
+ * stream; then wait for that thread, which ends at the stream's EOF. */
+static int load_package_listening(struct loader *L, struct ferry_chan *c)
+{
+	struct listen_thread lt = { .L = L };
+	int r, e;
+
+	lt.ram = slot_by_dev(L, "ram", 0);
+	if (!lt.ram || lt.ram->state != SLOT_STARTED)
+		return ferry_error_set(L->err, -EBADMSG, "PACKAGED after "
+				       "POSTCOPY_LISTEN, but no RAM section is open");
+	e = pthread_create(&lt.thread, NULL, listen_main, &lt);
+	if (e)
+		return ferry_error_set(L->err, -e, "cannot start the listen thread");
+	r = load_records(L, c, 1);
+	if (!r && ferry_chan_mem_remaining(c))
+		r = ferry_error_set(L->err, -EBADMSG,
+			"%zu bytes after the package's EOF",
+			ferry_chan_mem_remaining(c));
+	if (r && L->hooks && L->hooks->stop_listen)
+		L->hooks->stop_listen(L->hooks->opaque);
+	pthread_join(lt.thread, NULL);
+	L->stream_done = true;
+	if (!r && lt.ret) {
+		ferry_error_propagate(L->err, &lt.err);
+		r = lt.ret;
+	}
+	return r;
+}
+
 static int load_command(struct loader *L, const struct ferry_record *rec,
 			unsigned depth)
 {
@@ -449,9 +615,24 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 		break;
 	case FERRY_CMD_POSTCOPY_LISTEN:
 	case FERRY_CMD_POSTCOPY_RUN:
+		WANT_LEN(0);
+		/* LISTEN hands the stream to a listen thread at the package;
+		 * RUN must follow the device state, so it lives inside the
+		 * package, after it. */
+		if ((m.cmd == FERRY_CMD_POSTCOPY_LISTEN) != (depth == 0))
+			return ferry_error_set(err, -EBADMSG,
+				"offset %llu: %s %s the package",
+				(unsigned long long)rec->offset,
+				ferry_cmd_name(m.cmd), depth ? "inside" : "outside");
+		break;
 	case FERRY_CMD_SWITCHOVER_START:
 		WANT_LEN(0);
 		break;
+	case FERRY_CMD_POSTCOPY_END:
+	case FERRY_CMD_POSTCOPY_RESUME:
+		return ferry_error_set(err, -EBADMSG,
+			"offset %llu: %s before postcopy runs",
+			(unsigned long long)rec->offset, ferry_cmd_name(m.cmd));
 	case FERRY_CMD_PING:
 		WANT_LEN(4);
 		m.u.ping = ferry__get_be32(p);
@@ -499,11 +680,15 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 				free(copy);
 				return ferry_error_set(err, -ENOMEM, "out of memory");
 			}
-			r = load_records(L, c, depth + 1);
-			if (!r && ferry_chan_mem_remaining(c))
-				r = ferry_error_set(err, -EBADMSG,
-					"%zu bytes after the package's EOF",
-					ferry_chan_mem_remaining(c));
+			if (L->listening) {
+				r = load_package_listening(L, c);
+			} else {
+				r = load_records(L, c, depth + 1);
+				if (!r && ferry_chan_mem_remaining(c))
+					r = ferry_error_set(err, -EBADMSG,
+						"%zu bytes after the package's EOF",
+						ferry_chan_mem_remaining(c));
+			}
 			ferry_chan_free(c);
 			free(copy);
 		}
@@ -536,6 +721,8 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 			ferry_error_prefix(err, "offset %llu: command %s: ",
 					   (unsigned long long)rec->offset,
 					   ferry_cmd_name(m.cmd));
+		else if (m.cmd == FERRY_CMD_POSTCOPY_LISTEN)
+			L->listening = true;
 		return r;
 	}
 	if (m.cmd == FERRY_CMD_OPEN_RETURN_PATH || m.cmd == FERRY_CMD_PING)
@@ -596,6 +783,11 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 			break;
 		case FERRY_REC_COMMAND:
 			r = load_command(L, &rec, depth);
+			/* Postcopy: the listen thread has read the rest. */
+			if (L->stream_done) {
+				ferry_record_io_release(&local);
+				return r;
+			}
 			break;
 		case FERRY_REC_DEVSTATE:
 			r = load_devstate(L, &rec);
@@ -631,11 +823,13 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 }
 
 int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
-		const struct ferry_load_opts *opts, struct ferry_record_io *io,
+		const struct ferry_load_opts *opts,
+		const struct ferry__load_hooks *hooks, struct ferry_record_io *io,
 		uint32_t *version, struct ferry_error *err)
 {
 	struct ferry_error local = { 0 };
-	struct loader L = { .ctx = ctx, .err = err ? err : &local, .io = io };
+	struct loader L = { .ctx = ctx, .err = err ? err : &local, .io = io,
+			    .hooks = hooks };
 	unsigned i = 0;
 	int r;
 
@@ -714,7 +908,7 @@ int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 {
 	struct ferry_record_io io = { .chan = in };
 	uint32_t version;
-	int r = ferry__load(ctx, in, opts, &io, &version, err);
+	int r = ferry__load(ctx, in, opts, NULL, &io, &version, err);
 
 	ferry_record_io_release(&io);
 	return r;

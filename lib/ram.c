@@ -46,6 +46,8 @@
 #include "ferry/multifd.h"
 #include "ferry/ram.h"
 #include "internal.h"
+#include "postcopy.h"
+#include "ram-internal.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -55,83 +57,7 @@
  * syscall, small enough that two helpers interleave and a stop request is
  * honoured quickly. */
 #define PREPOP_CHUNK (4ull << 20)
-#define PREPOP_MAX_THREADS 8u
 
-struct pop_range {
-	unsigned block;
-	uint64_t start, len;      /* bytes within the block */
-};
-
-/* Destination prepopulate helpers. */
-struct prepop {
-	pthread_t threads[PREPOP_MAX_THREADS];
-	unsigned nthreads;        /* load thread: started helpers */
-	pthread_mutex_t lock;     /* guards the cursor */
-	size_t next_range;        /* lock */
-	uint64_t next_off;        /* lock: offset inside next_range */
-	bool stop;                /* atomic: load thread asks helpers to quit */
-	int failed;               /* atomic: errno of a failed madvise (info) */
-	struct pop_range *ranges; /* load thread fills, then read-only */
-	size_t nranges, cap;
-	uint64_t done;            /* atomic: bytes populated */
-};
-
-struct ram_block {
-	char name[FERRY_IDSTR_MAX + 1];
-	uint8_t *host;
-	uint64_t size;
-	uint32_t page_size;
-	uint64_t npages;
-	uint64_t *bitmap;     /* source: pages to send (atomic words) */
-	uint64_t *scratch;    /* source: sync/populated staging */
-};
-
-struct ferry_ram {
-	struct ram_block blocks[FERRY_RAM_MAX_BLOCKS];
-	unsigned nblocks;
-	const struct ferry_ram_dirty_ops *ops; /* = &ops_copy, or NULL */
-	struct ferry_ram_dirty_ops ops_copy;
-	void *opaque;
-	bool tracking;
-
-	/* Migration thread only. */
-	unsigned cur_block;   /* round cursor */
-	uint64_t cur_page;
-	bool round_done;      /* a walk reached the end since the last sync */
-	unsigned last_sent_block; /* for CONTINUE; UINT32_MAX = none yet */
-	unsigned load_sections;   /* destination: sections loaded */
-	int last_load_block;      /* destination: block of the last record */
-	uint32_t load_version;    /* destination: "ram" section version */
-
-	/* Set before a migration starts, then read-only (mf_recv: or by the
-	 * load thread, from the provider, when START announces multifd). */
-	struct ferry_multifd *mf_send;
-	struct ferry_multifd *mf_recv;
-	struct ferry_multifd *(*mf_provider)(void *opaque, unsigned channels,
-					     struct ferry_error *err);
-	void *mf_provider_opaque;
-	unsigned prepop_threads;  /* 0 = off (see ferry_ram_set_prepopulate) */
-
-	/* Migration thread only: pages queued to multifd since its last sync,
-	 * and whether an iterate call has run since setup. */
-	bool mf_unsynced;
-	bool iterated;
-
-	/* Destination: prepopulate helpers (load thread starts and joins). */
-	struct prepop pop;
-
-	/* Counters: written by the migration thread, read by anyone. */
-	uint64_t dirty_pages; /* bits set across all bitmaps (approximate) */
-	uint64_t dirty_bytes; /* the same in bytes: blocks differ in page size */
-	struct ferry_ram_stats st;
-};
-
-#define WORD_BITS 64u
-
-static uint64_t words_for(uint64_t npages)
-{
-	return (npages + WORD_BITS - 1) / WORD_BITS;
-}
 
 struct ferry_ram *ferry_ram_new(const struct ferry_ram_block *blocks,
 				unsigned nblocks,
@@ -161,6 +87,7 @@ struct ferry_ram *ferry_ram_new(const struct ferry_ram_block *blocks,
 	ram->last_load_block = -1;
 	ram->prepop_threads = FERRY_RAM_PREPOPULATE_DEFAULT;
 	pthread_mutex_init(&ram->pop.lock, NULL);
+	pthread_mutex_init(&ram->req_lock, NULL);
 	for (unsigned i = 0; i < nblocks; i++) {
 		const struct ferry_ram_block *d = &blocks[i];
 		struct ram_block *b = &ram->blocks[i];
@@ -215,6 +142,9 @@ void ferry_ram_free(struct ferry_ram *ram)
 		free(ram->blocks[i].scratch);
 	}
 	pthread_mutex_destroy(&ram->pop.lock);
+	pthread_mutex_destroy(&ram->req_lock);
+	free(ram->reqs);
+	free(ram->pc_page);
 	free(ram);
 }
 
@@ -512,6 +442,11 @@ static void prepop_start(struct ferry_ram *ram)
 	}
 }
 
+void ferry__ram_prepop_stop(struct ferry_ram *ram)
+{
+	prepop_stop(ram);
+}
+
 static void prepop_stop(struct ferry_ram *ram)
 {
 	struct prepop *pp = &ram->pop;
@@ -611,8 +546,9 @@ static void ram_save_pending(void *opaque, bool exact, uint64_t *must,
 	/* A sync that fails here surfaces on the next iterate, which syncs
 	 * again and reports the error. With nothing left to send a walk
 	 * never runs, so it never ends: sync then too, or a caller waiting
-	 * for the next sync would wait for ever. */
-	if (exact && (ram->round_done ||
+	 * for the next sync would wait for ever. In postcopy the VM is
+	 * stopped here: nothing new can be dirty. */
+	if (exact && !ram->pc_mode && (ram->round_done ||
 		      !__atomic_load_n(&ram->dirty_pages, __ATOMIC_RELAXED)))
 		ram_sync(ram, NULL);
 	*must += __atomic_load_n(&ram->dirty_bytes, __ATOMIC_RELAXED);
@@ -620,7 +556,7 @@ static void ram_save_pending(void *opaque, bool exact, uint64_t *must,
 }
 
 /* Send one page; the caller has already cleared its bit. */
-static uint64_t send_page(struct ferry_ram *ram, struct ferry_chan *c,
+uint64_t ferry__ram_send_page(struct ferry_ram *ram, struct ferry_chan *c,
 			  unsigned bi, uint64_t page)
 {
 	struct ram_block *b = &ram->blocks[bi];
@@ -707,7 +643,7 @@ static int send_dirty(struct ferry_ram *ram, struct ferry_chan *c,
 
 				bits &= bits - 1;
 				if (!mf) {
-					sent += send_page(ram, c, ram->cur_block, pg);
+					sent += ferry__ram_send_page(ram, c, ram->cur_block, pg);
 					continue;
 				}
 				/* Only the address moves here; a channel
@@ -766,6 +702,17 @@ static int ram_save_iterate(struct ferry_chan *c, void *opaque, uint64_t budget,
 		return ferry_chan_error(c, err);
 	}
 	ram->iterated = true;
+	if (ram->pc_mode) {
+		/* Postcopy: what the destination waits for first, then the
+		 * background from near it, over the main stream. */
+		ram->last_sent_block = UINT32_MAX;
+		ferry__ram_pc_send_requests(ram, c);
+		ferry__ram_pc_follow_hint(ram);
+		ram->round_done = false;
+		if ((r = send_dirty(ram, c, budget, NULL, err)))
+			return r;
+		return ferry_chan_error(c, err);
+	}
 	if (ram->round_done && (r = ram_sync(ram, err)))
 		return r;
 	if ((r = send_dirty(ram, c, budget, ram->mf_send, err)))
@@ -791,6 +738,16 @@ static int ram_save_complete(struct ferry_chan *c, void *opaque,
 	 * for the channels - a deadlock. It would also repeat pages of an
 	 * unfinished pass without a sync point between the two copies.
 	 */
+	if (ram->pc_mode) {
+		/* Postcopy's end: normally nothing is left by now. */
+		ram->last_sent_block = UINT32_MAX;
+		ferry__ram_pc_send_requests(ram, c);
+		ram->cur_block = 0;
+		ram->cur_page = 0;
+		if ((r = send_dirty(ram, c, 0, NULL, err)))
+			return r;
+		return ferry_chan_error(c, err);
+	}
 	if (ram->mf_send && (r = mf_flush(ram, c, err)))
 		return r;
 	/* vCPUs are paused: this sync is final. Send everything. */
@@ -804,6 +761,27 @@ static int ram_save_complete(struct ferry_chan *c, void *opaque,
 	return ferry_chan_error(c, err);
 }
 
+/* The switch to postcopy, as a RAM PART section (VM stopped): the last
+ * multifd sync point - the destination applies every page sent so far
+ * before it reads the DISCARDs that follow - and the final dirty sync,
+ * after which the bitmaps hold exactly the pages still to send. */
+int ferry__ram_pc_switch_section(struct ferry_chan *c, void *opaque,
+				 struct ferry_error *err)
+{
+	struct ferry_ram *ram = opaque;
+	int r;
+
+	if (ram->mf_send && (r = mf_flush(ram, c, err)))
+		return r;
+	if ((r = ram_sync(ram, err)))
+		return r;
+	ferry__ram_pc_enter(ram);
+	ram->cur_block = 0;
+	ram->cur_page = 0;
+	ferry_put_be64(c, FERRY_RAM_EOS);
+	return ferry_chan_error(c, err);
+}
+
 static void ram_save_cleanup(void *opaque)
 {
 	struct ferry_ram *ram = opaque;
@@ -811,6 +789,11 @@ static void ram_save_cleanup(void *opaque)
 	if (ram->tracking && ram->ops && ram->ops->stop)
 		ram->ops->stop(ram->opaque);
 	ram->tracking = false;
+	ram->pc_mode = false;
+	ferry__mutex_lock(&ram->req_lock);
+	ram->nreqs = 0;
+	ferry__mutex_unlock(&ram->req_lock);
+	__atomic_store_n(&ram->pc_hint, 0, __ATOMIC_RELAXED);
 }
 
 /* ---- load hooks --------------------------------------------------------- */
@@ -1029,6 +1012,27 @@ static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
 				"block (0x%llx bytes) or unaligned", b->name,
 				(unsigned long long)off, (unsigned long long)b->size);
 		p = b->host + off;
+		if (ram->pcd) {
+			/* Postcopy: RAM is registered with userfaultfd, so a
+			 * page goes in whole and atomically, never by a write
+			 * that would fault on the missing page itself. */
+			int r;
+
+			if (flags & FERRY_RAM_PAGE)
+				ferry_get_buf(c, ram->pc_page, b->page_size);
+			if ((r = ferry_chan_error(c, err)))
+				return r;
+			r = ferry__pcd_place(ram->pcd, (unsigned)ram->last_load_block,
+					     off, flags & FERRY_RAM_PAGE ?
+					     ram->pc_page : NULL, err);
+			if (r)
+				return r;
+			if (flags & FERRY_RAM_PAGE)
+				ram->st.normal++;
+			else
+				ram->st.duplicate++;
+			continue;
+		}
 		if (flags & FERRY_RAM_PAGE) {
 			ferry_get_buf(c, p, b->page_size);
 			ram->st.normal++;

@@ -14,17 +14,23 @@
 int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 		  struct ferry_error *err)
 {
-	struct ferry_chan *b = ferry_chan_new_mem_writer(65536);
+	struct ferry_chan *b;
 	const uint8_t *d;
 	size_t n;
 	int r;
 
+	if (m->type == FERRY_RP_RECV_BITMAP && m->pages > FERRY_RP_BITMAP_MAX_PAGES)
+		return ferry_error_set(err, -E2BIG, "RECV_BITMAP of %llu pages",
+				       (unsigned long long)m->pages);
+	b = ferry_chan_new_mem_writer(65536 + (m->type == FERRY_RP_RECV_BITMAP ?
+					       (size_t)(m->pages + 7) / 8 : 0));
 	if (!b)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	ferry_put_be16(b, m->type);
 	switch (m->type) {
 	case FERRY_RP_SHUT:
 	case FERRY_RP_LOADED:
+	case FERRY_RP_RUNNING:
 		ferry_put_be32(b, m->status);
 		ferry_put_str8(b, m->reason);
 		ferry_put_be32(b, FERRY_SHUT__MAX);
@@ -42,7 +48,13 @@ int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 	case FERRY_RP_HEARTBEAT:
 		ferry_put_be32(b, m->peer_timeout_ms);
 		break;
+	case FERRY_RP_RECV_BITMAP:
+		ferry_put_str8(b, m->block);
+		ferry_put_be64(b, m->pages);
+		ferry_put_buf(b, m->bitmap, (size_t)((m->pages + 7) / 8));
+		break;
 	case FERRY_RP_SWITCHOVER_ACK:
+	case FERRY_RP_RESUME_ACK:
 		break;
 	default:
 		ferry_chan_free(b);
@@ -84,7 +96,8 @@ int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 	m->type = ferry_get_be16(c);
 	switch (m->type) {
 	case FERRY_RP_SHUT:
-	case FERRY_RP_LOADED: {
+	case FERRY_RP_LOADED:
+	case FERRY_RP_RUNNING: {
 		uint32_t nv;
 
 		m->status = ferry_get_be32(c);
@@ -110,7 +123,33 @@ int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 	case FERRY_RP_HEARTBEAT:
 		m->peer_timeout_ms = ferry_get_be32(c);
 		break;
+	case FERRY_RP_RECV_BITMAP:
+		ferry_get_str8(c, m->block, sizeof(m->block));
+		m->pages = ferry_get_be64(c);
+		if (ferry_chan_error(c, NULL))
+			break;
+		/* Exactly the announced bits: the rest of the body. */
+		if (m->pages > FERRY_RP_BITMAP_MAX_PAGES ||
+		    ferry_chan_mem_remaining(c) != (m->pages + 7) / 8) {
+			ferry_chan_set_error(c, -EBADMSG, "RECV_BITMAP of %llu "
+				"pages with %zu bytes", (unsigned long long)m->pages,
+				ferry_chan_mem_remaining(c));
+			break;
+		}
+		m->bitmap = rec.body + (rec.len - ferry_chan_mem_remaining(c));
+		{
+			/* Consume the bitmap (read in place above). */
+			size_t left = ferry_chan_mem_remaining(c);
+			uint8_t tmp[256];
+			while (left && !ferry_chan_error(c, NULL)) {
+				size_t k = left < sizeof(tmp) ? left : sizeof(tmp);
+				ferry_get_buf(c, tmp, k);
+				left -= k;
+			}
+		}
+		break;
 	case FERRY_RP_SWITCHOVER_ACK:
+	case FERRY_RP_RESUME_ACK:
 		break;
 	default:
 		ferry_chan_set_error(c, -EBADMSG, "unknown message type %u", m->type);

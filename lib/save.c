@@ -34,6 +34,8 @@ struct ferry_save {
 	bool setup_ran;                 /* save_setup hooks were called */
 	bool completed;
 	struct ferry_save_stats stats;  /* migration thread only */
+	/* Migration thread only: the body writer of ferry__save_ram_section. */
+	int (*fn)(struct ferry_chan *c, void *opaque, struct ferry_error *err);
 	XXH3_state_t digest;            /* migration thread only */
 };
 
@@ -291,13 +293,16 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 	return ferry__save_complete(s, NULL, NULL, err);
 }
 
-int ferry__save_complete(struct ferry_save *s,
-			 int (*before_eof)(void *arg, struct ferry_error *err),
-			 void *arg, struct ferry_error *err)
+/*
+ * The device state at the switchover, after the drain rounds: END sections
+ * (but "ram"'s when @postcopy: RAM goes on after it), complete-in-thread
+ * devices' buffers, FULL sections.
+ */
+static int final_state(struct ferry_save *s, bool postcopy,
+		       struct ferry_error *err)
 {
 	struct ferry_devstate_sink *sinks = NULL;
 	unsigned nthreads = 0, started = 0;
-	char *desc;
 	int r = 0;
 
 	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
@@ -322,9 +327,7 @@ int ferry__save_complete(struct ferry_save *s,
 			k->dev = d;
 			k->prefix[0] = (uint8_t)idlen;
 			memcpy(k->prefix + 1, d->idstr, idlen);
-			for (int i = 0; i < 4; i++)
-				k->prefix[1 + idlen + i] =
-					(uint8_t)(d->instance >> (24 - 8 * i));
+			ferry__put_be32(k->prefix + 1 + idlen, d->instance);
 			k->prefix_len = 1 + idlen + 4;
 			e = pthread_create(&k->thread, NULL, complete_thread, k);
 			if (e) {
@@ -335,26 +338,9 @@ int ferry__save_complete(struct ferry_save *s,
 			started++;
 		}
 	}
-	/*
-	 * Drain what is pending in bounded PART sections first, so the END
-	 * sections stay small whatever the device had left (a guest that
-	 * dirtied all of its RAM just before the switchover, say). With the
-	 * vCPUs paused the dirty set can only shrink between syncs, so this
-	 * ends; the round cap only guards against a device whose pending
-	 * never falls. save_complete then sends the rest.
-	 */
-	for (unsigned round = 0; !r && round < SWITCHOVER_MAX_ROUNDS; round++) {
-		uint64_t must, can;
-
-		ferry_save_pending(s, true, &must, &can);
-		if (!round)
-			s->stats.t_final_sync = ferry__mono_ns();
-		if (!(must + can))
-			break;
-		r = ferry_save_round(s, SWITCHOVER_CHUNK, err);
-	}
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
-		if (ferry__dev_iterable(d))
+		if (ferry__dev_iterable(d) &&
+		    !(postcopy && !strcmp(d->idstr, "ram") && !d->instance))
 			r = write_section(s, FERRY_REC_SECTION_END, d,
 					  do_complete, 0, err);
 	if (!r)
@@ -385,6 +371,36 @@ int ferry__save_complete(struct ferry_save *s,
 		    d->ops->save_complete_thread)
 			r = write_section(s, FERRY_REC_SECTION_FULL, d,
 					  do_state, 0, err);
+	return r;
+}
+
+int ferry__save_complete(struct ferry_save *s,
+			 int (*before_eof)(void *arg, struct ferry_error *err),
+			 void *arg, struct ferry_error *err)
+{
+	char *desc;
+	int r = 0;
+
+	/*
+	 * Drain what is pending in bounded PART sections first, so the END
+	 * sections stay small whatever the device had left (a guest that
+	 * dirtied all of its RAM just before the switchover, say). With the
+	 * vCPUs paused the dirty set can only shrink between syncs, so this
+	 * ends; the round cap only guards against a device whose pending
+	 * never falls. save_complete then sends the rest.
+	 */
+	for (unsigned round = 0; !r && round < SWITCHOVER_MAX_ROUNDS; round++) {
+		uint64_t must, can;
+
+		ferry_save_pending(s, true, &must, &can);
+		if (!round)
+			s->stats.t_final_sync = ferry__mono_ns();
+		if (!(must + can))
+			break;
+		r = ferry_save_round(s, SWITCHOVER_CHUNK, err);
+	}
+	if (!r)
+		r = final_state(s, false, err);
 	if (r)
 		return r;
 	desc = ferry__describe(s->ctx, false);
@@ -401,6 +417,118 @@ int ferry__save_complete(struct ferry_save *s,
 	if (!r)
 		r = flush_out(s, err);
 	s->completed = !r;
+	if (!r)
+		s->stats.t_done = ferry__mono_ns();
+	return r;
+}
+
+/* ---- postcopy (lib/engine-out.c) --------------------------------------------- */
+
+static struct ferry_dev *ram_dev(struct ferry_save *s)
+{
+	return ferry__find_dev(s->ctx, "ram", 0);
+}
+
+static int do_fn(struct ferry_save *s, struct ferry_dev *d, uint64_t b,
+		 struct ferry_error *err)
+{
+	(void)b;
+	return s->fn(s->body, d->opaque, err);
+}
+
+int ferry__save_ram_section(struct ferry_save *s,
+			    int (*fn)(struct ferry_chan *c, void *opaque,
+				      struct ferry_error *err),
+			    struct ferry_error *err)
+{
+	struct ferry_dev *d = ram_dev(s);
+
+	if (!d)
+		return ferry_error_set(err, -ENOENT, "no RAM device");
+	s->fn = fn;
+	return write_section(s, FERRY_REC_SECTION_PART, d, do_fn, 0, err);
+}
+
+int ferry__save_ram_round(struct ferry_save *s, uint64_t budget, bool end,
+			  struct ferry_error *err)
+{
+	struct ferry_dev *d = ram_dev(s);
+	int r;
+
+	if (!d)
+		return ferry_error_set(err, -ENOENT, "no RAM device");
+	r = end ? write_section(s, FERRY_REC_SECTION_END, d, do_complete, 0, err)
+		: write_section(s, FERRY_REC_SECTION_PART, d, do_iterate,
+				budget, err);
+	return r ? r : flush_out(s, err);
+}
+
+int ferry__save_postcopy_end(struct ferry_save *s, struct ferry_error *err)
+{
+	uint8_t st[4] = { 0 };
+	int r = ferry_save_command(s, FERRY_CMD_POSTCOPY_END, st, 4, err);
+
+	if (!r)
+		r = write_record2(s, FERRY_REC_EOF, NULL, 0, NULL, 0, err);
+	if (!r)
+		r = flush_out(s, err);
+	s->completed = !r;
+	return r;
+}
+
+int ferry__save_package(struct ferry_save *s, bool *sent,
+			struct ferry_error *err)
+{
+	struct ferry_chan *pkg = ferry_chan_new_mem_writer(FERRY_PACKAGED_MAX - 2);
+	struct ferry_record_io main_io;
+	const uint8_t *d;
+	uint8_t cmd[2];
+	size_t n;
+	int r;
+
+	*sent = false;
+	if (!pkg)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	/* Everything written now - device state, complete-in-thread
+	 * buffers, a heartbeat - goes into the package, a stream of its own
+	 * (its own record sequence). */
+	ferry__mutex_lock(&s->out_lock);
+	main_io = s->io;
+	s->io = (struct ferry_record_io){ .chan = pkg };
+	ferry__mutex_unlock(&s->out_lock);
+	s->stats.t_final_sync = ferry__mono_ns();
+	r = final_state(s, true, err);
+	s->stats.device_digest = XXH3_64bits_digest(&s->digest);
+	if (!r)
+		r = ferry_save_command(s, FERRY_CMD_POSTCOPY_RUN, NULL, 0, err);
+	if (!r)
+		r = write_record2(s, FERRY_REC_EOF, NULL, 0, NULL, 0, err);
+	ferry__mutex_lock(&s->out_lock);
+	s->io = main_io;
+	if (!r)
+		r = ferry_chan_error(pkg, err);
+	if (r) {
+		ferry__mutex_unlock(&s->out_lock);
+		ferry_chan_free(pkg);
+		return ferry_error_prefix(err, "building the postcopy package: ");
+	}
+	/* As with the switchover verdict: empty the buffer first, so a failed
+	 * flush below means part of the package never reached the kernel -
+	 * the destination cannot hold a whole one, and never runs. */
+	d = ferry_chan_mem_data(pkg, &n);
+	ferry__put_be16(cmd, FERRY_CMD_PACKAGED);
+	r = ferry_chan_flush(s->io.chan);
+	if (!r)
+		r = ferry_record_write2(&s->io, FERRY_REC_COMMAND, cmd, 2, d, n,
+					NULL);
+	if (!r)
+		r = ferry_chan_flush(s->io.chan);
+	if (r)
+		r = ferry_chan_error(s->io.chan, err);
+	*sent = !r;
+	s->last_write_ns = ferry__mono_ns();
+	ferry__mutex_unlock(&s->out_lock);
+	ferry_chan_free(pkg);
 	if (!r)
 		s->stats.t_done = ferry__mono_ns();
 	return r;

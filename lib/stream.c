@@ -31,6 +31,7 @@ static const char *const rec_names[256] = {
 	[FERRY_REC_VMDESC] = "VMDESC",
 	[FERRY_REC_COMMAND] = "COMMAND",
 	[FERRY_REC_DEVSTATE] = "DEVSTATE",
+	[FERRY_REC_PAGE] = "PAGE",
 	[FERRY_REC_RETURN] = "RETURN",
 };
 
@@ -47,6 +48,8 @@ static const char *const cmd_names[FERRY_CMD__MAX] = {
 	[FERRY_CMD_HEARTBEAT] = "HEARTBEAT",
 	[FERRY_CMD_SWITCHOVER_GO] = "SWITCHOVER_GO",
 	[FERRY_CMD_SWITCHOVER_ABORT] = "SWITCHOVER_ABORT",
+	[FERRY_CMD_POSTCOPY_END] = "POSTCOPY_END",
+	[FERRY_CMD_POSTCOPY_RESUME] = "POSTCOPY_RESUME",
 };
 
 static const char *const rp_names[FERRY_RP__MAX] = {
@@ -57,6 +60,9 @@ static const char *const rp_names[FERRY_RP__MAX] = {
 	[FERRY_RP_SWITCHOVER_ACK] = "SWITCHOVER_ACK",
 	[FERRY_RP_LOADED] = "LOADED",
 	[FERRY_RP_HEARTBEAT] = "HEARTBEAT",
+	[FERRY_RP_RUNNING] = "RUNNING",
+	[FERRY_RP_RECV_BITMAP] = "RECV_BITMAP",
+	[FERRY_RP_RESUME_ACK] = "RESUME_ACK",
 };
 
 const char *ferry_record_type_name(unsigned type)

@@ -53,9 +53,7 @@
 extern "C" {
 #endif
 
-/* Migration status, with QEMU's names (ferry_mig_status_name). The postcopy
- * states belong to the state machines already; postcopy itself comes
- * later. */
+/* Migration status, with QEMU's names (ferry_mig_status_name). */
 enum ferry_mig_status {
 	FERRY_MIG_NONE,              /* "none" */
 	FERRY_MIG_SETUP,             /* "setup": connecting, or listening */
@@ -287,6 +285,17 @@ FERRY_API const char *ferry_mig_incoming_uri(struct ferry_mig *m, char *buf,
  */
 FERRY_API int ferry_mig_cancel(struct ferry_mig *m, struct ferry_error *err);
 
+/*
+ * Switch the running outgoing precopy to postcopy (QMP's
+ * migrate-start-postcopy): at the next step the source stops the VM,
+ * sends the device state and the destination runs it, fetching the pages
+ * it lacks on demand. Needs capability postcopy-ram on both sides, set
+ * before the migration started. -EINVAL if there is no precopy to switch
+ * (not started, already switched or past the switchover).
+ */
+FERRY_API int ferry_mig_start_postcopy(struct ferry_mig *m,
+				       struct ferry_error *err);
+
 /* Wait until the current migration (outgoing, else incoming) reaches a
  * terminal status; -ETIMEDOUT after @timeout_ms (-1: no limit). The event
  * hook for that status may still be running when this returns. */
@@ -321,6 +330,16 @@ struct ferry_mig_info {
 	/* RAM (struct ferry_ram_stats, flattened). */
 	uint64_t ram_total, ram_transferred, ram_remaining, ram_duplicate;
 	uint64_t ram_normal, ram_normal_bytes, ram_dirty_sync_count;
+	/* Postcopy. Source: bytes sent after the switch, pages served on
+	 * request. Destination: pages requested, the fault-to-placement
+	 * latency (p50/p99/max, microseconds), the time threads spent
+	 * blocked on missing pages, summed (ms). */
+	uint64_t postcopy_bytes;
+	uint64_t postcopy_time_ms;       /* switch to completion (or now) */
+	uint64_t postcopy_requests;
+	uint64_t postcopy_lat_p50_us, postcopy_lat_p99_us, postcopy_lat_max_us;
+	uint64_t postcopy_blocktime_ms;
+	uint64_t postcopy_faults;        /* destination: faults read */
 };
 
 FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info);
@@ -336,6 +355,8 @@ FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info)
  *   "lose-ack"       destination: run, but the ack never leaves
  *   "hold-device"    source: wait in device (vCPUs stopped) until cancelled
  *   "stall-load"     destination: stop answering while loading
+ *   "fail-package"   destination: fail loading the postcopy package
+ *                    (before RUN: the source must resume)
  * -EINVAL for an unknown point.
  */
 FERRY_API int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,

@@ -226,6 +226,7 @@ struct ferry_cmd_msg {
 	union {
 		uint32_t ping;
 		uint32_t peer_timeout_ms;  /* OPEN_RETURN_PATH (0 = v1, none) */
+		uint32_t status;           /* POSTCOPY_END */
 		struct { uint64_t host_page_size, target_page_size; } advise;
 		struct {
 			char block[FERRY_IDSTR_MAX + 1];
@@ -251,7 +252,10 @@ struct ferry_load_opts {
 	/* Cap on one record body (0 = FERRY_RECORD_MAX_DEFAULT). */
 	uint32_t max_record;
 	/* Called in the load thread for every command except PACKAGED,
-	 * SWITCHOVER_START and HEARTBEAT (handled by the library). May be
+	 * SWITCHOVER_START and HEARTBEAT (handled by the library); after
+	 * POSTCOPY_LISTEN, PING and POSTCOPY_END come from the listen thread
+	 * while the load thread loads the package (so it must be
+	 * thread-safe then). May be
 	 * NULL: then OPEN_RETURN_PATH and PING are accepted and ignored, and
 	 * postcopy commands fail the load ("postcopy not enabled"). */
 	int (*on_command)(void *opaque, const struct ferry_cmd_msg *cmd,
@@ -309,6 +313,11 @@ struct ferry_rp_msg {
 	char block[FERRY_IDSTR_MAX + 1];     /* REQ_PAGES */
 	uint64_t start;                      /* REQ_PAGES */
 	uint32_t len;                        /* REQ_PAGES */
+	/* RECV_BITMAP (with block): @pages bits, (pages + 7) / 8 bytes.
+	 * Sending: the caller's buffer. Received: points into the reader's
+	 * buffer, valid until the next ferry_rp_recv on it. */
+	uint64_t pages;
+	const uint8_t *bitmap;
 };
 
 /* Write one RETURN record on @io (the destination's return channel; flushes).

@@ -50,6 +50,7 @@ enum ferry_record_type {
 	FERRY_REC_VMDESC = 0x06,        /* JSON description of the devices */
 	FERRY_REC_COMMAND = 0x08,       /* control command, see ferry_cmd */
 	FERRY_REC_DEVSTATE = 0x09,      /* device-state buffer (complete-in-thread) */
+	FERRY_REC_PAGE = 0x0a,          /* postcopy preempt channel: one page */
 	FERRY_REC_RETURN = 0x20,        /* return-path message, see ferry_rp */
 };
 
@@ -73,6 +74,10 @@ enum ferry_cmd {
 	FERRY_CMD_HEARTBEAT = 9,        /* empty; the source is alive */
 	FERRY_CMD_SWITCHOVER_GO = 10,   /* empty, after EOF: run the VM */
 	FERRY_CMD_SWITCHOVER_ABORT = 11,/* empty, after EOF: the source keeps it */
+	/* Postcopy (docs/stream-format.md, "Postcopy"): */
+	FERRY_CMD_POSTCOPY_END = 12,    /* be32 status (0): every page was sent */
+	FERRY_CMD_POSTCOPY_RESUME = 13, /* empty: first command of a stream that
+					   resumes a paused postcopy */
 	FERRY_CMD__MAX
 };
 
@@ -87,12 +92,24 @@ enum ferry_rp {
 	FERRY_RP_LOADED = 5,         /* as SHUT: loaded, waiting for GO */
 	FERRY_RP_HEARTBEAT = 6,      /* be32 the destination's peer-timeout in
 					ms; the destination is alive */
+	/* Postcopy: */
+	FERRY_RP_RUNNING = 7,        /* as SHUT: POSTCOPY_RUN loaded, the VM
+					runs here (the source never resumes) */
+	FERRY_RP_RECV_BITMAP = 8,    /* str8 block, be64 pages, bitmap bytes
+					(bit i of byte i/8: page i received) */
+	FERRY_RP_RESUME_ACK = 9,     /* empty: every RECV_BITMAP was sent */
 	FERRY_RP__MAX
 };
 
 /* Limits on command payloads received from the wire. */
 #define FERRY_DISCARD_MAX_RANGES (1u << 20)
 #define FERRY_PACKAGED_MAX (FERRY_RECORD_MAX_DEFAULT)
+/* Largest RECV_BITMAP (pages of one block). */
+#define FERRY_RP_BITMAP_MAX_PAGES (1ull << 32)
+/* First four bytes of a postcopy preempt channel (then a 16-byte session
+ * id), after which it carries FERRY_REC_PAGE records. */
+#define FERRY_PREEMPT_MAGIC 0x46525050u /* "FRPP" */
+#define FERRY_PREEMPT_HANDSHAKE_SIZE 20u
 
 FERRY_API const char *ferry_record_type_name(unsigned type);
 FERRY_API const char *ferry_cmd_name(unsigned cmd);

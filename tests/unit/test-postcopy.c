@@ -1,0 +1,394 @@
+/*
+ * tests/unit/test-postcopy.c - postcopy in one process: two minivms over
+ * unix sockets, switched by hand, by the automatic rule, with and without
+ * the preempt channel; a destination that fails before RUN (the source
+ * resumes); a capability set on one side only; and the destination's
+ * state machine, discard checks and exactly-once placement driven
+ * directly. Every test needs userfaultfd and skips without it.
+ */
+#include "../harness.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "minivm.h"
+#include "postcopy.h"
+
+#define X(name, timeout) TEST(name);
+#include "../list.h"
+#undef X
+
+#define MB (1ull << 20)
+
+static void need_uffd(void)
+{
+	int64_t r = ferry_pc_bare_roundtrip_ns(4);
+
+	if (r < 0)
+		SKIP("userfaultfd is not available here");
+}
+
+static const char *incoming(struct minivm *d, const char *name)
+{
+	struct ferry_error err = { 0 };
+	const char *uri = minivm_uri(name);
+
+	ASSERT_OK_E(ferry_mig_incoming(d->mig, uri, &err), err);
+	return uri;
+}
+
+static void both(struct minivm *s, struct minivm *d, const char *cap)
+{
+	minivm_set(s, cap, 1);
+	minivm_set(d, cap, 1);
+}
+
+/* Migrate s -> d, switching to postcopy at once; both end completed. */
+static void run_postcopy(struct minivm *s, struct minivm *d,
+			 struct ferry_mig_info *is, struct ferry_mig_info *id)
+{
+	struct ferry_error err = { 0 };
+	const char *uri = incoming(d, "pc");
+
+	ASSERT_OK_E(ferry_mig_start(s->mig, uri, &err), err);
+	ASSERT_OK_E(ferry_mig_start_postcopy(s->mig, &err), err);
+	*is = minivm_wait(s, 60000);
+	*id = minivm_wait(d, 60000);
+	if (is->status != FERRY_MIG_COMPLETED || id->status != FERRY_MIG_COMPLETED)
+		FAIL("source %s (%s), destination %s (%s)",
+		     ferry_mig_status_name(is->status), is->error,
+		     ferry_mig_status_name(id->status), id->error);
+	ASSERT(minivm_logged(s, "out:postcopy-active"));
+	ASSERT(minivm_logged(d, "in:postcopy-active"));
+	ASSERT_EQ(minivm_state(s), FERRY_RUN_POSTMIGRATE);
+}
+
+/* Postcopy with the destination kept paused after RUN: the pages come in
+ * the background; once END is through both VMs are the same. */
+TEST(postcopy_paused_dest_same_vm)
+{
+	struct minivm s, d;
+	struct ferry_mig_info is, id;
+
+	need_uffd();
+	minivm_init(&s, 64 * MB, 32 * MB, 0, true, false);
+	minivm_init(&d, 64 * MB, 32 * MB, 0, false, false);
+	both(&s, &d, "postcopy-ram");
+	minivm_wait_pages(&s, 4096);
+	run_postcopy(&s, &d, &is, &id);
+	ASSERT_EQ(minivm_state(&d), FERRY_RUN_PAUSED);
+	ASSERT_EQ_U64(minivm_digest(&d), minivm_digest(&s));
+	ASSERT_EQ_U64(minivm_verify(&d), 0);
+	ASSERT_EQ_U64(d.dev.pages, s.dev.pages);
+	ASSERT_GT(is.downtime_ns, 0);
+	ASSERT_GT(is.postcopy_bytes, 0);
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+/* The destination runs at RUN, its writer faulting on missing pages: the
+ * fault thread asks for them, they come ahead of the background, every
+ * page ends whole. Done twice: main stream and preempt channel. */
+static void running_dest(bool preempt)
+{
+	struct minivm s, d;
+	struct ferry_mig_info is, id;
+
+	need_uffd();
+	minivm_init(&s, 64 * MB, 64 * MB, 0, true, false);
+	minivm_init(&d, 64 * MB, 64 * MB, 0, false, true);
+	both(&s, &d, "postcopy-ram");
+	if (preempt)
+		both(&s, &d, "postcopy-preempt");
+	/* Fill all of RAM before the switch, so the writer on the other
+	 * side needs pages that have not come yet. */
+	minivm_wait_pages(&s, 64 * MB / MINIVM_PAGE);
+	run_postcopy(&s, &d, &is, &id);
+	ASSERT_EQ(d.starts, 1);
+	ASSERT_EQ(s.starts, 0);
+	ASSERT_GT(id.postcopy_faults, 0);
+	ASSERT_GT(id.postcopy_requests, 0);
+	ASSERT_GT(is.postcopy_requests, 0);
+	ASSERT(id.postcopy_lat_max_us >= id.postcopy_lat_p50_us);
+	minivm_wait_pages(&d, 1000);
+	minivm_park(&d);
+	ASSERT_EQ_U64(minivm_verify(&d), 0);
+	ASSERT_GE(d.dev.pages, s.dev.pages + 1000);
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+TEST(postcopy_running_dest_faults)
+{
+	running_dest(false);
+}
+
+TEST(postcopy_preempt_running_dest)
+{
+	running_dest(true);
+}
+
+/* The destination fails loading the package, before RUN: it never ran
+ * the VM, it says so, and the source resumes. */
+TEST(postcopy_fail_before_run_resumes_source)
+{
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	struct ferry_mig_info is, id;
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, 32 * MB, 16 * MB, 0, true, false);
+	minivm_init(&d, 32 * MB, 16 * MB, 0, false, true);
+	both(&s, &d, "postcopy-ram");
+	minivm_wait_pages(&s, 1024);
+	ASSERT_OK_E(ferry_mig_inject_fault(d.mig, "fail-package", &err), err);
+	uri = incoming(&d, "pc");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	ASSERT_OK_E(ferry_mig_start_postcopy(s.mig, &err), err);
+	is = minivm_wait(&s, 60000);
+	id = minivm_wait(&d, 60000);
+	ASSERT_EQ(is.status, FERRY_MIG_FAILED);
+	ASSERT_EQ(id.status, FERRY_MIG_FAILED);
+	ASSERT_CONTAINS(is.error, "fail-package");
+	ASSERT_EQ(minivm_state(&s), FERRY_RUN_RUNNING);
+	ASSERT_EQ(d.starts, 0);
+	minivm_wait_pages(&s, 100);  /* it really runs */
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+/* postcopy-ram on the source only: refused at setup, the source runs on;
+ * and migrate-start-postcopy without the capability is refused. */
+TEST(postcopy_capability_both_sides)
+{
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	struct ferry_mig_info is;
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, 16 * MB, 8 * MB, 0, true, false);
+	minivm_init(&d, 16 * MB, 8 * MB, 0, false, true);
+	ASSERT_ERR(ferry_mig_start_postcopy(s.mig, &err), -EINVAL);
+	minivm_set(&s, "postcopy-ram", 1);
+	uri = incoming(&d, "pc");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	is = minivm_wait(&s, 60000);
+	minivm_wait(&d, 60000);
+	ASSERT_EQ(is.status, FERRY_MIG_FAILED);
+	ASSERT_CONTAINS(is.error, "postcopy-ram");
+	ASSERT_EQ(minivm_state(&s), FERRY_RUN_RUNNING);
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+/* On a link capped below the dirty rate precopy cannot converge; with
+ * postcopy-after-passes the source switches by itself and completes. */
+TEST(postcopy_auto_switch_capped_link)
+{
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	struct ferry_mig_info is, id;
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, 64 * MB, 32 * MB, 0, true, false);
+	minivm_init(&d, 64 * MB, 32 * MB, 0, false, false);
+	both(&s, &d, "postcopy-ram");
+	minivm_set(&s, "multifd", 0);
+	minivm_set(&s, "max-bandwidth", 48 * MB);
+	minivm_set(&s, "downtime-limit", 10);
+	minivm_set(&s, "postcopy-after-passes", 2);
+	uri = incoming(&d, "pc");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	is = minivm_wait(&s, 120000);
+	id = minivm_wait(&d, 120000);
+	ASSERT_EQ(is.status, FERRY_MIG_COMPLETED);
+	ASSERT_EQ(id.status, FERRY_MIG_COMPLETED);
+	ASSERT(minivm_logged(&s, "out:postcopy-active"));
+	ASSERT_EQ_U64(minivm_digest(&d), minivm_digest(&s));
+	ASSERT_EQ_U64(minivm_verify(&d), 0);
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+/* ---- the destination's state machine and placement, driven directly ---- */
+
+struct pcd_fixture {
+	uint8_t *mem;
+	size_t size;
+	struct ferry_ram *ram;
+	struct ferry_pcd *pcd;
+	unsigned requests;
+};
+
+static int count_request(void *opaque, const char *block, uint64_t start,
+			 uint32_t len)
+{
+	(void)block; (void)start; (void)len;
+	__atomic_fetch_add(&((struct pcd_fixture *)opaque)->requests, 1,
+			   __ATOMIC_RELAXED);
+	return 0;
+}
+
+static void fixture(struct pcd_fixture *f, size_t size)
+{
+	struct ferry_error err = { 0 };
+	struct ferry_ram_block b;
+
+	f->size = size;
+	f->mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	ASSERT(f->mem != MAP_FAILED);
+	b = (struct ferry_ram_block){ "ram0", f->mem, size, 4096 };
+	f->ram = ferry_ram_new(&b, 1, NULL, NULL, &err);
+	ASSERT_PTR(f->ram);
+	f->pcd = ferry__pcd_new(f->ram, (uint64_t)sysconf(_SC_PAGESIZE), 4096,
+				NULL, NULL, &err);
+	ASSERT_PTR(f->pcd);
+}
+
+static void fixture_free(struct pcd_fixture *f)
+{
+	ferry__pcd_free(f->pcd);
+	ferry_ram_free(f->ram);
+	munmap(f->mem, f->size);
+}
+
+static int discard1(struct pcd_fixture *f, uint64_t s, uint64_t l,
+		    uint64_t s2, uint64_t l2, uint32_t n, struct ferry_error *err)
+{
+	uint8_t r[32];
+
+	for (int i = 0; i < 8; i++) {
+		r[i] = (uint8_t)(s >> (56 - 8 * i));
+		r[8 + i] = (uint8_t)(l >> (56 - 8 * i));
+		r[16 + i] = (uint8_t)(s2 >> (56 - 8 * i));
+		r[24 + i] = (uint8_t)(l2 >> (56 - 8 * i));
+	}
+	ferry_error_clear(err);
+	return ferry__pcd_discard(f->pcd, "ram0", n, r, err);
+}
+
+/* Every command out of order is refused with both states named; discard
+ * ranges are checked before anything is dropped. */
+TEST(postcopy_dest_state_machine)
+{
+	struct pcd_fixture f = { 0 };
+	struct ferry_error err = { 0 };
+
+	need_uffd();
+	fixture(&f, 1 * MB);
+	/* Page sizes must match. */
+	ASSERT_NULL(ferry__pcd_new(f.ram, 4096, 8192, NULL, NULL, &err));
+	ASSERT_CONTAINS(err.msg, "target page size");
+	ferry_error_clear(&err);
+	/* ADVISE: RUN and END are out of order. */
+	ASSERT_ERR(ferry__pcd_move(f.pcd, FERRY_PC_LISTENING, FERRY_PC_RUNNING,
+				   "POSTCOPY_RUN", &err), -EPROTO);
+	ASSERT_CONTAINS(err.msg, "state advise");
+	ASSERT_CONTAINS(err.msg, "state listening");
+	ferry_error_clear(&err);
+	/* Discards: outside, empty, unaligned, overlapping; none applies. */
+	memset(f.mem, 0xab, 1 * MB);
+	ASSERT_ERR(discard1(&f, 1 * MB, 4096, 0, 0, 1, &err), -ERANGE);
+	ASSERT_CONTAINS(err.msg, "outside");
+	ASSERT_ERR(discard1(&f, 4096, 0, 0, 0, 1, &err), -ERANGE);
+	ASSERT_ERR(discard1(&f, 100, 4096, 0, 0, 1, &err), -ERANGE);
+	ASSERT_ERR(discard1(&f, 1 * MB - 4096, 8192, 0, 0, 1, &err), -ERANGE);
+	ASSERT_ERR(discard1(&f, 0, 8192, 4096, 4096, 2, &err), -EINVAL);
+	ASSERT_CONTAINS(err.msg, "overlaps");
+	ASSERT_EQ(f.mem[0], 0xab);
+	ASSERT_EQ(f.mem[4096], 0xab);
+	/* A good one drops the pages. */
+	ASSERT_OK_E(discard1(&f, 0, 8192, 65536, 4096, 2, &err), err);
+	ASSERT_EQ(f.mem[0], 0);
+	ASSERT_EQ(f.mem[65536], 0);
+	ASSERT_EQ(f.mem[8192], 0xab);
+	/* LISTEN: discards end, RUN is next. */
+	ASSERT_OK_E(ferry__pcd_listen(f.pcd, count_request, &f, &err), err);
+	ASSERT_EQ(ferry__pcd_state(f.pcd), FERRY_PC_LISTENING);
+	ASSERT_ERR(discard1(&f, 0, 4096, 0, 0, 1, &err), -EPROTO);
+	ASSERT_CONTAINS(err.msg, "state listening");
+	ferry_error_clear(&err);
+	ASSERT_ERR(ferry__pcd_listen(f.pcd, count_request, &f, &err), -EPROTO);
+	ferry_error_clear(&err);
+	ASSERT_ERR(ferry__pcd_move(f.pcd, FERRY_PC_RUNNING, FERRY_PC_END,
+				   "POSTCOPY_END", &err), -EPROTO);
+	ASSERT_CONTAINS(err.msg, "state listening");
+	ASSERT_CONTAINS(err.msg, "state running");
+	ASSERT_OK_E(ferry__pcd_move(f.pcd, FERRY_PC_LISTENING, FERRY_PC_RUNNING,
+				    "POSTCOPY_RUN", &err), err);
+	ASSERT_OK_E(ferry__pcd_move(f.pcd, FERRY_PC_RUNNING, FERRY_PC_END,
+				    "POSTCOPY_END", &err), err);
+	ferry__pcd_finish(f.pcd);
+	fixture_free(&f);
+}
+
+struct placer {
+	struct pcd_fixture *f;
+	uint8_t fill;
+	int ret;
+};
+
+static void *place_all(void *arg)
+{
+	struct placer *p = arg;
+	uint8_t page[4096];
+
+	memset(page, p->fill, sizeof(page));
+	for (size_t off = 0; off < p->f->size && !p->ret; off += 4096)
+		p->ret = ferry__pcd_place(p->f->pcd, 0, off, page, NULL);
+	return NULL;
+}
+
+static void *touch_all(void *arg)
+{
+	struct pcd_fixture *f = arg;
+	uintptr_t bad = 0;
+
+	/* Backwards, to meet the placers half way: some pages fault. */
+	for (size_t off = f->size; off > 0; off -= 4096)
+		bad += f->mem[off - 4096] != 0x11 && f->mem[off - 4096] != 0x22;
+	return (void *)bad;
+}
+
+/* Two placers race over every page (the background and a request), a
+ * third thread faults on them: each page is placed exactly once, whole,
+ * and the faulting thread is always woken. */
+TEST(postcopy_place_exactly_once)
+{
+	struct pcd_fixture f = { 0 };
+	struct ferry_error err = { 0 };
+	struct placer a = { &f, 0x11, 0 }, b = { &f, 0x22, 0 };
+	struct ferry_pcd_stats st;
+	pthread_t ta, tb, tt;
+	void *bad;
+	size_t pages = 8 * MB / 4096;
+
+	need_uffd();
+	fixture(&f, 8 * MB);
+	ASSERT_OK_E(ferry__pcd_listen(f.pcd, count_request, &f, &err), err);
+	ASSERT_OK(pthread_create(&tt, NULL, touch_all, &f));
+	ASSERT_OK(pthread_create(&ta, NULL, place_all, &a));
+	ASSERT_OK(pthread_create(&tb, NULL, place_all, &b));
+	pthread_join(ta, NULL);
+	pthread_join(tb, NULL);
+	pthread_join(tt, &bad);
+	ASSERT_OK(a.ret);
+	ASSERT_OK(b.ret);
+	ASSERT_EQ((uintptr_t)bad, 0);
+	ferry__pcd_get_stats(f.pcd, &st);
+	ASSERT_EQ_U64(st.placed, pages);
+	ASSERT_EQ_U64(st.duplicates, pages);
+	/* Whole pages: each one all 0x11 or all 0x22. */
+	for (size_t off = 0; off < f.size; off += 4096)
+		for (size_t i = 1; i < 4096; i++)
+			if (f.mem[off + i] != f.mem[off])
+				FAIL("page at 0x%zx is torn", off);
+	ferry__pcd_move(f.pcd, FERRY_PC_LISTENING, FERRY_PC_RUNNING, "RUN", NULL);
+	ferry__pcd_move(f.pcd, FERRY_PC_RUNNING, FERRY_PC_END, "END", NULL);
+	ferry__pcd_finish(f.pcd);
+	fixture_free(&f);
+}
