@@ -42,6 +42,9 @@ struct migrate_opts {
 	long long max_bandwidth;  /* bytes/s, 0 = unlimited */
 	bool no_progress;
 	bool json;
+	bool postcopy;            /* switch to postcopy at once */
+	bool postcopy_preempt;
+	long long postcopy_after; /* s of precopy before switching; -1 none */
 };
 
 /* Help text for the flags above (for a command's usage()). */

@@ -49,6 +49,12 @@ const char migrate_opts_help[] =
 "  --downtime-limit MS  longest acceptable pause at switchover (default 300)\n"
 "  --max-bandwidth B    cap in bytes/s (K/M/G suffixes, powers of 1024;\n"
 "                       0 = unlimited, the default)\n"
+"  --postcopy           switch to postcopy at once: the destination runs the\n"
+"                       VM and fetches what it lacks on demand (the\n"
+"                       destination needs 'ferry vm --postcopy')\n"
+"  --postcopy-after S   switch to postcopy if precopy has not converged\n"
+"                       after S seconds\n"
+"  --postcopy-preempt   requested pages on a connection of their own\n"
 "  --no-progress        no progress display\n"
 "  --json               print the final query-migrate object as JSON\n";
 
@@ -66,6 +72,7 @@ void migrate_opts_init(struct migrate_opts *o)
 	o->multifd = -1;
 	o->downtime_limit = -1;
 	o->max_bandwidth = -1;
+	o->postcopy_after = -1;
 }
 
 /*
@@ -159,6 +166,17 @@ int migrate_parse_opt(struct migrate_opts *o, const char *cmd, int argc,
 			return -1;
 		}
 		o->max_bandwidth = n;
+	} else if (opt_is("--postcopy", argc, argv, i, NULL)) {
+		o->postcopy = true;
+	} else if (opt_is("--postcopy-preempt", argc, argv, i, NULL)) {
+		o->postcopy_preempt = true;
+	} else if (opt_is("--postcopy-after", argc, argv, i, &v)) {
+		if (parse_num(v, false, 86400, &n)) {
+			cli_err("%s: --postcopy-after needs seconds (0 to 86400), got '%s'",
+				cmd, v ? v : "");
+			return -1;
+		}
+		o->postcopy_after = n;
 	} else if (opt_is("--no-progress", argc, argv, i, NULL)) {
 		o->no_progress = true;
 	} else if (opt_is("--json", argc, argv, i, NULL)) {
@@ -220,6 +238,15 @@ int migrate_apply(int fd, const struct migrate_opts *o, struct ferry_error *err)
 	if (o->auto_converge)
 		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability",
 						      "auto-converge", "state", 1));
+	if (o->postcopy || o->postcopy_preempt || o->postcopy_after >= 0)
+		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability",
+						      "postcopy-ram", "state", 1));
+	if (o->postcopy_preempt)
+		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability",
+						      "postcopy-preempt", "state", 1));
+	if (o->postcopy_after >= 0)
+		json_object_set_new(params, "postcopy-after-ms",
+				    json_integer(o->postcopy_after * 1000));
 	if (o->multifd > 0)
 		json_object_set_new(params, "multifd-channels",
 				    json_integer(o->multifd));
@@ -389,12 +416,18 @@ static void progress_show(struct progress *p, json_t *m)
 		/* The throttle only matters once auto-converge kicks in. */
 		if (thr > 0)
 			snprintf(thrs, sizeof(thrs), " throttle %.0f%%", thr);
-		n = snprintf(line, sizeof(line),
-			     "%s pass %.0f [%s] %3.0f%% left %s %.0f MB/s dirty %.0f MB/s%s"
-			     " downtime~%.0fms",
-			     status, passes > 0 ? passes : 1, bar, pct, rems,
-			     p->bps / 1e6, dirty / 1e6, thrs,
-			     jnum0(m, "expected-downtime"));
+		if (!strncmp(status, "postcopy", 8))
+			n = snprintf(line, sizeof(line),
+				     "%s [%s] %3.0f%% left %s %.0f MB/s, %.0f pages "
+				     "requested", status, bar, pct, rems,
+				     p->bps / 1e6, jnum0(m, "postcopy-requests"));
+		else
+			n = snprintf(line, sizeof(line),
+				     "%s pass %.0f [%s] %3.0f%% left %s %.0f MB/s dirty %.0f MB/s%s"
+				     " downtime~%.0fms",
+				     status, passes > 0 ? passes : 1, bar, pct, rems,
+				     p->bps / 1e6, dirty / 1e6, thrs,
+				     jnum0(m, "expected-downtime"));
 		/* Never wrap: a wrapped line cannot be redrawn with \r. */
 		width = term_width() - 1;
 		if (n > width)
@@ -458,6 +491,10 @@ int migrate_follow(int fd, const char *uri, const struct migrate_opts *o,
 			uri, err.msg);
 		return 1;
 	}
+	if (o->postcopy && control_client_call(fd, "migrate-start-postcopy", NULL,
+					       NULL, CALL_TIMEOUT_MS, &err))
+		cli_err("migrate: migrate-start-postcopy: %s (precopy goes on)",
+			err.msg);
 	progress_init(&pr, o);
 	for (;;) {
 		int64_t now;
@@ -480,6 +517,18 @@ int migrate_follow(int fd, const char *uri, const struct migrate_opts *o,
 		}
 		if (status_terminal(status))
 			break;
+		/* A paused postcopy waits for the operator: say how, once. */
+		if (!strcmp(status, "postcopy-paused") && strcmp(last, status)) {
+			const char *e = json_string_value(json_object_get(m,
+								"error-desc"));
+
+			progress_end(&pr);
+			cli_err("migrate: postcopy paused (%s): the destination runs "
+				"the VM and waits for the rest of its memory. Recover "
+				"with 'ferry ctl DEST migrate-recover '{\"uri\": "
+				"URI}'' and then 'ferry ctl SOURCE migrate '{\"uri\": "
+				"URI, \"resume\": true}''", e ? e : "link lost");
+		}
 		snprintf(last, sizeof(last), "%s", status);
 		progress_show(&pr, m);
 		json_decref(m);
@@ -597,6 +646,14 @@ void migrate_print_stats(FILE *f, json_t *m)
 	}
 	if (jnum(m, "cpu-throttle-percentage", &v) && v > 0)
 		fprintf(f, "  %-22s %.0f%%\n", "cpu throttle", v);
+	if (jnum(m, "postcopy-time", &v))
+		fprintf(f, "  %-22s %.3f s\n", "postcopy time", v / 1000.0);
+	if (jnum(m, "postcopy-requests", &v))
+		fprintf(f, "  %-22s %.0f\n", "postcopy requests", v);
+	if (jnum(ram, "postcopy-bytes", &v) && v > 0) {
+		fmt_bytes(b, sizeof(b), v);
+		fprintf(f, "  %-22s %s\n", "postcopy bytes", b);
+	}
 }
 
 /* ---- the command ------------------------------------------------------------ */

@@ -28,6 +28,8 @@ static void usage(FILE *f)
 "                      unix:PATH, fd:N) instead of booting it\n"
 "  --paused            stay paused after start or load until 'cont'\n"
 "  --memfd             back guest RAM with a memfd (default: anonymous)\n"
+"  --postcopy          allow postcopy (capability postcopy-ram): needed on\n"
+"                      a destination before the source switches to it\n"
 "  --prealloc          fault in all guest RAM at start (commits it all); a\n"
 "                      destination started ahead then receives faster\n"
 "  -h, --help          this text\n"
@@ -57,6 +59,7 @@ int cmd_vm(int argc, char **argv)
 		{ "incoming", required_argument, NULL, 'i' },
 		{ "paused", no_argument, NULL, 'p' },
 		{ "memfd", no_argument, NULL, 'M' },
+		{ "postcopy", no_argument, NULL, 'C' },
 		{ "prealloc", no_argument, NULL, 'P' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
@@ -106,6 +109,7 @@ int cmd_vm(int argc, char **argv)
 		case 'i': cfg.incoming = optarg; break;
 		case 'p': cfg.paused = true; break;
 		case 'M': cfg.memfd = true; break;
+		case 'C': cfg.postcopy = true; break;
 		case 'P': cfg.prealloc = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;

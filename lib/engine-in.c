@@ -90,7 +90,11 @@ struct mig_in {
 	 * there) and freed with this struct - never while a page may be
 	 * missing. */
 	struct ferry_pcd *pcd;
-	bool pc_ran;                    /* load thread: RUN took the VM */
+	bool pc_ran;                    /* m->lock: RUN took the VM */
+	struct ferry_listener *rec_l;   /* m->lock: migrate-recover's */
+	char rec_uri[4096];             /* m->lock */
+	struct ferry_chan *rec_chan;    /* listen thread: the stream after a
+					   recovery (owns its fd) */
 	uint64_t t_pc_run;              /* load thread: when */
 	/* The preempt channel's reader (acceptor starts it, in_main joins). */
 	pthread_t pre_thread;
@@ -137,6 +141,24 @@ static void rp_silence(struct mig_in *in)
 	ferry__mutex_unlock(&in->rp_lock);
 }
 
+/* The stall-postcopy fault point, from the heartbeat (rp_lock held): as if
+ * this process stopped while postcopy runs - nothing more on this return
+ * path, until the source gives up on it and a recovery opens a new one. */
+static bool stall_postcopy(struct mig_in *in)
+{
+	struct ferry_pcd *pcd;
+	bool hit = false;
+
+	ferry__mutex_unlock(&in->rp_lock);
+	ferry__mutex_lock(&in->m->lock);
+	pcd = in->pcd;
+	ferry__mutex_unlock(&in->m->lock);
+	if (ferry__pcd_state(pcd) == FERRY_PC_RUNNING)
+		hit = mig_fault_take(in->m, FAULT_STALL_POSTCOPY);
+	ferry__mutex_lock(&in->rp_lock);
+	return hit;
+}
+
 /*
  * Beat at a quarter of the shorter of the two peer-timeouts: the source's
  * (it told us when it opened the return path) and ours (each beat tells
@@ -157,6 +179,8 @@ static void *hb_main(void *arg)
 	while (!in->hb_stop) {
 		uint64_t deadline = now_ns() + interval;
 
+		if (stall_postcopy(in))
+			in->rp_silent = true;
 		/* Written under rp_lock: if the source stopped reading, the
 		 * write times out (peer-timeout) rather than hang. */
 		if (!in->rp_silent && in->rp_chan)
@@ -176,6 +200,9 @@ static int rp_open(struct mig_in *in, uint32_t src_ms,
 
 	if (in->rp_chan)
 		return ferry_error_set(err, -EBADMSG, "return path opened twice");
+	/* After a postcopy recovery: a new return path, beating again. */
+	in->hb_stop = false;
+	in->rp_silent = false;
 	if (!ferry_uri_is_socket(&in->u))
 		return ferry_error_set(err, -EINVAL, "a return path needs a "
 				       "socket (this stream comes from %s)",
@@ -187,7 +214,7 @@ static int rp_open(struct mig_in *in, uint32_t src_ms,
 	in->rp_chan = ferry_chan_new_fd(dfd, FERRY_CHAN_WRITE, true);
 	if (in->rp_chan) {
 		ferry_chan_set_timeout(in->rp_chan, (int)in->set.peer_timeout_ms);
-		in->rp_io.chan = in->rp_chan;
+		in->rp_io = (struct ferry_record_io){ .chan = in->rp_chan };
 	}
 	ferry__mutex_unlock(&in->rp_lock);
 	if (!in->rp_chan) {
@@ -364,11 +391,15 @@ static void pcd_trace(void *opaque, const char *line)
 	mig_trace(((struct mig_in *)opaque)->m, "%s", line);
 }
 
+static void rp_close(struct mig_in *in);
+static bool cancelled(struct mig_in *in);
+
 /* The fault thread's requests (any thread but the heartbeat's). */
 static int request_pages(void *opaque, const char *block, uint64_t start,
 			 uint32_t len)
 {
 	struct mig_in *in = opaque;
+
 	struct ferry_rp_msg msg = { .type = FERRY_RP_REQ_PAGES, .start = start,
 				    .len = len };
 
@@ -446,7 +477,9 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 			return r;
 		/* The VM is ours from here, whatever its pages' whereabouts:
 		 * the source never resumes once it sent RUN. */
+		ferry__mutex_lock(&m->lock);
 		in->pc_ran = true;
+		ferry__mutex_unlock(&m->lock);
 		in->t_pc_run = now_ns();
 		mig_set_switchover(m, true, FERRY_SWO_DONE);
 		r = take_vm(in, err);
@@ -486,6 +519,192 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 	}
 	return ferry_error_set(err, -EPROTO, "%s in postcopy state none",
 			       ferry_cmd_name(msg->cmd));
+}
+
+/* ---- postcopy recovery ------------------------------------------------------- */
+
+/* The next connection on @l that is a ferry stream; -ECANCELED. */
+static int accept_stream(struct mig_in *in, struct ferry_listener *l,
+			 struct ferry_error *err)
+{
+	for (;;) {
+		struct ferry_error e2 = { 0 };
+		struct pollfd pf;
+		uint8_t magic[4];
+		int fd;
+
+		if (cancelled(in))
+			return ferry_error_set(err, -ECANCELED, "cancelled while "
+					       "postcopy was paused");
+		fd = ferry_listener_accept(l, 200, &e2);
+		if (fd < 0)
+			continue;  /* timeouts, and a failed accept, retried */
+		pf = (struct pollfd){ .fd = fd, .events = POLLIN };
+		if (poll(&pf, 1, (int)in->set.peer_timeout_ms) == 1 &&
+		    recv(fd, magic, 4, MSG_PEEK | MSG_WAITALL) == 4 &&
+		    ferry__get_be32(magic) == FERRY_STREAM_MAGIC)
+			return fd;
+		mig_trace(in->m, "postcopy recovery: a connection that is not "
+			  "a ferry stream: closed");
+		close(fd);
+	}
+}
+
+/* One resume on @fd: the source's header, OPEN_RETURN_PATH and
+ * POSTCOPY_RESUME; our received bitmaps and RESUME_ACK; the requests of
+ * waiting threads again. @io reads on from there. */
+static int resume_on(struct mig_in *in, struct ferry_record_io *io, int fd,
+		     struct ferry_error *err)
+{
+	struct ferry_chan *c = ferry_chan_new_fd(fd, FERRY_CHAN_READ, true);
+	struct ferry_rp_msg ack = { .type = FERRY_RP_RESUME_ACK };
+	struct ferry_record rec;
+	uint32_t version;
+	int r;
+
+	if (!c) {
+		close(fd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	mig_socket_keepalive(fd, in->set.peer_timeout_ms);
+	ferry_chan_set_timeout(c, (int)in->set.peer_timeout_ms);
+	ferry__mutex_lock(&in->m->lock);
+	in->fd = fd;
+	ferry__mutex_unlock(&in->m->lock);
+	ferry_chan_free(in->rec_chan);
+	in->rec_chan = c;
+	in->main_chan = c;
+	io->chan = c;
+	io->seq = 0;
+	if ((r = ferry__stream_read_header(c, &version, err)))
+		return r;
+	if ((r = ferry_record_read(io, &rec, err)))
+		return r;
+	if (rec.type != FERRY_REC_COMMAND || rec.len != 6 ||
+	    ferry__get_be16(rec.body) != FERRY_CMD_OPEN_RETURN_PATH)
+		return ferry_error_set(err, -EBADMSG, "resume: the stream does "
+				       "not open with OPEN_RETURN_PATH");
+	if ((r = rp_open(in, ferry__get_be32(rec.body + 2), err)))
+		return r;
+	if ((r = ferry_record_read(io, &rec, err)))
+		return r;
+	if (rec.type != FERRY_REC_COMMAND || rec.len != 2 ||
+	    ferry__get_be16(rec.body) != FERRY_CMD_POSTCOPY_RESUME)
+		return ferry_error_set(err, -EBADMSG, "resume: POSTCOPY_RESUME "
+				       "expected");
+	for (unsigned bi = 0; ; bi++) {
+		struct ferry_rp_msg bm = { .type = FERRY_RP_RECV_BITMAP };
+		uint8_t *bits;
+
+		if (ferry__pcd_block_name(in->pcd, bi, bm.block, sizeof(bm.block)))
+			break;
+		if ((r = ferry__pcd_received(in->pcd, bi, &bits, &bm.pages, err)))
+			return r;
+		bm.bitmap = bits;
+		r = rp_send(in, &bm, err);
+		free(bits);
+		if (r)
+			return r;
+	}
+	if ((r = rp_send(in, &ack, err)))
+		return r;
+	ferry__pcd_rerequest(in->pcd);
+	return 0;
+}
+
+/*
+ * The load's reconnect hook (the listen thread): a broken stream after RUN
+ * pauses - the VM runs, and threads touching missing pages wait - until
+ * ferry_mig_recover gives a listener and the source connects to it.
+ */
+static int reconnect(void *opaque, struct ferry_record_io *io, int why,
+		     struct ferry_error *err)
+{
+	struct mig_in *in = opaque;
+	struct ferry_mig *m = in->m;
+	enum ferry_pc_state st = ferry__pcd_state(in->pcd);
+	char reason[FERRY_ERROR_MSG_MAX];
+
+	if (st == FERRY_PC_END)
+		return 1;
+	if (st != FERRY_PC_RUNNING)
+		return why;
+	snprintf(reason, sizeof(reason), "%s", err->msg[0] ? err->msg
+							   : strerror(-why));
+	ferry_error_clear(err);
+	rp_close(in);
+	mig_trace(m, "postcopy paused: %s", reason);
+	mig_set_status(m, true, FERRY_MIG_POSTCOPY_PAUSED, reason);
+	for (;;) {
+		struct ferry_error e2 = { 0 };
+		struct ferry_listener *l;
+		int fd;
+
+		ferry__mutex_lock(&m->lock);
+		while (!in->rec_l && !in->cancel)
+			pthread_cond_wait(&m->cond, &m->lock);
+		l = in->rec_l;
+		ferry__mutex_unlock(&m->lock);
+		if (!l)
+			return ferry_error_set(err, -ECANCELED, "postcopy paused "
+					       "when the engine was freed");
+		mig_set_status(m, true, FERRY_MIG_POSTCOPY_RECOVER, NULL);
+		fd = accept_stream(in, l, err);
+		if (fd < 0)
+			return fd;
+		if (!resume_on(in, io, fd, &e2)) {
+			ferry__mutex_lock(&m->lock);
+			in->rec_l = NULL;
+			ferry__mutex_unlock(&m->lock);
+			ferry_listener_close(l);
+			mig_trace(m, "postcopy resumed");
+			mig_set_status(m, true, FERRY_MIG_POSTCOPY_ACTIVE, NULL);
+			return 0;
+		}
+		rp_close(in);
+		mig_trace(m, "postcopy recovery failed: %s", e2.msg);
+		mig_set_status(m, true, FERRY_MIG_POSTCOPY_PAUSED, e2.msg);
+	}
+}
+
+int mig_in_recover(struct ferry_mig *m, const char *uri, struct ferry_error *err)
+{
+	struct ferry_listener *l = ferry_transport_listen(uri, err);
+	int r = 0;
+
+	if (!l)
+		return err && err->code ? err->code : -EIO;
+	ferry__mutex_lock(&m->lock);
+	if (!m->in || m->out_used ||
+	    m->in_info.status != FERRY_MIG_POSTCOPY_PAUSED || m->in->rec_l) {
+		r = ferry_error_set(err, -EINVAL, "no paused postcopy to recover "
+			"here (status %s%s)", ferry_mig_status_name(m->in_info.status),
+			m->in && m->in->rec_l ? ", already listening" : "");
+	} else {
+		m->in->rec_l = l;
+		snprintf(m->in->rec_uri, sizeof(m->in->rec_uri), "%s",
+			 ferry_listener_uri(l));
+		pthread_cond_broadcast(&m->cond);
+		l = NULL;
+	}
+	ferry__mutex_unlock(&m->lock);
+	ferry_listener_close(l);
+	if (!r)
+		mig_trace(m, "postcopy: waiting for the source on %s", uri);
+	return r;
+}
+
+const char *ferry_mig_recover_uri(struct ferry_mig *m, char *buf, size_t len)
+{
+	const char *r = NULL;
+
+	ferry__mutex_lock(&m->lock);
+	if (m->in && m->in->rec_uri[0] && len) {
+		snprintf(buf, len, "%s", m->in->rec_uri);
+		r = buf;
+	}
+	ferry__mutex_unlock(&m->lock);
+	return r;
 }
 
 void mig_in_postcopy_info(struct mig_in *in, struct ferry_mig_info *i)
@@ -909,7 +1128,7 @@ static void *in_main(void *arg)
 		.device_load_end = dev_load_end,
 	};
 	struct ferry__load_hooks hooks = { .stop_listen = stop_listen,
-					   .opaque = in };
+					   .reconnect = reconnect, .opaque = in };
 	bool socket = ferry_uri_is_socket(&in->u);
 	char msg[FERRY_ERROR_MSG_MAX];
 	int fd, r = 0;
@@ -1201,7 +1420,11 @@ int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err)
 	ferry__mutex_lock(&m->lock);
 	in = m->in;
 	if (in && mig_status_live(m->in_info.status)) {
-		if (in->loaded_sent) {
+		if (in->pc_ran) {
+			r = ferry_error_set(err, -EBUSY, "too late to cancel: in "
+				"postcopy the VM runs here and part of its memory "
+				"is still at the source");
+		} else if (in->loaded_sent) {
 			r = ferry_error_set(err, -EBUSY,
 				"too late to cancel: the VM is loaded and the "
 				"source decides the switchover");
@@ -1233,6 +1456,8 @@ void mig_in_free(struct mig_in *in)
 	/* The fault thread sends on the return path: stop it first. */
 	ferry__pcd_free(in->pcd);
 	rp_close(in);
+	ferry_chan_free(in->rec_chan);
+	ferry_listener_close(in->rec_l);
 	if (in->held_fd >= 0)
 		close(in->held_fd);
 	if (in->main_fd >= 0)

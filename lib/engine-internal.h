@@ -51,6 +51,8 @@ enum mig_fault {
 	FAULT_HOLD_DEVICE,
 	FAULT_STALL_LOAD,
 	FAULT_FAIL_PACKAGE,
+	FAULT_POSTCOPY_CUT,
+	FAULT_STALL_POSTCOPY,
 	FAULT__MAX
 };
 
@@ -153,6 +155,7 @@ uint64_t mig_boot_id_hash(void);
 int mig_out_start(struct ferry_mig *m, const char *uri, struct ferry_error *err);
 int mig_out_cancel(struct ferry_mig *m, struct ferry_error *err);
 int mig_out_start_postcopy(struct ferry_mig *m, struct ferry_error *err);
+int mig_out_resume(struct ferry_mig *m, const char *uri, struct ferry_error *err);
 /* Join the thread and free; @m->lock not held. */
 void mig_out_free(struct mig_out *o);
 /* Cut everything (ferry_mig_free): like cancel, even past GO. */
@@ -164,6 +167,7 @@ int mig_in_cancel(struct ferry_mig *m, struct ferry_error *err);
 const char *mig_in_uri(struct mig_in *in);
 /* The destination's postcopy figures into @i (m->lock held). */
 void mig_in_postcopy_info(struct mig_in *in, struct ferry_mig_info *i);
+int mig_in_recover(struct ferry_mig *m, const char *uri, struct ferry_error *err);
 void mig_in_free(struct mig_in *in);
 void mig_in_kill(struct mig_in *in);
 

@@ -84,6 +84,7 @@ struct rp_reader {
 	uint64_t t_shut;
 	uint32_t pong;
 	bool running;                   /* postcopy: RUNNING read */
+	bool resumed;                   /* postcopy recovery: RESUME_ACK read */
 	struct ferry_rp_msg running_msg;
 	uint64_t t_running;
 };
@@ -118,6 +119,8 @@ struct mig_out {
 	int fd;                         /* main connection, or -1 */
 	struct ferry_multifd *mf;       /* while it exists */
 	bool pc_requested;              /* migrate-start-postcopy */
+	bool resume_req;                /* ferry_mig_resume: try resume_uri */
+	char resume_uri[4096];
 	bool pc_switched;               /* the VM stopped for postcopy */
 	int pre_fd;                     /* postcopy preempt connection, or -1 */
 
@@ -145,6 +148,8 @@ struct mig_out {
 	uint64_t t_start, t_stop;
 	uint64_t t_pc_sync, t_pc_discard; /* postcopy: switch section, DISCARDs */
 	uint64_t t_pc_start, pc_bytes0;
+	uint64_t pc_rate_t0, pc_rate_b0;  /* the rate limit's window */
+	unsigned recoveries;
 	struct ferry_save_stats ss;
 	struct ferry_mig_info prog;     /* published into m->out_info */
 };
@@ -229,6 +234,23 @@ static void *rp_main(void *arg)
 		case FERRY_RP_PONG:
 			rp->pong = msg.pong;
 			break;
+		case FERRY_RP_RECV_BITMAP: {
+			struct ferry_error e2 = { 0 };
+
+			/* Only while resuming: the migration thread waits. */
+			if (rp->resumed || !rp->o->m->ram ||
+			    ferry__ram_pc_resend(rp->o->m->ram, msg.block,
+						 msg.pages, msg.bitmap, &e2)) {
+				rp->err = -EBADMSG;
+				snprintf(rp->errmsg, sizeof(rp->errmsg),
+					 "return path: bad RECV_BITMAP: %.400s", e2.msg);
+				end = true;
+			}
+			break;
+		}
+		case FERRY_RP_RESUME_ACK:
+			rp->resumed = true;
+			break;
 		case FERRY_RP_RUNNING:
 			if (rp->running || msg.status ||
 			    !__atomic_load_n(&rp->o->pc_on, __ATOMIC_ACQUIRE)) {
@@ -282,7 +304,7 @@ static int rp_start(struct rp_reader *rp, int fd, uint64_t timeout_ms,
 	}
 	rp->timeout_ms = timeout_ms;
 	ferry_chan_set_timeout(rp->chan, (int)timeout_ms);
-	rp->io.chan = rp->chan;
+	rp->io = (struct ferry_record_io){ .chan = rp->chan };
 	e = pthread_create(&rp->thread, NULL, rp_main, rp);
 	if (e)
 		return ferry_error_set(err, -e, "cannot start the return-path "
@@ -454,6 +476,7 @@ static int cancel_check(struct ferry_mig *m, void *arg, struct ferry_error *err)
 		return 0;
 	case FERRY_MIG_POSTCOPY_ACTIVE:
 	case FERRY_MIG_POSTCOPY_PAUSED:
+	case FERRY_MIG_POSTCOPY_RECOVER:
 		return ferry_error_set(err, -EBUSY, "too late to cancel: in "
 			"postcopy the destination runs the VM and this side holds "
 			"the rest of its memory");
@@ -1310,11 +1333,14 @@ static void pc_account(struct mig_out *o)
  * resumes - unless the destination says it failed before it ran. Then the
  * rest of RAM, requested pages first, and END.
  */
+static int pc_run(struct mig_out *o, struct ferry_error *err);
+static int pc_pause(struct mig_out *o, struct ferry_error *err);
+static void cut_link(struct mig_out *o);
+
 static int postcopy(struct mig_out *o, struct ferry_error *err)
 {
 	struct ferry_mig *m = o->m;
-	bool sent, ran = false, cancel;
-	uint64_t last_pub = 0;
+	bool sent, cancel;
 	int r;
 
 	r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);
@@ -1332,8 +1358,8 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	if (m->ops.switchover_begin &&
 	    (r = m->ops.switchover_begin(m->opaque, err)))
 		return ferry_error_prefix(err, "switchover_begin: ");
-	o->pc_bytes0 = total_bytes(o);
-	o->t_pc_start = o->t_stop;
+	o->pc_bytes0 = o->pc_rate_b0 = total_bytes(o);
+	o->t_pc_start = o->pc_rate_t0 = o->t_stop;
 	r = ferry__save_ram_section(o->s, ferry__ram_pc_switch_section, err);
 	o->t_pc_sync = now_ns();
 	if (!r)
@@ -1364,6 +1390,31 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	o->ss.size = sizeof(o->ss);
 	ferry_save_get_stats(o->s, &o->ss);
 	o->prog.downtime_bytes = total_bytes(o) - o->pc_bytes0;
+	/* From here on a broken link pauses, it never fails: the guest's
+	 * memory is split between the two sides. */
+	while ((r = pc_run(o, err)) > 0)
+		if ((r = pc_pause(o, err)))
+			return r;
+	if (r)
+		return r;
+	if (!o->prog.downtime_ns)
+		pc_account(o);
+	o->prog.postcopy_time_ms = (now_ns() - o->t_pc_start) / 1000000;
+	o->completed = true;
+	return 0;
+}
+
+/*
+ * The rest of RAM, then END, then the destination's word that every page
+ * is in. 0: done. 1: the link broke (pause and recover). <0: the
+ * destination failed before it ran the VM (committed is cleared: resume).
+ */
+static int pc_run(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	uint64_t last_pub = 0, budget = PC_BUDGET;
+	bool ran = false;
+	int r;
 
 	for (;;) {
 		uint64_t now = now_ns();
@@ -1371,18 +1422,40 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 		if ((r = pc_peer(o, &ran, err))) {
 			/* Failed before it ran the VM: the VM is still whole
 			 * here (never touched since the stop), so resume. */
-			if (!ran && o->rp.shut)
+			if (!ran && o->rp.shut && o->rp.shut_msg.status) {
 				o->committed = false;
-			return r;
+				return r;
+			}
+			return 1;
 		}
 		if (ran && !o->prog.downtime_ns)
 			pc_account(o);
 		if (ferry__ram_pc_idle(m->ram))
 			break;
-		r = ferry__save_ram_round(o->s, PC_BUDGET, false, err);
+		if (mig_fault_take(m, FAULT_POSTCOPY_CUT))
+			cut_link(o);
+		r = ferry__save_ram_round(o->s, budget, false, err);
 		if (r) {
 			ferry_error_prefix(err, "postcopy: ");
-			return pc_write_failed(o, r, err);
+			r = pc_write_failed(o, r, err);
+			return o->committed ? 1 : r;
+		}
+		/* max-bandwidth holds in postcopy too; a page request cuts
+		 * the wait short (it goes out with one background page). */
+		budget = PC_BUDGET;
+		for (;;) {
+			uint64_t d = mig_rate_delay_ns(o->set.max_bandwidth,
+						       total_bytes(o) - o->pc_rate_b0,
+						       now_ns() - o->pc_rate_t0);
+			struct timespec ts = { 0, (long)(d < 2000000 ? d : 2000000) };
+
+			if (!d)
+				break;
+			if (ferry__ram_pc_requests(m->ram)) {
+				budget = 1;
+				break;
+			}
+			nanosleep(&ts, NULL);
 		}
 		if (now - last_pub >= 100000000ull) {
 			o->prog.postcopy_bytes = total_bytes(o) - o->pc_bytes0;
@@ -1401,14 +1474,18 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 		if (!r && ferry_chan_flush(o->pre_chan))
 			r = ferry_chan_error(o->pre_chan, err);
 		ferry__mutex_unlock(&o->pre_lock);
-		if (r)
-			return ferry_error_prefix(err, "postcopy preempt channel: ");
+		if (r) {
+			ferry_error_prefix(err, "postcopy preempt channel: ");
+			return 1;
+		}
 	}
 	r = ferry__save_ram_round(o->s, 0, true, err);
 	if (!r)
 		r = ferry__save_postcopy_end(o->s, err);
-	if (r)
-		return ferry_error_prefix(err, "postcopy: ");
+	if (r) {
+		ferry_error_prefix(err, "postcopy: ");
+		return 1;
+	}
 	o->prog.postcopy_bytes = total_bytes(o) - o->pc_bytes0;
 	o->prog.postcopy_requests = __atomic_load_n(&m->ram->pc_served,
 						    __ATOMIC_RELAXED);
@@ -1417,13 +1494,168 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	while (!o->rp.shut && !o->rp.done)
 		pthread_cond_wait(&o->rp.cond, &o->rp.lock);
 	ferry__mutex_unlock(&o->rp.lock);
-	if ((r = pc_peer(o, &ran, err)))
-		return r;
-	if (!o->prog.downtime_ns)
-		pc_account(o);
-	o->prog.postcopy_time_ms = (now_ns() - o->t_pc_start) / 1000000;
-	o->completed = true;
+	if (pc_peer(o, &ran, err) || !o->rp.shut)
+		return 1;
 	return 0;
+}
+
+/* The postcopy-cut fault point: the link resets under us. */
+static void cut_link(struct mig_out *o)
+{
+	ferry__mutex_lock(&o->m->lock);
+	if (o->fd >= 0)
+		shutdown(o->fd, SHUT_RDWR);
+	ferry__mutex_unlock(&o->m->lock);
+}
+
+/* Drop every connection of a broken postcopy; the save keeps its state. */
+static void pc_disconnect(struct mig_out *o)
+{
+	struct ferry_mig *m = o->m;
+
+	hb_stop(&o->hb);
+	ferry__mutex_lock(&m->lock);
+	if (o->fd >= 0)
+		shutdown(o->fd, SHUT_RDWR);
+	if (o->pre_fd >= 0)
+		shutdown(o->pre_fd, SHUT_RDWR);
+	ferry__mutex_unlock(&m->lock);
+	rp_stop(&o->rp);
+	ferry__mutex_lock(&o->pre_lock);
+	o->pre_closed = true;
+	ferry__mutex_unlock(&o->pre_lock);
+	ferry__mutex_lock(&m->lock);
+	o->fd = -1;
+	o->pre_fd = -1;
+	ferry__mutex_unlock(&m->lock);
+	ferry_record_io_release(&o->pre_io);
+	ferry_chan_free(o->pre_chan);
+	o->pre_chan = NULL;
+	ferry_chan_free(o->c);
+	o->c = NULL;
+}
+
+/* One attempt to resume on @uri: a new connection and return path, then
+ * the destination's received bitmaps, after which everything it lacks is
+ * queued again. */
+static int pc_reconnect(struct mig_out *o, const char *uri,
+			struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	struct rp_reader *rp = &o->rp;
+	uint8_t be[4];
+	int fd, r;
+
+	fd = ferry_transport_connect(uri, (int)o->set.peer_timeout_ms, err);
+	if (fd < 0)
+		return fd;
+	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
+	o->c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, true);
+	if (!o->c) {
+		close(fd);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	}
+	ferry__mutex_lock(&m->lock);
+	o->fd = fd;
+	o->cut = o->cut_by_rp = false;
+	ferry__mutex_unlock(&m->lock);
+	ferry__mutex_lock(&rp->lock);
+	rp->done = rp->shut = rp->resumed = false;
+	rp->err = 0;
+	rp->errmsg[0] = 0;
+	ferry__mutex_unlock(&rp->lock);
+	if ((r = ferry__save_rebind(o->s, o->c, err)) ||
+	    (r = rp_start(rp, fd, o->set.peer_timeout_ms, err)))
+		return r;
+	ferry__put_be32(be, (uint32_t)o->set.peer_timeout_ms);
+	o->hb.stop = o->hb.silent = false;
+	if ((r = ferry_save_command(o->s, FERRY_CMD_OPEN_RETURN_PATH, be, 4, err)) ||
+	    (r = hb_start(&o->hb, o->s, o->set.peer_timeout_ms, err)) ||
+	    (r = ferry_save_command(o->s, FERRY_CMD_POSTCOPY_RESUME, NULL, 0, err)) ||
+	    (r = ferry__save_flush(o->s, err)))
+		return r;
+	ferry__mutex_lock(&rp->lock);
+	while (!rp->resumed && !(r = rp_failure_locked(rp, err)) && !rp->done)
+		pthread_cond_wait(&rp->cond, &rp->lock);
+	if (!rp->resumed && !r)
+		r = ferry_error_set(err, -EPROTO, "destination: closed the "
+				    "return path while resuming");
+	ferry__mutex_unlock(&rp->lock);
+	if (r)
+		return r;
+	ferry__ram_pc_rewind(m->ram);
+	/* The pause is no credit for a burst. */
+	o->pc_rate_t0 = now_ns();
+	o->pc_rate_b0 = total_bytes(o);
+	return 0;
+}
+
+/*
+ * A broken link after RUN: postcopy-paused. Nothing is given up: the VM
+ * stays stopped here (finish-migrate: the VMM refuses `cont`), its RAM
+ * stays, and ferry_mig_resume (QMP migrate with "resume": true) tries a
+ * new connection - as often as it takes. 0 once running again; -errno
+ * only when the engine is being freed.
+ */
+static int pc_pause(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	char uri[sizeof(o->uri)];
+
+	mig_trace(m, "postcopy paused: %s", err->msg);
+	pc_disconnect(o);
+	mig_set_status(m, false, FERRY_MIG_POSTCOPY_PAUSED,
+		       err->msg[0] ? err->msg : "the connection broke");
+	for (;;) {
+		struct ferry_error e2 = { 0 };
+
+		ferry__mutex_lock(&m->lock);
+		while (!o->resume_req && !o->killed)
+			pthread_cond_wait(&m->cond, &m->lock);
+		if (o->killed) {
+			ferry__mutex_unlock(&m->lock);
+			return ferry_error_set(err, -ECANCELED, "postcopy paused "
+				"when the engine was freed");
+		}
+		o->resume_req = false;
+		snprintf(uri, sizeof(uri), "%s", o->resume_uri);
+		ferry__mutex_unlock(&m->lock);
+		mig_set_status(m, false, FERRY_MIG_POSTCOPY_RECOVER, NULL);
+		mig_trace(m, "postcopy: resuming on %s", uri);
+		if (!pc_reconnect(o, uri, &e2)) {
+			o->recoveries++;
+			ferry_error_clear(err);
+			mig_set_status(m, false, FERRY_MIG_POSTCOPY_ACTIVE, NULL);
+			return 0;
+		}
+		pc_disconnect(o);
+		mig_set_status(m, false, FERRY_MIG_POSTCOPY_PAUSED, e2.msg);
+	}
+}
+
+int mig_out_resume(struct ferry_mig *m, const char *uri, struct ferry_error *err)
+{
+	struct ferry_uri u;
+	int r;
+
+	if (!uri || strlen(uri) >= sizeof(m->out->uri))
+		return ferry_error_set(err, -EINVAL, "bad URI");
+	if ((r = ferry_uri_parse(uri, &u, err)))
+		return r;
+	if (!ferry_uri_is_socket(&u))
+		return ferry_error_set(err, -EINVAL, "resume needs a socket URI");
+	ferry__mutex_lock(&m->lock);
+	if (!m->out || !m->out_used ||
+	    m->out_info.status != FERRY_MIG_POSTCOPY_PAUSED) {
+		r = ferry_error_set(err, -EINVAL, "no paused postcopy to resume "
+			"(status %s)", ferry_mig_status_name(m->out_info.status));
+	} else {
+		snprintf(m->out->resume_uri, sizeof(m->out->resume_uri), "%s", uri);
+		m->out->resume_req = true;
+		pthread_cond_broadcast(&m->cond);
+	}
+	ferry__mutex_unlock(&m->lock);
+	return r;
 }
 
 int mig_out_start_postcopy(struct ferry_mig *m, struct ferry_error *err)

@@ -186,12 +186,18 @@ static bool transition_locked(struct ferry_mig *m, bool incoming, int from,
 	if ((to == FERRY_MIG_FAILED || to == FERRY_MIG_CANCELLED) && error &&
 	    !info->error[0])
 		snprintf(info->error, sizeof(info->error), "%s", error);
+	/* A paused postcopy says why until it is running again. */
+	if (to == FERRY_MIG_POSTCOPY_PAUSED && error)
+		snprintf(info->error, sizeof(info->error), "%s", error);
+	if (cur == FERRY_MIG_POSTCOPY_RECOVER && to == FERRY_MIG_POSTCOPY_ACTIVE)
+		info->error[0] = 0;
 	if (terminal(to))
 		info->total_time_ms = (now - t0) / 1000000;
 	*ev = (struct ferry_mig_event){
 		.kind = FERRY_EV_STATUS, .incoming = incoming, .from = cur,
 		.to = to, .switchover = info->switchover,
-		.error = terminal(to) && info->error[0] ? info->error : NULL,
+		.error = (terminal(to) || to == FERRY_MIG_POSTCOPY_PAUSED) &&
+			 info->error[0] ? info->error : NULL,
 	};
 	pthread_cond_broadcast(&m->cond);
 	return true;
@@ -353,6 +359,8 @@ static const char *const fault_names[FAULT__MAX] = {
 	[FAULT_HOLD_DEVICE] = "hold-device",
 	[FAULT_STALL_LOAD] = "stall-load",
 	[FAULT_FAIL_PACKAGE] = "fail-package",
+	[FAULT_POSTCOPY_CUT] = "postcopy-cut",
+	[FAULT_STALL_POSTCOPY] = "stall-postcopy",
 };
 
 int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,
@@ -700,6 +708,18 @@ int ferry_mig_cancel(struct ferry_mig *m, struct ferry_error *err)
 int ferry_mig_start_postcopy(struct ferry_mig *m, struct ferry_error *err)
 {
 	return mig_out_start_postcopy(m, err);
+}
+
+int ferry_mig_resume(struct ferry_mig *m, const char *uri,
+		     struct ferry_error *err)
+{
+	return mig_out_resume(m, uri, err);
+}
+
+int ferry_mig_recover(struct ferry_mig *m, const char *uri,
+		      struct ferry_error *err)
+{
+	return mig_in_recover(m, uri, err);
 }
 
 int ferry_mig_wait(struct ferry_mig *m, int timeout_ms)

@@ -171,6 +171,10 @@ int ferry__save_ram_round(struct ferry_save *s, uint64_t budget, bool end,
  * kernel (from then on the destination may run the VM). */
 int ferry__save_package(struct ferry_save *s, bool *sent,
 			struct ferry_error *err);
+/* Postcopy recovery: continue the stream on @out (a new connection):
+ * a new header, record sequence from 0; sections keep their ids. */
+int ferry__save_rebind(struct ferry_save *s, struct ferry_chan *out,
+		       struct ferry_error *err);
 /* POSTCOPY_END (status 0) and EOF, flushed: every page was sent. */
 int ferry__save_postcopy_end(struct ferry_save *s, struct ferry_error *err);
 
@@ -207,6 +211,13 @@ struct ferry__load_hooks {
 	 * the stream. Make that thread's read return (the engine tells the
 	 * source first that the VM did not run here). Load thread. */
 	void (*stop_listen)(void *opaque);
+	/* Postcopy: the listen thread's stream broke (@why). Return 0 with
+	 * @io moved onto a new connection (recovered: read on), 1 if the
+	 * stream is not needed any more (every page placed: as at EOF), or
+	 * a negative errno to fail. Listen thread; may block for as long as
+	 * the recovery takes. */
+	int (*reconnect)(void *opaque, struct ferry_record_io *io, int why,
+			 struct ferry_error *err);
 	void *opaque;
 };
 

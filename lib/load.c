@@ -511,6 +511,22 @@ static void *listen_main(void *arg)
 
 	for (;;) {
 		r = ferry_record_read(L->io, &rec, &lt->err);
+		if (r && L->hooks && L->hooks->reconnect) {
+			/* Postcopy cannot give up: wait for a new link. */
+			int rr = L->hooks->reconnect(L->hooks->opaque, L->io, r,
+						     &lt->err);
+
+			if (!rr) {
+				ferry_error_clear(&lt->err);
+				continue;
+			}
+			if (rr == 1) {
+				ferry_error_clear(&lt->err);
+				lt->ret = 0;
+				return NULL;
+			}
+			r = rr;
+		}
 		if (r) {
 			ferry_error_prefix(&lt->err, "postcopy: ");
 			break;
@@ -680,7 +696,9 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 				free(copy);
 				return ferry_error_set(err, -ENOMEM, "out of memory");
 			}
-			if (L->listening) {
+			/* Listening matters only to a VM with RAM to fault
+			 * on; without one the package loads inline. */
+			if (L->listening && slot_by_dev(L, "ram", 0)) {
 				r = load_package_listening(L, c);
 			} else {
 				r = load_records(L, c, depth + 1);

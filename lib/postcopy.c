@@ -257,6 +257,16 @@ void ferry__ram_pc_follow_hint(struct ferry_ram *ram)
 	}
 }
 
+size_t ferry__ram_pc_requests(struct ferry_ram *ram)
+{
+	size_t n;
+
+	ferry__mutex_lock(&ram->req_lock);
+	n = ram->nreqs;
+	ferry__mutex_unlock(&ram->req_lock);
+	return n;
+}
+
 bool ferry__ram_pc_idle(struct ferry_ram *ram)
 {
 	size_t n;
@@ -338,9 +348,14 @@ int ferry__ram_pc_resend(struct ferry_ram *ram, const char *block,
 	__atomic_fetch_add(&ram->dirty_pages, added, __ATOMIC_RELAXED);
 	__atomic_fetch_add(&ram->dirty_bytes, added * b->page_size,
 			   __ATOMIC_RELAXED);
+	return 0;
+}
+
+void ferry__ram_pc_rewind(struct ferry_ram *ram)
+{
 	ram->cur_block = 0;
 	ram->cur_page = 0;
-	return 0;
+	ram->round_done = false;
 }
 
 /* ========================================================================
@@ -972,6 +987,15 @@ int ferry__pcd_received(struct ferry_pcd *pcd, unsigned bi, uint8_t **out,
 			m[pg / 8] |= (uint8_t)(1u << (pg % 8));
 	*out = m;
 	*pages = b->npages;
+	return 0;
+}
+
+int ferry__pcd_block_name(struct ferry_pcd *pcd, unsigned bi, char *buf,
+			  size_t len)
+{
+	if (bi >= pcd->ram->nblocks)
+		return -ENOENT;
+	snprintf(buf, len, "%s", pcd->ram->blocks[bi].name);
 	return 0;
 }
 

@@ -108,6 +108,9 @@ void ferry__pcd_finish(struct ferry_pcd *pcd);
  * into @out (malloc'd, caller frees); page count in *pages. */
 int ferry__pcd_received(struct ferry_pcd *pcd, unsigned bi, uint8_t **out,
 			uint64_t *pages, struct ferry_error *err);
+/* The name of RAM block @bi into @buf; -ENOENT past the last. */
+int ferry__pcd_block_name(struct ferry_pcd *pcd, unsigned bi, char *buf,
+			  size_t len);
 /* Recovery: forget which requests went out and ask again for every page a
  * thread is waiting for. */
 void ferry__pcd_rerequest(struct ferry_pcd *pcd);

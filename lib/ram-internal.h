@@ -134,6 +134,8 @@ int ferry__ram_pc_request(struct ferry_ram *ram, const char *block,
 uint64_t ferry__ram_pc_send_requests(struct ferry_ram *ram, struct ferry_chan *c);
 /* Follow the locality hint (migration thread). */
 void ferry__ram_pc_follow_hint(struct ferry_ram *ram);
+/* Requests queued (any thread). */
+size_t ferry__ram_pc_requests(struct ferry_ram *ram);
 /* Nothing left to send and nothing asked for. */
 bool ferry__ram_pc_idle(struct ferry_ram *ram);
 /* Send the pages of one request as PAGE records on @io (the preempt
@@ -142,10 +144,14 @@ int ferry__ram_pc_send_preempt(struct ferry_ram *ram, struct ferry_record_io *io
 			       const char *block, uint64_t start, uint64_t len,
 			       struct ferry_error *err);
 /* Recovery: mark every page of @block that the destination has not
- * received to be sent again. */
+ * received to be sent again (the return-path reader, while the migration
+ * thread waits for it). */
 int ferry__ram_pc_resend(struct ferry_ram *ram, const char *block,
 			 uint64_t pages, const uint8_t *received,
 			 struct ferry_error *err);
+/* Recovery: the background starts over from the first page (migration
+ * thread). */
+void ferry__ram_pc_rewind(struct ferry_ram *ram);
 /* One page record as ram.c writes them (header, block name unless
  * continuing, data unless zero); returns bytes written. */
 uint64_t ferry__ram_send_page(struct ferry_ram *ram, struct ferry_chan *c,

@@ -463,6 +463,19 @@ int ferry__save_ram_round(struct ferry_save *s, uint64_t budget, bool end,
 	return r ? r : flush_out(s, err);
 }
 
+int ferry__save_rebind(struct ferry_save *s, struct ferry_chan *out,
+		       struct ferry_error *err)
+{
+	int r;
+
+	ferry__mutex_lock(&s->out_lock);
+	s->io = (struct ferry_record_io){ .chan = out };
+	r = ferry_stream_write_header(out, err);
+	s->last_write_ns = ferry__mono_ns();
+	ferry__mutex_unlock(&s->out_lock);
+	return r;
+}
+
 int ferry__save_postcopy_end(struct ferry_save *s, struct ferry_error *err)
 {
 	uint8_t st[4] = { 0 };

@@ -296,6 +296,25 @@ FERRY_API int ferry_mig_cancel(struct ferry_mig *m, struct ferry_error *err);
 FERRY_API int ferry_mig_start_postcopy(struct ferry_mig *m,
 				       struct ferry_error *err);
 
+/*
+ * Recovery of a paused postcopy (status postcopy-paused: the link broke
+ * after the destination started running the VM). On the destination,
+ * ferry_mig_recover (QMP's migrate-recover) listens on @uri; the port
+ * accepts when it returns. On the source, ferry_mig_resume (QMP's migrate
+ * with "resume": true) connects there; the destination sends what it has
+ * received, the source sends the rest, and postcopy goes on. Both may be
+ * repeated, in any order, as often as the link breaks. -EINVAL when no
+ * postcopy is paused on that side.
+ */
+FERRY_API int ferry_mig_recover(struct ferry_mig *m, const char *uri,
+				struct ferry_error *err);
+FERRY_API int ferry_mig_resume(struct ferry_mig *m, const char *uri,
+			       struct ferry_error *err);
+/* The URI ferry_mig_recover listens on (tcp: with the real port), copied
+ * into @buf; NULL if none. */
+FERRY_API const char *ferry_mig_recover_uri(struct ferry_mig *m, char *buf,
+					    size_t len);
+
 /* Wait until the current migration (outgoing, else incoming) reaches a
  * terminal status; -ETIMEDOUT after @timeout_ms (-1: no limit). The event
  * hook for that status may still be running when this returns. */
@@ -357,6 +376,10 @@ FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info)
  *   "stall-load"     destination: stop answering while loading
  *   "fail-package"   destination: fail loading the postcopy package
  *                    (before RUN: the source must resume)
+ *   "postcopy-cut"   source: reset the main connection during postcopy
+ *   "stall-postcopy" destination: its return path falls silent for
+ *                    longer than peer-timeout during postcopy, then speaks
+ *                    again (a stalled process)
  * -EINVAL for an unknown point.
  */
 FERRY_API int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,

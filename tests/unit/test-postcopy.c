@@ -392,3 +392,177 @@ TEST(postcopy_place_exactly_once)
 	ferry__pcd_finish(f.pcd);
 	fixture_free(&f);
 }
+
+/* ---- recovery --------------------------------------------------------- */
+
+static struct ferry_mig_info wait_status(struct minivm *vm,
+					 enum ferry_mig_status st)
+{
+	struct ferry_mig_info i = { .size = sizeof(i) };
+
+	for (int k = 0; k < 3000; k++) {
+		ferry_mig_query(vm->mig, &i);
+		if (i.status == st)
+			return i;
+		usleep(10000);
+	}
+	FAIL("status %s, waited for %s (%s)", ferry_mig_status_name(i.status),
+	     ferry_mig_status_name(st), i.error);
+}
+
+static void recover(struct minivm *s, struct minivm *d, const char *name)
+{
+	struct ferry_error err = { 0 };
+	const char *uri = minivm_uri(name);
+
+	ASSERT_OK_E(ferry_mig_recover(d->mig, uri, &err), err);
+	ASSERT_OK_E(ferry_mig_resume(s->mig, uri, &err), err);
+}
+
+/* The link breaks during postcopy (reset, then a stalled destination):
+ * both sides pause, the source VM stays stopped, nothing is lost; each
+ * time migrate-recover and migrate resume bring it back, and the VM ends
+ * whole. */
+static void break_and_recover(const char *fault, bool on_source)
+{
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	struct ferry_mig_info is, id;
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, 64 * MB, 64 * MB, 0, true, false);
+	minivm_init(&d, 64 * MB, 64 * MB, 0, false, true);
+	both(&s, &d, "postcopy-ram");
+	minivm_set(&s, "peer-timeout", 1000);
+	minivm_set(&d, "peer-timeout", 1000);
+	/* Slow enough that the breaks come in the middle of postcopy. */
+	minivm_set(&s, "max-bandwidth", 24 * MB);
+	minivm_wait_pages(&s, 64 * MB / MINIVM_PAGE);
+	ASSERT_OK_E(ferry_mig_inject_fault(on_source ? s.mig : d.mig, fault,
+					   &err), err);
+	uri = incoming(&d, "pc");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	ASSERT_OK_E(ferry_mig_start_postcopy(s.mig, &err), err);
+	for (int round = 0; round < 2; round++) {
+		uint64_t pages;
+
+		is = wait_status(&s, FERRY_MIG_POSTCOPY_PAUSED);
+		id = wait_status(&d, FERRY_MIG_POSTCOPY_PAUSED);
+		ASSERT(is.error[0] && id.error[0]);
+		/* The source VM stays stopped; cont is not the engine's to
+		 * allow, and a cancel is refused. */
+		ASSERT_EQ(minivm_state(&s), FERRY_RUN_FINISH_MIGRATE);
+		pages = __atomic_load_n(&s.dev.pages, __ATOMIC_ACQUIRE);
+		usleep(50000);
+		ASSERT_EQ_U64(__atomic_load_n(&s.dev.pages, __ATOMIC_ACQUIRE),
+			      pages);
+		ASSERT_ERR(ferry_mig_cancel(s.mig, &err), -EBUSY);
+		ferry_error_clear(&err);
+		recover(&s, &d, round ? "r2" : "r1");
+		if (!round) {
+			wait_status(&s, FERRY_MIG_POSTCOPY_ACTIVE);
+			wait_status(&d, FERRY_MIG_POSTCOPY_ACTIVE);
+			ASSERT_OK_E(ferry_mig_inject_fault(on_source ? s.mig : d.mig,
+							   fault, &err), err);
+		}
+	}
+	is = minivm_wait(&s, 60000);
+	id = minivm_wait(&d, 60000);
+	if (is.status != FERRY_MIG_COMPLETED || id.status != FERRY_MIG_COMPLETED)
+		FAIL("source %s (%s), destination %s (%s)",
+		     ferry_mig_status_name(is.status), is.error,
+		     ferry_mig_status_name(id.status), id.error);
+	ASSERT(minivm_logged(&s, "out:postcopy-recover"));
+	ASSERT(minivm_logged(&d, "in:postcopy-recover"));
+	ASSERT_EQ(minivm_state(&s), FERRY_RUN_POSTMIGRATE);
+	minivm_wait_pages(&d, 1000);
+	minivm_park(&d);
+	ASSERT_EQ_U64(minivm_verify(&d), 0);
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+TEST(postcopy_link_cut_recovered_twice)
+{
+	break_and_recover("postcopy-cut", true);
+}
+
+TEST(postcopy_dest_stalled_recovered_twice)
+{
+	break_and_recover("stall-postcopy", false);
+}
+
+/* ---- the commands' places in the stream ----------------------------------- */
+
+static int accept_all(void *opaque, const struct ferry_cmd_msg *m,
+		      struct ferry_error *err)
+{
+	(void)opaque; (void)m; (void)err;
+	return 0;
+}
+
+/* A stream of @ncmd top-level commands (a PACKAGED one holds @inner). */
+static int load_cmds(const uint16_t *cmds, unsigned ncmd, uint16_t inner,
+		     struct ferry_error *err)
+{
+	struct ferry_ctx *ctx = ferry_ctx_new(NULL);
+	struct ferry_chan *c = ferry_chan_new_mem_writer(0), *r;
+	struct ferry_load_opts opts = { .size = sizeof(opts),
+					.on_command = accept_all };
+	struct ferry_save *s = ferry_save_begin(ctx, c, NULL);
+	const uint8_t *d;
+	size_t n;
+	int rc;
+
+	ASSERT_PTR(s);
+	for (unsigned i = 0; i < ncmd; i++) {
+		if (cmds[i] == FERRY_CMD_PACKAGED) {
+			struct ferry_chan *pkg = ferry_chan_new_mem_writer(0);
+			struct ferry_record_io pio = { .chan = pkg };
+			uint8_t b[2] = { (uint8_t)(inner >> 8), (uint8_t)inner };
+
+			ASSERT_OK(ferry_record_write(&pio, FERRY_REC_COMMAND, b, 2, NULL));
+			ASSERT_OK(ferry_record_write(&pio, FERRY_REC_EOF, NULL, 0, NULL));
+			d = ferry_chan_mem_data(pkg, &n);
+			ASSERT_OK(ferry_save_command(s, cmds[i], d, n, NULL));
+			ferry_chan_free(pkg);
+		} else {
+			uint8_t st[4] = { 0 };
+			size_t len = cmds[i] == FERRY_CMD_POSTCOPY_END ? 4 : 0;
+
+			ASSERT_OK(ferry_save_command(s, cmds[i], st, len, NULL));
+		}
+	}
+	ASSERT_OK(ferry_save_complete(s, NULL));
+	ferry_save_end(s);
+	d = ferry_chan_mem_data(c, &n);
+	r = ferry_chan_new_mem_reader(d, n);
+	rc = ferry_load(ctx, r, &opts, err);
+	ferry_chan_free(r);
+	ferry_chan_free(c);
+	ferry_ctx_free(ctx);
+	return rc;
+}
+
+/* RUN belongs inside the package, LISTEN before it, END after RUN. */
+TEST(postcopy_commands_in_their_places)
+{
+	struct ferry_error err = { 0 };
+	const uint16_t run_top[] = { FERRY_CMD_POSTCOPY_RUN };
+	const uint16_t listen_in[] = { FERRY_CMD_PACKAGED };
+	const uint16_t end_early[] = { FERRY_CMD_POSTCOPY_END };
+	const uint16_t good[] = { FERRY_CMD_POSTCOPY_LISTEN, FERRY_CMD_PACKAGED };
+
+	ASSERT_ERR(load_cmds(run_top, 1, 0, &err), -EBADMSG);
+	ASSERT_CONTAINS(err.msg, "POSTCOPY_RUN outside the package");
+	ferry_error_clear(&err);
+	ASSERT_ERR(load_cmds(listen_in, 1, FERRY_CMD_POSTCOPY_LISTEN, &err),
+		   -EBADMSG);
+	ASSERT_CONTAINS(err.msg, "POSTCOPY_LISTEN inside the package");
+	ferry_error_clear(&err);
+	ASSERT_ERR(load_cmds(end_early, 1, 0, &err), -EBADMSG);
+	ASSERT_CONTAINS(err.msg, "POSTCOPY_END before postcopy runs");
+	ferry_error_clear(&err);
+	ASSERT_OK_E(load_cmds(good, 2, FERRY_CMD_POSTCOPY_RUN, &err), err);
+}

@@ -125,11 +125,69 @@ static int h_migrate(void *opaque, json_t *args, json_t **ret,
 		     struct ferry_error *err)
 {
 	const char *uri = json_string_value(json_object_get(args, "uri"));
+	json_t *resume = json_object_get(args, "resume");
 
 	(void)ret;
 	if (!uri)
 		return ferry_error_set(err, -EINVAL, "migrate needs \"uri\"");
-	return vm_migrate(opaque, uri, err);
+	if (resume && !json_is_boolean(resume))
+		return ferry_error_set(err, -EINVAL, "migrate: \"resume\" is a "
+				       "boolean");
+	return vm_migrate(opaque, uri, json_is_true(resume), err);
+}
+
+static int h_migrate_start_postcopy(void *opaque, json_t *args, json_t **ret,
+				    struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+
+	(void)args;
+	(void)ret;
+	return ferry_mig_start_postcopy(vm->mig, err);
+}
+
+/* migrate-recover: a paused incoming postcopy listens on "uri"; the reply
+ * names the real address (a tcp: port 0 becomes the bound port). */
+static int h_migrate_recover(void *opaque, json_t *args, json_t **ret,
+			     struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	const char *uri = json_string_value(json_object_get(args, "uri"));
+	char buf[4096];
+	int r;
+
+	if (!uri)
+		return ferry_error_set(err, -EINVAL, "migrate-recover needs \"uri\"");
+	r = ferry_mig_recover(vm->mig, uri, err);
+	if (!r && ferry_mig_recover_uri(vm->mig, buf, sizeof(buf)))
+		*ret = json_pack("{s:s}", "uri", buf);
+	return r;
+}
+
+/* The postcopy figures, where there are any. */
+static void postcopy_fields(json_t *o, const struct ferry_mig_info *i)
+{
+	if (!i->postcopy_requests && !i->postcopy_faults && !i->postcopy_bytes &&
+	    i->status != FERRY_MIG_POSTCOPY_ACTIVE &&
+	    i->status != FERRY_MIG_POSTCOPY_PAUSED &&
+	    i->status != FERRY_MIG_POSTCOPY_RECOVER)
+		return;
+	json_object_set_new(o, "postcopy-requests",
+			    json_integer((json_int_t)i->postcopy_requests));
+	if (i->incoming) {
+		json_object_set_new(o, "postcopy-faults",
+				    json_integer((json_int_t)i->postcopy_faults));
+		json_object_set_new(o, "postcopy-latency", json_pack(
+			"{s:I, s:I, s:I}",
+			"p50-us", (json_int_t)i->postcopy_lat_p50_us,
+			"p99-us", (json_int_t)i->postcopy_lat_p99_us,
+			"max-us", (json_int_t)i->postcopy_lat_max_us));
+		json_object_set_new(o, "postcopy-blocktime",
+				    json_integer((json_int_t)i->postcopy_blocktime_ms));
+	} else {
+		json_object_set_new(o, "postcopy-time",
+				    json_integer((json_int_t)i->postcopy_time_ms));
+	}
 }
 
 static int h_migrate_cancel(void *opaque, json_t *args, json_t **ret,
@@ -165,6 +223,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 			json_object_set_new(o, "incoming", json_true());
 			json_object_set_new(o, "total-time",
 				json_integer((json_int_t)i.total_time_ms));
+			postcopy_fields(o, &i);
 		}
 		*ret = o;
 		return 0;
@@ -181,7 +240,10 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 		json_object_set_new(o, "pass", json_integer((json_int_t)i.pass));
 		json_object_set_new(o, "cpu-throttle-percentage",
 				    json_integer(i.throttle_pct));
-		if (i.status == FERRY_MIG_COMPLETED) {
+		postcopy_fields(o, &i);
+		/* Postcopy knows its downtime as soon as the destination runs. */
+		if (i.status == FERRY_MIG_COMPLETED ||
+		    (i.status == FERRY_MIG_POSTCOPY_ACTIVE && i.downtime_ns)) {
 			json_object_set_new(o, "downtime",
 				json_integer((json_int_t)((i.downtime_ns + 500000) / 1000000)));
 			json_object_set_new(o, "downtime-us",
@@ -209,6 +271,8 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 			"precopy-bytes", (json_int_t)i.precopy_bytes,
 			"downtime-bytes", (json_int_t)i.downtime_bytes,
 			"multifd-bytes", (json_int_t)i.multifd_bytes));
+		json_object_set_new(json_object_get(o, "ram"), "postcopy-bytes",
+				    json_integer((json_int_t)i.postcopy_bytes));
 		json_object_set_new(o, "bandwidth",
 				    json_integer((json_int_t)i.bandwidth));
 	}
@@ -512,6 +576,8 @@ int vm_control_start(struct vm *vm, struct ferry_error *err)
 		{ "query-ram-digest", h_ram_digest },
 		{ "migrate", h_migrate },
 		{ "migrate-cancel", h_migrate_cancel },
+		{ "migrate-start-postcopy", h_migrate_start_postcopy },
+		{ "migrate-recover", h_migrate_recover },
 		{ "query-migrate", h_query_migrate },
 		{ "migrate-incoming", h_migrate_incoming },
 		{ "migrate-set-capabilities", h_set_caps },

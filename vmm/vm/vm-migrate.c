@@ -136,6 +136,13 @@ int vm_migration_init(struct vm *vm, struct ferry_error *err)
 	vm->mig = ferry_mig_new(&cfg, err);
 	if (!vm->mig)
 		return err && err->code ? err->code : -ENOMEM;
+	if (vm->cfg.postcopy) {
+		struct ferry_setting pc = { .name = "postcopy-ram", .u = 1 };
+		int r = ferry_mig_set(vm->mig, &pc, 1, err);
+
+		if (r)
+			return r;
+	}
 	if (!in)
 		return 0;
 	/* Waiting for (or loading) its state from here on, as QEMU's
@@ -158,9 +165,14 @@ int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 	return ferry_mig_incoming(vm->mig, uri, err);
 }
 
-int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err)
+int vm_migrate(struct vm *vm, const char *uri, bool resume,
+	       struct ferry_error *err)
 {
 	enum ferry_run_state st = vm_run_state(vm);
+
+	/* QMP's migrate with "resume": a paused postcopy reconnects. */
+	if (resume)
+		return ferry_mig_resume(vm->mig, uri, err);
 
 	switch (st) {
 	case FERRY_RUN_RUNNING:

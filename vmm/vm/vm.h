@@ -36,6 +36,7 @@ struct vm_config {
 	const char *incoming;         /* URI to load from, or NULL */
 	bool paused;                  /* stay paused after start/load */
 	bool memfd;                   /* memfd-backed RAM instead of anonymous */
+	bool postcopy;                /* capability postcopy-ram from the start */
 	bool prealloc;                /* fault in all guest RAM at creation */
 };
 
@@ -83,7 +84,9 @@ int vm_guest_wait_verify(struct vm *vm, uint64_t seq, int timeout_ms,
 int vm_ram_digest(struct vm *vm, char out[33], struct ferry_error *err);
 
 /* Outgoing migration to @uri, run by the engine (vm-migrate.c). */
-int vm_migrate(struct vm *vm, const char *uri, struct ferry_error *err);
+/* @resume: reconnect a paused postcopy (QMP migrate "resume": true). */
+int vm_migrate(struct vm *vm, const char *uri, bool resume,
+	       struct ferry_error *err);
 
 /*
  * Register every device description the VMM uses (both vCPU flavours,
