@@ -33,6 +33,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <pthread.h>
+
 #include <jansson.h>
 
 #include "ferry/common.h"
@@ -505,7 +507,86 @@ struct proof {
 	json_t *verify;                   /* guest-verify reply */
 	long long bad_pages;              /* -1: not run */
 	bool verified;
+	bool early_digest;                /* postcopy: equal while faulting */
 };
+
+/*
+ * Postcopy: as soon as the destination holds the VM (paused, right after
+ * RUN) its RAM digest is taken - by the VMM's own thread, reading every
+ * page, so pages that have not arrived yet fault and are fetched on
+ * demand while the background stream goes on. That is both a workout of
+ * the fault path (the latency printed) and an early proof: the source has
+ * been stopped since the switch, so every page read is final.
+ */
+struct early_digest {
+	const char *sock;          /* the destination's control socket */
+	pthread_t thread;
+	bool started;
+	volatile bool stop;
+	bool have;
+	char digest[80];
+	char error[FERRY_ERROR_MSG_MAX];
+};
+
+static void *early_digest_main(void *arg)
+{
+	struct early_digest *e = arg;
+	struct ferry_error err = { 0 };
+	int fd = control_client_connect(e->sock, 2000, &err);
+	json_t *r = NULL;
+
+	if (fd < 0) {
+		snprintf(e->error, sizeof(e->error), "%s", err.msg);
+		return NULL;
+	}
+	while (!e->stop) {
+		const char *st;
+
+		r = NULL;
+		if (control_client_call(fd, "query-status", NULL, &r,
+					CALL_TIMEOUT_MS, &err))
+			break;
+		st = json_string_value(json_object_get(r, "status"));
+		if (st && !strcmp(st, "paused")) {
+			json_decref(r);
+			r = NULL;
+			if (!control_client_call(fd, "query-ram-digest", NULL, &r,
+						 120000, &err)) {
+				reply_str(r, "digest", e->digest, sizeof(e->digest));
+				e->have = e->digest[0] != 0;
+			}
+			break;
+		}
+		json_decref(r);
+		r = NULL;
+		nap(2);
+	}
+	if (err.msg[0])
+		snprintf(e->error, sizeof(e->error), "%s", err.msg);
+	json_decref(r);
+	close(fd);
+	return NULL;
+}
+
+/* The destination's postcopy figures (fault latency, blocktime) into
+ * @final, beside the source's. */
+static void merge_dest_postcopy(struct child *dst, json_t *final)
+{
+	static const char *const keys[] = { "postcopy-latency",
+		"postcopy-blocktime", "postcopy-faults", NULL };
+	json_t *m = NULL;
+
+	if (!final || dst->fd < 0 ||
+	    vm_call(dst, "query-migrate", NULL, &m, CALL_TIMEOUT_MS))
+		return;
+	for (int i = 0; keys[i]; i++) {
+		json_t *v = json_object_get(m, keys[i]);
+
+		if (v)
+			json_object_set(final, keys[i], v);
+	}
+	json_decref(m);
+}
 
 static const char *yesno(bool b)
 {
@@ -525,8 +606,20 @@ static void print_report(const char *backend, const char *mem,
 	printf("  %-22s %s\n", "workload", workload);
 	printf("  %-22s %.1f s\n", "demo wall time", (double)wall_ms / 1000.0);
 	if (final) {
+		json_t *lat = json_object_get(final, "postcopy-latency");
+
 		printf("migration:\n");
 		migrate_print_stats(stdout, final);
+		if (json_is_object(lat))
+			printf("  %-22s p50 %lld us, p99 %lld us, max %lld us\n",
+			       "fault latency",
+			       (long long)json_integer_value(json_object_get(lat, "p50-us")),
+			       (long long)json_integer_value(json_object_get(lat, "p99-us")),
+			       (long long)json_integer_value(json_object_get(lat, "max-us")));
+		if (json_object_get(final, "postcopy-blocktime"))
+			printf("  %-22s %lld ms\n", "blocked on faults",
+			       (long long)json_integer_value(json_object_get(final,
+							"postcopy-blocktime")));
 	}
 	printf("proof:\n");
 	if (!p->src_status[0])
@@ -542,6 +635,10 @@ static void print_report(const char *backend, const char *mem,
 		printf("  %-22s %s\n", "",
 		       "(taken after the switchover with both VMs stopped: not part of the downtime)");
 	}
+	if (p->early_digest)
+		printf("  %-22s %s\n", "during postcopy",
+		       "the destination's digest, taken while its pages were "
+		       "still arriving, is the same");
 	if (p->gen_after > p->gen_before && p->gen_before >= 0)
 		printf("  %-22s %lld -> %lld after cont on the destination\n",
 		       "guest generation", p->gen_before, p->gen_after);
@@ -683,7 +780,8 @@ int cmd_demo(int argc, char **argv)
 	int64_t t0 = migrate_now_ms();
 	uint64_t mem_bytes;
 	int rc, port;
-	bool ok = false;
+	bool ok = false, postcopy;
+	struct early_digest early = { 0 };
 
 	migrate_opts_init(&o);
 	for (int i = 1; i < argc; i++) {
@@ -752,6 +850,7 @@ int cmd_demo(int argc, char **argv)
 	}
 	if (migrate_check_opts(&o, "demo"))
 		return 2;
+	postcopy = o.postcopy || o.postcopy_preempt || o.postcopy_after >= 0;
 
 	/* Resolve the backend once, so both VMs use the same one and the
 	 * report can name it. */
@@ -818,7 +917,7 @@ int cmd_demo(int argc, char **argv)
 	{
 		char *args[] = { "--control", dst.sock, "--backend", (char *)backend,
 				 "--mem", (char *)mem, "--incoming", uri, "--paused",
-				 NULL };
+				 postcopy ? "--postcopy" : NULL, NULL };
 
 		if (spawn_vm(&dst, args) || connect_vm(&dst) ||
 		    wait_listening(&dst, port))
@@ -833,13 +932,33 @@ int cmd_demo(int argc, char **argv)
 		goto out;
 	}
 	ferry_error_clear(&err);
-	if (migrate_apply(dst.fd, &o, &err)) {
+	/* The destination took postcopy-ram on its command line (--postcopy):
+	 * a capability cannot change once it listens. */
+	struct migrate_opts od = o;
+
+	od.postcopy = od.postcopy_preempt = false;
+	od.postcopy_after = -1;
+	if (migrate_apply(dst.fd, &od, &err)) {
 		fprintf(stderr, "demo: note: the destination did not take the settings (%s)\n",
 			err.msg);
 		ferry_error_clear(&err);
 	}
-	fprintf(stderr, "demo: migrating (generation %lld) to %s\n", g1, uri);
+	fprintf(stderr, "demo: migrating (generation %lld) to %s%s\n", g1, uri,
+		postcopy ? " with postcopy" : "");
+	if (postcopy) {
+		early.sock = dst.sock;
+		early.started = !pthread_create(&early.thread, NULL,
+						early_digest_main, &early);
+	}
 	rc = migrate_follow(src.fd, uri, &o, &interrupted, deadline, &final);
+	if (early.started) {
+		if (rc)
+			early.stop = true;
+		pthread_join(early.thread, NULL);
+		early.started = false;
+	}
+	if (!rc && postcopy)
+		merge_dest_postcopy(&dst, final);
 	if (rc) {
 		report_if_dead(&src);
 		/* The destination's own view usually names the cause. */
@@ -862,6 +981,18 @@ int cmd_demo(int argc, char **argv)
 	fprintf(stderr, "demo: migration completed; comparing RAM digests and verifying the guest\n");
 	if (prove(&src, &dst, &p))
 		goto out;
+	if (postcopy) {
+		/* The digest read while pages were still coming in. */
+		if (!early.have || strcmp(early.digest, p.dst_digest)) {
+			cli_err("demo: the destination's digest during postcopy %s%s%s",
+				early.have ? "differs: " : "was not taken",
+				early.have ? early.digest : "",
+				early.error[0] ? early.error : "");
+			p.verified = false;
+			goto out;
+		}
+		p.early_digest = true;
+	}
 	ok = true;
 out:
 	if (!ok) {

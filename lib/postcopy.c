@@ -13,10 +13,11 @@
  * send again, and pages it never sent were never touched here. So the
  * received bitmap starts as mincore()'s view of RAM, which is exactly what
  * userfaultfd keys on: a missing-page fault happens where no page is
- * mapped. (A page that is resident but swapped out would read as missing:
- * it is then placed again with the same content, or EEXIST says it is
- * there, and both are fine.) The prepopulate helpers are stopped first, so
- * nothing makes pages present behind our back.
+ * mapped. (A received page that is swapped out reads as missing, but it
+ * never faults as missing and the source never sends it again, so it is
+ * never placed.) The prepopulate helpers are stopped before the first
+ * discard, so nothing makes a dropped page present behind our back; a
+ * placement that finds a page there anyway fails rather than keep it.
  *
  * Exactly once. Two threads place pages: the listen thread (the main
  * stream's background pages and requested pages) and, with preempt, the
@@ -392,6 +393,7 @@ struct ferry_pcd {
 	uint64_t blocktime;           /* lock */
 
 	uint64_t requests, faults, placed, duplicates; /* atomic */
+	uint64_t discards, discarded; /* load thread: ranges, pages */
 };
 
 static void pcd_trace(struct ferry_pcd *pcd, const char *fmt, ...)
@@ -481,6 +483,7 @@ struct ferry_pcd *ferry__pcd_new(struct ferry_ram *ram, uint64_t host_page,
 		}
 	}
 	pcd->state = FERRY_PC_ADVISE;
+	__atomic_store_n(&ram->pc_advised, true, __ATOMIC_RELAXED);
 	pcd_trace(pcd, "postcopy: none -> advise (POSTCOPY_ADVISE, %llu-byte "
 		  "pages)", (unsigned long long)target_page);
 	return pcd;
@@ -560,6 +563,10 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 		return ferry_error_set(err, -EINVAL, "discard for unknown RAM "
 				       "block '%s'", block);
 	b = &ram->blocks[bi];
+	/* The prepopulate helpers would fault dropped pages back in (as
+	 * zeros that then count as received): they stop before the first
+	 * page is dropped. */
+	ferry__ram_prepop_stop(ram);
 	/* Check every range before dropping any: a bad message changes
 	 * nothing. */
 	for (uint32_t i = 0; i < n; i++) {
@@ -581,10 +588,12 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 				(unsigned long long)prev_end);
 		prev_end = s + l;
 	}
+	pcd->discards += n;
 	for (uint32_t i = 0; i < n; i++) {
 		uint64_t s = ferry__get_be64(ranges + i * 16);
 		uint64_t l = ferry__get_be64(ranges + i * 16 + 8);
 
+		pcd->discarded += l / b->page_size;
 		if ((r = drop(b->host + s, l)))
 			return ferry_error_set(err, r, "discarding 0x%llx + 0x%llx "
 				"of RAM block '%s': %s", (unsigned long long)s,
@@ -715,12 +724,14 @@ int ferry__pcd_place(struct ferry_pcd *pcd, unsigned block, uint64_t off,
 			continue;
 		break;
 	}
-	/* EEXIST: present already (a resident page mincore could not see,
-	 * e.g. swapped out): its content is the one the source sent. */
-	if (r && errno != EEXIST)
+	/* EEXIST would mean a page present here that the source still had
+	 * to send - one the discards should have dropped. Keeping it would
+	 * keep stale data: fail instead. */
+	if (r)
 		return ferry_error_set(err, -errno, "placing page 0x%llx of RAM "
 			"block '%s': %s", (unsigned long long)off, b->name,
-			strerror(errno));
+			errno == EEXIST ? "a page is already there (stale data "
+			"the discards did not drop)" : strerror(errno));
 	__atomic_fetch_add(&pcd->placed, 1, __ATOMIC_RELAXED);
 	settle_faults(pcd, addr);
 	return 0;
@@ -861,6 +872,8 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 	size_t vec_cap = 0;
 	int e;
 
+	uint64_t t0 = ferry__mono_ns(), have = 0;
+
 	if (ferry__pcd_state(pcd) != FERRY_PC_ADVISE)
 		return ferry_error_set(err, -EPROTO, "POSTCOPY_LISTEN in postcopy "
 			"state %s (it belongs in state advise)",
@@ -908,9 +921,11 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 
 			for (uint64_t k = 0; k < per; k++)
 				all &= vec[pg * per + k] & 1;
-			if (all)
+			if (all) {
 				pcd->received[i][pg / WORD_BITS] |=
 					1ull << (pg % WORD_BITS);
+				have++;
+			}
 		}
 	}
 	free(vec);
@@ -949,6 +964,10 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 	pcd->fault_live = true;
 	/* From here every page goes in through ferry__pcd_place. */
 	ram->pcd = pcd;
+	pcd_trace(pcd, "postcopy: %llu pages dropped (%llu ranges), %llu held; "
+		  "registered in %.2f ms", (unsigned long long)pcd->discarded,
+		  (unsigned long long)pcd->discards, (unsigned long long)have,
+		  (double)(ferry__mono_ns() - t0) / 1e6);
 	return ferry__pcd_move(pcd, FERRY_PC_ADVISE, FERRY_PC_LISTENING,
 			       "POSTCOPY_LISTEN", err);
 }

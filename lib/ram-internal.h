@@ -93,6 +93,8 @@ struct ferry_ram {
 	 * detached at the end; ram.c places pages through it then. */
 	struct ferry_pcd *pcd;
 	uint8_t *pc_page;         /* listen thread: one page, staged */
+	bool pc_advised;          /* atomic: ADVISE came (prepopulate helpers
+				     take smaller steps) */
 
 	/* Counters: written by the migration thread, read by anyone. */
 	uint64_t dirty_pages; /* bits set across all bitmaps (approximate) */

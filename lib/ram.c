@@ -57,6 +57,10 @@
  * syscall, small enough that two helpers interleave and a stop request is
  * honoured quickly. */
 #define PREPOP_CHUNK (4ull << 20)
+/* With postcopy possible, the switch stops the helpers inside the
+ * downtime and waits for the chunk each is faulting in (1-4 ms per MiB
+ * here): smaller chunks. */
+#define PREPOP_CHUNK_PC (512ull << 10)
 
 
 struct ferry_ram *ferry_ram_new(const struct ferry_ram_block *blocks,
@@ -388,7 +392,7 @@ static void *prepop_main(void *arg)
 	for (;;) {
 		const struct pop_range *r;
 		uintptr_t a, e;
-		uint64_t off, len;
+		uint64_t off, len, chunk;
 
 		if (__atomic_load_n(&pp->stop, __ATOMIC_RELAXED))
 			return NULL;
@@ -399,7 +403,9 @@ static void *prepop_main(void *arg)
 		}
 		r = &pp->ranges[pp->next_range];
 		off = pp->next_off;
-		len = r->len - off < PREPOP_CHUNK ? r->len - off : PREPOP_CHUNK;
+		chunk = __atomic_load_n(&ram->pc_advised, __ATOMIC_RELAXED) ?
+			PREPOP_CHUNK_PC : PREPOP_CHUNK;
+		len = r->len - off < chunk ? r->len - off : chunk;
 		pp->next_off += len;
 		if (pp->next_off == r->len) {
 			pp->next_range++;

@@ -566,3 +566,51 @@ TEST(postcopy_commands_in_their_places)
 	ferry_error_clear(&err);
 	ASSERT_OK_E(load_cmds(good, 2, FERRY_CMD_POSTCOPY_RUN, &err), err);
 }
+
+/* The destination's RAM is not fresh (a VMM writes its guest image at
+ * boot), and its prepopulate helpers fault in what the source announced -
+ * still at work when an early switch comes: every page postcopy has to
+ * send must be dropped before the guest may touch it, and stay dropped,
+ * or a stale (or prepopulated zero) copy would stay. Once with some
+ * precopy first, once switching at once. */
+static void stale_dest(bool at_once)
+{
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	struct ferry_mig_info is, id;
+	uint64_t size = 128 * MB;
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, size, size, 0, true, false);
+	minivm_init(&d, size, size, 0, false, false);
+	both(&s, &d, "postcopy-ram");
+	memset(d.mem, 0xee, size / 2);
+	minivm_wait_pages(&s, size / MINIVM_PAGE);
+	if (!at_once) {
+		/* Some pages land, are dirtied again, and must go. */
+		minivm_set(&s, "max-bandwidth", 256 * MB);
+		minivm_set(&s, "postcopy-after-ms", 200);
+	}
+	uri = incoming(&d, "pc");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	if (at_once)
+		ASSERT_OK_E(ferry_mig_start_postcopy(s.mig, &err), err);
+	is = minivm_wait(&s, 60000);
+	id = minivm_wait(&d, 60000);
+	if (is.status != FERRY_MIG_COMPLETED || id.status != FERRY_MIG_COMPLETED)
+		FAIL("source %s (%s), destination %s (%s)",
+		     ferry_mig_status_name(is.status), is.error,
+		     ferry_mig_status_name(id.status), id.error);
+	ASSERT(minivm_logged(&s, "out:postcopy-active"));
+	ASSERT_EQ_U64(minivm_verify(&d), 0);
+	ASSERT_EQ_U64(minivm_digest(&d), minivm_digest(&s));
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+TEST(postcopy_stale_dest_pages_dropped)
+{
+	stale_dest(false);
+	stale_dest(true);
+}
