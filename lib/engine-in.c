@@ -714,6 +714,7 @@ void mig_in_postcopy_info(struct mig_in *in, struct ferry_mig_info *i)
 	if (!in->pcd)
 		return;
 	ferry__pcd_get_stats(in->pcd, &st);
+	i->postcopy = st.state >= FERRY_PC_RUNNING;
 	i->postcopy_requests = st.requests;
 	i->postcopy_faults = st.faults;
 	i->postcopy_lat_p50_us = st.lat_p50_ns / 1000;

@@ -571,7 +571,7 @@ static void publish(struct mig_out *o)
 	CP(ram_transferred); CP(ram_remaining); CP(ram_duplicate);
 	CP(ram_normal); CP(ram_normal_bytes); CP(ram_dirty_sync_count);
 	CP(downtime_ns); CP(postcopy_bytes); CP(postcopy_requests);
-	CP(postcopy_time_ms);
+	CP(postcopy_time_ms); CP(postcopy);
 	memcpy(m->out_info.phase_ms, i->phase_ms, sizeof(i->phase_ms));
 #undef CP
 	ferry__mutex_unlock(&m->lock);
@@ -1358,6 +1358,7 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	if (m->ops.switchover_begin &&
 	    (r = m->ops.switchover_begin(m->opaque, err)))
 		return ferry_error_prefix(err, "switchover_begin: ");
+	o->prog.postcopy = true;
 	o->pc_bytes0 = o->pc_rate_b0 = total_bytes(o);
 	o->t_pc_start = o->pc_rate_t0 = o->t_stop;
 	r = ferry__save_ram_section(o->s, ferry__ram_pc_switch_section, err);
@@ -1432,7 +1433,9 @@ static int pc_run(struct mig_out *o, struct ferry_error *err)
 			pc_account(o);
 		if (ferry__ram_pc_idle(m->ram))
 			break;
-		if (mig_fault_take(m, FAULT_POSTCOPY_CUT))
+		/* The fault point fires once the destination runs the VM, so
+		 * the break is one recovery can mend. */
+		if (ran && mig_fault_take(m, FAULT_POSTCOPY_CUT))
 			cut_link(o);
 		r = ferry__save_ram_round(o->s, budget, false, err);
 		if (r) {

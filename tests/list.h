@@ -227,6 +227,13 @@ X(live_kvm_dest_stopped, 120)
 X(live_thread_dest_stopped, 120)
 X(live_kvm_dest_silent_at_switchover, 120)
 X(live_thread_dest_silent_at_switchover, 120)
+/* ---- postcopy between VMs (tests/e2e/test-postcopy-vm.c) ---- */
+X(live_kvm_postcopy_paused, 120)
+X(live_thread_postcopy_paused, 120)
+X(live_kvm_postcopy_running, 120)
+X(live_thread_postcopy_running, 120)
+X(live_kvm_postcopy_recover, 120)
+X(live_thread_postcopy_recover, 120)
 /* ---- KVM memslots follow the memory map (tests/e2e/test-memslots.c) ---- */
 X(memslot_kvm_one_slot_without_devices, 60)
 X(memslot_thread_no_slots, 60)

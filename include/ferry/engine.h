@@ -359,6 +359,7 @@ struct ferry_mig_info {
 	uint64_t postcopy_lat_p50_us, postcopy_lat_p99_us, postcopy_lat_max_us;
 	uint64_t postcopy_blocktime_ms;
 	uint64_t postcopy_faults;        /* destination: faults read */
+	bool postcopy;                   /* this migration switched to postcopy */
 };
 
 FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info);

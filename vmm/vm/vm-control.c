@@ -167,10 +167,7 @@ static int h_migrate_recover(void *opaque, json_t *args, json_t **ret,
 /* The postcopy figures, where there are any. */
 static void postcopy_fields(json_t *o, const struct ferry_mig_info *i)
 {
-	if (!i->postcopy_requests && !i->postcopy_faults && !i->postcopy_bytes &&
-	    i->status != FERRY_MIG_POSTCOPY_ACTIVE &&
-	    i->status != FERRY_MIG_POSTCOPY_PAUSED &&
-	    i->status != FERRY_MIG_POSTCOPY_RECOVER)
+	if (!i->postcopy)
 		return;
 	json_object_set_new(o, "postcopy-requests",
 			    json_integer((json_int_t)i->postcopy_requests));

@@ -1,0 +1,162 @@
+/*
+ * tests/e2e/test-postcopy-vm.c - postcopy between two `ferry vm` processes
+ * over loopback, on both backends: a destination kept paused (equal RAM
+ * digests once END is through), a destination whose guest runs against
+ * faulting memory from RUN on (its verify passes find 0 bad pages), and a
+ * link cut during postcopy, recovered through the control socket
+ * (migrate-recover, migrate with "resume").
+ */
+#include "../harness.h"
+
+#include "postcopy.h"
+#include "vmproc.h"
+
+#define X(name, timeout) TEST(name);
+#include "../list.h"
+#undef X
+
+static void caps(struct proc *p, bool preempt)
+{
+	json_decref(call(p, "migrate-set-capabilities", json_pack(
+		"{s:[{s:s, s:b}, {s:s, s:b}]}", "capabilities",
+		"capability", "postcopy-ram", "state", 1,
+		"capability", "postcopy-preempt", "state", preempt)));
+}
+
+/* A source whose guest rewrites 128 MiB flat out, and a destination that
+ * allows postcopy (kept paused after RUN unless @run). */
+static int pair(struct proc *s, struct proc *d, const char *backend, bool run)
+{
+	int port = free_port();
+
+	need_backend(backend);
+	if (ferry_pc_bare_roundtrip_ns(4) < 0)
+		SKIP("userfaultfd is not available here");
+	vm_spawn(s, "src", test_fmt("--backend %s --mem 512M --workload "
+				    "dirty,ws=128M,rate=0", backend));
+	vm_spawn(d, "dst", test_fmt("--backend %s --mem 512M --postcopy %s "
+				    "--incoming tcp:127.0.0.1:%d", backend,
+				    run ? "" : "--paused", port));
+	wait_generation(s, 5000);
+	return port;
+}
+
+static void migrate_postcopy(struct proc *s, int port)
+{
+	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	json_decref(call(s, "migrate-start-postcopy", NULL));
+}
+
+/* Paused destination: the postcopy statuses, the stats, equal digests. */
+static void postcopy_paused(const char *backend)
+{
+	struct proc s, d;
+	char digest[64], loaded[64];
+	json_t *m;
+	long long g;
+	int port = pair(&s, &d, backend, false);
+
+	caps(&s, false);
+	migrate_postcopy(&s, port);
+	wait_migration(&s, "completed");
+	m = call(&s, "query-migrate", NULL);
+	ASSERT_GT(geti(json_object_get(m, "ram"), "postcopy-bytes"), 0);
+	ASSERT_GE(geti(m, "postcopy-time"), 0);
+	ASSERT_GE(geti(m, "downtime"), 0);
+	json_decref(m);
+	ASSERT_STREQ(status_of(&s), "postmigrate");
+	wait_loaded(&d);
+	m = call(&d, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "status"), "completed");
+	ASSERT(json_is_object(json_object_get(m, "postcopy-latency")));
+	json_decref(m);
+	ASSERT_STREQ(status_of(&d), "paused");
+	ram_digest(&s, digest);
+	ram_digest(&d, loaded);
+	ASSERT_STREQ(loaded, digest);
+	json_decref(call(&d, "cont", NULL));
+	g = generation(&d);
+	wait_generation(&d, g + 100);
+	m = verify(&d);
+	ASSERT_EQ(geti(m, "bad-pages"), 0);
+	json_decref(m);
+	vm_quit(&s);
+	vm_quit(&d);
+}
+
+TEST(live_kvm_postcopy_paused) { postcopy_paused("kvm"); }
+TEST(live_thread_postcopy_paused) { postcopy_paused("thread"); }
+
+/* The destination runs from RUN on: its guest faults on missing pages,
+ * asks for them on the preempt channel, and verifies clean - while
+ * postcopy runs and after. */
+static void postcopy_running(const char *backend)
+{
+	struct proc s, d;
+	json_t *m, *lat;
+	int port = pair(&s, &d, backend, true);
+
+	caps(&s, true);
+	migrate_postcopy(&s, port);
+	wait_migration(&s, "completed");
+	ASSERT_STREQ(status_of(&s), "postmigrate");
+	wait_loaded(&d);
+	ASSERT_STREQ(status_of(&d), "running");
+	m = call(&d, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "status"), "completed");
+	ASSERT_GT(geti(m, "postcopy-faults"), 0);
+	ASSERT_GT(geti(m, "postcopy-requests"), 0);
+	lat = json_object_get(m, "postcopy-latency");
+	ASSERT(geti(lat, "max-us") >= geti(lat, "p50-us"));
+	json_decref(m);
+	m = verify(&d);
+	ASSERT_EQ(geti(m, "bad-pages"), 0);
+	json_decref(m);
+	vm_quit(&s);
+	vm_quit(&d);
+}
+
+TEST(live_kvm_postcopy_running) { postcopy_running("kvm"); }
+TEST(live_thread_postcopy_running) { postcopy_running("thread"); }
+
+/* The link is cut in postcopy: both sides pause, the source VM stays
+ * stopped, `cont` is refused there; the operator's migrate-recover and
+ * migrate resume bring it back, and the guest verifies clean. */
+static void postcopy_recover(const char *backend)
+{
+	struct proc s, d;
+	char msg[512];
+	json_t *m;
+	int port = pair(&s, &d, backend, true);
+	const char *uri;
+
+	caps(&s, false);
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 64 << 20)));
+	json_decref(call(&s, "x-migrate-fault", json_pack("{s:s}", "point",
+							  "postcopy-cut")));
+	migrate_postcopy(&s, port);
+	wait_migration_live(&s, "postcopy-paused");
+	wait_migration_live(&d, "postcopy-paused");
+	ASSERT_STREQ(status_of(&s), "finish-migrate");
+	call_fails(&s, "cont", NULL, msg, sizeof(msg));
+	call_fails(&s, "migrate-cancel", NULL, msg, sizeof(msg));
+	ASSERT_CONTAINS(msg, "postcopy");
+	m = call(&d, "migrate-recover", json_pack("{s:s}", "uri",
+						  "tcp:127.0.0.1:0"));
+	uri = test_fmt("%s", gets(m, "uri"));
+	json_decref(m);
+	json_decref(call(&s, "migrate", json_pack("{s:s, s:b}", "uri", uri,
+						  "resume", 1)));
+	wait_migration(&s, "completed");
+	wait_migration(&d, "completed");
+	m = verify(&d);
+	ASSERT_EQ(geti(m, "bad-pages"), 0);
+	json_decref(m);
+	vm_quit(&s);
+	vm_quit(&d);
+}
+
+TEST(live_kvm_postcopy_recover) { postcopy_recover("kvm"); }
+TEST(live_thread_postcopy_recover) { postcopy_recover("thread"); }
