@@ -173,11 +173,15 @@ $(B)/bench-%: $(B)/bench/bench-%.o $(B)/libferry.a
 $(B)/bench-dirty: $(B)/bench/bench-dirty.o $(VMM_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $< $(VMM_OBJS) $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
-$(B)/bench-migrate: $(B)/bench/bench-migrate.o $(VMM_OBJS) $(B)/libferry.a
+# Those driving `ferry vm` processes share bench/benchvm.c.
+$(B)/bench-migrate $(B)/bench-postcopy: $(B)/bench-%: $(B)/bench/bench-%.o \
+		$(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -o $@ $< $(VMM_OBJS) $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
-$(B)/bench/bench-dirty.o $(B)/bench/bench-migrate.o: CFLAGS_BASE += -Ivmm
-BENCHES += $(B)/bench-dirty $(B)/bench-migrate
+	$(Q)$(CC) -o $@ $< $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a \
+		$(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
+$(B)/bench/bench-dirty.o $(B)/bench/bench-migrate.o $(B)/bench/benchvm.o \
+$(B)/bench/bench-postcopy.o: CFLAGS_BASE += -Ivmm
+BENCHES += $(B)/bench-dirty $(B)/bench-migrate $(B)/bench-postcopy
 
 bench: deps all $(BENCHES)
 	$(Q)./scripts/bench.sh $(B)

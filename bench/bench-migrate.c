@@ -22,144 +22,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "control/control.h"
-#include "guest/layout.h"
+#include "benchvm.h"
+#include "ferry/engine.h"
 #include "vm/backend.h"
-
-#define MAXRUNS 9
-
-static const char *ferry = "build/ferry";
-static char dir[] = "/tmp/ferry-bench-XXXXXX";
-
-struct vmp {
-	pid_t pid;
-	int fd;
-	char sock[256];
-};
-
-static void die(const char *msg)
-{
-	fprintf(stderr, "bench-migrate: %s\n", msg);
-	exit(1);
-}
-
-static int free_port(void)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET };
-	socklen_t len = sizeof(a);
-	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) ||
-	    getsockname(fd, (struct sockaddr *)&a, &len))
-		die("no free port");
-	port = ntohs(a.sin_port);
-	close(fd);
-	return port;
-}
-
-static void spawn(struct vmp *v, const char *name, const char *args)
-{
-	struct ferry_error err = { 0 };
-	char cmd[1024];
-
-	snprintf(v->sock, sizeof(v->sock), "%s/%s.sock", dir, name);
-	unlink(v->sock);
-	snprintf(cmd, sizeof(cmd), "exec %s vm --control %s %s >%s/%s.log 2>&1",
-		 ferry, v->sock, args, dir, name);
-	v->pid = fork();
-	if (v->pid == 0) {
-		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-		_exit(127);
-	}
-	for (int i = 0; i < 3000; i++) {
-		if (!access(v->sock, F_OK) &&
-		    (v->fd = control_client_connect(v->sock, 5000, &err)) >= 0)
-			return;
-		ferry_error_clear(&err);
-		usleep(10000);
-	}
-	die("a VM did not start");
-}
-
-static json_t *call(struct vmp *v, const char *cmd, json_t *args)
-{
-	struct ferry_error err = { 0 };
-	json_t *ret = NULL;
-
-	if (control_client_call(v->fd, cmd, args, &ret, 600000, &err)) {
-		fprintf(stderr, "bench-migrate: %s: %s\n", cmd, err.msg);
-		exit(1);
-	}
-	json_decref(args);
-	return ret;
-}
-
-static void quit(struct vmp *v)
-{
-	int st;
-	json_decref(call(v, "quit", NULL));
-	close(v->fd);
-	waitpid(v->pid, &st, 0);
-}
-
-/* utime + stime of a process, seconds. */
-static double cpu_s(pid_t pid)
-{
-	char path[64], buf[1024], *p;
-	unsigned long ut = 0, st = 0;
-	FILE *f;
-
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	f = fopen(path, "r");
-	if (!f || !fgets(buf, sizeof(buf), f)) {
-		if (f)
-			fclose(f);
-		return 0;
-	}
-	fclose(f);
-	p = strrchr(buf, ')');
-	if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
-			 &ut, &st) != 2)
-		return 0;
-	return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-}
-
-static long long geti(json_t *o, const char *k)
-{
-	return json_integer_value(json_object_get(o, k));
-}
-
-static void wait_workload(struct vmp *v, const char *wl, uint64_t mem)
-{
-	uint64_t want = !strcmp(wl, "fill") ? GUEST_DATA_PAGES(mem) : 0;
-
-	for (int i = 0; i < 60000; i++) {
-		json_t *g = call(v, "query-guest", NULL);
-		long long gen = geti(g, "generation");
-		int booted = json_is_true(json_object_get(g, "booted"));
-
-		json_decref(g);
-		if (booted && (uint64_t)gen >= want)
-			break;
-		usleep(10000);
-	}
-	if (!strncmp(wl, "dirty", 5))
-		sleep(2);
-}
-
-static int cmp(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return x < y ? -1 : x > y;
-}
-
-static void stat3(const char *label, double *v, int n, const char *unit)
-{
-	qsort(v, (size_t)n, sizeof(double), cmp);
-	printf("  %-22s min %9.2f median %9.2f max %9.2f %s\n", label, v[0],
-	       v[n / 2], v[n - 1], unit);
-}
 
 static void bench(const char *backend, uint64_t mem, const char *wl,
 		  bool prealloc, int channels, int runs)
@@ -245,15 +110,16 @@ int main(int argc, char **argv)
 	const char *only = NULL;
 	int runs = 3;
 
+	bench_name = "bench-migrate";
 	if (argc > 1)
-		ferry = argv[1];
+		bench_ferry = argv[1];
 	if (argc > 2)
 		runs = atoi(argv[2]);
 	if (argc > 3)
 		only = argv[3];
 	if (runs < 1 || runs > MAXRUNS)
 		die("RUNS must be 1..9");
-	if (!mkdtemp(dir))
+	if (!mkdtemp(bench_dir))
 		die("mkdtemp");
 	signal(SIGPIPE, SIG_IGN);
 	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
@@ -274,7 +140,7 @@ int main(int argc, char **argv)
 			}
 	{
 		char cmd[128];
-		snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+		snprintf(cmd, sizeof(cmd), "rm -rf %s", bench_dir);
 		if (system(cmd))
 			return 1;
 	}

@@ -329,7 +329,9 @@ static void *pre_main(void *arg)
 	struct ferry_record_io io = { .chan = c };
 	struct ferry_error err = { 0 };
 	uint8_t session[16];
-	int r = c ? 0 : -ENOMEM;
+	/* The main connection this channel serves (not one after a
+	 * recovery), known by the time its first page comes. */
+	int r = c ? 0 : -ENOMEM, main_fd = -1;
 
 	if (!r) {
 		ferry_get_be32(c);  /* the magic, seen by classify() */
@@ -351,13 +353,27 @@ static void *pre_main(void *arg)
 		}
 		ferry__mutex_lock(&in->m->lock);
 		pcd = in->pcd;
+		if (main_fd < 0)
+			main_fd = in->fd;
 		ferry__mutex_unlock(&in->m->lock);
 		r = pcd ? ferry__pcd_page_record(pcd, rec.body, rec.len, &err)
 			: ferry_error_set(&err, -EPROTO, "a page before "
 					  "POSTCOPY_ADVISE");
 	}
-	if (r)
+	if (r) {
+		struct ferry_pcd *pcd;
+
 		mig_trace(in->m, "postcopy preempt channel: %s", err.msg);
+		/* Requested pages would be lost with it while postcopy runs:
+		 * treat it as a broken link, so both sides pause and recover
+		 * (on the main stream). */
+		ferry__mutex_lock(&in->m->lock);
+		pcd = in->pcd;
+		if (ferry__pcd_state(pcd) == FERRY_PC_RUNNING && in->fd >= 0 &&
+		    in->fd == main_fd)
+			shutdown(in->fd, SHUT_RDWR);
+		ferry__mutex_unlock(&in->m->lock);
+	}
 	ferry__mutex_lock(&in->pre_lock);
 	in->pre_done = true;
 	pthread_cond_broadcast(&in->pre_cond);

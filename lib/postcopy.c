@@ -1027,8 +1027,8 @@ void ferry__pcd_rerequest(struct ferry_pcd *pcd)
 	 * it all; waiting threads are asked for again now, the rest comes
 	 * with the resent background. */
 	for (unsigned i = 0; i < pcd->ram->nblocks; i++)
-		memset(pcd->requested[i], 0,
-		       words_for(pcd->ram->blocks[i].npages) * sizeof(uint64_t));
+		for (uint64_t w = 0; w < words_for(pcd->ram->blocks[i].npages); w++)
+			__atomic_store_n(&pcd->requested[i][w], 0, __ATOMIC_SEQ_CST);
 	ferry__mutex_lock(&pcd->lock);
 	n = pcd->npend;
 	for (unsigned i = 0; i < n; i++)

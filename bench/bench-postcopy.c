@@ -1,0 +1,191 @@
+/*
+ * bench/bench-postcopy.c - postcopy of the reference VM over loopback:
+ * 1 GiB and 4 GiB guests dirtying 256 MiB, and dirtying all of their RAM,
+ * flat out; switched to postcopy at once, with and without the preempt
+ * channel; the destination runs from RUN on, so its guest faults on the
+ * pages it lacks. Prints total time, downtime, postcopy time, pages
+ * requested, the fault latency (p50/p99/max) and the time the guest was
+ * blocked on faults, as min/median/max over several runs; and, to compare:
+ *   - this machine's bare userfaultfd round trip (a thread faults, another
+ *     reads the fault and places the page: the floor of fault latency);
+ *   - a precopy with auto-converge of the same guest (the other way to
+ *     finish a guest that dirties faster than the link carries);
+ *   - both again on a link capped at 200 MB/s (max-bandwidth).
+ *
+ * Usage: bench-postcopy [FERRY_BINARY] [RUNS] [ONLY]
+ *   (default build/ferry, 3 runs, every case); ONLY picks cases whose label
+ *   contains it, e.g. "1G ws=256M".
+ */
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "benchvm.h"
+#include "postcopy.h"
+#include "vm/backend.h"
+
+enum mode { POSTCOPY, PREEMPT, PRECOPY_AC };
+
+static const char *const mode_names[] = { "postcopy", "postcopy+preempt",
+					  "precopy+auto-converge" };
+
+static double jnum(json_t *o, const char *k)
+{
+	return json_number_value(json_object_get(o, k));
+}
+
+static void bench(const char *backend, uint64_t mem, const char *ws,
+		  enum mode mode, uint64_t cap, int runs)
+{
+	double total[MAXRUNS], down[MAXRUNS], pct[MAXRUNS], req[MAXRUNS],
+	       p50[MAXRUNS], p99[MAXRUNS], pmax[MAXRUNS], block[MAXRUNS];
+
+	for (int r = 0; r < runs; r++) {
+		struct vmp s, d;
+		int port = free_port();
+		json_t *m, *dm, *lat;
+		char args[512], wl[64];
+
+		snprintf(wl, sizeof(wl), "dirty,ws=%s,rate=0", ws);
+		snprintf(args, sizeof(args), "--backend %s --mem %llu --workload %s",
+			 backend, (unsigned long long)mem, wl);
+		spawn(&s, "src", args);
+		snprintf(args, sizeof(args), "--backend %s --mem %llu --postcopy "
+			 "--incoming tcp:127.0.0.1:%d", backend,
+			 (unsigned long long)mem, port);
+		spawn(&d, "dst", args);
+		wait_workload(&s, wl, mem);
+		json_decref(call(&s, "migrate-set-capabilities", json_pack(
+			"{s:[{s:s, s:b}, {s:s, s:b}, {s:s, s:b}]}", "capabilities",
+			"capability", "postcopy-ram", "state", mode != PRECOPY_AC,
+			"capability", "postcopy-preempt", "state", mode == PREEMPT,
+			"capability", "auto-converge", "state", mode == PRECOPY_AC)));
+		json_decref(call(&s, "migrate-set-parameters",
+				 json_pack("{s:I}", "max-bandwidth", (json_int_t)cap)));
+		snprintf(args, sizeof(args), "tcp:127.0.0.1:%d", port);
+		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
+		if (mode != PRECOPY_AC)
+			json_decref(call(&s, "migrate-start-postcopy", NULL));
+		for (;;) {
+			const char *st;
+
+			m = call(&s, "query-migrate", NULL);
+			st = json_string_value(json_object_get(m, "status"));
+			if (!strcmp(st, "completed"))
+				break;
+			if (!strcmp(st, "failed") || !strcmp(st, "cancelled")) {
+				fprintf(stderr, "bench-postcopy: migration %s: %s\n", st,
+					json_string_value(json_object_get(m, "error-desc")));
+				exit(1);
+			}
+			json_decref(m);
+			usleep(5000);
+		}
+		/* The destination's own view: its faults and their latency. */
+		for (;;) {
+			dm = call(&d, "query-migrate", NULL);
+			if (!strcmp(json_string_value(json_object_get(dm, "status")),
+				    "completed"))
+				break;
+			json_decref(dm);
+			usleep(5000);
+		}
+		lat = json_object_get(dm, "postcopy-latency");
+		total[r] = jnum(m, "total-time");
+		down[r] = jnum(m, "downtime-us") / 1000.0;
+		pct[r] = jnum(m, "postcopy-time");
+		req[r] = jnum(dm, "postcopy-requests");
+		p50[r] = jnum(lat, "p50-us");
+		p99[r] = jnum(lat, "p99-us");
+		pmax[r] = jnum(lat, "max-us");
+		block[r] = jnum(dm, "postcopy-blocktime");
+		json_decref(m);
+		json_decref(dm);
+		quit(&s);
+		quit(&d);
+	}
+	printf("%s %lluG dirty ws=%s, %s%s (%d runs)\n", backend,
+	       (unsigned long long)(mem >> 30), ws, mode_names[mode],
+	       cap ? ", link capped at 200 MB/s" : "", runs);
+	stat3("total time", total, runs, "ms");
+	stat3("downtime", down, runs, "ms");
+	if (mode != PRECOPY_AC) {
+		stat3("postcopy time", pct, runs, "ms");
+		stat3("pages requested", req, runs, "");
+		stat3("fault latency p50", p50, runs, "us");
+		stat3("fault latency p99", p99, runs, "us");
+		stat3("fault latency max", pmax, runs, "us");
+		stat3("blocktime", block, runs, "ms");
+	}
+	fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+	static const uint64_t mems[] = { 1ull << 30, 4ull << 30 };
+	const char *backend, *only = NULL;
+	char why[300];
+	int runs = 3;
+	int64_t floor_ns;
+
+	bench_name = "bench-postcopy";
+	if (argc > 1)
+		bench_ferry = argv[1];
+	if (argc > 2)
+		runs = atoi(argv[2]);
+	if (argc > 3)
+		only = argv[3];
+	if (runs < 1 || runs > MAXRUNS)
+		die("RUNS must be 1..9");
+	if (!mkdtemp(bench_dir))
+		die("mkdtemp");
+	signal(SIGPIPE, SIG_IGN);
+	floor_ns = ferry_pc_bare_roundtrip_ns(2000);
+	if (floor_ns < 0) {
+		printf("(userfaultfd unavailable: no postcopy here)\n");
+		return 0;
+	}
+	printf("bare userfaultfd fault-to-placement round trip: %.1f us "
+	       "(2000 faults, average)\n", (double)floor_ns / 1000.0);
+	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
+	if (strcmp(backend, "kvm"))
+		printf("(KVM unusable: %s; thread backend)\n", why);
+	for (size_t mi = 0; mi < 2; mi++) {
+		char all[32];
+		const char *wss[2] = { "256M", all };
+
+		snprintf(all, sizeof(all), "%lluM",
+			 (unsigned long long)(mems[mi] >> 20));
+		for (int w = 0; w < 2; w++)
+			for (int mode = POSTCOPY; mode <= PRECOPY_AC; mode++) {
+				char label[96];
+
+				snprintf(label, sizeof(label), "%lluG ws=%s %s",
+					 (unsigned long long)(mems[mi] >> 30),
+					 wss[w], mode_names[mode]);
+				if (!only || strstr(label, only))
+					bench(backend, mems[mi], wss[w],
+					      (enum mode)mode, 0, runs);
+			}
+	}
+	/* A link slower than the guest dirties: where postcopy matters. */
+	for (int mode = POSTCOPY; mode <= PRECOPY_AC; mode++) {
+		char label[96];
+
+		snprintf(label, sizeof(label), "1G ws=256M %s capped",
+			 mode_names[mode]);
+		if (!only || strstr(label, only))
+			bench(backend, 1ull << 30, "256M", (enum mode)mode,
+			      200ull * 1000 * 1000, runs);
+	}
+	{
+		char cmd[128];
+		snprintf(cmd, sizeof(cmd), "rm -rf %s", bench_dir);
+		if (system(cmd))
+			return 1;
+	}
+	return 0;
+}

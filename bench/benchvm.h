@@ -1,0 +1,41 @@
+/*
+ * bench/benchvm.h - helpers for benchmarks that drive `ferry vm` processes
+ * over their control sockets. Errors end the benchmark (die).
+ */
+#ifndef FERRY_BENCHVM_H
+#define FERRY_BENCHVM_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <jansson.h>
+
+#include "control/control.h"
+
+#define MAXRUNS 9
+
+struct vmp {
+	pid_t pid;
+	int fd;
+	char sock[256];
+};
+
+extern const char *bench_ferry;   /* the ferry binary */
+extern char bench_dir[];          /* mkdtemp() template, then the dir */
+extern const char *bench_name;    /* for messages */
+
+void die(const char *msg);
+int free_port(void);
+/* `ferry vm --control DIR/NAME.sock ARGS`, connected. */
+void spawn(struct vmp *v, const char *name, const char *args);
+json_t *call(struct vmp *v, const char *cmd, json_t *args);
+void quit(struct vmp *v);
+/* utime + stime of a process, seconds. */
+double cpu_s(pid_t pid);
+long long geti(json_t *o, const char *k);
+/* The guest booted (and a fill finished); a dirtying one runs 2 s more. */
+void wait_workload(struct vmp *v, const char *wl, uint64_t mem);
+/* "label  min .. median .. max unit" over @n values (sorts @v). */
+void stat3(const char *label, double *v, int n, const char *unit);
+
+#endif
