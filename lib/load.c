@@ -82,6 +82,7 @@ struct loader {
 	const struct ferry__load_hooks *hooks; /* may be NULL */
 	bool listening;               /* POSTCOPY_LISTEN accepted */
 	bool stream_done;             /* the listen thread read through EOF */
+	bool in_package;              /* loading postcopy's package */
 	const struct ferry_load_opts *opts; /* = &o, or NULL */
 	struct ferry_load_opts o;     /* the caller's, at this layout */
 	struct ferry_record_io *io;   /* the top-level reader */
@@ -429,6 +430,78 @@ out:
 
 static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth);
 
+/* The VMM's end of the non-iterable load (a memory-map commit, say): after
+ * the last FULL section - at EOF, or at postcopy's RUN, which comes after
+ * every device's state - and device-load time too: the destination cannot
+ * run before it. */
+static int device_load_close(struct loader *L, int r)
+{
+	uint64_t t0;
+	struct ferry_error e2 = { 0 };
+	int r2;
+
+	if (!L->dev_load_open)
+		return r;
+	L->dev_load_open = false;
+	t0 = ferry__mono_ns();
+	r2 = L->opts->device_load_end(L->opts->opaque, r, r ? &e2 : L->err);
+	L->stats.device_load_ns += ferry__mono_ns() - t0;
+	if (r2 && !r) {
+		if (!L->err->code)
+			ferry_error_set(L->err, r2, "failed");
+		r = ferry_error_prefix(L->err, "device_load_end: ");
+	}
+	return r;
+}
+
+/* A complete stream carries every device: a missing one would leave a
+ * device in its reset state on the destination - silent data loss. At
+ * postcopy's RUN (@postcopy) the same holds for every device but RAM,
+ * which goes on. */
+static int check_complete(struct loader *L, bool postcopy)
+{
+	for (unsigned i = 0; i < L->nslots; i++) {
+		struct slot *sl = &L->slots[i];
+
+		if (postcopy && !strcmp(sl->dev->idstr, "ram") && !sl->dev->instance)
+			continue;
+		if (sl->state == SLOT_STARTED)
+			return ferry_error_set(L->err, -EBADMSG,
+				"section '%s' instance %u: %s without its END",
+				sl->dev->idstr, sl->dev->instance,
+				postcopy ? "POSTCOPY_RUN" : "stream ended");
+		if (!sl->loaded)
+			return ferry_error_set(L->err, -ENODATA,
+				"device '%s' instance %u: no state in the %s",
+				sl->dev->idstr, sl->dev->instance,
+				postcopy ? "postcopy package" : "stream");
+	}
+	return 0;
+}
+
+/* Postcopy's RUN: the device state is all here (and is what the source
+ * sent, by its digest); publish the load's figures for the engine, which
+ * runs the VM from on_command. */
+static int before_run(struct loader *L, uint64_t src_digest)
+{
+	uint64_t digest = XXH3_64bits_digest(&L->digest);
+	int r = ds_finish(L, 0);
+
+	if (!r)
+		r = check_complete(L, true);
+	if (!r && src_digest && src_digest != digest)
+		r = ferry_error_set(L->err, -EBADMSG, "the device state loaded "
+			"(digest %016llx) is not what the source sent (%016llx)",
+			(unsigned long long)digest, (unsigned long long)src_digest);
+	r = device_load_close(L, r);
+	if (!r && L->opts->stats) {
+		L->stats.device_digest = digest;
+		L->stats.size = sizeof(L->stats);
+		ferry__fill_sized(L->opts->stats, &L->stats, sizeof(L->stats));
+	}
+	return r;
+}
+
 /* ---- postcopy: the listen thread ------------------------------------------ */
 
 static int listen_section(struct listen_thread *lt, const struct ferry_record *rec)
@@ -576,7 +649,9 @@ static int load_package_listening(struct loader *L, struct ferry_chan *c)
 	e = pthread_create(&lt.thread, NULL, listen_main, &lt);
 	if (e)
 		return ferry_error_set(L->err, -e, "cannot start the listen thread");
+	L->in_package = true;
 	r = load_records(L, c, 1);
+	L->in_package = false;
 	if (!r && ferry_chan_mem_remaining(c))
 		r = ferry_error_set(L->err, -EBADMSG,
 			"%zu bytes after the package's EOF",
@@ -631,7 +706,11 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 		break;
 	case FERRY_CMD_POSTCOPY_LISTEN:
 	case FERRY_CMD_POSTCOPY_RUN:
-		WANT_LEN(0);
+		/* RUN may carry the source's device-state digest. */
+		if (m.cmd == FERRY_CMD_POSTCOPY_RUN && plen == 8)
+			m.u.run_digest = ferry__get_be64(p);
+		else
+			WANT_LEN(0);
 		/* LISTEN hands the stream to a listen thread at the package;
 		 * RUN must follow the device state, so it lives inside the
 		 * package, after it. */
@@ -733,6 +812,11 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 		}
 		return r;
 	}
+	if (m.cmd == FERRY_CMD_POSTCOPY_RUN && L->in_package &&
+	    (r = before_run(L, m.u.run_digest)))
+		return ferry_error_prefix(err, "offset %llu: command %s: ",
+					  (unsigned long long)rec->offset,
+					  ferry_cmd_name(m.cmd));
 	if (L->opts && L->opts->on_command) {
 		r = L->opts->on_command(L->opts->opaque, &m, err);
 		if (r)
@@ -878,34 +962,9 @@ int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
 	if (!r)
 		r = load_records(&L, in, 0);
 	r = ds_finish(&L, r);
-	/* A complete stream carries every device: a missing one would leave a
-	 * device in its reset state on the destination - silent data loss. */
-	for (i = 0; i < L.nslots && !r; i++) {
-		struct slot *sl = &L.slots[i];
-		if (sl->state == SLOT_STARTED)
-			r = ferry_error_set(L.err, -EBADMSG,
-				"section '%s' instance %u: stream ended without its END",
-				sl->dev->idstr, sl->dev->instance);
-		else if (!sl->loaded)
-			r = ferry_error_set(L.err, -ENODATA,
-				"device '%s' instance %u: no state in the stream",
-				sl->dev->idstr, sl->dev->instance);
-	}
-	/* The VMM's end of the non-iterable load (a memory-map commit, say)
-	 * is device-load time too: the destination cannot run before it. */
-	if (L.dev_load_open) {
-		uint64_t t0 = ferry__mono_ns();
-		struct ferry_error e2 = { 0 };
-		int r2 = L.opts->device_load_end(L.opts->opaque, r,
-						 r ? &e2 : L.err);
-
-		L.stats.device_load_ns += ferry__mono_ns() - t0;
-		if (r2 && !r) {
-			if (!L.err->code)
-				ferry_error_set(L.err, r2, "failed");
-			r = ferry_error_prefix(L.err, "device_load_end: ");
-		}
-	}
+	if (!r)
+		r = check_complete(&L, false);
+	r = device_load_close(&L, r);
 	for (i = 0; i < L.nslots; i++) {
 		struct ferry_dev *d = L.slots[i].dev;
 		if (d->ops->load_cleanup)

@@ -512,8 +512,13 @@ int ferry__save_package(struct ferry_save *s, bool *sent,
 	s->stats.t_final_sync = ferry__mono_ns();
 	r = final_state(s, true, err);
 	s->stats.device_digest = XXH3_64bits_digest(&s->digest);
-	if (!r)
-		r = ferry_save_command(s, FERRY_CMD_POSTCOPY_RUN, NULL, 0, err);
+	if (!r) {
+		/* The destination checks what it loaded before it runs. */
+		uint8_t dg[8];
+
+		ferry__put_be64(dg, s->stats.device_digest);
+		r = ferry_save_command(s, FERRY_CMD_POSTCOPY_RUN, dg, 8, err);
+	}
 	if (!r)
 		r = write_record2(s, FERRY_REC_EOF, NULL, 0, NULL, 0, err);
 	ferry__mutex_lock(&s->out_lock);

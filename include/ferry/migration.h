@@ -227,6 +227,9 @@ struct ferry_cmd_msg {
 		uint32_t ping;
 		uint32_t peer_timeout_ms;  /* OPEN_RETURN_PATH (0 = v1, none) */
 		uint32_t status;           /* POSTCOPY_END */
+		uint64_t run_digest;       /* POSTCOPY_RUN: the source's device
+					      digest (0: not sent); checked by
+					      the library before on_command */
 		struct { uint64_t host_page_size, target_page_size; } advise;
 		struct {
 			char block[FERRY_IDSTR_MAX + 1];

@@ -66,7 +66,7 @@ enum ferry_cmd {
 	FERRY_CMD_PING = 2,             /* be32 value; answered by RP PONG */
 	FERRY_CMD_POSTCOPY_ADVISE = 3,  /* be64 host page size, be64 target page size */
 	FERRY_CMD_POSTCOPY_LISTEN = 4,  /* empty */
-	FERRY_CMD_POSTCOPY_RUN = 5,     /* empty */
+	FERRY_CMD_POSTCOPY_RUN = 5,     /* empty, or be64 the device digest */
 	FERRY_CMD_POSTCOPY_DISCARD = 6, /* str8 block, be32 n, n x (be64 start, be64 len) */
 	FERRY_CMD_PACKAGED = 7,         /* nested records, ending with EOF */
 	FERRY_CMD_SWITCHOVER_START = 8, /* empty */

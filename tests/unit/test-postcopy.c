@@ -614,3 +614,39 @@ TEST(postcopy_stale_dest_pages_dropped)
 	stale_dest(false);
 	stale_dest(true);
 }
+
+/* A device the source does not send: the destination finds it at RUN,
+ * before it runs anything, and the source resumes. */
+TEST(postcopy_missing_device_refused_before_run)
+{
+	static const struct ferry_vms_field f[] = {
+		FERRY_VMS_U64(struct minivm_dev, pages), FERRY_VMS_END_OF_LIST };
+	static const struct ferry_vmsd extra = { .name = "only-here",
+		.version = 1, .minimum_version = 1, .fields = f };
+	struct minivm_dev obj = { 0 };
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	struct ferry_mig_info is, id;
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, 32 * MB, 16 * MB, 0, true, false);
+	minivm_init(&d, 32 * MB, 16 * MB, 0, false, true);
+	ASSERT_OK_E(ferry_register_vmstate(d.ctx, &extra, 0, &obj, &err), err);
+	both(&s, &d, "postcopy-ram");
+	minivm_wait_pages(&s, 1024);
+	uri = incoming(&d, "pc");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	ASSERT_OK_E(ferry_mig_start_postcopy(s.mig, &err), err);
+	is = minivm_wait(&s, 60000);
+	id = minivm_wait(&d, 60000);
+	ASSERT_EQ(is.status, FERRY_MIG_FAILED);
+	ASSERT_EQ(id.status, FERRY_MIG_FAILED);
+	ASSERT_CONTAINS(id.error, "no state in the postcopy package");
+	ASSERT_CONTAINS(is.error, "only-here");
+	ASSERT_EQ(d.starts, 0);
+	ASSERT_EQ(minivm_state(&s), FERRY_RUN_RUNNING);
+	minivm_wait_pages(&s, 100);
+	minivm_free(&s);
+	minivm_free(&d);
+}
