@@ -178,6 +178,12 @@ int ferry__save_rebind(struct ferry_save *s, struct ferry_chan *out,
 /* POSTCOPY_END (status 0) and EOF, flushed: every page was sent. */
 int ferry__save_postcopy_end(struct ferry_save *s, struct ferry_error *err);
 
+struct ferry_multifd;
+/* multifd.c: a destination's channels set page @pg's bit in @map (block
+ * @bi) once they placed it (postcopy's received bitmap). Before channels
+ * are added. */
+void ferry__multifd_track(struct ferry_multifd *m, unsigned bi, uint64_t *map);
+
 /* ---- RAM internals for the engine (ram.c) ------------------------------ */
 
 /* The body of the RAM PART section that switches to postcopy. */

@@ -113,6 +113,8 @@ struct mf_block {
 	uint64_t size;
 	uint32_t page_size;
 	uint32_t ppp;               /* pages per packet for this block */
+	uint64_t *recv_map;         /* destination: bit per page placed
+				       (atomic words), or NULL */
 };
 
 struct ferry_multifd {
@@ -443,6 +445,14 @@ unsigned ferry_multifd_channels(const struct ferry_multifd *m)
 unsigned ferry_multifd_compression(const struct ferry_multifd *m)
 {
 	return (unsigned)m->p.compression;
+}
+
+void ferry__multifd_track(struct ferry_multifd *m, unsigned bi, uint64_t *map)
+{
+	ferry__mutex_lock(&m->lock);
+	if (bi < m->nblocks)
+		m->blk[bi].recv_map = map;
+	ferry__mutex_unlock(&m->lock);
 }
 
 int ferry_multifd_set_blocks(struct ferry_multifd *m,
@@ -1243,6 +1253,14 @@ static int recv_ram(struct mf_chan *c, const uint8_t *h)
 		if (!ferry__page_is_zero(p, b->page_size))
 			memset(p, 0, b->page_size);
 	}
+	if (b->recv_map)
+		for (uint32_t i = 0; i < nn + nz; i++) {
+			uint64_t pg = ferry__get_be64((const uint8_t *)&c->wire[i]) /
+				      b->page_size;
+
+			__atomic_fetch_or(&b->recv_map[pg / 64], 1ull << (pg % 64),
+					  __ATOMIC_RELAXED);
+		}
 	stat_add(&m->normal_pages, nn);
 	stat_add(&m->zero_pages, nz);
 	stat_add(&m->raw_bytes, raw);

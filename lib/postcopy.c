@@ -381,7 +381,8 @@ struct ferry_pcd {
 	bool fault_live;              /* load/listen thread */
 	ferry_pcd_request_fn req;     /* immutable once LISTEN ran */
 	void *req_opaque;
-	uint64_t *received[FERRY_RAM_MAX_BLOCKS];  /* atomic words */
+	uint64_t *received[FERRY_RAM_MAX_BLOCKS];  /* atomic words: the RAM
+						      blocks' recv_map */
 	uint64_t *requested[FERRY_RAM_MAX_BLOCKS]; /* atomic words */
 	uint8_t *zero;                /* a zero page, without ZEROPAGE */
 
@@ -474,9 +475,9 @@ struct ferry_pcd *ferry__pcd_new(struct ferry_ram *ram, uint64_t host_page,
 	for (unsigned i = 0; i < ram->nblocks; i++) {
 		uint64_t n = words_for(ram->blocks[i].npages);
 
-		pcd->received[i] = calloc(n, sizeof(uint64_t));
+		pcd->received[i] = ram->blocks[i].recv_map;
 		pcd->requested[i] = calloc(n, sizeof(uint64_t));
-		if (!pcd->received[i] || !pcd->requested[i]) {
+		if (!pcd->requested[i]) {
 			ferry__pcd_free(pcd);
 			ferry_error_set(err, -ENOMEM, "out of memory");
 			return NULL;
@@ -527,10 +528,8 @@ void ferry__pcd_free(struct ferry_pcd *pcd)
 		close(pcd->uffd);
 	if (pcd->wake >= 0)
 		close(pcd->wake);
-	for (unsigned i = 0; i < FERRY_RAM_MAX_BLOCKS; i++) {
-		free(pcd->received[i]);
+	for (unsigned i = 0; i < FERRY_RAM_MAX_BLOCKS; i++)
 		free(pcd->requested[i]);
-	}
 	free(pcd->zero);
 	pthread_mutex_destroy(&pcd->lock);
 	free(pcd);
@@ -594,6 +593,10 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 		uint64_t l = ferry__get_be64(ranges + i * 16 + 8);
 
 		pcd->discarded += l / b->page_size;
+		for (uint64_t pg = s / b->page_size; pg < (s + l) / b->page_size; pg++)
+			__atomic_fetch_and(&pcd->received[bi][pg / WORD_BITS],
+					   ~(1ull << (pg % WORD_BITS)),
+					   __ATOMIC_RELAXED);
 		if ((r = drop(b->host + s, l)))
 			return ferry_error_set(err, r, "discarding 0x%llx + 0x%llx "
 				"of RAM block '%s': %s", (unsigned long long)s,
@@ -867,12 +870,8 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 {
 	struct ferry_ram *ram = pcd->ram;
 	struct uffdio_api api = { .api = UFFD_API };
-	long sys = sysconf(_SC_PAGESIZE);
-	unsigned char *vec = NULL;
-	size_t vec_cap = 0;
-	int e;
-
 	uint64_t t0 = ferry__mono_ns(), have = 0;
+	int e;
 
 	if (ferry__pcd_state(pcd) != FERRY_PC_ADVISE)
 		return ferry_error_set(err, -EPROTO, "POSTCOPY_LISTEN in postcopy "
@@ -896,39 +895,12 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 	if (ioctl(pcd->uffd, UFFDIO_API, &api))
 		return ferry_error_set(err, -errno, "UFFDIO_API: %s",
 				       strerror(errno));
-	/* Received = resident (see the top comment). */
-	for (unsigned i = 0; i < ram->nblocks; i++) {
-		struct ram_block *b = &ram->blocks[i];
-		size_t need = b->size / (size_t)sys;
-		uint64_t per = b->page_size / (uint64_t)sys;
-
-		if (need > vec_cap) {
-			unsigned char *nv = realloc(vec, need);
-			if (!nv) {
-				free(vec);
-				return ferry_error_set(err, -ENOMEM, "out of memory");
-			}
-			vec = nv;
-			vec_cap = need;
-		}
-		if (mincore(b->host, b->size, vec)) {
-			e = -errno;
-			free(vec);
-			return ferry_error_set(err, e, "mincore: %s", strerror(-e));
-		}
-		for (uint64_t pg = 0; pg < b->npages; pg++) {
-			bool all = true;
-
-			for (uint64_t k = 0; k < per; k++)
-				all &= vec[pg * per + k] & 1;
-			if (all) {
-				pcd->received[i][pg / WORD_BITS] |=
-					1ull << (pg % WORD_BITS);
-				have++;
-			}
-		}
-	}
-	free(vec);
+	/* Received: what the load placed, minus the discards (see the top
+	 * comment). */
+	for (unsigned i = 0; i < ram->nblocks; i++)
+		for (uint64_t w = 0; w < words_for(ram->blocks[i].npages); w++)
+			have += (uint64_t)__builtin_popcountll(__atomic_load_n(
+				&pcd->received[i][w], __ATOMIC_RELAXED));
 	for (unsigned i = 0; i < ram->nblocks; i++) {
 		struct uffdio_register rg = {
 			.range = { .start = (uintptr_t)ram->blocks[i].host,

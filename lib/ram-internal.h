@@ -42,6 +42,9 @@ struct ram_block {
 	uint32_t page_size;
 	uint64_t npages;
 	uint64_t *bitmap;     /* source: pages to send (atomic words) */
+	uint64_t *recv_map;   /* destination: pages this load placed (atomic
+				 words; multifd channels set them too): what
+				 postcopy starts from, minus the discards */
 	uint64_t *scratch;    /* source: sync/populated staging */
 };
 

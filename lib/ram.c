@@ -119,8 +119,9 @@ struct ferry_ram *ferry_ram_new(const struct ferry_ram_block *blocks,
 		b->npages = d->size / d->page_size;
 		b->bitmap = calloc(words_for(b->npages), sizeof(uint64_t));
 		b->scratch = calloc(words_for(b->npages), sizeof(uint64_t));
+		b->recv_map = calloc(words_for(b->npages), sizeof(uint64_t));
 		ram->nblocks = i + 1;
-		if (!b->bitmap || !b->scratch) {
+		if (!b->bitmap || !b->scratch || !b->recv_map) {
 			ferry_error_set(err, -ENOMEM, "out of memory");
 			goto fail;
 		}
@@ -144,6 +145,7 @@ void ferry_ram_free(struct ferry_ram *ram)
 	for (unsigned i = 0; i < ram->nblocks; i++) {
 		free(ram->blocks[i].bitmap);
 		free(ram->blocks[i].scratch);
+		free(ram->blocks[i].recv_map);
 	}
 	pthread_mutex_destroy(&ram->pop.lock);
 	pthread_mutex_destroy(&ram->req_lock);
@@ -157,12 +159,16 @@ static int give_blocks(struct ferry_ram *ram, struct ferry_multifd *m,
 		       struct ferry_error *err)
 {
 	struct ferry_ram_block t[FERRY_RAM_MAX_BLOCKS];
+	int r;
 
 	for (unsigned i = 0; i < ram->nblocks; i++)
 		t[i] = (struct ferry_ram_block){ ram->blocks[i].name,
 			ram->blocks[i].host, ram->blocks[i].size,
 			ram->blocks[i].page_size };
-	return ferry_multifd_set_blocks(m, t, ram->nblocks, err);
+	r = ferry_multifd_set_blocks(m, t, ram->nblocks, err);
+	for (unsigned i = 0; i < ram->nblocks && !r; i++)
+		ferry__multifd_track(m, i, ram->blocks[i].recv_map);
+	return r;
 }
 
 int ferry_ram_set_multifd_send(struct ferry_ram *ram, struct ferry_multifd *m,
@@ -817,7 +823,16 @@ static int ram_load_setup(void *opaque, struct ferry_error *err)
 
 static void ram_load_cleanup(void *opaque)
 {
-	prepop_stop(opaque);
+	struct ferry_ram *ram = opaque;
+
+	prepop_stop(ram);
+	/* Cleared after a load, not before the next: a multifd channel may
+	 * place a page before the load thread gets to its setup. Not while
+	 * a postcopy that broke after RUN still holds it. */
+	for (unsigned i = 0; i < ram->nblocks && !ram->pcd; i++)
+		for (uint64_t w = 0; w < words_for(ram->blocks[i].npages); w++)
+			__atomic_store_n(&ram->blocks[i].recv_map[w], 0,
+					 __ATOMIC_RELAXED);
 }
 
 /* A POPULATED record: block index, count, sorted disjoint in-block ranges.
@@ -1039,6 +1054,9 @@ static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
 				ram->st.duplicate++;
 			continue;
 		}
+		__atomic_fetch_or(&b->recv_map[off / b->page_size / WORD_BITS],
+				  1ull << (off / b->page_size % WORD_BITS),
+				  __ATOMIC_RELAXED);
 		if (flags & FERRY_RAM_PAGE) {
 			ferry_get_buf(c, p, b->page_size);
 			ram->st.normal++;
