@@ -614,10 +614,13 @@ static int resume_on(struct mig_in *in, struct ferry_record_io *io, int fd,
 
 		if (ferry__pcd_block_name(in->pcd, bi, bm.block, sizeof(bm.block)))
 			break;
-		if ((r = ferry__pcd_received(in->pcd, bi, &bits, &bm.pages, err)))
+		if ((r = ferry__pcd_received(in->pcd, bi, &bits, &bm.start, err)))
 			return r;
-		bm.bitmap = bits;
-		r = rp_send(in, &bm, err);
+		ferry__mutex_lock(&in->rp_lock);
+		r = in->rp_chan && !in->rp_silent ?
+		    ferry__rp_send(&in->rp_io, &bm, bits, err) :
+		    ferry_error_set(err, -EPIPE, "no return path");
+		ferry__mutex_unlock(&in->rp_lock);
 		free(bits);
 		if (r)
 			return r;

@@ -195,7 +195,8 @@ static void *rp_main(void *arg)
 	for (;;) {
 		struct ferry_error err = { 0 };
 		struct ferry_rp_msg msg;
-		int r = ferry_rp_recv(&rp->io, &msg, &err);
+		const uint8_t *bits = NULL;
+		int r = ferry__rp_recv(&rp->io, &msg, &bits, &err);
 		bool end = false;
 
 		if (!r && msg.type == FERRY_RP_REQ_PAGES &&
@@ -240,7 +241,7 @@ static void *rp_main(void *arg)
 			/* Only while resuming: the migration thread waits. */
 			if (rp->resumed || !rp->o->m->ram ||
 			    ferry__ram_pc_resend(rp->o->m->ram, msg.block,
-						 msg.pages, msg.bitmap, &e2)) {
+						 msg.start, bits, &e2)) {
 				rp->err = -EBADMSG;
 				snprintf(rp->errmsg, sizeof(rp->errmsg),
 					 "return path: bad RECV_BITMAP: %.400s", e2.msg);

@@ -178,6 +178,14 @@ int ferry__save_rebind(struct ferry_save *s, struct ferry_chan *out,
 /* POSTCOPY_END (status 0) and EOF, flushed: every page was sent. */
 int ferry__save_postcopy_end(struct ferry_save *s, struct ferry_error *err);
 
+/* return-path.c: ferry_rp_send/recv with RECV_BITMAP's bits (m->start
+ * pages, (pages + 7) / 8 bytes; received: pointing into @io's buffer,
+ * valid until its next read). */
+int ferry__rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
+		   const uint8_t *bitmap, struct ferry_error *err);
+int ferry__rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
+		   const uint8_t **bitmap, struct ferry_error *err);
+
 struct ferry_multifd;
 /* multifd.c: a destination's channels set page @pg's bit in @map (block
  * @bi) once they placed it (postcopy's received bitmap). Before channels

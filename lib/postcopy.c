@@ -944,19 +944,6 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 			       "POSTCOPY_LISTEN", err);
 }
 
-bool ferry__pcd_requests_settled(struct ferry_pcd *pcd)
-{
-	for (unsigned i = 0; i < pcd->ram->nblocks; i++) {
-		uint64_t n = words_for(pcd->ram->blocks[i].npages);
-
-		for (uint64_t w = 0; w < n; w++)
-			if (__atomic_load_n(&pcd->requested[i][w], __ATOMIC_SEQ_CST) &
-			    ~__atomic_load_n(&pcd->received[i][w], __ATOMIC_SEQ_CST))
-				return false;
-	}
-	return true;
-}
-
 void ferry__pcd_finish(struct ferry_pcd *pcd)
 {
 	fault_thread_stop(pcd);

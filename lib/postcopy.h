@@ -98,8 +98,6 @@ int ferry__pcd_place(struct ferry_pcd *pcd, unsigned block, uint64_t off,
 int ferry__pcd_page_record(struct ferry_pcd *pcd, const uint8_t *body,
 			   size_t len, struct ferry_error *err);
 
-/* Every page that was requested has been placed (END may complete). */
-bool ferry__pcd_requests_settled(struct ferry_pcd *pcd);
 /* Unregister RAM from userfaultfd (state END): pages still missing are
  * the source's never-written ones and fault in as zero from now on. */
 void ferry__pcd_finish(struct ferry_pcd *pcd);

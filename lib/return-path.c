@@ -10,20 +10,29 @@
 #include <string.h>
 
 #include "ferry/migration.h"
+#include "internal.h"
 
 int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 		  struct ferry_error *err)
+{
+	return ferry__rp_send(io, m, NULL, err);
+}
+
+int ferry__rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
+		   const uint8_t *bitmap, struct ferry_error *err)
 {
 	struct ferry_chan *b;
 	const uint8_t *d;
 	size_t n;
 	int r;
 
-	if (m->type == FERRY_RP_RECV_BITMAP && m->pages > FERRY_RP_BITMAP_MAX_PAGES)
-		return ferry_error_set(err, -E2BIG, "RECV_BITMAP of %llu pages",
-				       (unsigned long long)m->pages);
+	if (m->type == FERRY_RP_RECV_BITMAP &&
+	    (!bitmap || m->start > FERRY_RP_BITMAP_MAX_PAGES))
+		return ferry_error_set(err, -EINVAL, "RECV_BITMAP of %llu pages%s",
+				       (unsigned long long)m->start,
+				       bitmap ? "" : " without its bits");
 	b = ferry_chan_new_mem_writer(65536 + (m->type == FERRY_RP_RECV_BITMAP ?
-					       (size_t)(m->pages + 7) / 8 : 0));
+					       (size_t)(m->start + 7) / 8 : 0));
 	if (!b)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	ferry_put_be16(b, m->type);
@@ -50,8 +59,8 @@ int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 		break;
 	case FERRY_RP_RECV_BITMAP:
 		ferry_put_str8(b, m->block);
-		ferry_put_be64(b, m->pages);
-		ferry_put_buf(b, m->bitmap, (size_t)((m->pages + 7) / 8));
+		ferry_put_be64(b, m->start);
+		ferry_put_buf(b, bitmap, (size_t)((m->start + 7) / 8));
 		break;
 	case FERRY_RP_SWITCHOVER_ACK:
 	case FERRY_RP_RESUME_ACK:
@@ -74,6 +83,12 @@ int ferry_rp_send(struct ferry_record_io *io, const struct ferry_rp_msg *m,
 
 int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 		  struct ferry_error *err)
+{
+	return ferry__rp_recv(io, m, NULL, err);
+}
+
+int ferry__rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
+		   const uint8_t **bitmap, struct ferry_error *err)
 {
 	struct ferry_record rec;
 	struct ferry_chan *c;
@@ -125,18 +140,19 @@ int ferry_rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 		break;
 	case FERRY_RP_RECV_BITMAP:
 		ferry_get_str8(c, m->block, sizeof(m->block));
-		m->pages = ferry_get_be64(c);
+		m->start = ferry_get_be64(c);
 		if (ferry_chan_error(c, NULL))
 			break;
 		/* Exactly the announced bits: the rest of the body. */
-		if (m->pages > FERRY_RP_BITMAP_MAX_PAGES ||
-		    ferry_chan_mem_remaining(c) != (m->pages + 7) / 8) {
+		if (m->start > FERRY_RP_BITMAP_MAX_PAGES ||
+		    ferry_chan_mem_remaining(c) != (m->start + 7) / 8) {
 			ferry_chan_set_error(c, -EBADMSG, "RECV_BITMAP of %llu "
-				"pages with %zu bytes", (unsigned long long)m->pages,
+				"pages with %zu bytes", (unsigned long long)m->start,
 				ferry_chan_mem_remaining(c));
 			break;
 		}
-		m->bitmap = rec.body + (rec.len - ferry_chan_mem_remaining(c));
+		if (bitmap)
+			*bitmap = rec.body + (rec.len - ferry_chan_mem_remaining(c));
 		{
 			/* Consume the bitmap (read in place above). */
 			size_t left = ferry_chan_mem_remaining(c);

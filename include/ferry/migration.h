@@ -316,11 +316,9 @@ struct ferry_rp_msg {
 	char block[FERRY_IDSTR_MAX + 1];     /* REQ_PAGES */
 	uint64_t start;                      /* REQ_PAGES */
 	uint32_t len;                        /* REQ_PAGES */
-	/* RECV_BITMAP (with block): @pages bits, (pages + 7) / 8 bytes.
-	 * Sending: the caller's buffer. Received: points into the reader's
-	 * buffer, valid until the next ferry_rp_recv on it. */
-	uint64_t pages;
-	const uint8_t *bitmap;
+	/* RECV_BITMAP: block, and the page count in start; its bits are
+	 * the engine's (ferry_rp_recv checks them, ferry_rp_send cannot
+	 * make one). */
 };
 
 /* Write one RETURN record on @io (the destination's return channel; flushes).
