@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "benchvm.h"
+#include "ferry/engine.h"
 #include "postcopy.h"
 #include "vm/backend.h"
 
@@ -41,7 +42,8 @@ static void bench(const char *backend, uint64_t mem, const char *ws,
 		  enum mode mode, uint64_t cap, int runs)
 {
 	double total[MAXRUNS], down[MAXRUNS], pct[MAXRUNS], req[MAXRUNS],
-	       p50[MAXRUNS], p99[MAXRUNS], pmax[MAXRUNS], block[MAXRUNS];
+	       p50[MAXRUNS], p99[MAXRUNS], pmax[MAXRUNS], block[MAXRUNS],
+	       ph[FERRY_PHASE__MAX][MAXRUNS];
 
 	for (int r = 0; r < runs; r++) {
 		struct vmp s, d;
@@ -102,6 +104,9 @@ static void bench(const char *backend, uint64_t mem, const char *ws,
 		p99[r] = jnum(lat, "p99-us");
 		pmax[r] = jnum(lat, "max-us");
 		block[r] = jnum(dm, "postcopy-blocktime");
+		for (int i = 0; i < FERRY_PHASE__MAX; i++)
+			ph[i][r] = jnum(json_object_get(m, "downtime-phases"),
+					ferry_phase_name(i));
 		json_decref(m);
 		json_decref(dm);
 		quit(&s);
@@ -112,6 +117,8 @@ static void bench(const char *backend, uint64_t mem, const char *ws,
 	       cap ? ", link capped at 200 MB/s" : "", runs);
 	stat3("total time", total, runs, "ms");
 	stat3("downtime", down, runs, "ms");
+	for (int i = 0; i < FERRY_PHASE__MAX; i++)
+		stat3(ferry_phase_name(i), ph[i], runs, "ms");
 	if (mode != PRECOPY_AC) {
 		stat3("postcopy time", pct, runs, "ms");
 		stat3("pages requested", req, runs, "");

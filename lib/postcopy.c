@@ -395,6 +395,8 @@ struct ferry_pcd {
 
 	uint64_t requests, faults, placed, duplicates; /* atomic */
 	uint64_t discards, discarded; /* load thread: ranges, pages */
+	uint64_t discard_ns, prepop_ns; /* load thread: dropping, stopping the
+					   prepopulate helpers */
 };
 
 static void pcd_trace(struct ferry_pcd *pcd, const char *fmt, ...)
@@ -551,7 +553,7 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 {
 	struct ferry_ram *ram = pcd->ram;
 	int bi = find_block(ram, block), r;
-	uint64_t prev_end = 0;
+	uint64_t prev_end = 0, t0;
 	struct ram_block *b;
 
 	if (ferry__pcd_state(pcd) != FERRY_PC_ADVISE)
@@ -565,7 +567,9 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 	/* The prepopulate helpers would fault dropped pages back in (as
 	 * zeros that then count as received): they stop before the first
 	 * page is dropped. */
+	t0 = ferry__mono_ns();
 	ferry__ram_prepop_stop(ram);
+	pcd->prepop_ns += ferry__mono_ns() - t0;
 	/* Check every range before dropping any: a bad message changes
 	 * nothing. */
 	for (uint32_t i = 0; i < n; i++) {
@@ -588,6 +592,7 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 		prev_end = s + l;
 	}
 	pcd->discards += n;
+	t0 = ferry__mono_ns();
 	for (uint32_t i = 0; i < n; i++) {
 		uint64_t s = ferry__get_be64(ranges + i * 16);
 		uint64_t l = ferry__get_be64(ranges + i * 16 + 8);
@@ -602,6 +607,7 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 				"of RAM block '%s': %s", (unsigned long long)s,
 				(unsigned long long)l, block, strerror(-r));
 	}
+	pcd->discard_ns += ferry__mono_ns() - t0;
 	return 0;
 }
 
@@ -936,9 +942,11 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 	pcd->fault_live = true;
 	/* From here every page goes in through ferry__pcd_place. */
 	ram->pcd = pcd;
-	pcd_trace(pcd, "postcopy: %llu pages dropped (%llu ranges), %llu held; "
-		  "registered in %.2f ms", (unsigned long long)pcd->discarded,
-		  (unsigned long long)pcd->discards, (unsigned long long)have,
+	pcd_trace(pcd, "postcopy: %llu pages dropped (%llu ranges) in %.2f ms "
+		  "(prepopulating stopped in %.2f ms), %llu held; registered in "
+		  "%.2f ms", (unsigned long long)pcd->discarded,
+		  (unsigned long long)pcd->discards, (double)pcd->discard_ns / 1e6,
+		  (double)pcd->prepop_ns / 1e6, (unsigned long long)have,
 		  (double)(ferry__mono_ns() - t0) / 1e6);
 	return ferry__pcd_move(pcd, FERRY_PC_ADVISE, FERRY_PC_LISTENING,
 			       "POSTCOPY_LISTEN", err);
