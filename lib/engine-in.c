@@ -333,6 +333,7 @@ static void *pre_main(void *arg)
 	 * recovery), known by the time its first page comes. */
 	int r = c ? 0 : -ENOMEM, main_fd = -1;
 
+	ferry__pc_urgent_thread();
 	if (!r) {
 		ferry_get_be32(c);  /* the magic, seen by classify() */
 		ferry_get_buf(c, session, sizeof(session));

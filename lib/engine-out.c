@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "engine-internal.h"
+#include "postcopy.h"
 #include "ram-internal.h"
 
 /* Bytes per PART section: small enough that cancel, rate limiting and the
@@ -191,6 +192,10 @@ static int serve_request(struct mig_out *o, const struct ferry_rp_msg *msg,
 static void *rp_main(void *arg)
 {
 	struct rp_reader *rp = arg;
+
+	/* It answers postcopy's page requests on the preempt channel. */
+	if (rp->o->set.postcopy_preempt)
+		ferry__pc_urgent_thread();
 
 	for (;;) {
 		struct ferry_error err = { 0 };

@@ -115,6 +115,11 @@ void ferry__pcd_rerequest(struct ferry_pcd *pcd);
 
 void ferry__pcd_get_stats(struct ferry_pcd *pcd, struct ferry_pcd_stats *st);
 
+/* Raise the calling thread's scheduling priority (best effort): the
+ * threads on a page request's path (fault thread, preempt reader, the
+ * source's return-path reader). */
+void ferry__pc_urgent_thread(void);
+
 /* The bare userfaultfd round trip of this machine (bench): a thread faults
  * on a missing page, another reads the fault and places it. Average ns
  * over @n faults; -errno if userfaultfd is unavailable. */
