@@ -498,16 +498,19 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 		in->pc_ran = true;
 		ferry__mutex_unlock(&m->lock);
 		in->t_pc_run = now_ns();
-		mig_set_switchover(m, true, FERRY_SWO_DONE);
 		r = take_vm(in, err);
+		/* Running (the events below are not downtime). */
+		run.values[FERRY_SHUT_T_RESUMED] = now_ns();
+		mig_set_switchover(m, true, FERRY_SWO_DONE);
 		mig_move_status(m, true, FERRY_MIG_ACTIVE,
 				FERRY_MIG_POSTCOPY_ACTIVE);
 		shut_values(in, &run);
-		run.values[FERRY_SHUT_T_RESUMED] = now_ns();
 		clock_gettime(CLOCK_REALTIME, &rt);
 		run.values[FERRY_SHUT_T_RESUMED_REAL] =
 			(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
 		rp_send(in, &run, NULL);
+		/* The VM runs: now free what the discards moved away. */
+		ferry__pcd_release_dropped(pcd);
 		return r;
 	}
 	case FERRY_CMD_POSTCOPY_END: {

@@ -1349,6 +1349,13 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	bool sent, cancel;
 	int r;
 
+	/* While the VM still runs: the channels' pages in flight are
+	 * applied (a sync point, then a PING the destination answers once
+	 * it is through), so the switch does not wait for them. */
+	if (o->mf && (r = ferry__save_ram_section(o->s, ferry__ram_mf_sync_section,
+						  err)))
+		return r;
+	drain(o);
 	r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);
 	if (r)
 		return ferry_error_prefix(err, "stopping the VM: ");

@@ -364,6 +364,15 @@ void ferry__ram_pc_rewind(struct ferry_ram *ram)
  * Destination
  * ======================================================================== */
 
+/* Dropped pages moved away, to be freed after RUN (at most this many
+ * ranges; the rest are dropped in place). */
+#define PC_HELD_MAX 4096u
+
+struct held {
+	void *addr;
+	size_t len;
+};
+
 struct pending_fault {
 	uintptr_t page;               /* host address of the page */
 	uint64_t t;                   /* CLOCK_MONOTONIC ns, fault read */
@@ -398,6 +407,8 @@ struct ferry_pcd {
 	uint64_t discards, discarded; /* load thread: ranges, pages */
 	uint64_t discard_ns, prepop_ns; /* load thread: dropping, stopping the
 					   prepopulate helpers */
+	struct held held[PC_HELD_MAX];  /* load thread */
+	unsigned nheld;
 };
 
 static void pcd_trace(struct ferry_pcd *pcd, const char *fmt, ...)
@@ -525,6 +536,7 @@ void ferry__pcd_free(struct ferry_pcd *pcd)
 		return;
 	fault_thread_stop(pcd);
 	unregister_all(pcd);
+	ferry__pcd_release_dropped(pcd);
 	if (pcd->ram->pcd == pcd)
 		pcd->ram->pcd = NULL;
 	if (pcd->uffd >= 0)
@@ -538,15 +550,46 @@ void ferry__pcd_free(struct ferry_pcd *pcd)
 	free(pcd);
 }
 
-/* Drop pages so that they fault. Shared memory (memfd, shmem) keeps its
- * pages in the page cache after MADV_DONTNEED: punch them out. */
-static int drop(void *addr, size_t len)
+/*
+ * Drop pages so that they fault. Shared memory (memfd, shmem) keeps its
+ * pages in the page cache after MADV_DONTNEED: punch them out.
+ *
+ * Private memory: freeing pages is what costs (8 ms per 256 MiB here,
+ * inside the downtime, and it does not scale with threads). A large range
+ * is moved away instead - mremap(MREMAP_DONTUNMAP) moves whole page tables
+ * and leaves the range mapped and empty, exactly as MADV_DONTNEED would,
+ * in about a tenth of the time - and the pages are freed after RUN
+ * (ferry__pcd_release_dropped), when the guest already runs. No hole is
+ * ever left in guest RAM, so no other thread's mmap can land in it.
+ */
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+#define DROP_MOVE_MIN (2u << 20)
+
+static int drop(struct ferry_pcd *pcd, void *addr, size_t len)
 {
 	if (!madvise(addr, len, MADV_REMOVE))
 		return 0;
 	if (errno != EINVAL && errno != EOPNOTSUPP)
 		return -errno;
+	if (len >= DROP_MOVE_MIN && pcd->nheld < PC_HELD_MAX) {
+		void *h = mremap(addr, len, len, MREMAP_MAYMOVE | MREMAP_DONTUNMAP);
+
+		if (h != MAP_FAILED) {
+			pcd->held[pcd->nheld++] = (struct held){ h, len };
+			return 0;
+		}
+		/* Older kernels, other memory: the slow way. */
+	}
 	return madvise(addr, len, MADV_DONTNEED) ? -errno : 0;
+}
+
+void ferry__pcd_release_dropped(struct ferry_pcd *pcd)
+{
+	for (unsigned i = 0; i < pcd->nheld; i++)
+		munmap(pcd->held[i].addr, pcd->held[i].len);
+	pcd->nheld = 0;
 }
 
 int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
@@ -603,7 +646,7 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 			__atomic_fetch_and(&pcd->received[bi][pg / WORD_BITS],
 					   ~(1ull << (pg % WORD_BITS)),
 					   __ATOMIC_RELAXED);
-		if ((r = drop(b->host + s, l)))
+		if ((r = drop(pcd, b->host + s, l)))
 			return ferry_error_set(err, r, "discarding 0x%llx + 0x%llx "
 				"of RAM block '%s': %s", (unsigned long long)s,
 				(unsigned long long)l, block, strerror(-r));

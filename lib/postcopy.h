@@ -82,6 +82,10 @@ int ferry__pcd_move(struct ferry_pcd *pcd, enum ferry_pc_state from,
 int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 		       const uint8_t *ranges, struct ferry_error *err);
 
+/* Free the pages the discards moved away (after RUN, off the downtime;
+ * also done by ferry__pcd_free). Load thread. */
+void ferry__pcd_release_dropped(struct ferry_pcd *pcd);
+
 /* POSTCOPY_LISTEN (ADVISE -> LISTENING): what is present now is what was
  * received; register RAM for missing-page faults, start the fault thread,
  * and place every later page through ferry__pcd_place. */

@@ -773,6 +773,21 @@ static int ram_save_complete(struct ferry_chan *c, void *opaque,
 	return ferry_chan_error(c, err);
 }
 
+/* Before postcopy's switch, VM still running: a multifd sync point, so
+ * the pages in flight on the channels are applied before the VM stops
+ * (the engine then waits for a PONG), not inside the downtime. */
+int ferry__ram_mf_sync_section(struct ferry_chan *c, void *opaque,
+			       struct ferry_error *err)
+{
+	struct ferry_ram *ram = opaque;
+	int r;
+
+	if (ram->mf_send && ram->mf_unsynced && (r = mf_flush(ram, c, err)))
+		return r;
+	ferry_put_be64(c, FERRY_RAM_EOS);
+	return ferry_chan_error(c, err);
+}
+
 /* The switch to postcopy, as a RAM PART section (VM stopped): the last
  * multifd sync point - the destination applies every page sent so far
  * before it reads the DISCARDs that follow - and the final dirty sync,
