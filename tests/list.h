@@ -235,6 +235,8 @@ X(live_kvm_postcopy_running, 120)
 X(live_thread_postcopy_running, 120)
 X(live_kvm_postcopy_recover, 120)
 X(live_thread_postcopy_recover, 120)
+X(live_kvm_postcopy_dest_killed, 120)
+X(live_thread_postcopy_dest_killed, 120)
 /* ---- KVM memslots follow the memory map (tests/e2e/test-memslots.c) ---- */
 X(memslot_kvm_one_slot_without_devices, 60)
 X(memslot_thread_no_slots, 60)

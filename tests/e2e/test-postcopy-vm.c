@@ -8,6 +8,10 @@
  */
 #include "../harness.h"
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "postcopy.h"
 #include "vmproc.h"
 
@@ -98,7 +102,13 @@ static void postcopy_running(const char *backend)
 	int port = pair(&s, &d, backend, true);
 
 	caps(&s, true);
+	/* Slow enough to look at both sides while pages still arrive. */
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 64 << 20)));
 	migrate_postcopy(&s, port);
+	wait_migration_live(&d, "postcopy-active");
+	ASSERT_STREQ(status_of(&d), "running");
+	ASSERT_STREQ(status_of(&s), "finish-migrate");
 	wait_migration(&s, "completed");
 	ASSERT_STREQ(status_of(&s), "postmigrate");
 	wait_loaded(&d);
@@ -160,3 +170,34 @@ static void postcopy_recover(const char *backend)
 
 TEST(live_kvm_postcopy_recover) { postcopy_recover("kvm"); }
 TEST(live_thread_postcopy_recover) { postcopy_recover("thread"); }
+
+/* The destination dies after RUN, the one case nothing can mend: the
+ * source says so, and keeps its RAM and the VM stopped (cont refused). */
+static void postcopy_dest_killed(const char *backend)
+{
+	struct proc s, d;
+	char msg[512];
+	json_t *m;
+	int st, port = pair(&s, &d, backend, true);
+
+	caps(&s, false);
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i, s:i}", "max-bandwidth", 32 << 20,
+				   "peer-timeout", 1000)));
+	migrate_postcopy(&s, port);
+	wait_migration_live(&d, "postcopy-active");
+	kill(d.pid, SIGKILL);
+	waitpid(d.pid, &st, 0);
+	wait_migration_live(&s, "postcopy-paused");
+	m = call(&s, "query-migrate", NULL);
+	ASSERT(strlen(gets(m, "error-desc")) > 0);
+	json_decref(m);
+	ASSERT_STREQ(status_of(&s), "finish-migrate");
+	call_fails(&s, "cont", NULL, msg, sizeof(msg));
+	usleep(300000);
+	ASSERT_STREQ(status_of(&s), "finish-migrate");
+	vm_quit(&s);
+}
+
+TEST(live_kvm_postcopy_dest_killed) { postcopy_dest_killed("kvm"); }
+TEST(live_thread_postcopy_dest_killed) { postcopy_dest_killed("thread"); }
