@@ -54,20 +54,7 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 		d0 = cpu_s(d.pid);
 		snprintf(args, sizeof(args), "tcp:127.0.0.1:%d", port);
 		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
-		for (;;) {
-			const char *st;
-			m = call(&s, "query-migrate", NULL);
-			st = json_string_value(json_object_get(m, "status"));
-			if (!strcmp(st, "completed"))
-				break;
-			if (!strcmp(st, "failed") || !strcmp(st, "cancelled")) {
-				fprintf(stderr, "bench-migrate: migration %s: %s\n", st,
-					json_string_value(json_object_get(m, "error-desc")));
-				exit(1);
-			}
-			json_decref(m);
-			usleep(5000);
-		}
+		m = wait_completed(&s);
 		cs[r] = cpu_s(s.pid) - s0;
 		cd[r] = cpu_s(d.pid) - d0;
 		total[r] = (double)geti(m, "total-time");

@@ -90,21 +90,7 @@ static void bench(const char *backend, uint64_t mem, const char *ws,
 		}
 		if (mode != PRECOPY_AC)
 			json_decref(call(&s, "migrate-start-postcopy", NULL));
-		for (;;) {
-			const char *st;
-
-			m = call(&s, "query-migrate", NULL);
-			st = json_string_value(json_object_get(m, "status"));
-			if (!strcmp(st, "completed"))
-				break;
-			if (!strcmp(st, "failed") || !strcmp(st, "cancelled")) {
-				fprintf(stderr, "bench-postcopy: migration %s: %s\n", st,
-					json_string_value(json_object_get(m, "error-desc")));
-				exit(1);
-			}
-			json_decref(m);
-			usleep(5000);
-		}
+		m = wait_completed(&s);
 		/* The destination's own view: its faults and their latency. */
 		for (;;) {
 			dm = call(&d, "query-migrate", NULL);

@@ -145,3 +145,21 @@ void stat3(const char *label, double *v, int n, const char *unit)
 	       v[n / 2], v[n - 1], unit);
 }
 
+
+json_t *wait_completed(struct vmp *v)
+{
+	for (;;) {
+		json_t *m = call(v, "query-migrate", NULL);
+		const char *st = json_string_value(json_object_get(m, "status"));
+
+		if (!strcmp(st, "completed"))
+			return m;
+		if (!strcmp(st, "failed") || !strcmp(st, "cancelled")) {
+			fprintf(stderr, "%s: migration %s: %s\n", bench_name, st,
+				json_string_value(json_object_get(m, "error-desc")));
+			exit(1);
+		}
+		json_decref(m);
+		usleep(5000);
+	}
+}

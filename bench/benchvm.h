@@ -35,6 +35,9 @@ double cpu_s(pid_t pid);
 long long geti(json_t *o, const char *k);
 /* The guest booted (and a fill finished); a dirtying one runs 2 s more. */
 void wait_workload(struct vmp *v, const char *wl, uint64_t mem);
+/* Poll @v's query-migrate until completed (returned); a failure ends the
+ * benchmark. */
+json_t *wait_completed(struct vmp *v);
 /* "label  min .. median .. max unit" over @n values (sorts @v). */
 void stat3(const char *label, double *v, int n, const char *unit);
 

@@ -189,6 +189,16 @@ static int serve_request(struct mig_out *o, const struct ferry_rp_msg *msg,
 	return r;
 }
 
+/* A message the protocol does not allow here: the reader ends. rp->lock
+ * held. */
+static bool rp_unexpected(struct rp_reader *rp, uint16_t type)
+{
+	rp->err = -EBADMSG;
+	snprintf(rp->errmsg, sizeof(rp->errmsg), "return path: unexpected %s "
+		 "message", ferry_rp_name(type));
+	return true;
+}
+
 static void *rp_main(void *arg)
 {
 	struct rp_reader *rp = arg;
@@ -221,10 +231,7 @@ static void *rp_main(void *arg)
 		} else switch (msg.type) {
 		case FERRY_RP_LOADED:
 			if (rp->loaded || msg.status) {
-				rp->err = -EBADMSG;
-				snprintf(rp->errmsg, sizeof(rp->errmsg),
-					 "return path: unexpected LOADED");
-				end = true;
+				end = rp_unexpected(rp, msg.type);
 				break;
 			}
 			rp->loaded = true;
@@ -260,10 +267,7 @@ static void *rp_main(void *arg)
 		case FERRY_RP_RUNNING:
 			if (rp->running || msg.status ||
 			    !__atomic_load_n(&rp->o->pc_on, __ATOMIC_ACQUIRE)) {
-				rp->err = -EBADMSG;
-				snprintf(rp->errmsg, sizeof(rp->errmsg),
-					 "return path: unexpected RUNNING");
-				end = true;
+				end = rp_unexpected(rp, msg.type);
 				break;
 			}
 			rp->running = true;
@@ -277,13 +281,7 @@ static void *rp_main(void *arg)
 					 __ATOMIC_RELAXED);
 			break;
 		default:
-			/* REQ_PAGES and friends belong to postcopy, which this
-			 * migration did not ask for. */
-			rp->err = -EBADMSG;
-			snprintf(rp->errmsg, sizeof(rp->errmsg),
-				 "return path: unexpected %s message",
-				 ferry_rp_name(msg.type));
-			end = true;
+			end = rp_unexpected(rp, msg.type);
 		}
 		if (end)
 			rp->done = true;

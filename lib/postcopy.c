@@ -158,12 +158,12 @@ void ferry__ram_pc_enter(struct ferry_ram *ram)
 	ram->round_done = false;
 }
 
-int ferry__ram_pc_request(struct ferry_ram *ram, const char *block,
-			  uint64_t start, uint64_t len, struct ferry_error *err)
+/* A page request from the wire: the block's index, or -errno. */
+static int check_request(struct ferry_ram *ram, const char *block,
+			 uint64_t start, uint64_t len, struct ferry_error *err)
 {
 	int bi = find_block(ram, block);
 	struct ram_block *b;
-	struct pc_req *q;
 
 	if (bi < 0)
 		return ferry_error_set(err, -EINVAL, "page request for unknown "
@@ -174,6 +174,19 @@ int ferry__ram_pc_request(struct ferry_ram *ram, const char *block,
 		return ferry_error_set(err, -ERANGE, "page request outside RAM "
 			"block '%s' or unaligned (0x%llx + 0x%llx)", block,
 			(unsigned long long)start, (unsigned long long)len);
+	return bi;
+}
+
+int ferry__ram_pc_request(struct ferry_ram *ram, const char *block,
+			  uint64_t start, uint64_t len, struct ferry_error *err)
+{
+	int bi = check_request(ram, block, start, len, err);
+	struct ram_block *b;
+	struct pc_req *q;
+
+	if (bi < 0)
+		return bi;
+	b = &ram->blocks[bi];
 	ferry__mutex_lock(&ram->req_lock);
 	if (ram->nreqs == ram->reqs_cap) {
 		size_t nc = ram->reqs_cap ? ram->reqs_cap * 2 : 64;
@@ -283,17 +296,12 @@ int ferry__ram_pc_send_preempt(struct ferry_ram *ram, struct ferry_record_io *io
 			       const char *block, uint64_t start, uint64_t len,
 			       struct ferry_error *err)
 {
-	int bi = find_block(ram, block), r = 0;
+	int bi = check_request(ram, block, start, len, err), r = 0;
 	struct ram_block *b;
 
 	if (bi < 0)
-		return ferry_error_set(err, -EINVAL, "page request for unknown "
-				       "RAM block '%s'", block);
+		return bi;
 	b = &ram->blocks[bi];
-	if (!len || start % b->page_size || len % b->page_size ||
-	    start >= b->size || len > b->size - start)
-		return ferry_error_set(err, -ERANGE, "page request outside RAM "
-			"block '%s' or unaligned", block);
 	__atomic_store_n(&ram->pc_hint,
 			 ((uint64_t)bi << 48 | (start + len) / b->page_size) + 1,
 			 __ATOMIC_RELAXED);

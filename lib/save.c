@@ -422,6 +422,33 @@ int ferry__save_complete(struct ferry_save *s,
 	return r;
 }
 
+/*
+ * A command that commits (the switchover verdict, postcopy's package),
+ * out_lock held. Empty the buffer first: then a failed flush below means
+ * some byte of the command itself never reached the kernel, so the peer
+ * can never read a whole (checked) record of it. 0 only when all of it is
+ * in the kernel.
+ */
+static int write_commit_locked(struct ferry_save *s, uint16_t cmd,
+			       const void *payload, size_t len,
+			       struct ferry_error *err)
+{
+	uint8_t c[2];
+	int r;
+
+	ferry__put_be16(c, cmd);
+	r = ferry_chan_flush(s->io.chan);
+	if (!r)
+		r = ferry_record_write2(&s->io, FERRY_REC_COMMAND, c, 2, payload,
+					len, NULL);
+	if (!r)
+		r = ferry_chan_flush(s->io.chan);
+	if (r)
+		r = ferry_chan_error(s->io.chan, err);
+	s->last_write_ns = ferry__mono_ns();
+	return r;
+}
+
 /* ---- postcopy (lib/engine-out.c) --------------------------------------------- */
 
 static struct ferry_dev *ram_dev(struct ferry_save *s)
@@ -495,7 +522,6 @@ int ferry__save_package(struct ferry_save *s, bool *sent,
 	struct ferry_chan *pkg = ferry_chan_new_mem_writer(FERRY_PACKAGED_MAX - 2);
 	struct ferry_record_io main_io;
 	const uint8_t *d;
-	uint8_t cmd[2];
 	size_t n;
 	int r;
 
@@ -530,21 +556,11 @@ int ferry__save_package(struct ferry_save *s, bool *sent,
 		ferry_chan_free(pkg);
 		return ferry_error_prefix(err, "building the postcopy package: ");
 	}
-	/* As with the switchover verdict: empty the buffer first, so a failed
-	 * flush below means part of the package never reached the kernel -
-	 * the destination cannot hold a whole one, and never runs. */
+	/* As the switchover verdict: a package not all in the kernel never
+	 * reaches the destination whole, which then never runs. */
 	d = ferry_chan_mem_data(pkg, &n);
-	ferry__put_be16(cmd, FERRY_CMD_PACKAGED);
-	r = ferry_chan_flush(s->io.chan);
-	if (!r)
-		r = ferry_record_write2(&s->io, FERRY_REC_COMMAND, cmd, 2, d, n,
-					NULL);
-	if (!r)
-		r = ferry_chan_flush(s->io.chan);
-	if (r)
-		r = ferry_chan_error(s->io.chan, err);
+	r = write_commit_locked(s, FERRY_CMD_PACKAGED, d, n, err);
 	*sent = !r;
-	s->last_write_ns = ferry__mono_ns();
 	ferry__mutex_unlock(&s->out_lock);
 	ferry_chan_free(pkg);
 	if (!r)
@@ -650,23 +666,10 @@ void ferry__save_set_timeout(struct ferry_save *s, int timeout_ms)
 int ferry__save_verdict(struct ferry_save *s, uint16_t cmd,
 			struct ferry_error *err)
 {
-	uint8_t c[2];
 	int r;
 
-	ferry__put_be16(c, cmd);
 	ferry__mutex_lock(&s->out_lock);
-	/* Empty the buffer first: then a failed flush below means some byte
-	 * of the verdict itself never reached the kernel, so the peer can
-	 * never read a whole (checked) verdict record. */
-	r = ferry_chan_flush(s->io.chan);
-	if (!r)
-		r = ferry_record_write2(&s->io, FERRY_REC_COMMAND, c, 2, NULL, 0,
-					NULL);
-	if (!r)
-		r = ferry_chan_flush(s->io.chan);
-	if (r)
-		r = ferry_chan_error(s->io.chan, err);
-	s->last_write_ns = ferry__mono_ns();
+	r = write_commit_locked(s, cmd, NULL, 0, err);
 	ferry__mutex_unlock(&s->out_lock);
 	return r;
 }
