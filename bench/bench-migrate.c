@@ -97,18 +97,7 @@ int main(int argc, char **argv)
 	const char *only = NULL;
 	int runs = 3;
 
-	bench_name = "bench-migrate";
-	if (argc > 1)
-		bench_ferry = argv[1];
-	if (argc > 2)
-		runs = atoi(argv[2]);
-	if (argc > 3)
-		only = argv[3];
-	if (runs < 1 || runs > MAXRUNS)
-		die("RUNS must be 1..9");
-	if (!mkdtemp(bench_dir))
-		die("mkdtemp");
-	signal(SIGPIPE, SIG_IGN);
+	bench_start(argc, argv, "bench-migrate", &runs, &only);
 	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
 	if (strcmp(backend, "kvm"))
 		printf("(KVM unusable: %s; thread backend)\n", why);
@@ -125,11 +114,5 @@ int main(int argc, char **argv)
 					bench(backend, mems[m], pre ? "fill" : wls[w],
 					      pre, chans[c], runs);
 			}
-	{
-		char cmd[128];
-		snprintf(cmd, sizeof(cmd), "rm -rf %s", bench_dir);
-		if (system(cmd))
-			return 1;
-	}
-	return 0;
+	return bench_end();
 }

@@ -143,18 +143,7 @@ int main(int argc, char **argv)
 	int runs = 3;
 	int64_t floor_ns;
 
-	bench_name = "bench-postcopy";
-	if (argc > 1)
-		bench_ferry = argv[1];
-	if (argc > 2)
-		runs = atoi(argv[2]);
-	if (argc > 3)
-		only = argv[3];
-	if (runs < 1 || runs > MAXRUNS)
-		die("RUNS must be 1..9");
-	if (!mkdtemp(bench_dir))
-		die("mkdtemp");
-	signal(SIGPIPE, SIG_IGN);
+	bench_start(argc, argv, "bench-postcopy", &runs, &only);
 	floor_ns = ferry_pc_bare_roundtrip_ns(2000);
 	if (floor_ns < 0) {
 		printf("(userfaultfd unavailable: no postcopy here)\n");
@@ -193,11 +182,5 @@ int main(int argc, char **argv)
 			bench(backend, 1ull << 30, "256M", (enum mode)mode,
 			      200ull * 1000 * 1000, runs);
 	}
-	{
-		char cmd[128];
-		snprintf(cmd, sizeof(cmd), "rm -rf %s", bench_dir);
-		if (system(cmd))
-			return 1;
-	}
-	return 0;
+	return bench_end();
 }

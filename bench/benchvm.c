@@ -163,3 +163,30 @@ json_t *wait_completed(struct vmp *v)
 		usleep(5000);
 	}
 }
+
+void bench_start(int argc, char **argv, const char *name, int *runs,
+		const char **only)
+{
+	bench_name = name;
+	*runs = 3;
+	*only = NULL;
+	if (argc > 1)
+		bench_ferry = argv[1];
+	if (argc > 2)
+		*runs = atoi(argv[2]);
+	if (argc > 3)
+		*only = argv[3];
+	if (*runs < 1 || *runs > MAXRUNS)
+		die("RUNS must be 1..9");
+	if (!mkdtemp(bench_dir))
+		die("mkdtemp");
+	signal(SIGPIPE, SIG_IGN);
+}
+
+int bench_end(void)
+{
+	char cmd[128];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", bench_dir);
+	return system(cmd) ? 1 : 0;
+}

@@ -25,6 +25,11 @@ extern char bench_dir[];          /* mkdtemp() template, then the dir */
 extern const char *bench_name;    /* for messages */
 
 void die(const char *msg);
+/* Arguments [FERRY_BINARY] [RUNS] [ONLY], the scratch directory, SIGPIPE
+ * ignored; bench_end removes the directory (its exit status). */
+void bench_start(int argc, char **argv, const char *name, int *runs,
+		 const char **only);
+int bench_end(void);
 int free_port(void);
 /* `ferry vm --control DIR/NAME.sock ARGS`, connected. */
 void spawn(struct vmp *v, const char *name, const char *args);

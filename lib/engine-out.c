@@ -448,14 +448,20 @@ static void cut_locked(struct mig_out *o)
 	pthread_cond_broadcast(&o->m->cond);
 }
 
-static bool cancelled(struct mig_out *o)
+/* A flag guarded by m->lock, read from any thread of the migration. */
+static bool locked_flag(struct mig_out *o, const bool *flag)
 {
-	bool c;
+	bool v;
 
 	ferry__mutex_lock(&o->m->lock);
-	c = o->cancel;
+	v = *flag;
 	ferry__mutex_unlock(&o->m->lock);
-	return c;
+	return v;
+}
+
+static bool cancelled(struct mig_out *o)
+{
+	return locked_flag(o, &o->cancel);
 }
 
 /* Under m->lock, with the transition to cancelling that follows. */
@@ -610,12 +616,7 @@ static void refresh_live(struct mig_out *o)
 
 static bool postcopy_wanted(struct mig_out *o)
 {
-	bool w;
-
-	ferry__mutex_lock(&o->m->lock);
-	w = o->pc_requested;
-	ferry__mutex_unlock(&o->m->lock);
-	return w;
+	return locked_flag(o, &o->pc_requested);
 }
 
 /* Sleep as needed so that every channel's bytes since the start stay
@@ -1000,12 +1001,7 @@ static int wait_loaded(struct mig_out *o, struct ferry_error *err)
 
 static bool killed(struct mig_out *o)
 {
-	bool k;
-
-	ferry__mutex_lock(&o->m->lock);
-	k = o->killed;
-	ferry__mutex_unlock(&o->m->lock);
-	return k;
+	return locked_flag(o, &o->killed);
 }
 
 /* After GO: the destination's ack (SHUT), within peer-timeout (or until
@@ -1698,12 +1694,7 @@ int mig_out_start_postcopy(struct ferry_mig *m, struct ferry_error *err)
 
 static bool eof_sent(struct mig_out *o)
 {
-	bool e;
-
-	ferry__mutex_lock(&o->m->lock);
-	e = o->eof_sent;
-	ferry__mutex_unlock(&o->m->lock);
-	return e;
+	return locked_flag(o, &o->eof_sent);
 }
 
 /* Tear down in a fixed order, put the VM where it belongs, and only then
