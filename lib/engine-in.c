@@ -1233,9 +1233,9 @@ static void *in_main(void *arg)
 			shut.values[FERRY_SHUT_T_RESUMED] = in->t_pc_run;
 			rp_send(in, &shut, NULL);
 		} else {
-			ferry_error_prefix(&err, "postcopy from %s broke after "
-				"the VM ran here; the VM waits for its missing "
-				"pages: ", in->uri);
+			ferry_error_prefix(&err, "postcopy from %s failed after "
+				"the VM ran here (pages not yet received can no "
+				"longer come): ", in->uri);
 		}
 	} else if (r) {
 		struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT,
@@ -1284,9 +1284,14 @@ out:
 	if (swo != FERRY_SWO_NONE && swo != FERRY_SWO_LOADED)
 		mig_set_switchover(m, true, swo);
 	if (r && in->pc_ran) {
+		/* A broken link pauses inside the load (the reconnect hook);
+		 * what ends the load after RUN cannot be recovered - a
+		 * hostile stream, or the engine freed while paused. The VM
+		 * runs on; a thread needing a page that never came waits (the
+		 * userfaultfd stays until the engine is freed). */
 		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-r));
 		mig_trace(m, "%s", msg);
-		mig_set_status(m, true, FERRY_MIG_POSTCOPY_PAUSED, msg);
+		mig_set_status(m, true, FERRY_MIG_FAILED, msg);
 	} else if (r) {
 		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-r));
 		mig_trace(m, "%s", msg);
@@ -1422,6 +1427,8 @@ static void cut_locked(struct mig_in *in)
 	in->cancel = true;
 	if (in->fd >= 0)
 		shutdown(in->fd, SHUT_RDWR);
+	/* A paused postcopy waits on the engine's cond for a recovery. */
+	pthread_cond_broadcast(&in->m->cond);
 }
 
 /* After cut_locked: stop the multifd receiver and end wait_main. The

@@ -650,3 +650,33 @@ TEST(postcopy_missing_device_refused_before_run)
 	minivm_free(&s);
 	minivm_free(&d);
 }
+
+/* Both sides paused, nobody recovers: freeing the engines (the VMs going
+ * away) ends every thread, on both sides, without a hang. */
+TEST(postcopy_free_while_paused)
+{
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, 64 * MB, 64 * MB, 0, true, false);
+	minivm_init(&d, 64 * MB, 64 * MB, 0, false, true);
+	both(&s, &d, "postcopy-ram");
+	minivm_set(&s, "max-bandwidth", 24 * MB);
+	minivm_wait_pages(&s, 64 * MB / MINIVM_PAGE);
+	ASSERT_OK_E(ferry_mig_inject_fault(s.mig, "postcopy-cut", &err), err);
+	uri = incoming(&d, "pc");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	ASSERT_OK_E(ferry_mig_start_postcopy(s.mig, &err), err);
+	wait_status(&s, FERRY_MIG_POSTCOPY_PAUSED);
+	wait_status(&d, FERRY_MIG_POSTCOPY_PAUSED);
+	/* The destination's writer may wait on a missing page; it is
+	 * stopped by minivm_free after the engine (which lets it go). */
+	ferry_mig_free(d.mig);
+	d.mig = NULL;
+	ferry_mig_free(s.mig);
+	s.mig = NULL;
+	minivm_free(&s);
+	minivm_free(&d);
+}
