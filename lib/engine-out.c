@@ -1509,12 +1509,17 @@ static int pc_run(struct mig_out *o, struct ferry_error *err)
 	return 0;
 }
 
-/* The postcopy-cut fault point: the link resets under us. */
+/* The postcopy-cut fault point: the link resets under us - every
+ * connection of it, the idle multifd channels too. */
 static void cut_link(struct mig_out *o)
 {
 	ferry__mutex_lock(&o->m->lock);
 	if (o->fd >= 0)
 		shutdown(o->fd, SHUT_RDWR);
+	if (o->pre_fd >= 0)
+		shutdown(o->pre_fd, SHUT_RDWR);
+	if (o->mf)
+		ferry_multifd_cancel(o->mf, -ECONNRESET, "link reset");
 	ferry__mutex_unlock(&o->m->lock);
 }
 

@@ -1095,8 +1095,11 @@ static int ram_load_state(struct ferry_chan *c, void *opaque, uint32_t version,
 		ram->load_version = version;
 		return load_blocks(ram, c, err);
 	}
-	/* A channel failure shows here without waiting for a sync point. */
-	if (ram->mf_recv && (r = ferry_multifd_error(ram->mf_recv, err))) {
+	/* A channel failure shows here without waiting for a sync point.
+	 * Not in postcopy, which does not use the channels: a link that
+	 * broke took them too, and recovery goes on without them. */
+	if (ram->mf_recv && !ram->pcd &&
+	    (r = ferry_multifd_error(ram->mf_recv, err))) {
 		ferry_error_prefix(err, "RAM: ");
 		return r;
 	}
