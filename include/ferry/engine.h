@@ -24,7 +24,9 @@
  *             the load: every load hook except load_buffer, and every VMM
  *             op below), the acceptor (extra connections while the load
  *             runs), the heartbeat sender, multifd channel threads, device
- *             load threads.
+ *             load threads; in postcopy the listen thread (the rest of the
+ *             stream after the package; status changes of a pause and a
+ *             recovery), the fault thread and the preempt reader.
  * Every public function is thread-safe. None may be called from the event
  * or trace callbacks except ferry_mig_query and the name functions.
  *
@@ -37,6 +39,15 @@
  * fails. If the link breaks between LOADED and the end of the handshake,
  * the side that cannot know reports switchover "in-doubt" and keeps the VM
  * stopped: query both sides to decide which one to continue.
+ *
+ * Postcopy (capability postcopy-ram on both sides; docs/architecture.md,
+ * "Postcopy"): the package holding the device state and RUN plays GO's
+ * part - once it is all in the kernel the source never resumes by itself,
+ * unless the destination reports that it failed before RUN. From RUN on
+ * the destination's VM runs while its missing pages are fetched; the VMM
+ * sees vm_start there, in the incoming thread, as at GO. The source's run
+ * state stays finish-migrate until every page is placed. A broken link
+ * pauses both sides until ferry_mig_recover / ferry_mig_resume.
  */
 #ifndef FERRY_ENGINE_H
 #define FERRY_ENGINE_H
