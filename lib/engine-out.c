@@ -1344,10 +1344,15 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	int r;
 
 	/* While the VM still runs: the channels' pages in flight are
-	 * applied (a sync point, then a PING the destination answers once
-	 * it is through), so the switch does not wait for them. */
-	if (o->mf && (r = ferry__save_ram_section(o->s, ferry__ram_mf_sync_section,
-						  err)))
+	 * applied, and every page that will be sent again is discarded now
+	 * (ram.c, ferry__ram_pc_prepare_section); a PING the destination
+	 * answers once it is through lets the switch start from there. The
+	 * switch's own discards then cover only what the guest writes from
+	 * here to the stop. */
+	r = ferry__save_ram_section(o->s, ferry__ram_pc_prepare_section, err);
+	if (!r)
+		r = ferry__ram_pc_discard(m->ram, emit_discard, o, err);
+	if (r)
 		return r;
 	drain(o);
 	r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);

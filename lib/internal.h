@@ -194,9 +194,10 @@ void ferry__multifd_track(struct ferry_multifd *m, unsigned bi, uint64_t *map);
 
 /* ---- RAM internals for the engine (ram.c) ------------------------------ */
 
-/* The body of a RAM PART section that is only a multifd sync point. */
-int ferry__ram_mf_sync_section(struct ferry_chan *c, void *opaque,
-			       struct ferry_error *err);
+/* The body of the RAM PART section before postcopy's switch (VM running):
+ * a multifd sync point and a dirty sync. */
+int ferry__ram_pc_prepare_section(struct ferry_chan *c, void *opaque,
+				  struct ferry_error *err);
 /* The body of the RAM PART section that switches to postcopy. */
 int ferry__ram_pc_switch_section(struct ferry_chan *c, void *opaque,
 				 struct ferry_error *err);

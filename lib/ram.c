@@ -774,15 +774,20 @@ static int ram_save_complete(struct ferry_chan *c, void *opaque,
 }
 
 /* Before postcopy's switch, VM still running: a multifd sync point, so
- * the pages in flight on the channels are applied before the VM stops
- * (the engine then waits for a PONG), not inside the downtime. */
-int ferry__ram_mf_sync_section(struct ferry_chan *c, void *opaque,
-			       struct ferry_error *err)
+ * the pages in flight on the channels are applied before what follows,
+ * and a dirty sync, so the bitmaps hold every page that will be sent again
+ * - the engine discards them now, while the VM runs, and the switch only
+ * drops what the guest writes from here to the stop. No page is sent in
+ * between, so no discard can overtake a newer copy. */
+int ferry__ram_pc_prepare_section(struct ferry_chan *c, void *opaque,
+				  struct ferry_error *err)
 {
 	struct ferry_ram *ram = opaque;
 	int r;
 
 	if (ram->mf_send && ram->mf_unsynced && (r = mf_flush(ram, c, err)))
+		return r;
+	if ((r = ram_sync(ram, err)))
 		return r;
 	ferry_put_be64(c, FERRY_RAM_EOS);
 	return ferry_chan_error(c, err);
