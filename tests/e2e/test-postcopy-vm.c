@@ -109,6 +109,10 @@ static void postcopy_running(const char *backend)
 	wait_migration_live(&d, "postcopy-active");
 	ASSERT_STREQ(status_of(&d), "running");
 	ASSERT_STREQ(status_of(&s), "finish-migrate");
+	/* A verify pass of the guest, against memory still faulting in. */
+	m = verify(&d);
+	ASSERT_EQ(geti(m, "bad-pages"), 0);
+	json_decref(m);
 	wait_migration(&s, "completed");
 	ASSERT_STREQ(status_of(&s), "postmigrate");
 	wait_loaded(&d);
