@@ -1139,15 +1139,13 @@ static void hold(struct mig_out *o)
 	ferry__mutex_unlock(&m->lock);
 }
 
-static int switchover(struct mig_out *o, struct ferry_error *err)
+/* Stop the vCPUs for the switchover (finish-migrate), and end throttling:
+ * from here the guest writes nothing. */
+static int stop_vm(struct mig_out *o, struct ferry_error *err)
 {
 	struct ferry_mig *m = o->m;
-	uint64_t bytes_before;
-	bool abort_go;
-	int r;
+	int r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);
 
-	/* The guest must not write while the rest is sent. */
-	r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);
 	if (r)
 		return ferry_error_prefix(err, "stopping the VM: ");
 	o->stopped = true;
@@ -1156,6 +1154,19 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 		m->ops.vm_throttle(m->opaque, 0);
 		o->throttled = false;
 	}
+	return 0;
+}
+
+static int switchover(struct mig_out *o, struct ferry_error *err)
+{
+	struct ferry_mig *m = o->m;
+	uint64_t bytes_before;
+	bool abort_go;
+	int r;
+
+	/* The guest must not write while the rest is sent. */
+	if ((r = stop_vm(o, err)))
+		return r;
 	if (!mig_move_status(m, false, FERRY_MIG_ACTIVE, FERRY_MIG_DEVICE))
 		return ferry_error_set(err, -ECANCELED, "cancelled");
 	if (mig_fault_take(m, FAULT_HOLD_DEVICE))
@@ -1355,15 +1366,8 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	if (r)
 		return r;
 	drain(o);
-	r = m->ops.vm_stop(m->opaque, FERRY_RUN_FINISH_MIGRATE, &o->was, err);
-	if (r)
-		return ferry_error_prefix(err, "stopping the VM: ");
-	o->stopped = true;
-	o->t_stop = now_ns();
-	if (o->throttled) {
-		m->ops.vm_throttle(m->opaque, 0);
-		o->throttled = false;
-	}
+	if ((r = stop_vm(o, err)))
+		return r;
 	ferry__mutex_lock(&m->lock);
 	o->pc_switched = true;
 	ferry__mutex_unlock(&m->lock);
