@@ -543,6 +543,26 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 
 /* ---- postcopy recovery ------------------------------------------------------- */
 
+/* A recovery's preempt channel: the old reader has ended with its
+ * connection (or ends now); a new one reads this one. Listen thread. */
+static void pre_restart(struct mig_in *in, int fd)
+{
+	pre_stop(in);
+	ferry__mutex_lock(&in->pre_lock);
+	in->pre_done = false;
+	ferry__mutex_unlock(&in->pre_lock);
+	ferry__mutex_lock(&in->acc_lock);
+	in->pre_fd = fd;
+	in->pre_live = !pthread_create(&in->pre_thread, NULL, pre_main, in);
+	if (!in->pre_live) {
+		in->pre_fd = -1;
+		close(fd);
+	}
+	ferry__mutex_unlock(&in->acc_lock);
+	mig_trace(in->m, "postcopy recovery: preempt channel %s",
+		  in->pre_live ? "reconnected" : "refused (no thread)");
+}
+
 /* The next connection on @l that is a ferry stream; -ECANCELED. */
 static int accept_stream(struct mig_in *in, struct ferry_listener *l,
 			 struct ferry_error *err)
@@ -561,9 +581,15 @@ static int accept_stream(struct mig_in *in, struct ferry_listener *l,
 			continue;  /* timeouts, and a failed accept, retried */
 		pf = (struct pollfd){ .fd = fd, .events = POLLIN };
 		if (poll(&pf, 1, (int)in->set.peer_timeout_ms) == 1 &&
-		    recv(fd, magic, 4, MSG_PEEK | MSG_WAITALL) == 4 &&
-		    ferry__get_be32(magic) == FERRY_STREAM_MAGIC)
-			return fd;
+		    recv(fd, magic, 4, MSG_PEEK | MSG_WAITALL) == 4) {
+			if (ferry__get_be32(magic) == FERRY_STREAM_MAGIC)
+				return fd;
+			/* A source with preempt sends its channel first. */
+			if (ferry__get_be32(magic) == FERRY_PREEMPT_MAGIC) {
+				pre_restart(in, fd);
+				continue;
+			}
+		}
 		mig_trace(in->m, "postcopy recovery: a connection that is not "
 			  "a ferry stream: closed");
 		close(fd);

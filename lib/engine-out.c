@@ -690,10 +690,11 @@ static int connect_multifd(struct mig_out *o, struct ferry_error *err)
 }
 
 /* The preempt channel: its own connection, announced by its magic. */
-static int connect_preempt(struct mig_out *o, struct ferry_error *err)
+static int connect_preempt(struct mig_out *o, const char *uri,
+			   struct ferry_error *err)
 {
 	struct ferry_chan *c;
-	int fd = ferry_transport_connect(o->uri, (int)o->set.peer_timeout_ms, err);
+	int fd = ferry_transport_connect(uri, (int)o->set.peer_timeout_ms, err);
 
 	if (fd < 0)
 		return ferry_error_prefix(err, "postcopy preempt channel: ");
@@ -739,7 +740,7 @@ static int postcopy_setup(struct mig_out *o, struct ferry_error *err)
 	ferry__put_be64(adv + 8, m->ram->blocks[0].page_size);
 	r = ferry_save_command(o->s, FERRY_CMD_POSTCOPY_ADVISE, adv, 16, err);
 	if (!r && o->set.postcopy_preempt)
-		r = connect_preempt(o, err);
+		r = connect_preempt(o, o->uri, err);
 	return r;
 }
 
@@ -1570,6 +1571,16 @@ static int pc_reconnect(struct mig_out *o, const char *uri,
 	uint8_t be[4];
 	int fd, r;
 
+	/* The preempt channel again, first: the destination takes it while
+	 * it waits for the stream, and the return-path reader that writes
+	 * on it starts only below. */
+	if (o->set.postcopy_preempt) {
+		ferry__mutex_lock(&o->pre_lock);
+		o->pre_closed = false;
+		ferry__mutex_unlock(&o->pre_lock);
+		if ((r = connect_preempt(o, uri, err)))
+			return r;
+	}
 	fd = ferry_transport_connect(uri, (int)o->set.peer_timeout_ms, err);
 	if (fd < 0)
 		return fd;

@@ -92,6 +92,7 @@ X(postcopy_missing_device_refused_before_run, 60)
 X(postcopy_capability_both_sides, 60)
 X(postcopy_auto_switch_capped_link, 120)
 X(postcopy_link_cut_recovered_twice, 90)
+X(postcopy_preempt_link_cut_recovered_twice, 90)
 X(postcopy_dest_stalled_recovered_twice, 90)
 X(postcopy_free_while_paused, 60)
 /* ---- hostile input (tests/unit/test-hostile.c) ---- */

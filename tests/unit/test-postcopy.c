@@ -423,7 +423,7 @@ static void recover(struct minivm *s, struct minivm *d, const char *name)
  * both sides pause, the source VM stays stopped, nothing is lost; each
  * time migrate-recover and migrate resume bring it back, and the VM ends
  * whole. */
-static void break_and_recover(const char *fault, bool on_source)
+static void break_and_recover(const char *fault, bool on_source, bool preempt)
 {
 	struct minivm s, d;
 	struct ferry_error err = { 0 };
@@ -434,6 +434,8 @@ static void break_and_recover(const char *fault, bool on_source)
 	minivm_init(&s, 64 * MB, 64 * MB, 0, true, false);
 	minivm_init(&d, 64 * MB, 64 * MB, 0, false, true);
 	both(&s, &d, "postcopy-ram");
+	if (preempt)
+		both(&s, &d, "postcopy-preempt");
 	minivm_set(&s, "peer-timeout", 1000);
 	minivm_set(&d, "peer-timeout", 1000);
 	/* Slow enough that the breaks come in the middle of postcopy. */
@@ -485,12 +487,18 @@ static void break_and_recover(const char *fault, bool on_source)
 
 TEST(postcopy_link_cut_recovered_twice)
 {
-	break_and_recover("postcopy-cut", true);
+	break_and_recover("postcopy-cut", true, false);
+}
+
+/* The same with the preempt channel: it comes back with the recovery. */
+TEST(postcopy_preempt_link_cut_recovered_twice)
+{
+	break_and_recover("postcopy-cut", true, true);
 }
 
 TEST(postcopy_dest_stalled_recovered_twice)
 {
-	break_and_recover("stall-postcopy", false);
+	break_and_recover("stall-postcopy", false, false);
 }
 
 /* ---- the commands' places in the stream ----------------------------------- */
