@@ -440,6 +440,17 @@ static void stop_listen(void *opaque)
 static void shut_values(struct mig_in *in, struct ferry_rp_msg *msg);
 static int take_vm(struct mig_in *in, struct ferry_error *err);
 
+/* When the VM started running here, on both clocks (SHUT, RUNNING). */
+static void stamp_resumed(struct ferry_rp_msg *msg)
+{
+	struct timespec rt;
+
+	msg->values[FERRY_SHUT_T_RESUMED] = now_ns();
+	clock_gettime(CLOCK_REALTIME, &rt);
+	msg->values[FERRY_SHUT_T_RESUMED_REAL] =
+		(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
+}
+
 static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 		      struct ferry_error *err)
 {
@@ -481,7 +492,6 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 		return ferry__pcd_listen(pcd, request_pages, in, err);
 	case FERRY_CMD_POSTCOPY_RUN: {
 		struct ferry_rp_msg run = { .type = FERRY_RP_RUNNING };
-		struct timespec rt;
 
 		if (!pcd)
 			break;
@@ -497,17 +507,14 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 		ferry__mutex_lock(&m->lock);
 		in->pc_ran = true;
 		ferry__mutex_unlock(&m->lock);
-		in->t_pc_run = now_ns();
 		r = take_vm(in, err);
 		/* Running (the events below are not downtime). */
-		run.values[FERRY_SHUT_T_RESUMED] = now_ns();
+		stamp_resumed(&run);
+		in->t_pc_run = run.values[FERRY_SHUT_T_RESUMED];
 		mig_set_switchover(m, true, FERRY_SWO_DONE);
 		mig_move_status(m, true, FERRY_MIG_ACTIVE,
 				FERRY_MIG_POSTCOPY_ACTIVE);
 		shut_values(in, &run);
-		clock_gettime(CLOCK_REALTIME, &rt);
-		run.values[FERRY_SHUT_T_RESUMED_REAL] =
-			(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
 		rp_send(in, &run, NULL);
 		/* The VM runs: now free what the discards moved away. */
 		ferry__pcd_release_dropped(pcd);
@@ -1083,7 +1090,6 @@ static int handshake(struct mig_in *in, struct ferry_record_io *io,
 	struct ferry_mig *m = in->m;
 	struct ferry_rp_msg msg = { .type = FERRY_RP_LOADED };
 	struct ferry_error e2 = { 0 };
-	struct timespec rt;
 	int r;
 
 	bool cancel;
@@ -1146,10 +1152,7 @@ static int handshake(struct mig_in *in, struct ferry_record_io *io,
 	mig_set_switchover(m, true, FERRY_SWO_DONE);
 	r = take_vm(in, err);
 	msg.type = FERRY_RP_SHUT;
-	msg.values[FERRY_SHUT_T_RESUMED] = now_ns();
-	clock_gettime(CLOCK_REALTIME, &rt);
-	msg.values[FERRY_SHUT_T_RESUMED_REAL] =
-		(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
+	stamp_resumed(&msg);
 	if (r) {
 		msg.status = (uint32_t)-r;
 		snprintf(msg.reason, sizeof(msg.reason), "%.250s", err->msg);

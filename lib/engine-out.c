@@ -329,6 +329,16 @@ static void rp_stop(struct rp_reader *rp)
 	ferry_record_io_release(&rp->io);
 }
 
+/* Give the reader up to @ms to end (its last word may be on its way: a
+ * SHUT naming the destination's reason). rp->lock held. */
+static void rp_wait_end_locked(struct rp_reader *rp, uint64_t ms)
+{
+	uint64_t deadline = ferry__mono_ns() + ms * 1000000ull;
+
+	while (!rp->done && mig_cond_wait_until(&rp->cond, &rp->lock, deadline))
+		;
+}
+
 /* Did the destination give up, vanish or fall silent? Fills @err. rp->lock
  * held. */
 static int rp_failure_locked(struct rp_reader *rp, struct ferry_error *err)
@@ -1293,11 +1303,9 @@ static int pc_write_failed(struct mig_out *o, int r, struct ferry_error *err)
 {
 	struct rp_reader *rp = &o->rp;
 	struct ferry_error dest = { 0 };
-	uint64_t deadline = now_ns() + 1000 * 1000000ull;
 
 	ferry__mutex_lock(&rp->lock);
-	while (!rp->done && mig_cond_wait_until(&rp->cond, &rp->lock, deadline))
-		;
+	rp_wait_end_locked(rp, 1000);
 	if (rp->shut && rp->shut_msg.status && !rp->running &&
 	    rp_failure_locked(rp, &dest)) {
 		o->committed = false;
@@ -1533,6 +1541,19 @@ static void cut_link(struct mig_out *o)
 	ferry__mutex_unlock(&o->m->lock);
 }
 
+/* After the return-path reader is joined: cancel has no fd left to cut,
+ * and the preempt channel (which owns its fd) is closed. */
+static void forget_connections(struct mig_out *o)
+{
+	ferry__mutex_lock(&o->m->lock);
+	o->fd = -1;
+	o->pre_fd = -1;
+	ferry__mutex_unlock(&o->m->lock);
+	ferry_record_io_release(&o->pre_io);
+	ferry_chan_free(o->pre_chan);
+	o->pre_chan = NULL;
+}
+
 /* Drop every connection of a broken postcopy; the save keeps its state. */
 static void pc_disconnect(struct mig_out *o)
 {
@@ -1549,13 +1570,7 @@ static void pc_disconnect(struct mig_out *o)
 	ferry__mutex_lock(&o->pre_lock);
 	o->pre_closed = true;
 	ferry__mutex_unlock(&o->pre_lock);
-	ferry__mutex_lock(&m->lock);
-	o->fd = -1;
-	o->pre_fd = -1;
-	ferry__mutex_unlock(&m->lock);
-	ferry_record_io_release(&o->pre_io);
-	ferry_chan_free(o->pre_chan);
-	o->pre_chan = NULL;
+	forget_connections(o);
 	ferry_chan_free(o->c);
 	o->c = NULL;
 }
@@ -1758,9 +1773,7 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 		struct ferry_error dest = { 0 };
 
 		ferry__mutex_lock(&o->rp.lock);
-		while (!o->rp.done && mig_cond_wait_until(&o->rp.cond, &o->rp.lock,
-				now_ns() + 1000 * 1000000ull))
-			;
+		rp_wait_end_locked(&o->rp, 1000);
 		if (rp_failure_locked(&o->rp, &dest) && (o->rp.shut || by_rp)) {
 			ferry_error_clear(err);
 			ferry_error_propagate(err, &dest);
@@ -1786,13 +1799,7 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	if (o->c)
 		ferry_chan_shutdown(o->c);
 	rp_stop(&o->rp);
-	ferry__mutex_lock(&m->lock);
-	o->fd = -1;
-	o->pre_fd = -1;
-	ferry__mutex_unlock(&m->lock);
-	ferry_record_io_release(&o->pre_io);
-	ferry_chan_free(o->pre_chan);
-	o->pre_chan = NULL;
+	forget_connections(o);
 	if (o->mf) {
 		struct ferry_multifd *mf = o->mf;
 

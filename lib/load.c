@@ -635,6 +635,18 @@ static void *listen_main(void *arg)
 	return NULL;
 }
 
+/* The records of a package (@c), which must end with its EOF. */
+static int load_package(struct loader *L, struct ferry_chan *c, unsigned depth)
+{
+	int r = load_records(L, c, depth);
+
+	if (!r && ferry_chan_mem_remaining(c))
+		r = ferry_error_set(L->err, -EBADMSG,
+			"%zu bytes after the package's EOF",
+			ferry_chan_mem_remaining(c));
+	return r;
+}
+
 /* Load the package (@c) while a listen thread reads the rest of the
  * stream; then wait for that thread, which ends at the stream's EOF. */
 static int load_package_listening(struct loader *L, struct ferry_chan *c)
@@ -650,12 +662,8 @@ static int load_package_listening(struct loader *L, struct ferry_chan *c)
 	if (e)
 		return ferry_error_set(L->err, -e, "cannot start the listen thread");
 	L->in_package = true;
-	r = load_records(L, c, 1);
+	r = load_package(L, c, 1);
 	L->in_package = false;
-	if (!r && ferry_chan_mem_remaining(c))
-		r = ferry_error_set(L->err, -EBADMSG,
-			"%zu bytes after the package's EOF",
-			ferry_chan_mem_remaining(c));
 	if (r && L->hooks && L->hooks->stop_listen)
 		L->hooks->stop_listen(L->hooks->opaque);
 	pthread_join(lt.thread, NULL);
@@ -777,15 +785,10 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 			}
 			/* Listening matters only to a VM with RAM to fault
 			 * on; without one the package loads inline. */
-			if (L->listening && slot_by_dev(L, "ram", 0)) {
+			if (L->listening && slot_by_dev(L, "ram", 0))
 				r = load_package_listening(L, c);
-			} else {
-				r = load_records(L, c, depth + 1);
-				if (!r && ferry_chan_mem_remaining(c))
-					r = ferry_error_set(err, -EBADMSG,
-						"%zu bytes after the package's EOF",
-						ferry_chan_mem_remaining(c));
-			}
+			else
+				r = load_package(L, c, depth + 1);
 			ferry_chan_free(c);
 			free(copy);
 		}
