@@ -23,6 +23,9 @@ static void usage(FILE *f)
 "  --workload SPEC     idle | fill | dirty[,ws=SIZE][,rate=MBPS]\n"
 "                      [,pattern=seq|random]  (default idle; rate 0 = flat out)\n"
 "  --devices N         virtio-like devices (default 2)\n"
+"  --device bulk,size=SIZE[,dirty-rate=MBPS][,precopy=on|off]\n"
+"                      a device with SIZE bytes of internal state (VFIO-style\n"
+"                      migration; repeatable; precopy on by default)\n"
 "  --control PATH      QMP-style control socket (see 'ferry ctl')\n"
 "  --incoming URI      load the VM from URI (file:PATH, tcp:HOST:PORT,\n"
 "                      unix:PATH, fd:N) instead of booting it\n"
@@ -55,6 +58,7 @@ int cmd_vm(int argc, char **argv)
 		{ "backend", required_argument, NULL, 'b' },
 		{ "workload", required_argument, NULL, 'w' },
 		{ "devices", required_argument, NULL, 'd' },
+		{ "device", required_argument, NULL, 'D' },
 		{ "control", required_argument, NULL, 'S' },
 		{ "incoming", required_argument, NULL, 'i' },
 		{ "paused", no_argument, NULL, 'p' },
@@ -104,6 +108,12 @@ int cmd_vm(int argc, char **argv)
 			break;
 		case 'd':
 			cfg.ndevices = (unsigned)atoi(optarg);
+			break;
+		case 'D':
+			if (vm_parse_device(optarg, &cfg, &err)) {
+				cli_err("vm: --device: %s", err.msg);
+				return 2;
+			}
 			break;
 		case 'S': cfg.control = optarg; break;
 		case 'i': cfg.incoming = optarg; break;

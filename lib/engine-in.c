@@ -278,11 +278,25 @@ static void refuse_stream(struct mig_in *in, int fd)
 
 /* The multifd receiver, created by the first channel or by the RAM START
  * section (whichever comes first). acc_lock held. */
+/* Device-state packets go to the load's per-device queues. */
+static int mf_devstate(void *opaque, const char *idstr, uint32_t instance,
+		       uint32_t seq, uint32_t flags, const void *buf, size_t len,
+		       struct ferry_error *err)
+{
+	struct mig_in *in = opaque;
+
+	return ferry_load_devstate(in->m->ctx, idstr, instance, seq,
+				   flags & FERRY_MULTIFD_FLAG_DEVICE_CONFIG,
+				   buf, len, err);
+}
+
 static struct ferry_multifd *receiver_locked(struct mig_in *in, unsigned channels,
 					     struct ferry_error *err)
 {
 	struct ferry_multifd_params mp = { .size = sizeof(mp),
-					   .channels = channels };
+					   .channels = channels,
+					   .devstate_seq = mf_devstate,
+					   .opaque = in };
 	struct ferry_multifd *mf;
 
 	if (in->mf)
@@ -1007,6 +1021,63 @@ static int wait_main(struct mig_in *in, struct ferry_error *err)
 
 /* ---- the load ----------------------------------------------------------------- */
 
+/* AGREE: the source's choices that must match ours, at setup. */
+static int agree_check(struct mig_in *in, uint32_t flags,
+		       struct ferry_error *err)
+{
+	bool src_mf = flags & FERRY_AGREE_DEVSTATE_MULTIFD;
+	bool src_ack = flags & FERRY_AGREE_SWITCHOVER_ACK;
+	/* Multifd runs only over sockets, as on the source. */
+	bool my_mf = mig_ds_multifd(&in->set) && ferry_uri_is_socket(&in->u);
+
+	/* Where buffers go matters only if some device sends them. */
+	if ((flags & FERRY_AGREE_DEVSTATE_BUFFERS) && src_mf != my_mf)
+		return ferry_error_set(err, -EPROTO, "device-state-channel: the "
+			"source sends device state on %s, this destination "
+			"expects it on %s (set the same device-state-channel and "
+			"multifd on both sides)", src_mf ? "multifd" : "main",
+			my_mf ? "multifd" : "main");
+	if (src_ack != in->set.switchover_ack)
+		return ferry_error_set(err, -EPROTO, "capability switchover-ack "
+			"is %s on the source and %s here: set it on both sides",
+			src_ack ? "on" : "off",
+			in->set.switchover_ack ? "on" : "off");
+	return 0;
+}
+
+/* switchover-ack: every device that asked has what it needs. */
+static void send_swo_ack(void *opaque)
+{
+	struct mig_in *in = opaque;
+	struct ferry_rp_msg ack = { .type = FERRY_RP_SWITCHOVER_ACK };
+
+	if (mig_fault_take(in->m, FAULT_LOSE_SWITCHOVER_ACK))
+		return;
+	mig_trace(in->m, "switchover-ack: devices ready, telling the source");
+	rp_send(in, &ack, NULL);
+}
+
+/* Per device with buffers, at the end of the load: for query-migrate. */
+static void dev_stats(void *opaque, const struct ferry_load_dev_stats *st)
+{
+	struct mig_in *in = opaque;
+	struct ferry_mig *m = in->m;
+	struct ferry_mig_info *i = &m->in_info;
+	struct ferry_mig_dev_info *di;
+
+	ferry__mutex_lock(&m->lock);
+	i->devstate_switchover_bytes += st->bytes;
+	if (i->ndevices < sizeof(i->devices) / sizeof(i->devices[0])) {
+		di = &i->devices[i->ndevices++];
+		snprintf(di->id, sizeof(di->id), "%s", st->idstr);
+		di->instance = st->instance;
+		di->switchover_bytes = st->bytes;
+		di->data_load_ms = (double)st->data_ns / 1e6;
+		di->config_load_ms = (double)st->config_ns / 1e6;
+	}
+	ferry__mutex_unlock(&m->lock);
+}
+
 static int on_command(void *opaque, const struct ferry_cmd_msg *msg,
 		      struct ferry_error *err)
 {
@@ -1019,6 +1090,23 @@ static int on_command(void *opaque, const struct ferry_cmd_msg *msg,
 		struct ferry_rp_msg pong = { .type = FERRY_RP_PONG,
 					     .pong = msg->u.ping };
 		return rp_send(in, &pong, err);
+	}
+	case FERRY_CMD_AGREE:
+		return agree_check(in, msg->u.agree, err);
+	case FERRY_CMD_DEVSTATE_DONE: {
+		struct ferry_multifd *mf;
+
+		if (!(msg->u.devstate_done & FERRY_DEVSTATE_DONE_MULTIFD))
+			return 0;
+		/* Every channel to its sync point: each buffer sent before
+		 * is in its device's queue now. */
+		ferry__mutex_lock(&in->acc_lock);
+		mf = in->mf;
+		ferry__mutex_unlock(&in->acc_lock);
+		if (!mf)
+			return ferry_error_set(err, -EPROTO, "device state over "
+					       "multifd, but no multifd channels");
+		return ferry_multifd_recv_sync(mf, err);
 	}
 	default:
 		return pc_command(in, msg, err);
@@ -1067,6 +1155,8 @@ static void shut_values(struct mig_in *in, struct ferry_rp_msg *msg)
 	msg->values[FERRY_SHUT_T_EOF] = in->stats.t_eof;
 	msg->values[FERRY_SHUT_DEVICE_LOAD_NS] = in->stats.device_load_ns;
 	msg->values[FERRY_SHUT_DEVICE_DIGEST] = in->stats.device_digest;
+	msg->values[FERRY_SHUT_DEVSTATE_WAIT_NS] = in->stats.devstate_wait_ns;
+	msg->values[FERRY_SHUT_DEVSTATE_CONFIG_NS] = in->stats.devstate_config_ns;
 	msg->values[FERRY_SHUT_BOOT_ID] = mig_boot_id_hash();
 }
 
@@ -1179,6 +1269,11 @@ static void *in_main(void *arg)
 		.size = sizeof(opts), .on_command = on_command, .opaque = in,
 		.stats = &in->stats, .device_load_begin = dev_load_begin,
 		.device_load_end = dev_load_end,
+		.max_queued_buffers = (uint32_t)in->set.max_queued_buffers,
+		.max_queued_bytes = in->set.max_queued_bytes,
+		.load_config_after_iter = in->set.load_config_after_iter,
+		.switchover_ack = send_swo_ack,
+		.device_stats = dev_stats,
 	};
 	struct ferry__load_hooks hooks = { .stop_listen = stop_listen,
 					   .reconnect = reconnect, .opaque = in };

@@ -36,7 +36,20 @@ struct mig_settings {
 	uint64_t peer_timeout_ms;
 	bool postcopy_ram, postcopy_preempt;
 	uint64_t postcopy_after_ms, postcopy_after_passes;
+	uint64_t ds_channel;           /* enum mig_ds_channel */
+	uint64_t max_queued_buffers, max_queued_bytes;
+	bool load_config_after_iter;
+	bool switchover_ack;
+	uint64_t switchover_ack_timeout_ms;
 };
+
+enum mig_ds_channel { MIG_DS_MAIN, MIG_DS_MULTIFD };
+
+/* Device state in buffers goes over multifd: asked for, and multifd on. */
+static inline bool mig_ds_multifd(const struct mig_settings *s)
+{
+	return s->ds_channel == MIG_DS_MULTIFD && s->multifd;
+}
 
 void mig_settings_default(struct mig_settings *s);
 
@@ -53,6 +66,7 @@ enum mig_fault {
 	FAULT_FAIL_PACKAGE,
 	FAULT_POSTCOPY_CUT,
 	FAULT_STALL_POSTCOPY,
+	FAULT_LOSE_SWITCHOVER_ACK,
 	FAULT__MAX
 };
 

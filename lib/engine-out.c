@@ -88,6 +88,7 @@ struct rp_reader {
 	bool resumed;                   /* postcopy recovery: RESUME_ACK read */
 	struct ferry_rp_msg running_msg;
 	uint64_t t_running;
+	bool swo_acked;                 /* switchover-ack: SWITCHOVER_ACK read */
 };
 
 struct heartbeat {
@@ -147,6 +148,7 @@ struct mig_out {
 	bool in_doubt;
 	bool completed;
 	uint64_t t_start, t_stop;
+	uint64_t t_ack_wait;            /* switchover-ack: the rest first fit */
 	uint64_t t_pc_sync, t_pc_discard; /* postcopy: switch section, DISCARDs */
 	uint64_t t_pc_start, pc_bytes0;
 	uint64_t pc_rate_t0, pc_rate_b0;  /* the rate limit's window */
@@ -264,6 +266,13 @@ static void *rp_main(void *arg)
 		case FERRY_RP_RESUME_ACK:
 			rp->resumed = true;
 			break;
+		case FERRY_RP_SWITCHOVER_ACK:
+			if (rp->swo_acked || !rp->o->set.switchover_ack) {
+				end = rp_unexpected(rp, msg.type);
+				break;
+			}
+			rp->swo_acked = true;
+			break;
 		case FERRY_RP_RUNNING:
 			if (rp->running || msg.status ||
 			    !__atomic_load_n(&rp->o->pc_on, __ATOMIC_ACQUIRE)) {
@@ -349,6 +358,47 @@ static int rp_failure_locked(struct rp_reader *rp, struct ferry_error *err)
 	if (rp->done && rp->err)
 		return ferry_error_set(err, rp->err, "destination: %s",
 				       rp->errmsg);
+	return 0;
+}
+
+/*
+ * Capability switchover-ack: may the VM stop yet? 1 once the ack came.
+ * Otherwise 0 after waiting a little for it (the caller loops, so precopy
+ * goes on), and an error once switchover-ack-timeout has passed since the
+ * rest first fit: a lost ack costs a failed migration, never a stuck one.
+ */
+static int swo_ack_ready(struct mig_out *o, struct ferry_error *err)
+{
+	struct rp_reader *rp = &o->rp;
+	uint64_t now = ferry__mono_ns();
+	bool acked;
+
+	if (!o->set.switchover_ack)
+		return 1;
+	ferry__mutex_lock(&rp->lock);
+	if (!rp->swo_acked && !rp->done)
+		mig_cond_wait_until(&rp->cond, &rp->lock, now + 10000000ull);
+	acked = rp->swo_acked;
+	ferry__mutex_unlock(&rp->lock);
+	if (acked) {
+		if (o->t_ack_wait)
+			mig_trace(o->m, "switchover-ack: the destination is "
+				  "ready after %llu ms of waiting",
+				  (unsigned long long)(now - o->t_ack_wait) / 1000000);
+		o->prog.switchover_acked = true;
+		return 1;
+	}
+	if (!o->t_ack_wait) {
+		o->t_ack_wait = now;
+		mig_trace(o->m, "switchover-ack: waiting for the destination "
+			  "before stopping the VM");
+	} else if (now - o->t_ack_wait >=
+		   o->set.switchover_ack_timeout_ms * 1000000ull) {
+		return ferry_error_set(err, -ETIMEDOUT, "switchover-ack: no ack "
+			"from the destination within %llu ms of converging "
+			"(switchover-ack-timeout)",
+			(unsigned long long)o->set.switchover_ack_timeout_ms);
+	}
 	return 0;
 }
 
@@ -583,6 +633,25 @@ static void publish(struct mig_out *o)
 		i->ram_dirty_sync_count = st.dirty_sync_count;
 	}
 	i->multifd_bytes = multifd_bytes(o);
+	/* Devices with state in buffers: their counters belong to this
+	 * thread too (the save threads' part is read after they joined). */
+	i->ndevices = 0;
+	i->devstate_precopy_bytes = i->devstate_switchover_bytes = 0;
+	for (struct ferry_dev *d = m->ctx->devs; d; d = d->next) {
+		struct ferry_mig_dev_info *di = &i->devices[i->ndevices];
+
+		if (!d->ops->save_complete_thread)
+			continue;
+		i->devstate_precopy_bytes += d->sent_precopy;
+		i->devstate_switchover_bytes += d->sent_switchover;
+		if (i->ndevices == sizeof(i->devices) / sizeof(i->devices[0]))
+			continue;
+		snprintf(di->id, sizeof(di->id), "%s", d->idstr);
+		di->instance = d->instance;
+		di->precopy_bytes = d->sent_precopy;
+		di->switchover_bytes = d->sent_switchover;
+		i->ndevices++;
+	}
 	ferry__mutex_lock(&m->lock);
 #define CP(f) m->out_info.f = i->f
 	CP(setup_time_ms); CP(expected_downtime_ms); CP(bandwidth); CP(pass);
@@ -591,7 +660,9 @@ static void publish(struct mig_out *o)
 	CP(ram_transferred); CP(ram_remaining); CP(ram_duplicate);
 	CP(ram_normal); CP(ram_normal_bytes); CP(ram_dirty_sync_count);
 	CP(downtime_ns); CP(postcopy_bytes); CP(postcopy_requests);
-	CP(postcopy_time_ms); CP(postcopy);
+	CP(postcopy_time_ms); CP(postcopy); CP(devstate_precopy_bytes);
+	CP(devstate_switchover_bytes); CP(switchover_acked); CP(ndevices);
+	memcpy(m->out_info.devices, i->devices, sizeof(i->devices));
 	memcpy(m->out_info.phase_ms, i->phase_ms, sizeof(i->phase_ms));
 #undef CP
 	ferry__mutex_unlock(&m->lock);
@@ -735,6 +806,32 @@ static int connect_preempt(struct mig_out *o, const char *uri,
 	return 0;
 }
 
+/*
+ * AGREE: what both sides must share, checked by the destination before any
+ * section (it fails the load with a message naming both choices). Device
+ * state goes over multifd only when multifd really runs (a socket URI).
+ */
+static int agree(struct mig_out *o, struct ferry_error *err)
+{
+	uint32_t flags = 0;
+	uint8_t be[4];
+
+	if (o->set.switchover_ack && !o->use_rp)
+		return ferry_error_set(err, -EINVAL, "switchover-ack needs a "
+			"return path (a socket URI and capability return-path)");
+	if (mig_ds_multifd(&o->set) && o->mf) {
+		flags |= FERRY_AGREE_DEVSTATE_MULTIFD;
+		ferry__save_devstate_multifd(o->s, o->mf);
+	}
+	if (o->set.switchover_ack)
+		flags |= FERRY_AGREE_SWITCHOVER_ACK;
+	for (struct ferry_dev *d = o->m->ctx->devs; d; d = d->next)
+		if (d->ops->save_complete_thread)
+			flags |= FERRY_AGREE_DEVSTATE_BUFFERS;
+	ferry__put_be32(be, flags);
+	return ferry_save_command(o->s, FERRY_CMD_AGREE, be, 4, err);
+}
+
 /* Postcopy at setup: ADVISE before any page, and the preempt channel. */
 static int postcopy_setup(struct mig_out *o, struct ferry_error *err)
 {
@@ -804,6 +901,8 @@ static int setup(struct mig_out *o, struct ferry_error *err)
 		if (r)
 			return r;
 	}
+	if ((r = agree(o, err)))
+		return r;
 	if (o->set.postcopy_ram && (r = postcopy_setup(o, err)))
 		return r;
 	r = ferry_save_setup(o->s, err);
@@ -896,8 +995,14 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 			pass_event(m, p->pass);
 			if (fits && (!rest || !shrinks ||
 				     fit_passes++ >= MAX_EXTRA_PASSES)) {
-				publish(o);
-				return 0;
+				/* switchover-ack: not before the destination
+				 * says so; precopy goes on meanwhile. */
+				if ((r = swo_ack_ready(o, err)) < 0)
+					return r;
+				if (r) {
+					publish(o);
+					return 0;
+				}
 			}
 			/* The automatic switch to postcopy (docs/architecture.md,
 			 * "Postcopy"): precopy is not converging. */
@@ -1055,13 +1160,30 @@ static double span_ms(uint64_t a, uint64_t b)
 	return b > a ? (double)(b - a) / 1e6 : 0;
 }
 
+/* The destination's part of the stream's tail: its device loading (data
+ * its load threads were still applying, config state, the rest), each
+ * clamped so the slices never add up to more than the tail. */
+static void split_tail(double *ph, double tail, double data, double cfg,
+		       double dev)
+{
+	const double want[3] = { data, cfg, dev };
+	const enum ferry_phase at[3] = { FERRY_PHASE_DEVICE_DATA,
+		FERRY_PHASE_DEVICE_CONFIG, FERRY_PHASE_DEVICE_LOAD };
+
+	for (int i = 0; i < 3; i++) {
+		ph[at[i]] = want[i] < tail ? want[i] : tail;
+		tail -= ph[at[i]];
+	}
+	ph[FERRY_PHASE_TRANSFER] = tail;
+}
+
 /* Downtime and its phases, from both sides' timestamps. */
 static void account_downtime(struct mig_out *o)
 {
 	const struct ferry_save_stats *ss = &o->ss;
 	struct rp_reader *rp = &o->rp;
 	const uint64_t *lv = rp->loaded_msg.values, *av = rp->shut_msg.values;
-	double *ph = o->prog.phase_ms, dev;
+	double *ph = o->prog.phase_ms, dev, data, cfg;
 	uint64_t t0 = o->t_stop, end = ss->t_done;
 
 	memset(ph, 0, sizeof(o->prog.phase_ms));
@@ -1070,6 +1192,8 @@ static void account_downtime(struct mig_out *o)
 						ss->t_iterable_done);
 	ph[FERRY_PHASE_DEVICE_SAVE] = span_ms(ss->t_iterable_done, ss->t_done);
 	dev = (double)lv[FERRY_SHUT_DEVICE_LOAD_NS] / 1e6;
+	data = (double)lv[FERRY_SHUT_DEVSTATE_WAIT_NS] / 1e6;
+	cfg = (double)lv[FERRY_SHUT_DEVSTATE_CONFIG_NS] / 1e6;
 	if (o->use_rp && rp->shut && av[FERRY_SHUT_T_RESUMED] &&
 	    lv[FERRY_SHUT_BOOT_ID] == mig_boot_id_hash()) {
 		/* One host: both monotonic clocks are the same clock. A
@@ -1084,10 +1208,7 @@ static void account_downtime(struct mig_out *o)
 		uint64_t hs0 = lv[FERRY_SHUT_T_LOADED] > ss->t_done ?
 			       lv[FERRY_SHUT_T_LOADED] : ss->t_done;
 
-		if (dev > tail)
-			dev = tail;
-		ph[FERRY_PHASE_TRANSFER] = tail - dev;
-		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
+		split_tail(ph, tail, data, cfg, dev);
 		ph[FERRY_PHASE_HANDSHAKE] = span_ms(hs0, av[FERRY_SHUT_T_GO]);
 		ph[FERRY_PHASE_RESUME] = span_ms(av[FERRY_SHUT_T_GO],
 						 av[FERRY_SHUT_T_RESUMED]);
@@ -1100,10 +1221,7 @@ static void account_downtime(struct mig_out *o)
 					av[FERRY_SHUT_T_RESUMED]);
 		double hs = span_ms(rp->t_loaded, rp->t_shut) - resume;
 
-		if (dev > tail)
-			dev = tail;
-		ph[FERRY_PHASE_TRANSFER] = tail - dev;
-		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
+		split_tail(ph, tail, data, cfg, dev);
 		ph[FERRY_PHASE_HANDSHAKE] = hs > 0 ? hs : 0;
 		ph[FERRY_PHASE_RESUME] = resume;
 		end = rp->t_shut;
@@ -1320,7 +1438,7 @@ static int pc_write_failed(struct mig_out *o, int r, struct ferry_error *err)
 static void pc_account(struct mig_out *o)
 {
 	const uint64_t *v = o->rp.running_msg.values;
-	double *ph = o->prog.phase_ms, dev;
+	double *ph = o->prog.phase_ms, dev, data, cfg;
 	uint64_t t0 = o->t_stop, end = o->rp.t_running;
 
 	memset(ph, 0, sizeof(o->prog.phase_ms));
@@ -1328,6 +1446,8 @@ static void pc_account(struct mig_out *o)
 	ph[FERRY_PHASE_REMAINING_RAM] = span_ms(o->t_pc_sync, o->t_pc_discard);
 	ph[FERRY_PHASE_DEVICE_SAVE] = span_ms(o->t_pc_discard, o->ss.t_done);
 	dev = (double)v[FERRY_SHUT_DEVICE_LOAD_NS] / 1e6;
+	data = (double)v[FERRY_SHUT_DEVSTATE_WAIT_NS] / 1e6;
+	cfg = (double)v[FERRY_SHUT_DEVSTATE_CONFIG_NS] / 1e6;
 	if (v[FERRY_SHUT_BOOT_ID] == mig_boot_id_hash() && v[FERRY_SHUT_T_RESUMED])
 		end = v[FERRY_SHUT_T_RESUMED];  /* one host, one clock */
 	{
@@ -1336,10 +1456,7 @@ static void pc_account(struct mig_out *o)
 
 		if (tail < 0)
 			tail = 0;
-		if (dev > tail)
-			dev = tail;
-		ph[FERRY_PHASE_TRANSFER] = tail - dev;
-		ph[FERRY_PHASE_DEVICE_LOAD] = dev;
+		split_tail(ph, tail, data, cfg, dev);
 		ph[FERRY_PHASE_RESUME] = resume;
 	}
 	o->prog.downtime_ns = end > t0 ? end - t0 : 0;

@@ -69,6 +69,8 @@ static const char *const phase_names[FERRY_PHASE__MAX] = {
 	[FERRY_PHASE_REMAINING_RAM] = "remaining-ram",
 	[FERRY_PHASE_DEVICE_SAVE] = "device-save",
 	[FERRY_PHASE_TRANSFER] = "transfer",
+	[FERRY_PHASE_DEVICE_DATA] = "device-data",
+	[FERRY_PHASE_DEVICE_CONFIG] = "device-config",
 	[FERRY_PHASE_DEVICE_LOAD] = "device-load",
 	[FERRY_PHASE_HANDSHAKE] = "handshake",
 	[FERRY_PHASE_RESUME] = "resume",
@@ -361,6 +363,7 @@ static const char *const fault_names[FAULT__MAX] = {
 	[FAULT_FAIL_PACKAGE] = "fail-package",
 	[FAULT_POSTCOPY_CUT] = "postcopy-cut",
 	[FAULT_STALL_POSTCOPY] = "stall-postcopy",
+	[FAULT_LOSE_SWITCHOVER_ACK] = "lose-switchover-ack",
 };
 
 int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,
@@ -401,6 +404,7 @@ bool mig_fault_take(struct ferry_mig *m, enum mig_fault f)
 /* ---- capabilities and parameters --------------------------------------------- */
 
 static const char *const compression_choices[] = { "none", "zstd", NULL };
+static const char *const ds_channel_choices[] = { "main", "multifd", NULL };
 
 #define CAP(n, field, doc)						\
 	{ { n, FERRY_SETTING_BOOL, true, false, 0, 1, NULL, doc },	\
@@ -408,6 +412,9 @@ static const char *const compression_choices[] = { "none", "zstd", NULL };
 #define PARAM(n, field, live, lo, hi, doc)				\
 	{ { n, FERRY_SETTING_U64, false, live, lo, hi, NULL, doc },	\
 	  offsetof(struct mig_settings, field), false }
+#define PARAM_BOOL(n, field, doc)					\
+	{ { n, FERRY_SETTING_BOOL, false, false, 0, 1, NULL, doc },	\
+	  offsetof(struct mig_settings, field), true }
 
 static const struct setting {
 	struct ferry_setting_info info;
@@ -457,9 +464,34 @@ static const struct setting {
 	      "with postcopy-ram: switch to postcopy after this many passes in "
 	      "a row that neither fit the downtime limit nor shrink the rest; "
 	      "0 = never (default)"),
+	{ { "device-state-channel", FERRY_SETTING_STR, false, false, 0, 1,
+	    ds_channel_choices, "where devices' final state in buffers goes: "
+	    "main (the main stream) or multifd (the multifd channels, used "
+	    "when capability multifd is on; default); the same on both "
+	    "sides" },
+	  offsetof(struct mig_settings, ds_channel), false },
+	PARAM("max-queued-buffers", max_queued_buffers, false, 1, 1u << 20,
+	      "destination: device-state buffers queued per device before "
+	      "the channels wait for its load thread (default 64)"),
+	PARAM("max-queued-bytes", max_queued_bytes, false, 1u << 16,
+	      UINT64_MAX >> 1, "destination: the same cap in bytes "
+	      "(default 64 MiB)"),
+	PARAM_BOOL("load-config-after-iter", load_config_after_iter,
+		   "destination: load devices' config state only after every "
+		   "iterable section has ended (default off: each as soon as "
+		   "its data is in)"),
+	CAP("switchover-ack", switchover_ack,
+	    "the source stops the VM only once the destination says its "
+	    "devices loaded their initial precopy data; set on both sides "
+	    "(default off)"),
+	PARAM("switchover-ack-timeout", switchover_ack_timeout_ms, true, 100,
+	      86400000, "with switchover-ack: ms the source waits for the ack "
+	      "once the rest fits the downtime limit, then gives up "
+	      "(default 60000)"),
 };
 #undef CAP
 #undef PARAM
+#undef PARAM_BOOL
 #define NSETTINGS (sizeof(settings) / sizeof(settings[0]))
 
 void mig_settings_default(struct mig_settings *s)
@@ -473,6 +505,10 @@ void mig_settings_default(struct mig_settings *s)
 		.throttle_increment = 10,
 		.throttle_max = 99,
 		.peer_timeout_ms = 10000,
+		.ds_channel = MIG_DS_MULTIFD,
+		.max_queued_buffers = 64,
+		.max_queued_bytes = 64u << 20,
+		.switchover_ack_timeout_ms = 60000,
 	};
 }
 

@@ -64,6 +64,11 @@ struct ferry_dev {
 	const struct ferry_vmsd *vmsd;    /* vmstate devices only */
 	void *obj;                        /* vmstate devices only */
 	struct ferry_dev *next;
+	/* Owned by the save in progress (reset when it starts): section
+	 * bytes before the switchover (START, PART) and during it (END, FULL,
+	 * buffers). Migration thread, and the device's save thread for the
+	 * buffers, which the migration thread reads after joining it. */
+	uint64_t sent_precopy, sent_switchover;
 };
 
 /*
@@ -71,12 +76,47 @@ struct ferry_dev {
  * the context (the VMM registers devices at start-up, on its main thread);
  * save and load only read it, so they take no lock on it.
  */
+struct ferry__pool;
+struct ferry__dsq;
+
 struct ferry_ctx {
 	struct ferry_dev *devs;   /* registration order = stream order */
 	struct ferry_dev **tail;
 	unsigned ndevs;
 	uint32_t next_section_id;
+
+	/* Threads for save_complete_thread hooks, started before the
+	 * switchover (so starting them is not downtime) and kept until
+	 * ferry_ctx_free. Used by the save, one at a time. */
+	struct ferry__pool *pool;
+
+	/* The load in progress, for buffers and approvals that come from
+	 * other threads (ferry_load_devstate, ferry_load_switchover_ack).
+	 * load_lock guards the pointers and the user count; the load waits
+	 * for users to leave before it frees what they point to. */
+	pthread_mutex_t load_lock;
+	pthread_cond_t load_cond;   /* users reached 0 */
+	struct ferry__dsq *dsq;     /* load_lock */
+	void *loader;               /* load_lock: struct loader, load.c */
+	unsigned load_users;        /* load_lock */
 };
+
+/* ---- the context's thread pool (pool.c) ----------------------------------- */
+
+/* At least @n threads in @ctx's pool (at most FERRY__POOL_MAX). */
+#define FERRY__POOL_MAX 16u
+int ferry__pool_reserve(struct ferry_ctx *ctx, unsigned n,
+			struct ferry_error *err);
+/* A batch of jobs: fn(args[i]) for every i, on the pool's threads (jobs
+ * beyond the thread count wait for one). NULL on failure, nothing queued. */
+struct ferry__pool_batch;
+struct ferry__pool_batch *ferry__pool_submit(struct ferry_ctx *ctx, unsigned n,
+					     void (*fn)(void *arg),
+					     void *const *args,
+					     struct ferry_error *err);
+/* Wait for every job of @batch, and free it. NULL is a no-op. */
+void ferry__pool_wait(struct ferry_ctx *ctx, struct ferry__pool_batch *batch);
+void ferry__pool_free(struct ferry__pool *p);
 
 static inline bool ferry__dev_iterable(const struct ferry_dev *d)
 {
@@ -238,6 +278,10 @@ struct ferry__load_hooks {
 			 struct ferry_error *err);
 	void *opaque;
 };
+
+/* Source: send complete-in-thread buffers on @mf (NULL: the main stream).
+ * Set before the switchover, migration thread. */
+void ferry__save_devstate_multifd(struct ferry_save *s, struct ferry_multifd *mf);
 
 int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
 		const struct ferry_load_opts *opts,

@@ -7,10 +7,12 @@
  * outside the window, a device that leaves bytes unread. Each is a load
  * failure whose message names the stream offset and the section.
  *
- * Device-state buffers (DEVSTATE records) are handed to a per-device load
- * thread through a bounded queue: the main load thread keeps reading the
- * stream while devices with expensive loads (think VFIO) work in parallel,
- * and a slow device applies backpressure instead of eating memory.
+ * Device-state buffers (DEVSTATE records here, or device-state packets on
+ * multifd channels through ferry_load_devstate) are handed to a per-device
+ * load thread through a bounded queue (devstate.c): the main load thread
+ * keeps reading the stream while devices with expensive loads (think VFIO)
+ * work in parallel, and a slow device applies backpressure instead of
+ * eating memory. Their config state is loaded here, on the load thread.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -21,36 +23,12 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "devstate.h"
 #include "internal.h"
-
-/* Bytes of device-state buffers queued for one device before the reader
- * waits for the device's load thread to catch up. */
-#define DEVSTATE_QUEUE_BYTES (64u << 20)
 /* PACKAGED may nest records one level deep, never a package in a package. */
 #define MAX_PACKAGE_DEPTH 1
 
 enum slot_state { SLOT_NONE, SLOT_STARTED, SLOT_ENDED, SLOT_FULL };
-
-struct dsbuf {
-	struct dsbuf *next;
-	size_t len;
-	uint8_t data[];
-};
-
-/* A device's load thread and its queue. */
-struct dsworker {
-	pthread_t thread;
-	bool running;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;          /* signalled on push, pop and close */
-	struct dsbuf *head, **tail;   /* guarded by lock */
-	size_t queued;                /* guarded by lock */
-	bool closed;                  /* guarded by lock: no more pushes */
-	bool busy;                    /* guarded by lock: a buffer is being applied */
-	bool failed;                  /* guarded by lock */
-	uint32_t next_seq;            /* reader thread only */
-	struct ferry_error err;       /* worker thread; read after join */
-};
 
 struct slot {
 	struct ferry_dev *dev;
@@ -58,7 +36,8 @@ struct slot {
 	uint32_t stream_id;           /* section id chosen by the source */
 	uint32_t version;
 	bool loaded;                  /* any state arrived */
-	struct dsworker *ds;
+	/* switchover-ack, under ctx->load_lock: */
+	bool ack_needed, ack_given;
 };
 
 struct loader;
@@ -93,6 +72,12 @@ struct loader {
 	char last[FERRY_IDSTR_MAX + 32]; /* last section loaded, for messages */
 	struct ferry_load_stats stats;
 	XXH3_state_t digest;             /* over FULL sections, see save.c */
+	struct ferry__dsq *dsq;          /* device-state queues (devstate.c) */
+	unsigned ds_declared;            /* devices SWITCHOVER_START named */
+	/* switchover-ack, under ctx->load_lock: */
+	bool ack_on;                     /* the source asked for it (AGREE) */
+	bool ack_sent;
+	unsigned acks_left;              /* devices still to approve */
 };
 
 
@@ -112,147 +97,6 @@ static struct slot *slot_by_id(struct loader *L, uint32_t id)
 		if (L->slots[i].state != SLOT_NONE && L->slots[i].stream_id == id)
 			return &L->slots[i];
 	return NULL;
-}
-
-/* ---- device-state load threads ---------------------------------------- */
-
-static void *ds_main(void *arg)
-{
-	struct slot *sl = arg;
-	struct dsworker *w = sl->ds;
-
-	for (;;) {
-		struct dsbuf *b;
-		int r;
-
-		ferry__mutex_lock(&w->lock);
-		while (!w->head && !w->closed)
-			pthread_cond_wait(&w->cond, &w->lock);
-		b = w->head;
-		if (b) {
-			w->head = b->next;
-			if (!w->head)
-				w->tail = &w->head;
-			w->queued -= b->len;
-			w->busy = true;
-			pthread_cond_broadcast(&w->cond);
-		}
-		ferry__mutex_unlock(&w->lock);
-		if (!b)
-			return NULL;
-		/* After a failure, drain without loading. */
-		if (!w->err.code) {
-			r = sl->dev->ops->load_buffer(sl->dev->opaque, b->data,
-						      b->len, &w->err);
-			if (r) {
-				if (!w->err.code)
-					ferry_error_set(&w->err, r, "load_buffer failed");
-				ferry__mutex_lock(&w->lock);
-				w->failed = true;
-				ferry__mutex_unlock(&w->lock);
-			}
-		}
-		free(b);
-		ferry__mutex_lock(&w->lock);
-		w->busy = false;
-		pthread_cond_broadcast(&w->cond);
-		ferry__mutex_unlock(&w->lock);
-	}
-}
-
-static int ds_start(struct slot *sl, struct ferry_error *err)
-{
-	struct dsworker *w = calloc(1, sizeof(*w));
-	int e;
-
-	if (!w)
-		return ferry_error_set(err, -ENOMEM, "out of memory");
-	pthread_mutex_init(&w->lock, NULL);
-	pthread_cond_init(&w->cond, NULL);
-	w->tail = &w->head;
-	sl->ds = w;
-	e = pthread_create(&w->thread, NULL, ds_main, sl);
-	if (e)
-		return ferry_error_set(err, -e, "cannot start load thread: %s",
-				       strerror(e));
-	w->running = true;
-	return 0;
-}
-
-static int ds_push(struct slot *sl, const uint8_t *data, size_t len,
-		   struct ferry_error *err)
-{
-	struct dsworker *w = sl->ds;
-	struct dsbuf *b = malloc(sizeof(*b) + len);
-	bool failed;
-
-	if (!b)
-		return ferry_error_set(err, -ENOMEM, "out of memory");
-	b->next = NULL;
-	b->len = len;
-	memcpy(b->data, data, len);
-	ferry__mutex_lock(&w->lock);
-	while (w->queued && w->queued + len > DEVSTATE_QUEUE_BYTES && !w->failed)
-		pthread_cond_wait(&w->cond, &w->lock);
-	*w->tail = b;
-	w->tail = &b->next;
-	w->queued += len;
-	failed = w->failed;
-	pthread_cond_broadcast(&w->cond);
-	ferry__mutex_unlock(&w->lock);
-	/* Stop reading early if the device already failed. */
-	return failed ? -ECANCELED : 0;
-}
-
-/*
- * Wait until the device's load thread has applied every buffer queued so
- * far: a device's own sections (its configuration) load only after all of
- * its data. -ECANCELED if the thread failed (ds_finish reports why).
- */
-static int ds_drain(struct slot *sl)
-{
-	struct dsworker *w = sl->ds;
-	bool failed;
-
-	if (!w)
-		return 0;
-	ferry__mutex_lock(&w->lock);
-	while ((w->head || w->busy) && !w->failed)
-		pthread_cond_wait(&w->cond, &w->lock);
-	failed = w->failed;
-	ferry__mutex_unlock(&w->lock);
-	return failed ? -ECANCELED : 0;
-}
-
-/* Close every queue, join every worker, report the first device error. */
-static int ds_finish(struct loader *L, int r)
-{
-	for (unsigned i = 0; i < L->nslots; i++) {
-		struct dsworker *w = L->slots[i].ds;
-
-		if (!w)
-			continue;
-		if (w->running) {
-			ferry__mutex_lock(&w->lock);
-			w->closed = true;
-			pthread_cond_broadcast(&w->cond);
-			ferry__mutex_unlock(&w->lock);
-			pthread_join(w->thread, NULL);
-		}
-		/* -ECANCELED means the reader stopped because this worker
-		 * failed; the worker's error is the real one. */
-		if (w->err.code && (!r || r == -ECANCELED)) {
-			ferry_error_propagate(L->err, &w->err);
-			r = ferry_error_prefix(L->err,
-				"device '%s' instance %u (load thread): ",
-				L->slots[i].dev->idstr, L->slots[i].dev->instance);
-		}
-		pthread_mutex_destroy(&w->lock);
-		pthread_cond_destroy(&w->cond);
-		free(w);
-		L->slots[i].ds = NULL;
-	}
-	return r;
 }
 
 /* ---- records ------------------------------------------------------------ */
@@ -337,8 +181,10 @@ static int load_section(struct loader *L, const struct ferry_record *rec)
 	sl->loaded = true;
 	snprintf(L->last, sizeof(L->last), "'%s' instance %u", sl->dev->idstr,
 		 sl->dev->instance);
-	if ((r = ds_drain(sl)))
+	if (sl->dev->ops->load_buffer && ferry__dsq_drain(L->dsq, sl->dev)) {
+		r = ferry__dsq_configs(L->dsq, false, err);
 		goto out;
+	}
 	if (rec->type == FERRY_REC_SECTION_FULL) {
 		size_t off = rec->len - ferry_chan_mem_remaining(c);
 
@@ -387,6 +233,7 @@ static int load_devstate(struct loader *L, const struct ferry_record *rec)
 	char idstr[FERRY_IDSTR_MAX + 1];
 	uint32_t instance, seq;
 	struct slot *sl;
+	size_t off;
 	int r;
 
 	if (!c)
@@ -395,36 +242,177 @@ static int load_devstate(struct loader *L, const struct ferry_record *rec)
 	instance = ferry_get_be32(c);
 	seq = ferry_get_be32(c);
 	if ((r = ferry_chan_error(c, err))) {
-		ferry_error_prefix(err, "offset %llu: DEVSTATE header: ",
-				   (unsigned long long)rec->offset);
+		ferry_error_prefix(err, "offset %llu: %s header: ",
+				   (unsigned long long)rec->offset,
+				   ferry_record_type_name(rec->type));
 		goto out;
 	}
-	sl = slot_by_dev(L, idstr, instance);
-	if (!sl || !sl->dev->ops->load_buffer) {
-		r = ferry_error_set(err, -ENOENT,
-			"offset %llu: device state for '%s' instance %u, which %s",
-			(unsigned long long)rec->offset, idstr, instance,
-			sl ? "takes no buffers" : "does not exist here");
-		goto out;
-	}
-	if (!sl->ds && (r = ds_start(sl, err)))
-		goto out;
-	if (seq != sl->ds->next_seq) {
-		r = ferry_error_set(err, -EBADMSG,
-			"offset %llu: device state for '%s' instance %u: buffer %u "
-			"arrived, expected %u",
-			(unsigned long long)rec->offset, idstr, instance, seq,
-			sl->ds->next_seq);
-		goto out;
-	}
-	sl->ds->next_seq++;
-	sl->loaded = true;
-	{
-		size_t off = rec->len - ferry_chan_mem_remaining(c);
-		r = ds_push(sl, rec->body + off, rec->len - off, err);
-	}
+	if ((sl = slot_by_dev(L, idstr, instance)))
+		sl->loaded = true;
+	off = rec->len - ferry_chan_mem_remaining(c);
+	r = ferry__dsq_push(L->dsq, idstr, instance, seq,
+			    rec->type == FERRY_REC_DEVSTATE_CONFIG, true,
+			    rec->body + off, rec->len - off, err);
+	if (r)
+		ferry_error_prefix(err, "offset %llu: %s: ",
+				   (unsigned long long)rec->offset,
+				   ferry_record_type_name(rec->type));
 out:
 	ferry_chan_free(c);
+	return r;
+}
+
+/*
+ * SWITCHOVER_START and DEVSTATE_DONE name devices: be32 n, then per device
+ * str8 idstr, be32 instance, and with @counts be32 buffers. Calls @fn for
+ * each; the payload must be exactly that long.
+ */
+static int device_list(struct loader *L, const uint8_t *p, size_t plen,
+		       bool counts, int (*fn)(struct loader *L, const char *idstr,
+					      uint32_t instance, uint32_t count))
+{
+	size_t off = 4;
+	uint32_t n;
+	int r;
+
+	if (plen < 4)
+		return -EBADMSG;
+	n = ferry__get_be32(p);
+	if (n > L->nslots)
+		return -EBADMSG;
+	for (uint32_t i = 0; i < n; i++) {
+		char idstr[FERRY_IDSTR_MAX + 1];
+		size_t il;
+
+		if (off >= plen || (il = p[off]) == 0 ||
+		    plen - off < 1 + il + 4 + (counts ? 4 : 0) ||
+		    memchr(p + off + 1, 0, il))
+			return -EBADMSG;
+		memcpy(idstr, p + off + 1, il);
+		idstr[il] = 0;
+		off += 1 + il;
+		r = fn(L, idstr, ferry__get_be32(p + off),
+		       counts ? ferry__get_be32(p + off + 4) : 0);
+		if (r)
+			return r;
+		off += counts ? 8 : 4;
+	}
+	return off == plen ? 0 : -EBADMSG;
+}
+
+static int declare_one(struct loader *L, const char *idstr, uint32_t instance,
+		       uint32_t count)
+{
+	(void)count;
+	L->ds_declared++;
+	return ferry__dsq_declare(L->dsq, idstr, instance, L->err);
+}
+
+static int expect_one(struct loader *L, const char *idstr, uint32_t instance,
+		      uint32_t count)
+{
+	struct slot *sl = slot_by_dev(L, idstr, instance);
+
+	if (sl)
+		sl->loaded = true;
+	L->ds_declared--;
+	return ferry__dsq_expect(L->dsq, idstr, instance, count, L->err);
+}
+
+/*
+ * DEVSTATE_DONE: every buffer is in (the caller synced the channels). Wait
+ * for the load threads, loading config buffers here as their devices get
+ * ready, in whatever order that happens.
+ */
+static int devstate_done(struct loader *L, const uint8_t *p, size_t plen)
+{
+	uint64_t t0 = ferry__mono_ns(), cfg0 = L->stats.devstate_config_ns;
+	struct ferry__dsq_stats st;
+	int r;
+
+	if (plen < 4)
+		return -EBADMSG;
+	r = device_list(L, p + 4, plen - 4, true, expect_one);
+
+	if (r == -EBADMSG && !L->err->code)
+		return r;
+	if (!r && L->ds_declared)
+		r = ferry_error_set(L->err, -EBADMSG, "DEVSTATE_DONE leaves out "
+				    "%u device(s) that SWITCHOVER_START named",
+				    L->ds_declared);
+	if (!r)
+		r = ferry__dsq_configs(L->dsq, true, L->err);
+	L->stats.devstate_config_ns = 0;
+	for (unsigned i = 0; ferry__dsq_stats(L->dsq, i, &st); i++)
+		L->stats.devstate_config_ns += st.config_ns;
+	L->stats.devstate_wait_ns += ferry__mono_ns() - t0 -
+		(L->stats.devstate_config_ns - cfg0);
+	return r;
+}
+
+/* switchover-ack: tell the source once every device that asked approved.
+ * ctx->load_lock held; returns whether the caller must send it. */
+static bool ack_due_locked(struct loader *L)
+{
+	if (!L->ack_on || L->ack_sent || L->acks_left)
+		return false;
+	L->ack_sent = true;
+	return true;
+}
+
+static void ack_send(struct loader *L)
+{
+	if (L->opts && L->opts->switchover_ack)
+		L->opts->switchover_ack(L->opts->opaque);
+}
+
+int ferry_load_switchover_ack(struct ferry_ctx *ctx, const char *idstr,
+			      uint32_t instance)
+{
+	struct loader *L;
+	struct slot *sl;
+	bool due = false;
+	int r = 0;
+
+	ferry__mutex_lock(&ctx->load_lock);
+	L = ctx->loader;
+	sl = L && idstr ? slot_by_dev(L, idstr, instance) : NULL;
+	if (!sl || !sl->ack_needed) {
+		r = -ENOENT;
+	} else if (!sl->ack_given) {
+		sl->ack_given = true;
+		L->acks_left--;
+		due = ack_due_locked(L);
+	}
+	ferry__mutex_unlock(&ctx->load_lock);
+	if (due)
+		ack_send(L);
+	return r;
+}
+
+int ferry_load_devstate(struct ferry_ctx *ctx, const char *idstr,
+			uint32_t instance, uint32_t seq, bool config,
+			const void *buf, size_t len, struct ferry_error *err)
+{
+	struct ferry__dsq *q;
+	int r;
+
+	if (!ctx || !idstr || (!buf && len))
+		return ferry_error_set(err, -EINVAL, "invalid arguments");
+	ferry__mutex_lock(&ctx->load_lock);
+	q = ctx->dsq;
+	if (q)
+		ctx->load_users++;
+	ferry__mutex_unlock(&ctx->load_lock);
+	if (!q)
+		return ferry_error_set(err, -ECANCELED, "device state for '%s': "
+				       "no load is running", idstr);
+	r = ferry__dsq_push(q, idstr, instance, seq, config, false, buf, len,
+			    err);
+	ferry__mutex_lock(&ctx->load_lock);
+	if (!--ctx->load_users)
+		pthread_cond_broadcast(&ctx->load_cond);
+	ferry__mutex_unlock(&ctx->load_lock);
 	return r;
 }
 
@@ -485,7 +473,7 @@ static int check_complete(struct loader *L, bool postcopy)
 static int before_run(struct loader *L, uint64_t src_digest)
 {
 	uint64_t digest = XXH3_64bits_digest(&L->digest);
-	int r = ds_finish(L, 0);
+	int r = ferry__dsq_finish(L->dsq, 0, L->err);
 
 	if (!r)
 		r = check_complete(L, true);
@@ -729,8 +717,57 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 				ferry_cmd_name(m.cmd), depth ? "inside" : "outside");
 		break;
 	case FERRY_CMD_SWITCHOVER_START:
-		WANT_LEN(0);
+		/* Empty (older sources), or the devices sending buffers. */
+		if (plen && (r = device_list(L, p, plen, false, declare_one))) {
+			if (r == -EBADMSG && !err->code)
+				goto bad_len;
+			return ferry_error_prefix(err, "offset %llu: %s: ",
+				(unsigned long long)rec->offset,
+				ferry_cmd_name(m.cmd));
+		}
 		break;
+	case FERRY_CMD_DEVSTATE_DONE:
+		/* The engine syncs the multifd channels first (on_command),
+		 * so every buffer sent is in a queue when we count. */
+		if (plen < 4)
+			goto bad_len;
+		m.u.devstate_done = ferry__get_be32(p);
+		if (m.u.devstate_done & ~FERRY_DEVSTATE_DONE_MULTIFD)
+			goto bad_len;
+		if (L->opts && L->opts->on_command &&
+		    (r = L->opts->on_command(L->opts->opaque, &m, err)))
+			return ferry_error_prefix(err, "offset %llu: %s: ",
+				(unsigned long long)rec->offset,
+				ferry_cmd_name(m.cmd));
+		r = devstate_done(L, p, plen);
+		if (r == -EBADMSG && !err->code)
+			goto bad_len;
+		if (r)
+			ferry_error_prefix(err, "offset %llu: %s: ",
+					   (unsigned long long)rec->offset,
+					   ferry_cmd_name(m.cmd));
+		return r;
+	case FERRY_CMD_AGREE: {
+		bool due;
+
+		WANT_LEN(4);
+		m.u.agree = ferry__get_be32(p);
+		if (m.u.agree & ~FERRY_AGREE__KNOWN)
+			return ferry_error_set(err, -EOPNOTSUPP, "offset %llu: "
+				"the source uses features this destination does "
+				"not know (AGREE flags 0x%x)",
+				(unsigned long long)rec->offset, m.u.agree);
+		if (L->opts && L->opts->on_command &&
+		    (r = L->opts->on_command(L->opts->opaque, &m, err)))
+			return r;
+		ferry__mutex_lock(&L->ctx->load_lock);
+		L->ack_on = m.u.agree & FERRY_AGREE_SWITCHOVER_ACK;
+		due = ack_due_locked(L);
+		ferry__mutex_unlock(&L->ctx->load_lock);
+		if (due)
+			ack_send(L);
+		return 0;
+	}
 	case FERRY_CMD_POSTCOPY_END:
 	case FERRY_CMD_POSTCOPY_RESUME:
 		return ferry_error_set(err, -EBADMSG,
@@ -895,6 +932,7 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 			}
 			break;
 		case FERRY_REC_DEVSTATE:
+		case FERRY_REC_DEVSTATE_CONFIG:
 			r = load_devstate(L, &rec);
 			break;
 		case FERRY_REC_VMDESC:
@@ -920,6 +958,11 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 				"offset %llu: unknown record type 0x%02x",
 				(unsigned long long)rec.offset, rec.type);
 		}
+		/* A device whose data is all in loads its config now, while
+		 * others still receive (unless it must wait for the iterable
+		 * sections, load_config_after_iter). */
+		if (!r && L->ds_declared && !L->o.load_config_after_iter)
+			r = ferry__dsq_configs(L->dsq, false, L->err);
 		if (r)
 			break;
 	}
@@ -951,9 +994,26 @@ int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
 	L.slots = calloc(ctx->ndevs ? ctx->ndevs : 1, sizeof(*L.slots));
 	if (!L.slots)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
+	L.dsq = ferry__dsq_new(ctx, L.o.max_queued_buffers,
+			       L.o.max_queued_bytes, L.err);
+	if (!L.dsq) {
+		free(L.slots);
+		return L.err->code;
+	}
 	for (struct ferry_dev *d = ctx->devs; d; d = d->next)
 		L.slots[i++].dev = d;
 	L.nslots = i;
+	ferry__mutex_lock(&ctx->load_lock);
+	if (ctx->loader) {
+		ferry__mutex_unlock(&ctx->load_lock);
+		ferry__dsq_free(L.dsq);
+		free(L.slots);
+		return ferry_error_set(err, -EBUSY, "a load is already running "
+				       "on this context");
+	}
+	ctx->loader = &L;
+	ctx->dsq = L.dsq;
+	ferry__mutex_unlock(&ctx->load_lock);
 
 	r = ferry__stream_read_header(in, version, L.err);
 	for (i = 0; i < L.nslots && !r; i++) {
@@ -962,9 +1022,46 @@ int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
 			ferry_error_prefix(L.err, "device '%s' instance %u load_setup: ",
 					   d->idstr, d->instance);
 	}
+	/* Who must approve before the source may stop the VM, should it
+	 * ask (switchover-ack, in its AGREE command). */
+	ferry__mutex_lock(&ctx->load_lock);
+	for (i = 0; i < L.nslots && !r; i++) {
+		struct ferry_dev *d = L.slots[i].dev;
+
+		if (d->ops->switchover_ack_needed &&
+		    d->ops->switchover_ack_needed(d->opaque)) {
+			L.slots[i].ack_needed = true;
+			L.acks_left++;
+		}
+	}
+	ferry__mutex_unlock(&ctx->load_lock);
 	if (!r)
 		r = load_records(&L, in, 0);
-	r = ds_finish(&L, r);
+	r = ferry__dsq_finish(L.dsq, r, L.err);
+	/* Buffers from other threads stop here: wait for them to leave. */
+	ferry__mutex_lock(&ctx->load_lock);
+	ctx->dsq = NULL;
+	ctx->loader = NULL;
+	while (ctx->load_users)
+		pthread_cond_wait(&ctx->load_cond, &ctx->load_lock);
+	ferry__mutex_unlock(&ctx->load_lock);
+	{
+		struct ferry__dsq_stats st;
+
+		for (i = 0; ferry__dsq_stats(L.dsq, i, &st); i++) {
+			struct ferry_load_dev_stats ds = {
+				.idstr = st.dev->idstr,
+				.instance = st.dev->instance,
+				.buffers = st.buffers, .bytes = st.bytes,
+				.data_ns = st.data_ns, .config_ns = st.config_ns,
+			};
+
+			L.stats.devstate_bytes += st.bytes;
+			if (st.buffers && L.opts && L.opts->device_stats)
+				L.opts->device_stats(L.opts->opaque, &ds);
+		}
+	}
+	ferry__dsq_free(L.dsq);
 	if (!r)
 		r = check_complete(&L, false);
 	r = device_load_close(&L, r);

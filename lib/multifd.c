@@ -55,6 +55,7 @@ struct job {
 	uint64_t *offs;             /* RAM: packet_pages entries */
 	char idstr[FERRY_IDSTR_MAX + 1]; /* DEVSTATE */
 	uint32_t instance, seq;     /* DEVSTATE */
+	uint32_t ds_flags;          /* DEVSTATE: 0 or FLAG_DEVICE_CONFIG */
 	uint8_t *data;              /* DEVSTATE: copy of the buffer */
 	size_t len, cap;
 };
@@ -620,7 +621,8 @@ static int send_job(struct mf_chan *c, struct job *j)
 		return send_packet(c, h, NULL, 0, NULL, 0);
 	case JOB_DEVSTATE:
 		il = strlen(j->idstr);
-		fill_header(h, FERRY_MULTIFD_FLAG_DEVICE_STATE, j->instance,
+		fill_header(h, FERRY_MULTIFD_FLAG_DEVICE_STATE | j->ds_flags,
+			    j->instance,
 			    c->pkt_num, (uint32_t)il, j->seq, (uint32_t)j->len);
 		stat_add(&c->m->ds_packets, 1);
 		stat_add(&c->m->ds_bytes, j->len);
@@ -862,7 +864,8 @@ static struct ds_dev *find_dev(struct ferry_multifd *m, const char *idstr,
 }
 
 int ferry_multifd_send_devstate(struct ferry_multifd *m, const char *idstr,
-				uint32_t instance, const void *buf, size_t len,
+				uint32_t instance, uint32_t flags,
+				const void *buf, size_t len,
 				struct ferry_error *err)
 {
 	size_t il = idstr ? strlen(idstr) : 0;
@@ -874,6 +877,9 @@ int ferry_multifd_send_devstate(struct ferry_multifd *m, const char *idstr,
 
 	if (!m->source)
 		return ferry_error_set(err, -EINVAL, "multifd: not a source");
+	if (flags & ~FERRY_MULTIFD_FLAG_DEVICE_CONFIG)
+		return ferry_error_set(err, -EINVAL, "multifd: device state "
+				       "flags 0x%x", flags);
 	if (!il || il > FERRY_IDSTR_MAX || len > FERRY_MULTIFD_DEVSTATE_MAX)
 		return ferry_error_set(err, -EMSGSIZE,
 			"multifd: device state for '%s': name of 1..%u bytes and "
@@ -908,6 +914,7 @@ int ferry_multifd_send_devstate(struct ferry_multifd *m, const char *idstr,
 		memcpy(j->idstr, idstr, il + 1);
 		j->instance = instance;
 		j->seq = seq;
+		j->ds_flags = flags;
 		j->len = len;
 		if (len)
 			memcpy(j->data, buf, len);
@@ -1110,13 +1117,14 @@ static int recv_devstate(struct mf_chan *c, const uint8_t *h)
 	char idstr[FERRY_IDSTR_MAX + 1];
 	int r;
 
-	if (flags != FERRY_MULTIFD_FLAG_DEVICE_STATE || !il ||
+	if ((flags & ~FERRY_MULTIFD_FLAG_DEVICE_CONFIG) !=
+	    FERRY_MULTIFD_FLAG_DEVICE_STATE || !il ||
 	    il > FERRY_IDSTR_MAX || plen > FERRY_MULTIFD_DEVSTATE_MAX)
 		return mf_fail(m, -EBADMSG, "channel %u: packet %llu: malformed "
 			       "device-state header (flags 0x%x, name %u bytes, "
 			       "%u bytes)", c->id, (unsigned long long)c->pkt_num,
 			       flags, il, plen);
-	if (!m->p.devstate)
+	if (!m->p.devstate && !m->p.devstate_seq)
 		return mf_fail(m, -EOPNOTSUPP, "channel %u: device state "
 			       "received but this destination takes none", c->id);
 	if (grow(&c->stage, &c->stage_cap, plen ? plen : 1))
@@ -1138,6 +1146,20 @@ static int recv_devstate(struct mf_chan *c, const uint8_t *h)
 			       c->id);
 	stat_add(&m->ds_packets, 1);
 	stat_add(&m->ds_bytes, plen);
+	if (m->p.devstate_seq) {
+		/* The callee orders them, and may block here: that is its
+		 * backpressure (this channel stops reading meanwhile). */
+		r = m->p.devstate_seq(m->p.opaque, idstr, instance, seq,
+				      flags & FERRY_MULTIFD_FLAG_DEVICE_CONFIG,
+				      c->stage, plen, &e);
+		if (r && !e.code)
+			ferry_error_set(&e, r, "failed");
+		return r ? mf_fail(m, r, "channel %u: %s", c->id, e.msg) : 0;
+	}
+	if (flags & FERRY_MULTIFD_FLAG_DEVICE_CONFIG)
+		return mf_fail(m, -EBADMSG, "channel %u: packet %llu: a device "
+			       "config buffer, which this destination does not "
+			       "take", c->id, (unsigned long long)c->pkt_num);
 	ferry__mutex_lock(&m->ds_lock);
 	r = ds_deliver(c, idstr, instance, seq, c->stage, plen, &e);
 	ferry__mutex_unlock(&m->ds_lock);
@@ -1299,7 +1321,10 @@ static int recv_packet(struct mf_chan *c)
 			       "0x%08x", c->id, (unsigned long long)c->pkt_num, magic);
 	if (version != FERRY_MULTIFD_VERSION || ferry__get_be32(h + 36) ||
 	    flags & ~(FERRY_MULTIFD_FLAG_SYNC | FERRY_MULTIFD_FLAG_COMP_MASK |
-		      FERRY_MULTIFD_FLAG_DEVICE_STATE) ||
+		      FERRY_MULTIFD_FLAG_DEVICE_STATE |
+		      FERRY_MULTIFD_FLAG_DEVICE_CONFIG) ||
+	    ((flags & FERRY_MULTIFD_FLAG_DEVICE_CONFIG) &&
+	     !(flags & FERRY_MULTIFD_FLAG_DEVICE_STATE)) ||
 	    (flags & FERRY_MULTIFD_FLAG_SYNC &&
 	     flags & FERRY_MULTIFD_FLAG_DEVICE_STATE))
 		return mf_fail(m, -EBADMSG, "channel %u: packet %llu: version %u, "

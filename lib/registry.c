@@ -84,6 +84,8 @@ struct ferry_ctx *ferry_ctx_new(struct ferry_error *err)
 	}
 	ctx->tail = &ctx->devs;
 	ctx->next_section_id = 1;
+	pthread_mutex_init(&ctx->load_lock, NULL);
+	pthread_cond_init(&ctx->load_cond, NULL);
 	return ctx;
 }
 
@@ -93,6 +95,9 @@ void ferry_ctx_free(struct ferry_ctx *ctx)
 
 	if (!ctx)
 		return;
+	ferry__pool_free(ctx->pool);
+	pthread_mutex_destroy(&ctx->load_lock);
+	pthread_cond_destroy(&ctx->load_cond);
 	for (d = ctx->devs; d; d = n) {
 		n = d->next;
 		free(d);

@@ -23,6 +23,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "ferry/multifd.h"
 #include "internal.h"
 
 struct ferry_save {
@@ -37,15 +38,21 @@ struct ferry_save {
 	/* Migration thread only: the body writer of ferry__save_ram_section. */
 	int (*fn)(struct ferry_chan *c, void *opaque, struct ferry_error *err);
 	XXH3_state_t digest;            /* migration thread only */
+	/* Where complete-in-thread buffers go: multifd, or NULL for the main
+	 * stream. Set before the switchover (migration thread). */
+	struct ferry_multifd *ds_mf;
 };
 
+/* One device's save_complete_thread; the pool thread running it owns
+ * everything here until the migration thread joins the batch. */
 struct ferry_devstate_sink {
 	struct ferry_save *s;
 	struct ferry_dev *dev;
-	uint32_t seq;                   /* next buffer sequence number */
+	struct ferry_multifd *mf;       /* NULL: the main stream */
+	uint32_t seq;                   /* buffers sent (= next index) */
+	bool config_sent;               /* the last one went */
 	uint8_t prefix[FERRY_IDSTR_MAX + 1 + 12];
 	size_t prefix_len;
-	pthread_t thread;
 	struct ferry_error err;
 	int ret;
 };
@@ -129,6 +136,10 @@ static int write_section(struct ferry_save *s, uint8_t type,
 	body = ferry_chan_mem_data(s->body, &blen);
 	if (type == FERRY_REC_SECTION_FULL)
 		ferry__digest_section(&s->digest, d->idstr, d->instance, body, blen);
+	if (type == FERRY_REC_SECTION_START || type == FERRY_REC_SECTION_PART)
+		d->sent_precopy += blen;
+	else
+		d->sent_switchover += blen;
 	return write_record2(s, type, prefix, plen, body, blen, err);
 }
 
@@ -187,6 +198,8 @@ struct ferry_save *ferry_save_new(struct ferry_ctx *ctx,
 	}
 	if (ferry_stream_write_header(out, err))
 		goto fail;
+	for (struct ferry_dev *d = ctx->devs; d; d = d->next)
+		d->sent_precopy = d->sent_switchover = 0;
 	return s;
 fail:
 	ferry_save_end(s);
@@ -195,9 +208,15 @@ fail:
 
 int ferry_save_setup(struct ferry_save *s, struct ferry_error *err)
 {
+	unsigned nthreads = 0;
 	int r;
 
 	s->setup_ran = true;
+	/* The switchover's save threads, now rather than in the downtime. */
+	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
+		nthreads += d->ops->save_complete_thread != NULL;
+	if ((r = ferry__pool_reserve(s->ctx, nthreads, err)))
+		return r;
 	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
 		if (ferry__dev_iterable(d) &&
 		    (r = write_section(s, FERRY_REC_SECTION_START, d, do_setup, 0, err)))
@@ -218,13 +237,23 @@ struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,
 	return s;
 }
 
-void ferry_save_pending(struct ferry_save *s, bool exact, uint64_t *must,
-			uint64_t *can)
+/* At the switchover a device that completes in a thread sends what it has
+ * left from there (on multifd, perhaps), not in drain rounds on the main
+ * stream: @threaded false leaves it out. */
+static bool in_round(const struct ferry_dev *d, bool threaded)
+{
+	return ferry__dev_iterable(d) &&
+	       (threaded || !d->ops->save_complete_thread);
+}
+
+static void pending_of(struct ferry_save *s, bool exact, bool threaded,
+		       uint64_t *must, uint64_t *can)
 {
 	*must = *can = 0;
 	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next) {
 		uint64_t m = 0, c = 0;
-		if (!ferry__dev_iterable(d))
+
+		if (!in_round(d, threaded))
 			continue;
 		d->ops->save_pending(d->opaque, exact, &m, &c);
 		*must += m;
@@ -232,14 +261,14 @@ void ferry_save_pending(struct ferry_save *s, bool exact, uint64_t *must,
 	}
 }
 
-int ferry_save_round(struct ferry_save *s, uint64_t budget,
-		     struct ferry_error *err)
+static int round_of(struct ferry_save *s, uint64_t budget, bool threaded,
+		    struct ferry_error *err)
 {
 	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next) {
 		uint64_t m = 0, c = 0;
 		int r;
 
-		if (!ferry__dev_iterable(d))
+		if (!in_round(d, threaded))
 			continue;
 		d->ops->save_pending(d->opaque, false, &m, &c);
 		if (!m && !c)
@@ -253,6 +282,18 @@ int ferry_save_round(struct ferry_save *s, uint64_t budget,
 	return flush_out(s, err);
 }
 
+void ferry_save_pending(struct ferry_save *s, bool exact, uint64_t *must,
+			uint64_t *can)
+{
+	pending_of(s, exact, true, must, can);
+}
+
+int ferry_save_round(struct ferry_save *s, uint64_t budget,
+		     struct ferry_error *err)
+{
+	return round_of(s, budget, true, err);
+}
+
 int ferry_save_command(struct ferry_save *s, uint16_t cmd, const void *payload,
 		       size_t len, struct ferry_error *err)
 {
@@ -262,26 +303,75 @@ int ferry_save_command(struct ferry_save *s, uint16_t cmd, const void *payload,
 	return write_record2(s, FERRY_REC_COMMAND, c, 2, payload, len, err);
 }
 
+void ferry__save_devstate_multifd(struct ferry_save *s, struct ferry_multifd *mf)
+{
+	s->ds_mf = mf;
+}
+
+static int devstate_send(struct ferry_devstate_sink *k, bool config,
+			 const void *buf, size_t len, struct ferry_error *err)
+{
+	uint8_t p[sizeof(k->prefix) + 4];
+	size_t n = k->prefix_len;
+	int r;
+
+	if (k->config_sent)
+		return ferry_error_set(err, -EINVAL, "device state sent after "
+				       "the device's config state");
+	if (k->mf) {
+		r = ferry_multifd_send_devstate(k->mf, k->dev->idstr,
+			k->dev->instance, config ? FERRY_MULTIFD_FLAG_DEVICE_CONFIG
+			: 0, buf, len, err);
+	} else {
+		memcpy(p, k->prefix, n);
+		ferry__put_be32(p + n, k->seq);
+		n += 4;
+		r = write_record2(k->s, config ? FERRY_REC_DEVSTATE_CONFIG :
+				  FERRY_REC_DEVSTATE, p, n, buf, len, err);
+	}
+	if (!r) {
+		k->seq++;
+		k->config_sent = config;
+		k->dev->sent_switchover += len;
+	}
+	return r;
+}
+
 int ferry_devstate_send(struct ferry_devstate_sink *k, const void *buf,
 			size_t len, struct ferry_error *err)
 {
-	uint8_t p[sizeof(k->prefix)];
-	size_t n = k->prefix_len;
-
-	memcpy(p, k->prefix, n);
-	ferry__put_be32(p + n, k->seq++);
-	n += 4;
-	return write_record2(k->s, FERRY_REC_DEVSTATE, p, n, buf, len, err);
+	return devstate_send(k, false, buf, len, err);
 }
 
-static void *complete_thread(void *arg)
+int ferry_devstate_send_config(struct ferry_devstate_sink *k, const void *buf,
+			       size_t len, struct ferry_error *err)
+{
+	return devstate_send(k, true, buf, len, err);
+}
+
+/* DEVSTATE_DONE: be32 flags, then the device list with counts. */
+static int devstate_done(struct ferry_save *s, bool multifd,
+			 const uint8_t *list, size_t len, struct ferry_error *err)
+{
+	uint8_t *p = malloc(4 + len);
+	int r;
+
+	if (!p)
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	ferry__put_be32(p, multifd ? FERRY_DEVSTATE_DONE_MULTIFD : 0);
+	memcpy(p + 4, list, len);
+	r = ferry_save_command(s, FERRY_CMD_DEVSTATE_DONE, p, 4 + len, err);
+	free(p);
+	return r;
+}
+
+static void complete_job(void *arg)
 {
 	struct ferry_devstate_sink *k = arg;
 
 	k->ret = k->dev->ops->save_complete_thread(k, k->dev->opaque, &k->err);
 	if (k->ret && !k->err.code)
 		ferry_error_set(&k->err, k->ret, "failed");
-	return NULL;
 }
 
 /* Section size for data drained at switchover. */
@@ -293,49 +383,93 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 	return ferry__save_complete(s, NULL, NULL, err);
 }
 
+/* SWITCHOVER_START / DEVSTATE_DONE payloads: be32 n, then per device
+ * str8 idstr, be32 instance (and be32 buffers sent, with @counts). */
+static uint8_t *devstate_list(const struct ferry_devstate_sink *k, unsigned n,
+			      bool counts, size_t *len)
+{
+	uint8_t *p = malloc(4 + (size_t)n * (1 + FERRY_IDSTR_MAX + 8));
+	size_t off = 4;
+
+	if (!p)
+		return NULL;
+	ferry__put_be32(p, n);
+	for (unsigned i = 0; i < n; i++) {
+		memcpy(p + off, k[i].prefix, k[i].prefix_len);
+		off += k[i].prefix_len;
+		if (counts) {
+			ferry__put_be32(p + off, k[i].seq);
+			off += 4;
+		}
+	}
+	*len = off;
+	return p;
+}
+
 /*
- * The device state at the switchover, after the drain rounds: END sections
- * (but "ram"'s when @postcopy: RAM goes on after it), complete-in-thread
- * devices' buffers, FULL sections.
+ * The device state at the switchover, after the drain rounds:
+ *   SWITCHOVER_START naming the devices that send buffers, whose
+ *     save_complete_thread hooks start on the pool's threads;
+ *   END sections (but "ram"'s when @postcopy: RAM goes on after it);
+ *   FULL sections of the other non-iterable devices, while the threads run;
+ *   once they are done: a multifd sync point if the buffers went there (so
+ *     each of them is in before the destination reads on), DEVSTATE_DONE
+ *     with each device's buffer count, and the FULL sections of the
+ *     devices that sent buffers: their configuration loads after their data.
  */
 static int final_state(struct ferry_save *s, bool postcopy,
 		       struct ferry_error *err)
 {
 	struct ferry_devstate_sink *sinks = NULL;
-	unsigned nthreads = 0, started = 0;
+	struct ferry__pool_batch *batch = NULL;
+	struct ferry_multifd *mf = postcopy ? NULL : s->ds_mf;
+	void **args = NULL;
+	unsigned n = 0;
+	uint8_t *list;
+	size_t len;
 	int r = 0;
 
 	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
-		nthreads += d->ops->save_complete_thread != NULL;
-	if (nthreads) {
-		/* Tell the destination the final state follows, so devices that
-		 * receive buffers can get ready (switchover_start hook). */
-		r = ferry_save_command(s, FERRY_CMD_SWITCHOVER_START, NULL, 0, err);
-		if (r)
-			return r;
-		sinks = calloc(nthreads, sizeof(*sinks));
-		if (!sinks)
-			return ferry_error_set(err, -ENOMEM, "out of memory");
+		n += d->ops->save_complete_thread != NULL;
+	if (n) {
+		sinks = calloc(n, sizeof(*sinks));
+		args = calloc(n, sizeof(*args));
+		if (!sinks || !args) {
+			r = ferry_error_set(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+		n = 0;
 		for (struct ferry_dev *d = s->ctx->devs; d; d = d->next) {
-			struct ferry_devstate_sink *k = &sinks[started];
+			struct ferry_devstate_sink *k = &sinks[n];
 			size_t idlen = strlen(d->idstr);
-			int e;
 
 			if (!d->ops->save_complete_thread)
 				continue;
 			k->s = s;
 			k->dev = d;
+			k->mf = mf;
 			k->prefix[0] = (uint8_t)idlen;
 			memcpy(k->prefix + 1, d->idstr, idlen);
 			ferry__put_be32(k->prefix + 1 + idlen, d->instance);
 			k->prefix_len = 1 + idlen + 4;
-			e = pthread_create(&k->thread, NULL, complete_thread, k);
-			if (e) {
-				r = ferry_error_set(err, -e,
-					"cannot start save thread for '%s'", d->idstr);
-				break;
-			}
-			started++;
+			args[n++] = k;
+		}
+		/* Tell the destination the final state follows, and from
+		 * whom, so it readies their queues and load threads
+		 * (switchover_start hooks) before the first buffer. */
+		if (!(list = devstate_list(sinks, n, false, &len))) {
+			r = ferry_error_set(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+		r = ferry_save_command(s, FERRY_CMD_SWITCHOVER_START, list, len,
+				       err);
+		free(list);
+		if (r)
+			goto out;
+		batch = ferry__pool_submit(s->ctx, n, complete_job, args, err);
+		if (!batch) {
+			r = err && err->code ? err->code : -ENOMEM;
+			goto out;
 		}
 	}
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
@@ -345,32 +479,46 @@ static int final_state(struct ferry_save *s, bool postcopy,
 					  do_complete, 0, err);
 	if (!r)
 		s->stats.t_iterable_done = ferry__mono_ns();
-	/* A device that also sends buffers from its own thread gets its FULL
-	 * section only after that thread is done: its configuration must load
-	 * after all of its data (the destination also waits for the device's
-	 * load thread before loading it). The others go first, while the
-	 * threads still run. */
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
 		if (!ferry__dev_iterable(d) && d->ops->save_state &&
 		    !d->ops->save_complete_thread)
 			r = write_section(s, FERRY_REC_SECTION_FULL, d,
 					  do_state, 0, err);
-	for (unsigned i = 0; i < started; i++) {
-		pthread_join(sinks[i].thread, NULL);
-		if (sinks[i].ret && !r) {
+	if (!batch)
+		goto out;
+	ferry__pool_wait(s->ctx, batch);
+	batch = NULL;
+	for (unsigned i = 0; i < n && !r; i++)
+		if (sinks[i].ret) {
 			ferry_error_propagate(err, &sinks[i].err);
 			r = ferry_error_prefix(err, "device '%s' instance %u "
 					       "(complete in thread): ",
 					       sinks[i].dev->idstr,
 					       sinks[i].dev->instance);
 		}
+	/* Every buffer on the channels is written before DEVSTATE_DONE, and
+	 * the destination syncs there too: then a count that does not add
+	 * up means a buffer was lost, not that it is late. */
+	if (!r && mf)
+		r = ferry_multifd_send_sync(mf, err);
+	if (!r) {
+		if (!(list = devstate_list(sinks, n, true, &len))) {
+			r = ferry_error_set(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+		r = devstate_done(s, mf != NULL, list, len, err);
+		free(list);
 	}
-	free(sinks);
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
 		if (!ferry__dev_iterable(d) && d->ops->save_state &&
 		    d->ops->save_complete_thread)
 			r = write_section(s, FERRY_REC_SECTION_FULL, d,
 					  do_state, 0, err);
+out:
+	/* On an early failure the threads still run: they hold the sinks. */
+	ferry__pool_wait(s->ctx, batch);
+	free(sinks);
+	free(args);
 	return r;
 }
 
@@ -392,12 +540,12 @@ int ferry__save_complete(struct ferry_save *s,
 	for (unsigned round = 0; !r && round < SWITCHOVER_MAX_ROUNDS; round++) {
 		uint64_t must, can;
 
-		ferry_save_pending(s, true, &must, &can);
+		pending_of(s, true, false, &must, &can);
 		if (!round)
 			s->stats.t_final_sync = ferry__mono_ns();
 		if (!(must + can))
 			break;
-		r = ferry_save_round(s, SWITCHOVER_CHUNK, err);
+		r = round_of(s, SWITCHOVER_CHUNK, false, err);
 	}
 	if (!r)
 		r = final_state(s, false, err);

@@ -113,6 +113,9 @@ enum ferry_phase {
 	FERRY_PHASE_REMAINING_RAM,   /* "remaining-ram": the last dirty pages */
 	FERRY_PHASE_DEVICE_SAVE,     /* "device-save": non-iterable state */
 	FERRY_PHASE_TRANSFER,        /* "transfer": the stream's tail in flight */
+	FERRY_PHASE_DEVICE_DATA,     /* "device-data": device load threads
+					finishing data the stream had sent */
+	FERRY_PHASE_DEVICE_CONFIG,   /* "device-config": devices' config state */
 	FERRY_PHASE_DEVICE_LOAD,     /* "device-load": non-iterable load */
 	FERRY_PHASE_HANDSHAKE,       /* "handshake": LOADED, GO */
 	FERRY_PHASE_RESUME,          /* "resume": vCPUs running again */
@@ -371,6 +374,21 @@ struct ferry_mig_info {
 	uint64_t postcopy_blocktime_ms;
 	uint64_t postcopy_faults;        /* destination: faults read */
 	bool postcopy;                   /* this migration switched to postcopy */
+	/* Devices that send state in buffers (save_complete_thread, e.g.
+	 * VFIO-style devices). Source: bytes of their sections before the
+	 * switchover and of their sections and buffers during it.
+	 * Destination: bytes of buffers received, and load times. */
+	uint64_t devstate_precopy_bytes, devstate_switchover_bytes;
+	unsigned ndevices;
+	struct ferry_mig_dev_info {
+		char id[FERRY_IDSTR_MAX + 1];
+		uint32_t instance;
+		uint64_t precopy_bytes, switchover_bytes;
+		double data_load_ms;     /* destination: in load_buffer */
+		double config_load_ms;   /* destination: in load_config */
+	} devices[16];
+	/* Source, capability switchover-ack: the destination's ack came. */
+	bool switchover_acked;
 };
 
 FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info);
@@ -392,6 +410,7 @@ FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info)
  *   "stall-postcopy" destination: its return path falls silent for
  *                    longer than peer-timeout during postcopy, then speaks
  *                    again (a stalled process)
+ *   "lose-switchover-ack" destination: never send the switchover ack
  * -EINVAL for an unknown point.
  */
 FERRY_API int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,

@@ -111,6 +111,19 @@ struct ferry_dev_ops {
 	/* Thread: load thread. Phase: after the load, success or failure.
 	 * Idempotent and safe when load_setup never ran. */
 	void (*load_cleanup)(void *opaque);
+
+	/* Thread: the load thread, the one that may change the memory map
+	 * (never a device load thread). Phase: incoming, after every buffer
+	 * the device sent before it was applied by load_buffer. The device's
+	 * config state: the buffer its save_complete_thread sent with
+	 * ferry_devstate_send_config(). @buf belongs to the library. */
+	int (*load_config)(void *opaque, const void *buf, size_t len,
+			   struct ferry_error *err);
+	/* Thread: load thread. Phase: load setup, when the source uses
+	 * capability switchover-ack. Return true if the source must not stop
+	 * the VM before this device approves (ferry_load_switchover_ack),
+	 * typically once it has loaded its initial precopy data. */
+	bool (*switchover_ack_needed)(void *opaque);
 };
 
 /* ---- context and registry --------------------------------------------- */
@@ -149,10 +162,18 @@ FERRY_API char *ferry_ctx_describe_json(struct ferry_ctx *ctx, bool pretty);
 /* ---- device state over parallel channels ------------------------------ */
 
 /* Thread-safe: callable only from save_complete_thread. @buf is copied or
- * written before return. Returns 0 or -errno. */
+ * written before return. The buffers go on the main stream or on the
+ * multifd channels (parameter device-state-channel); the destination gets
+ * them in order, in load_buffer. Returns 0 or -errno. */
 FERRY_API int ferry_devstate_send(struct ferry_devstate_sink *sink,
 				  const void *buf, size_t len,
 				  struct ferry_error *err);
+/* The same for the device's config state, its last buffer: the destination
+ * loads it with load_config, on its load thread, after all the device's
+ * data. Nothing may be sent after it. */
+FERRY_API int ferry_devstate_send_config(struct ferry_devstate_sink *sink,
+					 const void *buf, size_t len,
+					 struct ferry_error *err);
 
 /* ---- saving ----------------------------------------------------------- */
 
@@ -227,6 +248,11 @@ struct ferry_cmd_msg {
 		uint32_t ping;
 		uint32_t peer_timeout_ms;  /* OPEN_RETURN_PATH (0 = v1, none) */
 		uint32_t status;           /* POSTCOPY_END */
+		uint32_t agree;            /* AGREE: FERRY_AGREE_* flags */
+		uint32_t devstate_done;    /* DEVSTATE_DONE: its flags; with
+					      FERRY_DEVSTATE_DONE_MULTIFD the
+					      handler must sync the channels
+					      (ferry_multifd_recv_sync) */
 		uint64_t run_digest;       /* POSTCOPY_RUN: the source's device
 					      digest (0: not sent); checked by
 					      the library before on_command */
@@ -248,6 +274,20 @@ struct ferry_load_stats {
 	uint64_t device_load_ns;  /* time inside FULL sections' load hooks */
 	uint64_t device_digest;   /* see ferry_save_stats.device_digest */
 	uint64_t bytes;           /* stream bytes read */
+	/* Device state in buffers (save_complete_thread / load_buffer). */
+	uint64_t devstate_bytes;     /* buffers received, every device */
+	uint64_t devstate_wait_ns;   /* the load waited for load threads to
+					apply data the stream had finished */
+	uint64_t devstate_config_ns; /* inside load_config hooks */
+};
+
+/* One device's buffers, as delivered to ferry_load_opts.device_stats. */
+struct ferry_load_dev_stats {
+	const char *idstr;
+	uint32_t instance;
+	uint64_t buffers, bytes;
+	uint64_t data_ns;         /* inside load_buffer, summed */
+	uint64_t config_ns;       /* inside load_config */
 };
 
 struct ferry_load_opts {
@@ -274,6 +314,22 @@ struct ferry_load_opts {
 	int (*device_load_begin)(void *opaque, struct ferry_error *err);
 	int (*device_load_end)(void *opaque, int result,
 			       struct ferry_error *err);
+	/* Per device taking buffers: at most this many buffers and bytes
+	 * queued before the reader waits for the device's load thread
+	 * (0 = 64 buffers, 64 MiB). */
+	uint32_t max_queued_buffers;
+	uint64_t max_queued_bytes;
+	/* Load config buffers only after every iterable section has ended;
+	 * otherwise each as soon as its device's data is in. */
+	bool load_config_after_iter;
+	/* Capability switchover-ack (the source's AGREE command): called
+	 * once every device whose switchover_ack_needed said so has called
+	 * ferry_load_switchover_ack() (at once if none). Thread: whichever
+	 * approved last, or the load thread. */
+	void (*switchover_ack)(void *opaque);
+	/* At the end of the load, for every device that received buffers.
+	 * Thread: the load thread. */
+	void (*device_stats)(void *opaque, const struct ferry_load_dev_stats *st);
 };
 
 /*
@@ -285,6 +341,30 @@ struct ferry_load_opts {
 FERRY_API int ferry_load(struct ferry_ctx *ctx, struct ferry_chan *in,
 			 const struct ferry_load_opts *opts,
 			 struct ferry_error *err);
+
+/*
+ * Destination, any thread: buffer @seq of device @idstr/@instance, received
+ * out of band (a multifd channel, ferry_multifd_params.devstate_seq), for
+ * the load running on @ctx. Buffers may come in any order, from several
+ * threads at once; the device's load thread applies them in order. Blocks
+ * while the device's queue is full (max_queued_buffers / bytes). @config:
+ * the device's config state (its last buffer). Returns 0, -ECANCELED if no
+ * load runs or it failed, or the error that fails the load (a duplicate or
+ * impossible index).
+ */
+FERRY_API int ferry_load_devstate(struct ferry_ctx *ctx, const char *idstr,
+				  uint32_t instance, uint32_t seq, bool config,
+				  const void *buf, size_t len,
+				  struct ferry_error *err);
+
+/*
+ * Destination, any thread (typically the device's load_state hook):
+ * @idstr/@instance, a device whose switchover_ack_needed returned true, has
+ * what it needs before the switchover (capability switchover-ack).
+ * Idempotent. -ENOENT when no load runs or the device did not ask.
+ */
+FERRY_API int ferry_load_switchover_ack(struct ferry_ctx *ctx,
+					const char *idstr, uint32_t instance);
 
 /* ---- return path -------------------------------------------------------- */
 
@@ -302,6 +382,8 @@ enum ferry_rp_shut_value {
 				     on one host, where monotonic clocks agree */
 	FERRY_SHUT_T_LOADED,      /* dest CLOCK_MONOTONIC ns: LOADED sent */
 	FERRY_SHUT_T_GO,          /* dest CLOCK_MONOTONIC ns: GO read */
+	FERRY_SHUT_DEVSTATE_WAIT_NS,  /* ferry_load_stats.devstate_wait_ns */
+	FERRY_SHUT_DEVSTATE_CONFIG_NS,/* ferry_load_stats.devstate_config_ns */
 	FERRY_SHUT__MAX
 };
 

@@ -66,6 +66,8 @@ extern "C" {
 #define FERRY_MULTIFD_FLAG_SYNC         0x01u /* sync point; no pages */
 #define FERRY_MULTIFD_FLAG_COMP_MASK    0x3eu /* compression kind << 1 */
 #define FERRY_MULTIFD_FLAG_DEVICE_STATE 0x40u /* device state, not RAM */
+/* With DEVICE_STATE: the device's config state, its last buffer. */
+#define FERRY_MULTIFD_FLAG_DEVICE_CONFIG 0x80u
 
 #define FERRY_MULTIFD_MAX_CHANNELS 16u
 #define FERRY_MULTIFD_PACKET_PAGES_DEFAULT 128u  /* 512 KiB of 4 KiB pages */
@@ -113,6 +115,15 @@ struct ferry_multifd_params {
 	/* Source: a channel write that makes no progress for this long fails
 	 * the migration (a destination that stopped reading); 0 = no limit. */
 	uint32_t timeout_ms;
+	/* Destination, instead of devstate: every device-state buffer as it
+	 * arrives, with its per-device index @seq and @flags (0 or
+	 * FERRY_MULTIFD_FLAG_DEVICE_CONFIG); the callee orders them (e.g.
+	 * ferry_load_devstate()). Runs in the channel threads, concurrently;
+	 * it may block (backpressure: that channel stops reading). @buf is
+	 * valid only during the call. */
+	int (*devstate_seq)(void *opaque, const char *idstr, uint32_t instance,
+			    uint32_t seq, uint32_t flags, const void *buf,
+			    size_t len, struct ferry_error *err);
 };
 
 struct ferry_multifd_chan_stats {
@@ -191,11 +202,12 @@ FERRY_API int ferry_multifd_send_sync(struct ferry_multifd *m,
 				      struct ferry_error *err);
 /* Source, any thread: one device-state buffer (copied before return) as a
  * DEVICE_STATE packet on some channel; per (idstr, instance) the buffers are
- * numbered from 0 and delivered in that order. */
+ * numbered from 0 and delivered in that order. @flags: 0, or
+ * FERRY_MULTIFD_FLAG_DEVICE_CONFIG for the device's last buffer. */
 FERRY_API int ferry_multifd_send_devstate(struct ferry_multifd *m,
 					  const char *idstr, uint32_t instance,
-					  const void *buf, size_t len,
-					  struct ferry_error *err);
+					  uint32_t flags, const void *buf,
+					  size_t len, struct ferry_error *err);
 
 /* Destination, load thread: wait until every channel has reached its next
  * SYNC (everything before it applied), then release them. */

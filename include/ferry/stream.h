@@ -51,6 +51,8 @@ enum ferry_record_type {
 	FERRY_REC_COMMAND = 0x08,       /* control command, see ferry_cmd */
 	FERRY_REC_DEVSTATE = 0x09,      /* device-state buffer (complete-in-thread) */
 	FERRY_REC_PAGE = 0x0a,          /* postcopy preempt channel: one page */
+	FERRY_REC_DEVSTATE_CONFIG = 0x0b, /* as DEVSTATE: the device's config
+					     state, its last buffer */
 	FERRY_REC_RETURN = 0x20,        /* return-path message, see ferry_rp */
 };
 
@@ -69,7 +71,9 @@ enum ferry_cmd {
 	FERRY_CMD_POSTCOPY_RUN = 5,     /* empty, or be64 the device digest */
 	FERRY_CMD_POSTCOPY_DISCARD = 6, /* str8 block, be32 n, n x (be64 start, be64 len) */
 	FERRY_CMD_PACKAGED = 7,         /* nested records, ending with EOF */
-	FERRY_CMD_SWITCHOVER_START = 8, /* empty */
+	FERRY_CMD_SWITCHOVER_START = 8, /* empty, or be32 n, n x (str8 idstr,
+					   be32 instance): the devices whose
+					   final state follows in buffers */
 	/* Version 2, live streams with a return path: */
 	FERRY_CMD_HEARTBEAT = 9,        /* empty; the source is alive */
 	FERRY_CMD_SWITCHOVER_GO = 10,   /* empty, after EOF: run the VM */
@@ -78,6 +82,11 @@ enum ferry_cmd {
 	FERRY_CMD_POSTCOPY_END = 12,    /* be32 status (0): every page was sent */
 	FERRY_CMD_POSTCOPY_RESUME = 13, /* empty: first command of a stream that
 					   resumes a paused postcopy */
+	/* Device state in buffers (docs/stream-format.md, "Device state"): */
+	FERRY_CMD_DEVSTATE_DONE = 14,   /* be32 flags, be32 n, n x (str8 idstr,
+					   be32 instance, be32 buffers sent) */
+	FERRY_CMD_AGREE = 15,           /* be32 flags (FERRY_AGREE_*): settings
+					   both sides must share, at setup */
 	FERRY_CMD__MAX
 };
 
@@ -100,6 +109,17 @@ enum ferry_rp {
 	FERRY_RP_RESUME_ACK = 9,     /* empty: every RECV_BITMAP was sent */
 	FERRY_RP__MAX
 };
+
+/* FERRY_CMD_DEVSTATE_DONE flags: the buffers went over multifd, and a
+ * sync point on every channel follows the last of them. */
+#define FERRY_DEVSTATE_DONE_MULTIFD 0x1u
+
+/* FERRY_CMD_AGREE flags. */
+#define FERRY_AGREE_DEVSTATE_MULTIFD 0x1u /* device state over multifd */
+#define FERRY_AGREE_SWITCHOVER_ACK   0x2u /* capability switchover-ack */
+#define FERRY_AGREE_DEVSTATE_BUFFERS 0x4u /* some device sends its final
+					     state in buffers */
+#define FERRY_AGREE__KNOWN           0x7u
 
 /* Limits on command payloads received from the wire. */
 #define FERRY_DISCARD_MAX_RANGES (1u << 20)

@@ -463,7 +463,7 @@ static void *ds_send_main(void *arg)
 		memcpy(buf, v, 8);
 		for (size_t k = 8; k < len; k++)
 			buf[k] = (uint8_t)(i + k);
-		if (ferry_multifd_send_devstate(s->m, "dev", s->dev, buf, len, &err))
+		if (ferry_multifd_send_devstate(s->m, "dev", s->dev, 0, buf, len, &err))
 			FAIL("send_devstate: %s", err.msg);
 	}
 	free(buf);
@@ -548,7 +548,7 @@ TEST(multifd_devstate_in_order)
 	ASSERT_EQ(st.devstate_packets, DS_DEVS * DS_BUFS);
 	ASSERT_EQ(st.syncs, 1);
 	/* Oversized buffers are refused at the source, not on the wire. */
-	ASSERT_ERR(ferry_multifd_send_devstate(src, "dev", 0, dummy_block,
+	ASSERT_ERR(ferry_multifd_send_devstate(src, "dev", 0, 0, dummy_block,
 					       FERRY_MULTIFD_DEVSTATE_MAX + 1ull,
 					       NULL), -EMSGSIZE);
 	ferry_multifd_free(src);

@@ -32,6 +32,16 @@ static int h_query_status(void *opaque, json_t *args, json_t **ret,
 	return 0;
 }
 
+/* device-verify: every bulk device checks its stamps. */
+static int h_device_verify(void *opaque, json_t *args, json_t **ret,
+			   struct ferry_error *err)
+{
+	(void)args;
+	(void)err;
+	*ret = json_pack("{s:o}", "devices", vm_bulk_verify(opaque));
+	return 0;
+}
+
 static int h_stop(void *opaque, json_t *args, json_t **ret,
 		  struct ferry_error *err)
 {
@@ -187,6 +197,36 @@ static void postcopy_fields(json_t *o, const struct ferry_mig_info *i)
 	}
 }
 
+/* Devices with state in buffers: "device-state" and the "devices" list. */
+static void device_fields(json_t *o, const struct ferry_mig_info *i)
+{
+	json_t *list;
+
+	if (!i->ndevices && !i->devstate_switchover_bytes)
+		return;
+	json_object_set_new(o, "device-state", json_pack("{s:I, s:I}",
+		"precopy-bytes", (json_int_t)i->devstate_precopy_bytes,
+		"switchover-bytes", (json_int_t)i->devstate_switchover_bytes));
+	list = json_array();
+	for (unsigned k = 0; k < i->ndevices; k++) {
+		const struct ferry_mig_dev_info *d = &i->devices[k];
+		json_t *e = json_pack("{s:s, s:i, s:I, s:I}", "id", d->id,
+				      "instance", (int)d->instance,
+				      "precopy-bytes", (json_int_t)d->precopy_bytes,
+				      "switchover-bytes",
+				      (json_int_t)d->switchover_bytes);
+
+		if (i->incoming) {
+			json_object_set_new(e, "data-load-ms",
+					    json_real(d->data_load_ms));
+			json_object_set_new(e, "config-load-ms",
+					    json_real(d->config_load_ms));
+		}
+		json_array_append_new(list, e);
+	}
+	json_object_set_new(o, "devices", list);
+}
+
 static int h_migrate_cancel(void *opaque, json_t *args, json_t **ret,
 			    struct ferry_error *err)
 {
@@ -221,6 +261,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 			json_object_set_new(o, "total-time",
 				json_integer((json_int_t)i.total_time_ms));
 			postcopy_fields(o, &i);
+			device_fields(o, &i);
 		}
 		*ret = o;
 		return 0;
@@ -238,6 +279,9 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 		json_object_set_new(o, "cpu-throttle-percentage",
 				    json_integer(i.throttle_pct));
 		postcopy_fields(o, &i);
+		device_fields(o, &i);
+		if (i.switchover_acked)
+			json_object_set_new(o, "switchover-acked", json_true());
 		/* Postcopy knows its downtime as soon as the destination runs. */
 		if (i.status == FERRY_MIG_COMPLETED ||
 		    (i.status == FERRY_MIG_POSTCOPY_ACTIVE && i.downtime_ns)) {
@@ -571,6 +615,7 @@ int vm_control_start(struct vm *vm, struct ferry_error *err)
 		{ "query-guest", h_query_guest },
 		{ "guest-verify", h_guest_verify },
 		{ "query-ram-digest", h_ram_digest },
+		{ "device-verify", h_device_verify },
 		{ "migrate", h_migrate },
 		{ "migrate-cancel", h_migrate_cancel },
 		{ "migrate-start-postcopy", h_migrate_start_postcopy },

@@ -10,8 +10,11 @@
 
 #include "vm/vm.h"
 
+#include <jansson.h>
+
 struct control;
 struct memmap;
+struct vm_bulk;
 struct virtio_dev;
 
 struct vm {
@@ -40,6 +43,8 @@ struct vm {
 	struct memmap_region *ram_region;
 	struct virtio_dev **virtio;
 	unsigned nvirtio;
+	struct vm_bulk **bulk;         /* --device bulk (vm-bulk.c) */
+	unsigned nbulk;
 
 	struct control *control;
 
@@ -75,6 +80,12 @@ int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 void vm_set_throttle(struct vm *vm, unsigned pct);
 void vm_throttle_stop(struct vm *vm);
 int vm_devices_create(struct vm *vm, struct ferry_error *err);
+/* Bulk devices (vm-bulk.c): create and register, free, follow the run
+ * state (vm->lock held), verify into a JSON list for device-verify. */
+int vm_bulk_create(struct vm *vm, struct ferry_error *err);
+void vm_bulk_destroy(struct vm *vm);
+void vm_bulk_run_state(struct vm *vm, enum ferry_run_state to);
+json_t *vm_bulk_verify(struct vm *vm);
 void vm_devices_destroy(struct vm *vm);
 
 #endif

@@ -84,6 +84,8 @@ void vm_set_run_state(struct vm *vm, enum ferry_run_state to)
 	vm->run_state = to;
 	vm_trace(vm, "run state %s -> %s", ferry_run_state_name(from),
 		 ferry_run_state_name(to));
+	if (to == FERRY_RUN_RUNNING || from == FERRY_RUN_RUNNING)
+		vm_bulk_run_state(vm, to);
 	if (vm->control) {
 		json_t *d = json_pack("{s:s, s:s}", "status", ferry_run_state_name(to),
 				      "from", ferry_run_state_name(from));
@@ -473,7 +475,7 @@ struct vm *vm_create(const struct vm_config *cfg, struct ferry_error *err)
 	if (ferry_register_vmstate(vm->ctx, &serial_vmsd, 0, &vm->serial, err) ||
 	    ferry_register_vmstate(vm->ctx, &timer_vmsd, 0, &vm->timer, err))
 		goto fail;
-	if (vm_devices_create(vm, err))
+	if (vm_devices_create(vm, err) || vm_bulk_create(vm, err))
 		goto fail;
 	/* The memory map exists only now (devices register after the vCPUs,
 	 * in stream order): from here on KVM's memslots follow it. */
@@ -507,6 +509,7 @@ void vm_destroy(struct vm *vm)
 	if (vm->be && vm->be_priv)
 		vm->be->destroy(vm->be_priv);
 	vm_devices_destroy(vm);
+	vm_bulk_destroy(vm);
 	ferry_ctx_free(vm->ctx);
 	ferry_ram_free(vm->ram_dev);
 	if (vm->ram)

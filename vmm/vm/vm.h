@@ -26,6 +26,14 @@ struct vm_workload {
 	uint64_t rate_mbps;   /* 0 = flat out */
 };
 
+/* --device bulk,size=SIZE[,dirty-rate=MBPS][,precopy=on|off] */
+#define VM_MAX_BULK 8u
+struct vm_bulk_spec {
+	uint64_t size;
+	uint64_t dirty_rate;          /* MB/s, 0 = never changes */
+	bool precopy;
+};
+
 struct vm_config {
 	uint64_t mem;                 /* bytes of guest RAM */
 	unsigned vcpus;
@@ -38,6 +46,8 @@ struct vm_config {
 	bool memfd;                   /* memfd-backed RAM instead of anonymous */
 	bool postcopy;                /* capability postcopy-ram from the start */
 	bool prealloc;                /* fault in all guest RAM at creation */
+	struct vm_bulk_spec bulk[VM_MAX_BULK];
+	unsigned nbulk;
 };
 
 /* Run states are libferry's (enum ferry_run_state, QEMU's names): the
@@ -45,6 +55,9 @@ struct vm_config {
 int vm_parse_workload(const char *spec, struct vm_workload *wl,
 		      struct ferry_error *err);
 int vm_parse_size(const char *s, uint64_t *out);
+/* Add one --device spec to @cfg (vm-bulk.c). */
+int vm_parse_device(const char *spec, struct vm_config *cfg,
+		    struct ferry_error *err);
 
 struct vm;
 
