@@ -36,12 +36,19 @@
 #define DSQ_MAX_AHEAD (1u << 20)
 
 struct dsq_buf {
-	struct dsq_buf *next;       /* sorted by seq */
+	struct dsq_buf *next;       /* sorted by seq, or the free list */
 	uint32_t seq;
 	bool config;
-	size_t len;
+	size_t len, cap;
 	uint8_t data[];
 };
+
+/* Spare buffers kept for reuse, at most this many: enough for a full queue
+ * per device and one in flight per channel. Why: on this kind of host,
+ * memory the kernel hands out fresh costs a page fault per 4 KiB (about
+ * 0.3-1 GB/s), and a malloc'd MiB freed in another thread goes back to the
+ * kernel often enough to make that the bottleneck of a device's load. */
+#define DSQ_SPARE_MAX 96u
 
 struct dsq_dev {
 	struct ferry__dsq *q;
@@ -77,7 +84,47 @@ struct ferry__dsq {
 	bool closed;                    /* lock: finish has begun */
 	int error;                      /* lock: first failure, or 0 */
 	struct ferry_error err;         /* lock: its message */
+	struct dsq_buf *spare;          /* lock: buffers to reuse */
+	unsigned nspare;                /* lock */
 };
+
+/* A buffer for @len bytes: a spare one if it fits. Lock not held. */
+static struct dsq_buf *buf_get(struct ferry__dsq *q, size_t len)
+{
+	struct dsq_buf *b = NULL, **pp;
+
+	ferry__mutex_lock(&q->lock);
+	for (pp = &q->spare; *pp; pp = &(*pp)->next)
+		if ((*pp)->cap >= len) {
+			b = *pp;
+			*pp = b->next;
+			q->nspare--;
+			break;
+		}
+	ferry__mutex_unlock(&q->lock);
+	if (!b) {
+		b = malloc(sizeof(*b) + len);
+		if (!b)
+			return NULL;
+		b->cap = len;
+	}
+	b->len = len;
+	return b;
+}
+
+/* Give @b back for reuse (or free it). Lock held. */
+static void buf_put_locked(struct ferry__dsq *q, struct dsq_buf *b)
+{
+	if (!b)
+		return;
+	if (q->nspare >= DSQ_SPARE_MAX || q->closed) {
+		free(b);
+		return;
+	}
+	b->next = q->spare;
+	q->spare = b;
+	q->nspare++;
+}
 
 static void fail_locked(struct ferry__dsq *q, int code, const char *fmt, ...)
 	FERRY_PRINTF(3, 4);
@@ -179,9 +226,9 @@ static void *dsq_main(void *arg)
 
 		t0 = ferry__mono_ns();
 		r = e->dev->ops->load_buffer(e->dev->opaque, b->data, b->len, &err);
-		free(b);
 
 		ferry__mutex_lock(&q->lock);
+		buf_put_locked(q, b);
 		e->st.t_applied = ferry__mono_ns();
 		e->st.data_ns += e->st.t_applied - t0;
 		e->busy = false;
@@ -288,12 +335,11 @@ int ferry__dsq_push(struct ferry__dsq *q, const char *idstr, uint32_t instance,
 			"instance %u, which %s", idstr, instance,
 			ferry__find_dev(q->ctx, idstr, instance) ?
 			"takes no buffers" : "does not exist here");
-	b = malloc(sizeof(*b) + len);
+	b = buf_get(q, len);
 	if (!b)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	b->seq = seq;
 	b->config = config;
-	b->len = len;
 	memcpy(b->data, buf, len);
 
 	ferry__mutex_lock(&q->lock);
@@ -351,8 +397,8 @@ int ferry__dsq_push(struct ferry__dsq *q, const char *idstr, uint32_t instance,
 		ferry_error_set(err, r, "%s", q->error ? q->err.msg : "closed");
 	else if (r && (!err || !err->code))
 		ferry_error_propagate(err, &q->err);
+	buf_put_locked(q, b);
 	ferry__mutex_unlock(&q->lock);
-	free(b);
 	return r;
 }
 
@@ -467,9 +513,9 @@ int ferry__dsq_configs(struct ferry__dsq *q, bool wait, struct ferry_error *err)
 		t0 = ferry__mono_ns();
 		r = ready->dev->ops->load_config(ready->dev->opaque, b->data,
 						 b->len, &e2);
-		free(b);
 
 		ferry__mutex_lock(&q->lock);
+		buf_put_locked(q, b);
 		ready->st.config_ns += ferry__mono_ns() - t0;
 		ready->config_loaded = true;
 		if (r) {
@@ -543,6 +589,12 @@ void ferry__dsq_free(struct ferry__dsq *q)
 	if (!q)
 		return;
 	ferry__dsq_finish(q, 0, NULL);
+	while (q->spare) {
+		struct dsq_buf *b = q->spare;
+
+		q->spare = b->next;
+		free(b);
+	}
 	pthread_mutex_destroy(&q->lock);
 	pthread_cond_destroy(&q->cond);
 	free(q->devs);

@@ -486,6 +486,12 @@ static int final_state(struct ferry_save *s, bool postcopy,
 					  do_state, 0, err);
 	if (!batch)
 		goto out;
+	/* Put what we wrote on the wire before waiting for the threads: a
+	 * multifd sync point in the END sections holds the destination's
+	 * channels (and so the threads' buffers) until it reads the matching
+	 * flush on the main stream. */
+	if (!r)
+		r = flush_out(s, err);
 	ferry__pool_wait(s->ctx, batch);
 	batch = NULL;
 	for (unsigned i = 0; i < n && !r; i++)
