@@ -45,6 +45,7 @@ struct migrate_opts {
 	bool postcopy;            /* switch to postcopy at once */
 	bool postcopy_preempt;
 	long long postcopy_after; /* s of precopy before switching; -1 none */
+	const char *device_state_channel; /* "main" | "multifd", or NULL */
 };
 
 /* Help text for the flags above (for a command's usage()). */

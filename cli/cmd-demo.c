@@ -87,6 +87,9 @@ static void usage(FILE *f)
 "  --workload SPEC      as for 'ferry vm' (default dirty,ws=256M,rate=0)\n"
 "  --backend B          kvm | thread | auto (default auto: KVM if usable)\n"
 "  --timeout SEC        give up after SEC seconds (default %d)\n"
+"  --device SPEC        a device with large state on both VMs, as for\n"
+"                       'ferry vm --device' (repeatable); the proof adds\n"
+"                       its digests and its own stamp check\n"
 "%s"
 "  -h, --help           this text\n"
 "\n"
@@ -189,15 +192,27 @@ static bool report_if_dead(struct child *c)
 }
 
 /* fork + exec this same binary as `ferry vm ARGS...`, output to c->log. */
+/* Append "--device SPEC" pairs at @n; returns the new count. */
+static unsigned add_devices(char **args, unsigned n, const char *const *spec,
+			    unsigned nspec)
+{
+	for (unsigned i = 0; i < nspec; i++) {
+		args[n++] = "--device";
+		args[n++] = (char *)spec[i];
+	}
+	args[n] = NULL;
+	return n;
+}
+
 static int spawn_vm(struct child *c, char *const *args)
 {
-	char *argv[32];
+	char *argv[48];
 	int n = 0, logfd;
 	pid_t pid, parent = getpid();
 
 	argv[n++] = "ferry";
 	argv[n++] = "vm";
-	while (*args && n < 31)
+	while (*args && n < 47)
 		argv[n++] = *args++;
 	argv[n] = NULL;
 
@@ -508,6 +523,9 @@ struct proof {
 	long long bad_pages;              /* -1: not run */
 	bool verified;
 	bool early_digest;                /* postcopy: equal while faulting */
+	unsigned ndev;                    /* --device: devices checked */
+	bool devices_equal;               /* their digests, both sides */
+	long long device_bad;             /* bad chunks, both sides summed */
 };
 
 /*
@@ -635,6 +653,10 @@ static void print_report(const char *backend, const char *mem,
 		printf("  %-22s %s\n", "",
 		       "(taken after the switchover with both VMs stopped: not part of the downtime)");
 	}
+	if (p->ndev)
+		printf("  %-22s %u, state digests %s, bad chunks %lld\n",
+		       "devices", p->ndev, p->devices_equal ? "equal" : "DIFFER",
+		       p->device_bad);
 	if (p->early_digest)
 		printf("  %-22s %s\n", "during postcopy",
 		       "the destination's digest, taken while its pages were "
@@ -667,6 +689,10 @@ static void print_json(const char *backend, const char *mem,
 			"not part of the downtime"));
 	if (p->verify)
 		json_object_set(o, "guest-verify", p->verify);
+	if (p->ndev)
+		json_object_set_new(o, "device-verify", json_pack("{s:i, s:b, s:I}",
+			"devices", (int)p->ndev, "equal", p->devices_equal,
+			"bad-chunks", (json_int_t)p->device_bad));
 	json_object_set_new(o, "demo", json_pack("{s:s, s:s, s:s, s:s?}",
 		"backend", backend, "mem", mem, "workload", workload,
 		"source-status", p->src_status[0] ? p->src_status : NULL));
@@ -683,6 +709,48 @@ static void print_json(const char *backend, const char *mem,
 /* ---- the command ---------------------------------------------------------------- */
 
 /* After a completed migration: the checks that make it "verified". */
+/* --device: each device's stamps check out on both sides, and its state
+ * digest is the same (both VMs stopped: the destination is paused). */
+static int prove_devices(struct child *src, struct child *dst,
+			 struct proof *p)
+{
+	json_t *a = NULL, *b = NULL, *la, *lb;
+	int r = -1;
+
+	if (vm_call(src, "device-verify", NULL, &a, 60000) ||
+	    vm_call(dst, "device-verify", NULL, &b, 60000))
+		goto out;
+	la = json_object_get(a, "devices");
+	lb = json_object_get(b, "devices");
+	if (json_array_size(la) != p->ndev || json_array_size(lb) != p->ndev) {
+		cli_err("demo: device-verify lists %zu and %zu devices, not %u",
+			json_array_size(la), json_array_size(lb), p->ndev);
+		goto out;
+	}
+	p->devices_equal = true;
+	p->device_bad = 0;
+	for (unsigned i = 0; i < p->ndev; i++) {
+		json_t *x = json_array_get(la, i), *y = json_array_get(lb, i);
+		const char *dx = json_string_value(json_object_get(x, "digest"));
+		const char *dy = json_string_value(json_object_get(y, "digest"));
+
+		p->device_bad += json_integer_value(json_object_get(x, "bad-chunks")) +
+				 json_integer_value(json_object_get(y, "bad-chunks"));
+		if (!dx || !dy || strcmp(dx, dy)) {
+			cli_err("demo: device %u's state differs: source %s, "
+				"destination %s", i, dx ? dx : "?", dy ? dy : "?");
+			p->devices_equal = false;
+		}
+	}
+	if (p->device_bad)
+		cli_err("demo: %lld bad chunks in the devices' state", p->device_bad);
+	r = p->devices_equal && !p->device_bad ? 0 : -1;
+out:
+	json_decref(a);
+	json_decref(b);
+	return r;
+}
+
 static int prove(struct child *src, struct child *dst, struct proof *p)
 {
 	char st[32];
@@ -733,6 +801,8 @@ static int prove(struct child *src, struct child *dst, struct proof *p)
 			p->src_digest, p->dst_digest);
 		return -1;
 	}
+	if (p->ndev && prove_devices(src, dst, p))
+		return -1;
 
 	/* Now let the guest run where it landed and check its own work. */
 	/* A dirtying guest must carry on writing; idle and finished fill
@@ -774,6 +844,8 @@ int cmd_demo(int argc, char **argv)
 	struct proof p = { .gen_before = -1, .bad_pages = -1 };
 	const char *mem = "1G", *workload = "dirty,ws=256M,rate=0";
 	const char *backend = "auto", *timeout_arg = NULL, *tmp, *error = NULL;
+	const char *devspec[VM_MAX_BULK];
+	unsigned ndevspec = 0;
 	char dir[4096] = "", uri[64];
 	json_t *final = NULL;
 	long long timeout_s = DEFAULT_TIMEOUT_S, g0 = 0, g1 = 0;
@@ -804,6 +876,9 @@ int cmd_demo(int argc, char **argv)
 			dstp = &backend;
 		else if (!strcmp(a, "--timeout") || !strncmp(a, "--timeout=", 10))
 			dstp = &timeout_arg;
+		else if ((!strcmp(a, "--device") || !strncmp(a, "--device=", 9)) &&
+			 ndevspec < VM_MAX_BULK)
+			dstp = &devspec[ndevspec++];
 		if (!dstp) {
 			cli_err("demo: %s '%s'", a[0] == '-' ? "unknown option" :
 				"unexpected argument", a);
@@ -850,6 +925,15 @@ int cmd_demo(int argc, char **argv)
 	}
 	if (migrate_check_opts(&o, "demo"))
 		return 2;
+	for (unsigned i = 0; i < ndevspec; i++) {
+		struct vm_config dummy = { 0 };
+
+		if (vm_parse_device(devspec[i], &dummy, &err)) {
+			cli_err("demo: --device: %s", err.msg);
+			return 2;
+		}
+	}
+	p.ndev = ndevspec;
 	postcopy = o.postcopy || o.postcopy_preempt || o.postcopy_after >= 0;
 
 	/* Resolve the backend once, so both VMs use the same one and the
@@ -890,10 +974,11 @@ int cmd_demo(int argc, char **argv)
 	fprintf(stderr, "demo: starting the source VM (%s, %s, workload %s)\n",
 		backend, mem, workload);
 	{
-		char *args[] = { "--control", src.sock, "--backend", (char *)backend,
-				 "--mem", (char *)mem, "--workload", (char *)workload,
-				 NULL };
+		char *args[12 + 2 * VM_MAX_BULK] = { "--control", src.sock,
+			"--backend", (char *)backend, "--mem", (char *)mem,
+			"--workload", (char *)workload };
 
+		add_devices(args, 8, devspec, ndevspec);
 		if (spawn_vm(&src, args) || connect_vm(&src))
 			goto out;
 	}
@@ -915,9 +1000,18 @@ int cmd_demo(int argc, char **argv)
 	snprintf(uri, sizeof(uri), "tcp:127.0.0.1:%d", port);
 	fprintf(stderr, "demo: starting the destination VM (incoming on %s)\n", uri);
 	{
-		char *args[] = { "--control", dst.sock, "--backend", (char *)backend,
-				 "--mem", (char *)mem, "--incoming", uri, "--paused",
-				 postcopy ? "--postcopy" : NULL, NULL };
+		char *args[14 + 2 * VM_MAX_BULK] = { "--control", dst.sock,
+			"--backend", (char *)backend, "--mem", (char *)mem,
+			"--incoming", uri, "--paused" };
+		unsigned n = add_devices(args, 9, devspec, ndevspec);
+
+		/* Settings the destination must have before it listens. */
+		if (o.device_state_channel) {
+			args[n++] = "--device-state-channel";
+			args[n++] = (char *)o.device_state_channel;
+		}
+		if (postcopy)
+			args[n++] = "--postcopy";
 
 		if (spawn_vm(&dst, args) || connect_vm(&dst) ||
 		    wait_listening(&dst, port))

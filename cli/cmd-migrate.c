@@ -55,6 +55,9 @@ const char migrate_opts_help[] =
 "  --postcopy-after S   switch to postcopy if precopy has not converged\n"
 "                       after S seconds\n"
 "  --postcopy-preempt   requested pages on a connection of their own\n"
+"  --device-state-channel C  main | multifd: where devices with large state\n"
+"                       send it at the switchover (the destination must say\n"
+"                       the same: 'ferry vm --device-state-channel C')\n"
 "  --no-progress        no progress display\n"
 "  --json               print the final query-migrate object as JSON\n";
 
@@ -177,6 +180,13 @@ int migrate_parse_opt(struct migrate_opts *o, const char *cmd, int argc,
 			return -1;
 		}
 		o->postcopy_after = n;
+	} else if (opt_is("--device-state-channel", argc, argv, i, &v)) {
+		if (!v || (strcmp(v, "main") && strcmp(v, "multifd"))) {
+			cli_err("%s: --device-state-channel is main or multifd, "
+				"got '%s'", cmd, v ? v : "");
+			return -1;
+		}
+		o->device_state_channel = v;
 	} else if (opt_is("--no-progress", argc, argv, i, NULL)) {
 		o->no_progress = true;
 	} else if (opt_is("--json", argc, argv, i, NULL)) {
@@ -253,6 +263,9 @@ int migrate_apply(int fd, const struct migrate_opts *o, struct ferry_error *err)
 	if (o->compression)
 		json_object_set_new(params, "multifd-compression",
 				    json_string(o->compression));
+	if (o->device_state_channel)
+		json_object_set_new(params, "device-state-channel",
+				    json_string(o->device_state_channel));
 	if (o->downtime_limit >= 0)
 		json_object_set_new(params, "downtime-limit",
 				    json_integer(o->downtime_limit));
@@ -643,6 +656,21 @@ void migrate_print_stats(FILE *f, json_t *m)
 	if (jnum(ram, "multifd-bytes", &v)) {
 		fmt_bytes(b, sizeof(b), v);
 		fprintf(f, "  %-22s %s\n", "multifd bytes", b);
+	}
+	{
+		json_t *ds = json_object_get(m, "device-state");
+		double pre, sw;
+
+		if (jnum(ds, "precopy-bytes", &pre) &&
+		    jnum(ds, "switchover-bytes", &sw)) {
+			char b2[32];
+
+			fmt_bytes(b, sizeof(b), pre);
+			fmt_bytes(b2, sizeof(b2), sw);
+			fprintf(f, "  %-22s %s before, %s at the switchover "
+				"(%zu devices)\n", "device state", b, b2,
+				json_array_size(json_object_get(m, "devices")));
+		}
 	}
 	if (jnum(m, "cpu-throttle-percentage", &v) && v > 0)
 		fprintf(f, "  %-22s %.0f%%\n", "cpu throttle", v);

@@ -26,6 +26,9 @@ static void usage(FILE *f)
 "  --device bulk,size=SIZE[,dirty-rate=MBPS][,precopy=on|off]\n"
 "                      a device with SIZE bytes of internal state (VFIO-style\n"
 "                      migration; repeatable; precopy on by default)\n"
+"  --device-state-channel C  main | multifd: where those devices' final state\n"
+"                      goes (parameter device-state-channel; default multifd;\n"
+"                      the same on both sides)\n"
 "  --control PATH      QMP-style control socket (see 'ferry ctl')\n"
 "  --incoming URI      load the VM from URI (file:PATH, tcp:HOST:PORT,\n"
 "                      unix:PATH, fd:N) instead of booting it\n"
@@ -59,6 +62,7 @@ int cmd_vm(int argc, char **argv)
 		{ "workload", required_argument, NULL, 'w' },
 		{ "devices", required_argument, NULL, 'd' },
 		{ "device", required_argument, NULL, 'D' },
+		{ "device-state-channel", required_argument, NULL, 'Y' },
 		{ "control", required_argument, NULL, 'S' },
 		{ "incoming", required_argument, NULL, 'i' },
 		{ "paused", no_argument, NULL, 'p' },
@@ -114,6 +118,13 @@ int cmd_vm(int argc, char **argv)
 				cli_err("vm: --device: %s", err.msg);
 				return 2;
 			}
+			break;
+		case 'Y':
+			if (strcmp(optarg, "main") && strcmp(optarg, "multifd")) {
+				cli_err("vm: --device-state-channel is main or multifd");
+				return 2;
+			}
+			cfg.device_state_channel = optarg;
 			break;
 		case 'S': cfg.control = optarg; break;
 		case 'i': cfg.incoming = optarg; break;

@@ -84,6 +84,8 @@ struct ferry__dsq {
 	bool closed;                    /* lock: finish has begun */
 	int error;                      /* lock: first failure, or 0 */
 	struct ferry_error err;         /* lock: its message */
+	void (*on_fail)(void *arg);     /* immutable once loading */
+	void *on_fail_arg;
 	struct dsq_buf *spare;          /* lock: buffers to reuse */
 	unsigned nspare;                /* lock */
 };
@@ -141,6 +143,14 @@ static void fail_locked(struct ferry__dsq *q, int code, const char *fmt, ...)
 	va_end(ap);
 	q->err.code = code;
 	pthread_cond_broadcast(&q->cond);
+	if (q->on_fail)
+		q->on_fail(q->on_fail_arg);
+}
+
+void ferry__dsq_on_fail(struct ferry__dsq *q, void (*fn)(void *arg), void *arg)
+{
+	q->on_fail = fn;
+	q->on_fail_arg = arg;
 }
 
 struct ferry__dsq *ferry__dsq_new(struct ferry_ctx *ctx, unsigned max_buffers,
@@ -565,9 +575,10 @@ int ferry__dsq_finish(struct ferry__dsq *q, int r, struct ferry_error *err)
 		e->nbuf = 0;
 		e->bytes = 0;
 	}
-	/* -ECANCELED means something stopped because the set failed: the
-	 * set's error is the real one. */
-	if (q->error && (!r || r == -ECANCELED)) {
+	/* A device's failure is the root cause of whatever else failed: the
+	 * channels that fed it stop (-ECANCELED), the source cuts the
+	 * stream, and the load thread sees the stream break. */
+	if (q->error) {
 		ferry_error_clear(err);
 		ferry_error_propagate(err, &q->err);
 		r = q->error;

@@ -40,6 +40,10 @@ struct ferry__dsq_stats {
  * @max_buffers buffers and @max_bytes bytes queued (0 = defaults). */
 struct ferry__dsq *ferry__dsq_new(struct ferry_ctx *ctx, unsigned max_buffers,
 				  size_t max_bytes, struct ferry_error *err);
+/* Called once when the set fails (from the failing thread, with the set's
+ * lock held: it must not call into the set), so the stream's reader stops
+ * waiting for a source that waits for us. */
+void ferry__dsq_on_fail(struct ferry__dsq *q, void (*fn)(void *arg), void *arg);
 
 /* SWITCHOVER_START named @idstr/@instance: its final state follows in
  * buffers. Starts its load thread. */
@@ -80,8 +84,8 @@ int ferry__dsq_configs(struct ferry__dsq *q, bool wait, struct ferry_error *err)
 /* Fail the set from outside: every waiter returns -ECANCELED. */
 void ferry__dsq_fail(struct ferry__dsq *q, int code, const char *why);
 
-/* Close every queue, join every load thread; returns @r, or the first
- * device error when @r is 0 or -ECANCELED (the real cause). */
+/* Close every queue, join every load thread; returns @r, or the set's
+ * first error if it has one (the root cause of anything else failing). */
 int ferry__dsq_finish(struct ferry__dsq *q, int r, struct ferry_error *err);
 
 /* Figures of device @i (false past the last). Only after finish. */

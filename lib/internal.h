@@ -265,9 +265,11 @@ void ferry__ram_set_multifd_provider(struct ferry_ram *ram,
  * (ferry_record_io_release).
  */
 struct ferry__load_hooks {
-	/* Postcopy: the package failed to load while the listen thread reads
-	 * the stream. Make that thread's read return (the engine tells the
-	 * source first that the VM did not run here). Load thread. */
+	/* Make the stream's reader return: postcopy's package failed to
+	 * load while the listen thread reads the stream (the engine tells
+	 * the source first that the VM did not run here; load thread), or a
+	 * device's load thread failed (any thread, holding the device-state
+	 * queues' lock: it must not call into them). */
 	void (*stop_listen)(void *opaque);
 	/* Postcopy: the listen thread's stream broke (@why). Return 0 with
 	 * @io moved onto a new connection (recovered: read on), 1 if the

@@ -1003,6 +1003,10 @@ int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
 	for (struct ferry_dev *d = ctx->devs; d; d = d->next)
 		L.slots[i++].dev = d;
 	L.nslots = i;
+	/* A device that fails in its load thread stops the stream's reader
+	 * too: the source may be waiting for us to read. */
+	if (hooks && hooks->stop_listen)
+		ferry__dsq_on_fail(L.dsq, hooks->stop_listen, hooks->opaque);
 	ferry__mutex_lock(&ctx->load_lock);
 	if (ctx->loader) {
 		ferry__mutex_unlock(&ctx->load_lock);

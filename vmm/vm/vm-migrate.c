@@ -143,6 +143,14 @@ int vm_migration_init(struct vm *vm, struct ferry_error *err)
 		if (r)
 			return r;
 	}
+	if (vm->cfg.device_state_channel) {
+		struct ferry_setting ch = { .name = "device-state-channel",
+					    .s = vm->cfg.device_state_channel };
+		int r = ferry_mig_set(vm->mig, &ch, 1, err);
+
+		if (r)
+			return r;
+	}
 	if (!in)
 		return 0;
 	/* Waiting for (or loading) its state from here on, as QEMU's

@@ -48,6 +48,7 @@ struct vm_config {
 	bool prealloc;                /* fault in all guest RAM at creation */
 	struct vm_bulk_spec bulk[VM_MAX_BULK];
 	unsigned nbulk;
+	const char *device_state_channel; /* "main" | "multifd", or NULL */
 };
 
 /* Run states are libferry's (enum ferry_run_state, QEMU's names): the
