@@ -69,6 +69,8 @@ struct dsq_dev {
 	uint32_t expect;
 	bool thread_started;
 	pthread_t thread;
+	pthread_cond_t work;            /* its head became applicable */
+	pthread_cond_t space;           /* its queue shrank */
 	struct ferry__dsq_stats st;
 };
 
@@ -80,7 +82,12 @@ struct ferry__dsq {
 	unsigned ndevs;
 
 	pthread_mutex_t lock;
-	pthread_cond_t cond;            /* every change, broadcast */
+	/* Who waits where (one waiter kind per variable, so a wake-up never
+	 * goes to threads that have nothing to do: futex wake-ups are dear
+	 * under nested virtualisation): the load thread of the stream on
+	 * main (a config ready, a buffer applied, a failure), each device's
+	 * load thread on its work, the threads pushing to it on its space. */
+	pthread_cond_t main;
 	bool closed;                    /* lock: finish has begun */
 	int error;                      /* lock: first failure, or 0 */
 	struct ferry_error err;         /* lock: its message */
@@ -131,6 +138,16 @@ static void buf_put_locked(struct ferry__dsq *q, struct dsq_buf *b)
 static void fail_locked(struct ferry__dsq *q, int code, const char *fmt, ...)
 	FERRY_PRINTF(3, 4);
 
+/* A failure or the close: every waiter must look. */
+static void wake_all_locked(struct ferry__dsq *q)
+{
+	pthread_cond_broadcast(&q->main);
+	for (unsigned i = 0; i < q->ndevs; i++) {
+		pthread_cond_broadcast(&q->devs[i].work);
+		pthread_cond_broadcast(&q->devs[i].space);
+	}
+}
+
 static void fail_locked(struct ferry__dsq *q, int code, const char *fmt, ...)
 {
 	va_list ap;
@@ -142,7 +159,7 @@ static void fail_locked(struct ferry__dsq *q, int code, const char *fmt, ...)
 	vsnprintf(q->err.msg, sizeof(q->err.msg), fmt, ap);
 	va_end(ap);
 	q->err.code = code;
-	pthread_cond_broadcast(&q->cond);
+	wake_all_locked(q);
 	if (q->on_fail)
 		q->on_fail(q->on_fail_arg);
 }
@@ -182,7 +199,11 @@ struct ferry__dsq *ferry__dsq_new(struct ferry_ctx *ctx, unsigned max_buffers,
 	q->max_buffers = max_buffers ? max_buffers : DSQ_MAX_BUFFERS_DEFAULT;
 	q->max_bytes = max_bytes ? max_bytes : DSQ_MAX_BYTES_DEFAULT;
 	pthread_mutex_init(&q->lock, NULL);
-	pthread_cond_init(&q->cond, NULL);
+	pthread_cond_init(&q->main, NULL);
+	for (unsigned i = 0; i < q->ndevs; i++) {
+		pthread_cond_init(&q->devs[i].work, NULL);
+		pthread_cond_init(&q->devs[i].space, NULL);
+	}
 	return q;
 }
 
@@ -216,7 +237,7 @@ static void *dsq_main(void *arg)
 		int r;
 
 		while (!applicable_locked(e) && !q->closed && !q->error)
-			pthread_cond_wait(&q->cond, &q->lock);
+			pthread_cond_wait(&e->work, &q->lock);
 		if (q->closed || q->error)
 			break;
 		b = e->head;
@@ -227,11 +248,11 @@ static void *dsq_main(void *arg)
 		if (b->config) {
 			/* The stream's load thread loads it (ferry__dsq_configs). */
 			e->config = b;
-			pthread_cond_broadcast(&q->cond);
+			pthread_cond_signal(&q->main);
 			continue;
 		}
 		e->busy = true;
-		pthread_cond_broadcast(&q->cond);
+		pthread_cond_broadcast(&e->space);
 		ferry__mutex_unlock(&q->lock);
 
 		t0 = ferry__mono_ns();
@@ -247,7 +268,7 @@ static void *dsq_main(void *arg)
 				    "buffer %u: %s", e->dev->idstr,
 				    e->dev->instance, e->next_apply - 1,
 				    err.code ? err.msg : "load_buffer failed");
-		pthread_cond_broadcast(&q->cond);
+		pthread_cond_signal(&q->main);
 	}
 	ferry__mutex_unlock(&q->lock);
 	return NULL;
@@ -378,7 +399,7 @@ int ferry__dsq_push(struct ferry__dsq *q, const char *idstr, uint32_t instance,
 		 * top of the file). */
 		if (!over || seq == e->next_apply)
 			break;
-		pthread_cond_wait(&q->cond, &q->lock);
+		pthread_cond_wait(&e->space, &q->lock);
 	}
 	if (r) {
 		fail_locked(q, r, "device '%s' instance %u: %s", idstr, instance,
@@ -401,7 +422,8 @@ int ferry__dsq_push(struct ferry__dsq *q, const char *idstr, uint32_t instance,
 		}
 		if (!e->thread_started)
 			r = start_locked(q, e, err);
-		pthread_cond_broadcast(&q->cond);
+		if (applicable_locked(e))
+			pthread_cond_signal(&e->work);
 	}
 	if (r == -ECANCELED)
 		ferry_error_set(err, r, "%s", q->error ? q->err.msg : "closed");
@@ -421,7 +443,7 @@ int ferry__dsq_drain(struct ferry__dsq *q, const struct ferry_dev *dev)
 		return 0;
 	ferry__mutex_lock(&q->lock);
 	while ((applicable_locked(e) || e->busy) && !q->error && !q->closed)
-		pthread_cond_wait(&q->cond, &q->lock);
+		pthread_cond_wait(&q->main, &q->lock);
 	r = q->error ? -ECANCELED : 0;
 	ferry__mutex_unlock(&q->lock);
 	return r;
@@ -471,7 +493,7 @@ int ferry__dsq_expect(struct ferry__dsq *q, const char *idstr,
 	}
 	e->have_expect = true;
 	e->expect = count;
-	pthread_cond_broadcast(&q->cond);
+	pthread_cond_signal(&q->main);
 out:
 	ferry__mutex_unlock(&q->lock);
 	return r;
@@ -513,7 +535,7 @@ int ferry__dsq_configs(struct ferry__dsq *q, bool wait, struct ferry_error *err)
 				break;
 			/* One wait for all of them: whichever is ready first
 			 * loads first. */
-			pthread_cond_wait(&q->cond, &q->lock);
+			pthread_cond_wait(&q->main, &q->lock);
 			continue;
 		}
 		b = ready->config;
@@ -556,7 +578,7 @@ int ferry__dsq_finish(struct ferry__dsq *q, int r, struct ferry_error *err)
 {
 	ferry__mutex_lock(&q->lock);
 	q->closed = true;
-	pthread_cond_broadcast(&q->cond);
+	wake_all_locked(q);
 	ferry__mutex_unlock(&q->lock);
 	for (unsigned i = 0; i < q->ndevs; i++) {
 		struct dsq_dev *e = &q->devs[i];
@@ -607,7 +629,11 @@ void ferry__dsq_free(struct ferry__dsq *q)
 		free(b);
 	}
 	pthread_mutex_destroy(&q->lock);
-	pthread_cond_destroy(&q->cond);
+	pthread_cond_destroy(&q->main);
+	for (unsigned i = 0; i < q->ndevs; i++) {
+		pthread_cond_destroy(&q->devs[i].work);
+		pthread_cond_destroy(&q->devs[i].space);
+	}
 	free(q->devs);
 	free(q);
 }

@@ -10,10 +10,9 @@
  *     expect (DEVSTATE_DONE), configs, finish, free;
  *   - any thread, concurrently: push (multifd channel threads, through
  *     ferry_load_devstate()), fail.
- * One mutex guards everything in a set; one condition variable carries
- * every change (a buffer queued or applied, a config ready, a failure, the
- * close), so the load thread waits for "some device is ready" in one wait,
- * whatever order the devices finish in.
+ * One mutex guards everything in a set; the load thread waits for "some
+ * device is ready" on one condition variable, in one wait, whatever order
+ * the devices finish in (devstate.c: who waits on which).
  */
 #ifndef FERRY_DEVSTATE_H
 #define FERRY_DEVSTATE_H

@@ -3,8 +3,8 @@
  * (devices/bulk.h, a VFIO-style model) wired to libferry the way QEMU's
  * VFIO migration is wired to its migration core.
  *
- * Stream items. Every section payload and every buffer of a bulk device is
- * a sequence of items, each a be64 marker and its body:
+ * Stream items. Every section payload of a bulk device, and its config
+ * buffer, is a sequence of items, each a be64 marker and its body:
  *   DEV_DATA        be32 length, one record of the device's staged buffer
  *   INIT_DATA_SENT  (empty) the precopy sweep sent every initial byte
  *   CONFIG_STATE    be32 length, the device's config blob
@@ -16,10 +16,10 @@
  *             then what the device dirtied), on the main stream;
  *   switchover the VM's stop moves the device PRE_COPY -> STOP_COPY (or
  *             RUNNING -> STOP -> STOP_COPY without precopy), then its
- *             save_complete_thread, on a libferry pool thread, reads the
- *             rest as buffers (main stream or multifd: the engine's
- *             device-state-channel) and sends the config blob last, with
- *             ferry_devstate_send_config;
+ *             save_complete_thread, on a libferry pool thread, sends the
+ *             rest, one staged record per buffer (main stream or multifd:
+ *             the engine's device-state-channel), and the config items
+ *             last, with ferry_devstate_send_config;
  *   destination RESUMING from load setup; records are written as they come
  *             (sections on the load thread, buffers on the device's load
  *             thread); the config loads last, on the load thread, and the
@@ -263,38 +263,47 @@ static int b_save_complete(struct ferry_chan *c, void *opaque,
 	return 0;
 }
 
+/*
+ * The rest of the device's state, at the switchover: the VFIO v1 sequence
+ * (pending_bytes, data_offset stages a record, data_size), each record
+ * sent straight from the device's region when it can be mapped (a plain
+ * read into our buffer otherwise), then the config blob.
+ */
 static int b_save_thread(struct ferry_devstate_sink *sink, void *opaque,
 			 struct ferry_error *err)
 {
 	struct vm_bulk *vb = opaque;
-	size_t cap = 8 + BULK_REC_MAX;
-	uint8_t *buf = malloc(cap);
+	struct bulk_dev *d = vb->dev;
 	int r = 0;
 
-	if (!buf)
-		return ferry_error_set(err, -ENOMEM, "out of memory");
 	/* The VM's stop moved the device to STOP_COPY (vm_bulk_run_state):
 	 * from here its state no longer changes. */
-	if (bulk_get_state(vb->dev) != BULK_STOP_COPY)
-		r = bulk_set_state(vb->dev, BULK_STOP_COPY, err);
-	for (;;) {
-		size_t len = 0;
+	if (bulk_get_state(d) != BULK_STOP_COPY)
+		r = bulk_set_state(d, BULK_STOP_COPY, err);
+	pthread_mutex_lock(&vb->lock);
+	while (!r) {
+		uint64_t pending = 0, off = 0, size = 0;
+		const uint8_t *map;
+		size_t maplen = 0;
 
-		if (r)
+		if ((r = bulk_read_pending_bytes(d, &pending, err)) || !pending)
 			break;
-		pthread_mutex_lock(&vb->lock);
-		r = bulk_save_chunk(vb->dev, buf + 8, cap - 8, &len, err);
-		pthread_mutex_unlock(&vb->lock);
-		if (r || !len)
+		if ((r = bulk_read_data_offset(d, &off, err)) ||
+		    (r = bulk_read_data_size(d, &size, err)) || !size)
 			break;
-		/* A buffer is one DEV_DATA item without the length: the
-		 * buffer's own length says it. */
-		be64(buf, MARK_DEV_DATA);
-		r = ferry_devstate_send(sink, buf, 8 + len, err);
+		map = bulk_region_map(d, &maplen);
+		if (map && off <= maplen && size <= maplen - off) {
+			r = ferry_devstate_send(sink, map + off, size, err);
+		} else {
+			r = bulk_region_read(d, off, vb->rec, size, err);
+			if (!r)
+				r = ferry_devstate_send(sink, vb->rec, size, err);
+		}
 	}
+	pthread_mutex_unlock(&vb->lock);
 	if (!r) {
 		uint8_t cfg[8 + 4 + 256 + 8];
-		size_t n = bulk_config_save(vb->dev, cfg + 12, 256);
+		size_t n = bulk_config_save(d, cfg + 12, 256);
 
 		if (!n) {
 			r = ferry_error_set(err, -EIO, "bulk %u: no config state",
@@ -306,7 +315,6 @@ static int b_save_thread(struct ferry_devstate_sink *sink, void *opaque,
 			r = ferry_devstate_send_config(sink, cfg, 12 + n + 8, err);
 		}
 	}
-	free(buf);
 	return r;
 }
 
@@ -345,51 +353,34 @@ static int b_load_state(struct ferry_chan *c, void *opaque, uint32_t version,
 	return load_items(opaque, c, false, err);
 }
 
-static int b_load_mem(struct vm_bulk *vb, const void *buf, size_t len,
-		      bool config, struct ferry_error *err)
+/* A data buffer is one record, as the device staged it. */
+static int b_load_buffer(void *opaque, const void *buf, size_t len,
+			 struct ferry_error *err)
 {
+	struct vm_bulk *vb = opaque;
+	int r;
+
+	pthread_mutex_lock(&vb->lock);
+	r = bulk_load_chunk(vb->dev, buf, len, err);
+	pthread_mutex_unlock(&vb->lock);
+	return r;
+}
+
+/* The config buffer: CONFIG_STATE and END_OF_STATE items. */
+static int b_load_config(void *opaque, const void *buf, size_t len,
+			 struct ferry_error *err)
+{
+	struct vm_bulk *vb = opaque;
 	struct ferry_chan *c = ferry_chan_new_mem_reader(buf, len);
 	int r;
 
 	if (!c)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
-	if (!config) {
-		/* DEV_DATA marker, then the record (its length is ours). */
-		uint64_t mark = ferry_get_be64(c);
-
-		r = ferry_chan_error(c, err);
-		if (!r && mark != MARK_DEV_DATA)
-			r = ferry_error_set(err, -EBADMSG, "bulk %u: buffer "
-				"without a DEV_DATA marker", vb->index);
-		if (!r) {
-			size_t n = ferry_chan_mem_remaining(c);
-
-			pthread_mutex_lock(&vb->lock);
-			r = bulk_load_chunk(vb->dev, (const uint8_t *)buf + 8, n,
-					    err);
-			pthread_mutex_unlock(&vb->lock);
-		}
-	} else {
-		r = load_items(vb, c, true, err);
-		/* Every byte and the config are in: the device stops
-		 * resuming, and runs when the VM does. */
-		if (!r)
-			r = bulk_set_state(vb->dev, BULK_STOP, err);
-	}
+	r = load_items(vb, c, true, err);
 	ferry_chan_free(c);
-	return r;
-}
-
-static int b_load_buffer(void *opaque, const void *buf, size_t len,
-			 struct ferry_error *err)
-{
-	return b_load_mem(opaque, buf, len, false, err);
-}
-
-static int b_load_config(void *opaque, const void *buf, size_t len,
-			 struct ferry_error *err)
-{
-	return b_load_mem(opaque, buf, len, true, err);
+	/* Every byte and the config are in: the device stops resuming, and
+	 * runs when the VM does. */
+	return r ? r : bulk_set_state(vb->dev, BULK_STOP, err);
 }
 
 static bool b_ack_needed(void *opaque)

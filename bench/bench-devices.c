@@ -1,0 +1,224 @@
+/*
+ * bench/bench-devices.c - devices with large state (`ferry vm --device
+ * bulk,...`, VFIO-style) migrated over loopback: 1, 2 and 4 devices of
+ * 512 MiB, their state on the main channel or on multifd with per-device
+ * load threads, several runs each. Prints the downtime and its phases as
+ * min/median/max, and the device-state throughput at the switchover next
+ * to the link's measured limit.
+ *
+ * The devices run without precopy (precopy=off): all of their state moves
+ * while the guest is stopped, the case where it dominates the downtime (a
+ * NIC or GPU whose driver has no precopy support). Once more with precopy
+ * and devices that keep changing, the usual case. The guest dirties
+ * 64 MiB at 100 MB/s throughout.
+ *
+ * The link's limit: one TCP connection over loopback, 1 MiB writes, 1 GiB
+ * (what the main channel is); and two (what multifd gets with 2 channels).
+ * Both ends run on this machine's 2 cores, as the VMs do.
+ *
+ * Usage: bench-devices [FERRY_BINARY] [RUNS] [ONLY]
+ */
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "benchvm.h"
+#include "ferry/engine.h"
+#include "vm/backend.h"
+
+#define LINK_BYTES (1ull << 30)
+#define LINK_CHUNK (1u << 20)
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void *sink_main(void *arg)
+{
+	int fd = *(int *)arg;
+	char *buf = malloc(LINK_CHUNK);
+
+	while (buf && read(fd, buf, LINK_CHUNK) > 0)
+		;
+	free(buf);
+	return NULL;
+}
+
+struct blast {
+	int fd;
+	uint64_t bytes;
+};
+
+static void *blast_main(void *arg)
+{
+	struct blast *b = arg;
+	char *buf = calloc(1, LINK_CHUNK);
+
+	for (uint64_t sent = 0; buf && sent < b->bytes;) {
+		ssize_t n = write(b->fd, buf, LINK_CHUNK);
+
+		if (n <= 0)
+			break;
+		sent += (uint64_t)n;
+	}
+	free(buf);
+	shutdown(b->fd, SHUT_WR);
+	return NULL;
+}
+
+/* Bytes/s over @nconn loopback TCP connections, LINK_BYTES in all. */
+static double link_limit(int nconn)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET,
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t al = sizeof(a);
+	int l = socket(AF_INET, SOCK_STREAM, 0), c[4], s[4];
+	pthread_t rt[4], wt[4];
+	struct blast b[4];
+	double t0, t1;
+
+	if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof(a)) ||
+	    listen(l, 8) || getsockname(l, (struct sockaddr *)&a, &al))
+		die("link: listen");
+	for (int i = 0; i < nconn; i++) {
+		c[i] = socket(AF_INET, SOCK_STREAM, 0);
+		if (connect(c[i], (struct sockaddr *)&a, sizeof(a)))
+			die("link: connect");
+		s[i] = accept(l, NULL, NULL);
+		if (s[i] < 0)
+			die("link: accept");
+		pthread_create(&rt[i], NULL, sink_main, &s[i]);
+	}
+	t0 = now_s();
+	for (int i = 0; i < nconn; i++) {
+		b[i] = (struct blast){ .fd = c[i], .bytes = LINK_BYTES / nconn };
+		pthread_create(&wt[i], NULL, blast_main, &b[i]);
+	}
+	for (int i = 0; i < nconn; i++) {
+		pthread_join(wt[i], NULL);
+		pthread_join(rt[i], NULL);
+	}
+	t1 = now_s();
+	for (int i = 0; i < nconn; i++) {
+		close(c[i]);
+		close(s[i]);
+	}
+	close(l);
+	return (double)LINK_BYTES / (t1 - t0);
+}
+
+static double jnum(json_t *o, const char *k)
+{
+	return json_number_value(json_object_get(o, k));
+}
+
+static void bench(const char *backend, unsigned ndev, const char *channel,
+		  bool precopy, int runs, double limit)
+{
+	double down[MAXRUNS], tput[MAXRUNS], total[MAXRUNS],
+	       ph[FERRY_PHASE__MAX][MAXRUNS];
+
+	for (int r = 0; r < runs; r++) {
+		char devs[512] = "", args[1024];
+		int port = free_port();
+		struct vmp s, d;
+		double sw, dev_ms;
+		json_t *m;
+
+		for (unsigned i = 0; i < ndev; i++)
+			snprintf(devs + strlen(devs), sizeof(devs) - strlen(devs),
+				 " --device bulk,size=512M%s", precopy ?
+				 ",dirty-rate=20" : ",precopy=off");
+		snprintf(args, sizeof(args), "--backend %s --mem 256M --workload "
+			 "dirty,ws=64M,rate=100 --device-state-channel %s%s",
+			 backend, channel, devs);
+		spawn(&s, "src", args);
+		snprintf(args, sizeof(args), "--backend %s --mem 256M "
+			 "--device-state-channel %s%s --incoming "
+			 "tcp:127.0.0.1:%d", backend, channel, devs, port);
+		spawn(&d, "dst", args);
+		wait_workload(&s, "dirty,ws=64M,rate=100", 256u << 20);
+		snprintf(args, sizeof(args), "tcp:127.0.0.1:%d", port);
+		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
+		m = wait_completed(&s);
+		total[r] = jnum(m, "total-time");
+		down[r] = jnum(m, "downtime-us") / 1000.0;
+		for (int i = 0; i < FERRY_PHASE__MAX; i++)
+			ph[i][r] = jnum(json_object_get(m, "downtime-phases"),
+					ferry_phase_name(i));
+		/* Device state at the switchover over the time it took: from
+		 * the guest's stop to the destination having loaded it. */
+		sw = jnum(json_object_get(m, "device-state"), "switchover-bytes");
+		dev_ms = ph[FERRY_PHASE_DEVICE_SAVE][r] + ph[FERRY_PHASE_TRANSFER][r] +
+			 ph[FERRY_PHASE_DEVICE_DATA][r] +
+			 ph[FERRY_PHASE_DEVICE_CONFIG][r];
+		tput[r] = dev_ms > 0 ? sw / (dev_ms / 1000.0) / 1e6 : 0;
+		json_decref(m);
+		quit(&s);
+		quit(&d);
+	}
+	printf("%s %u x 512 MiB device%s, %s, state on the %s channel%s "
+	       "(%d runs)\n", backend, ndev, ndev > 1 ? "s" : "",
+	       precopy ? "precopy, changing at 20 MB/s" : "no precopy",
+	       channel, !strcmp(channel, "multifd") ?
+	       "s (2) with load threads" : "", runs);
+	stat3("total time", total, runs, "ms");
+	stat3("downtime", down, runs, "ms");
+	for (int i = 0; i < FERRY_PHASE__MAX; i++)
+		stat3(ferry_phase_name(i), ph[i], runs, "ms");
+	if (!precopy) {
+		double med;
+
+		stat3("device state rate", tput, runs, "MB/s");
+		med = tput[runs / 2];   /* stat3 sorted it */
+		printf("  %-22s %.2fx the device state rate (target: at "
+		       "most 1.3x)\n", "link limit", med > 0 ? limit / 1e6 / med : 0);
+	}
+	fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+	static const unsigned ndevs[] = { 1, 2, 4 };
+	static const char *const chans[] = { "main", "multifd" };
+	const char *backend, *only = NULL;
+	double l1, l2;
+	char why[300];
+	int runs = 3;
+
+	bench_start(argc, argv, "bench-devices", &runs, &only);
+	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
+	if (strcmp(backend, "kvm"))
+		printf("(KVM unusable: %s; thread backend)\n", why);
+	l1 = link_limit(1);
+	l2 = link_limit(2);
+	printf("link limit (loopback TCP, 1 GiB in 1 MiB writes): 1 connection "
+	       "%.0f MB/s, 2 connections %.0f MB/s\n", l1 / 1e6, l2 / 1e6);
+	for (size_t n = 0; n < 3; n++)
+		for (int c = 0; c < 2; c++) {
+			char label[64];
+
+			snprintf(label, sizeof(label), "%ux %s", ndevs[n], chans[c]);
+			if (!only || strstr(label, only))
+				bench(backend, ndevs[n], chans[c], false, runs,
+				      c ? l2 : l1);
+		}
+	for (int c = 0; c < 2; c++) {
+		char label[64];
+
+		snprintf(label, sizeof(label), "4x %s precopy", chans[c]);
+		if (!only || strstr(label, only))
+			bench(backend, 4, chans[c], true, runs, c ? l2 : l1);
+	}
+	return bench_end();
+}
