@@ -200,9 +200,11 @@ FERRY_API int ferry_multifd_queue_page(struct ferry_multifd *m, unsigned block,
  * channel, and wait until all of them are written. */
 FERRY_API int ferry_multifd_send_sync(struct ferry_multifd *m,
 				      struct ferry_error *err);
-/* Source, any thread: one device-state buffer (copied before return) as a
- * DEVICE_STATE packet on some channel; per (idstr, instance) the buffers are
- * numbered from 0 and delivered in that order. @flags: 0, or
+/* Source, any thread: one device-state buffer as a DEVICE_STATE packet on
+ * some idle channel, written by the calling thread before it returns (no
+ * copy: callers in several threads write on several channels at once);
+ * per (idstr, instance) the buffers are numbered from 0 and delivered in
+ * that order. @flags: 0, or
  * FERRY_MULTIFD_FLAG_DEVICE_CONFIG for the device's last buffer. */
 FERRY_API int ferry_multifd_send_devstate(struct ferry_multifd *m,
 					  const char *idstr, uint32_t instance,
