@@ -369,9 +369,10 @@ static void ack_send(struct loader *L)
 int ferry_load_switchover_ack(struct ferry_ctx *ctx, const char *idstr,
 			      uint32_t instance)
 {
+	void (*fn)(void *) = NULL;
+	void *opaque = NULL;
 	struct loader *L;
 	struct slot *sl;
-	bool due = false;
 	int r = 0;
 
 	ferry__mutex_lock(&ctx->load_lock);
@@ -382,11 +383,16 @@ int ferry_load_switchover_ack(struct ferry_ctx *ctx, const char *idstr,
 	} else if (!sl->ack_given) {
 		sl->ack_given = true;
 		L->acks_left--;
-		due = ack_due_locked(L);
+		/* The load may end as soon as we unlock (this can be any
+		 * thread): take what the call needs now. */
+		if (ack_due_locked(L) && L->opts) {
+			fn = L->opts->switchover_ack;
+			opaque = L->opts->opaque;
+		}
 	}
 	ferry__mutex_unlock(&ctx->load_lock);
-	if (due)
-		ack_send(L);
+	if (fn)
+		fn(opaque);
 	return r;
 }
 

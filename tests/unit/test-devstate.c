@@ -146,8 +146,8 @@ static void *dest_main(void *arg)
 	return NULL;
 }
 
-static void dest_start(struct dest *d, struct qdev *qs, unsigned n,
-		       uint32_t max_buffers)
+static void dest_start2(struct dest *d, struct qdev *qs, unsigned n,
+			uint32_t max_buffers, bool after_iter)
 {
 	struct ferry_error err = { 0 };
 	int p[2];
@@ -162,6 +162,7 @@ static void dest_start(struct dest *d, struct qdev *qs, unsigned n,
 	}
 	d->opts.size = sizeof(d->opts);
 	d->opts.max_queued_buffers = max_buffers;
+	d->opts.load_config_after_iter = after_iter;
 	ASSERT_OK(pipe(p));
 	d->rfd = p[0];
 	d->wfd = p[1];
@@ -169,6 +170,12 @@ static void dest_start(struct dest *d, struct qdev *qs, unsigned n,
 	d->wio.chan = d->w;
 	ASSERT_OK(ferry_stream_write_header(d->w, NULL));
 	ASSERT_OK(pthread_create(&d->thread, NULL, dest_main, d));
+}
+
+static void dest_start(struct dest *d, struct qdev *qs, unsigned n,
+		       uint32_t max_buffers)
+{
+	dest_start2(d, qs, n, max_buffers, false);
 }
 
 static void dest_rec(struct dest *d, uint8_t type, const void *p, size_t n)
@@ -503,6 +510,41 @@ TEST(devstate_ready_device_loads_config_first)
 		ASSERT(qs[i].config_on_load_thread);
 	}
 	ASSERT_LT(qs[1].t_config, qs[0].t_last_apply);
+}
+
+/* A device whose data is all in loads its config at the next record -
+ * unless load_config_after_iter holds it until the iterable sections are
+ * done (DEVSTATE_DONE here). */
+TEST(devstate_config_after_iter)
+{
+	for (int after = 0; after < 2; after++) {
+		struct qdev q = { .name = "q", .nbufs = 8 };
+		struct ferry_error err = { 0 };
+		uint8_t buf[BUF], ping[6] = { 0, FERRY_CMD_PING, 0, 0, 0, 1 };
+		uint32_t count = 9;
+		struct dest d;
+
+		dest_start2(&d, &q, 1, 0, after);
+		dest_list(&d, FERRY_CMD_SWITCHOVER_START, &q, 1, NULL);
+		while (!atomic_load(&q.started))
+			usleep(100);
+		for (uint32_t s = 0; s < 9; s++) {
+			fill(buf, 0, s);
+			ASSERT_OK_E(ferry_load_devstate(d.ctx, "q", 0, s, s == 8,
+				s == 8 ? (void *)"CONF" : buf, s == 8 ? 4 : BUF,
+				&err), err);
+		}
+		/* Let the load thread apply the data, then send a record. */
+		for (int i = 0; i < 2000 && atomic_load(&q.applied) < 8; i++)
+			usleep(1000);
+		usleep(20000);
+		dest_rec(&d, FERRY_REC_COMMAND, ping, sizeof(ping));
+		usleep(50000);
+		ASSERT_EQ(q.config_loaded, !after);
+		dest_list(&d, FERRY_CMD_DEVSTATE_DONE, &q, 1, &count);
+		ASSERT_OK_E(dest_finish(&d), d.err);
+		ASSERT(q.config_loaded && q.config_after_data);
+	}
 }
 
 /* ---- through the migration engine ----------------------------------------- */
