@@ -585,6 +585,9 @@ int ferry__dsq_finish(struct ferry__dsq *q, int r, struct ferry_error *err)
 
 		if (e->thread_started)
 			pthread_join(e->thread, NULL);
+		/* Pushers may still be in ferry__dsq_push (they see the
+		 * close and leave): the queues change under the lock only. */
+		ferry__mutex_lock(&q->lock);
 		e->thread_started = false;
 		while (e->head) {
 			struct dsq_buf *b = e->head;
@@ -596,6 +599,7 @@ int ferry__dsq_finish(struct ferry__dsq *q, int r, struct ferry_error *err)
 		e->config = NULL;
 		e->nbuf = 0;
 		e->bytes = 0;
+		ferry__mutex_unlock(&q->lock);
 	}
 	/* A device's failure is the root cause of whatever else failed: the
 	 * channels that fed it stop (-ECANCELED), the source cuts the

@@ -51,6 +51,8 @@ struct ferry_devstate_sink {
 	struct ferry_multifd *mf;       /* NULL: the main stream */
 	uint32_t seq;                   /* buffers sent (= next index) */
 	bool config_sent;               /* the last one went */
+	uint64_t bytes;                 /* sent; added to the device's count
+					   once the thread is joined */
 	uint8_t prefix[FERRY_IDSTR_MAX + 1 + 12];
 	size_t prefix_len;
 	struct ferry_error err;
@@ -332,7 +334,7 @@ static int devstate_send(struct ferry_devstate_sink *k, bool config,
 	if (!r) {
 		k->seq++;
 		k->config_sent = config;
-		k->dev->sent_switchover += len;
+		k->bytes += len;
 	}
 	return r;
 }
@@ -494,6 +496,8 @@ static int final_state(struct ferry_save *s, bool postcopy,
 		r = flush_out(s, err);
 	ferry__pool_wait(s->ctx, batch);
 	batch = NULL;
+	for (unsigned i = 0; i < n; i++)
+		sinks[i].dev->sent_switchover += sinks[i].bytes;
 	for (unsigned i = 0; i < n && !r; i++)
 		if (sinks[i].ret) {
 			ferry_error_propagate(err, &sinks[i].err);

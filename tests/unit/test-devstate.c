@@ -30,7 +30,8 @@ struct qdev {
 	atomic_uint accepted;         /* by the feeders */
 	unsigned max_backlog;         /* accepted - applied, at worst */
 	bool order_ok, content_ok;
-	bool config_loaded, config_after_data, config_on_load_thread;
+	atomic_bool config_loaded;
+	bool config_after_data, config_on_load_thread;
 	pthread_t load_thread;        /* the thread running ferry_load */
 	uint64_t t_config, t_last_apply;
 };
@@ -86,11 +87,11 @@ static int q_load_config(void *opaque, const void *buf, size_t len,
 	struct qdev *q = opaque;
 
 	(void)err;
-	q->config_loaded = true;
 	q->config_after_data = atomic_load(&q->applied) == q->nbufs;
 	q->config_on_load_thread = pthread_equal(pthread_self(), q->load_thread);
 	q->content_ok = len == 4 && !memcmp(buf, "CONF", 4);
 	q->t_config = mono_ns();
+	atomic_store(&q->config_loaded, true);
 	return 0;
 }
 
@@ -540,7 +541,7 @@ TEST(devstate_config_after_iter)
 		usleep(20000);
 		dest_rec(&d, FERRY_REC_COMMAND, ping, sizeof(ping));
 		usleep(50000);
-		ASSERT_EQ(q.config_loaded, !after);
+		ASSERT_EQ(atomic_load(&q.config_loaded), !after);
 		dest_list(&d, FERRY_CMD_DEVSTATE_DONE, &q, 1, &count);
 		ASSERT_OK_E(dest_finish(&d), d.err);
 		ASSERT(q.config_loaded && q.config_after_data);
