@@ -192,6 +192,7 @@ X(devstate_engine_channel_mismatch_refused, 30)
 X(devstate_engine_load_failure_source_runs, 30)
 X(devstate_switchover_ack_delays_switch, 60)
 X(devstate_switchover_ack_lost_times_out, 30)
+X(devstate_engine_cancel_during_device_state, 30)
 /* ---- bulk device model (tests/unit/test-bulk.c) ---- */
 X(bulk_new_rejects_bad_args, 10)
 X(bulk_fill_verifies_clean, 10)

@@ -559,6 +559,7 @@ TEST(devstate_config_after_iter)
 /* A device with large state on both sides of an engine migration. */
 struct tdev {
 	uint32_t fail_at;             /* destination: load_buffer fails here */
+	unsigned delay_ms;            /* destination: per load_buffer */
 	bool ack_needed;              /* destination: switchover_ack_needed */
 	atomic_uint applied;
 	bool order_ok, config_loaded, config_after_data;
@@ -598,6 +599,8 @@ static int t_load_buffer(void *opaque, const void *buf, size_t len,
 
 	if (t->fail_at && n == t->fail_at)
 		return ferry_error_set(err, -EIO, "injected failure at %u", n);
+	if (t->delay_ms)
+		usleep(t->delay_ms * 1000);
 	if (len != TBUF || w[0] != tword(n, 0) || w[TBUF / 8 - 1] !=
 	    tword(n, TBUF / 8 - 1))
 		t->order_ok = false;
@@ -791,6 +794,38 @@ TEST(devstate_switchover_ack_lost_times_out)
 	ASSERT_EQ(minivm_state(&s), FERRY_RUN_RUNNING);
 	ASSERT_EQ(s.stops, 0);
 	ASSERT_EQ(d.starts, 0);
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
+/* Cancel while the device state moves (a slow destination device, its
+ * queue full, channels waiting): every thread on both sides returns
+ * promptly, the source runs on, the destination never does. */
+TEST(devstate_engine_cancel_during_device_state)
+{
+	struct tdev ts = { 0 }, td = { .delay_ms = 100 };
+	struct ferry_error err = { 0 };
+	struct ferry_mig_info is, id;
+	struct minivm s, d;
+	uint64_t t0;
+
+	pair(&s, &d, &ts, &td);
+	minivm_set(&d, "max-queued-buffers", 2);
+	go(&s, &d, "cancel");
+	minivm_wait_status(&s, FERRY_MIG_DEVICE, 30000);
+	while (atomic_load(&td.applied) < 2)
+		usleep(1000);
+	t0 = mono_ns();
+	ASSERT_OK_E(ferry_mig_cancel(s.mig, &err), err);
+	is = minivm_wait(&s, 10000);
+	id = minivm_wait(&d, 10000);
+	ASSERT_LT(mono_ns() - t0, 3000000000ull);
+	ASSERT_STREQ(ferry_mig_status_name(is.status), "cancelled");
+	ASSERT(id.status == FERRY_MIG_FAILED || id.status == FERRY_MIG_CANCELLED);
+	ASSERT_LT(atomic_load(&td.applied), TBUFS);
+	ASSERT_EQ(minivm_state(&s), FERRY_RUN_RUNNING);
+	ASSERT_EQ(d.starts, 0);
+	minivm_wait_pages(&s, 100);
 	minivm_free(&s);
 	minivm_free(&d);
 }
