@@ -120,7 +120,8 @@ static int describe(struct inspector *in, const struct ferry_record *rec,
 		json_object_set_new(o, "payload", json_integer(n - 2));
 		return 0;
 	}
-	case FERRY_REC_DEVSTATE: {
+	case FERRY_REC_DEVSTATE:
+	case FERRY_REC_DEVSTATE_CONFIG: {
 		char idstr[FERRY_IDSTR_MAX + 1];
 		uint8_t l;
 		if (n < 1 || n < 1u + b[0] + 8)
@@ -128,8 +129,9 @@ static int describe(struct inspector *in, const struct ferry_record *rec,
 		l = b[0];
 		memcpy(idstr, b + 1, l);
 		idstr[l] = 0;
-		snprintf(line, size, "'%s' instance %u buffer %u, %u bytes", idstr,
-			 be32(b + 1 + l), be32(b + 5 + l), n - (9 + l));
+		snprintf(line, size, "'%s' instance %u buffer %u, %u bytes%s",
+			 idstr, be32(b + 1 + l), be32(b + 5 + l), n - (9 + l),
+			 rec->type == FERRY_REC_DEVSTATE_CONFIG ? " (config)" : "");
 		json_object_set_new(o, "idstr", json_string(idstr));
 		json_object_set_new(o, "instance", json_integer(be32(b + 1 + l)));
 		json_object_set_new(o, "buffer", json_integer(be32(b + 5 + l)));
