@@ -210,9 +210,14 @@ static void b_save_pending(void *opaque, bool exact, uint64_t *must,
 
 	(void)exact;
 	*can = 0;
-	/* Outside PRE_COPY/STOP_COPY nothing can be sent: 0. */
-	if (bulk_pending(vb->dev, &init, &dirty))
-		init = dirty = 0;
+	/* Outside PRE_COPY/STOP_COPY nothing can be sent before the
+	 * switchover, but all of the state will be sent then: count it, so
+	 * the expected downtime is honest (as QEMU counts a VFIO device's
+	 * stop-copy size). */
+	if (bulk_pending(vb->dev, &init, &dirty)) {
+		init = bulk_size(vb->dev);
+		dirty = 0;
+	}
 	*must = init + dirty;
 }
 
@@ -242,7 +247,11 @@ static int b_save_iterate(struct ferry_chan *c, void *opaque, uint64_t budget,
 {
 	struct vm_bulk *vb = opaque;
 	uint64_t init = 0, dirty = 0;
-	int r = save_records(vb, c, budget, err);
+	int r = 0;
+
+	/* Without precopy there is nothing to send before the switchover. */
+	if (bulk_get_state(vb->dev) == BULK_PRE_COPY)
+		r = save_records(vb, c, budget, err);
 
 	if (!r && !vb->init_sent && !bulk_pending(vb->dev, &init, &dirty) &&
 	    !init) {
