@@ -41,6 +41,7 @@ struct mig_settings {
 	bool load_config_after_iter;
 	bool switchover_ack;
 	uint64_t switchover_ack_timeout_ms;
+	bool device_load_transaction;  /* read by the VMM (ferry_mig_get) */
 };
 
 enum mig_ds_channel { MIG_DS_MAIN, MIG_DS_MULTIFD };

@@ -484,6 +484,11 @@ static const struct setting {
 	    "the source stops the VM only once the destination says its "
 	    "devices loaded their initial precopy data; set on both sides "
 	    "(default off)"),
+	PARAM_BOOL("device-load-transaction", device_load_transaction,
+		   "destination: the VMM loads the non-iterable device state "
+		   "inside one memory transaction (one memory-map commit, one "
+		   "flat-view rebuild); false: a commit per device (default "
+		   "true)"),
 	PARAM("switchover-ack-timeout", switchover_ack_timeout_ms, true, 100,
 	      86400000, "with switchover-ack: ms the source waits for the ack "
 	      "once the rest fits the downtime limit, then gives up "
@@ -509,6 +514,7 @@ void mig_settings_default(struct mig_settings *s)
 		.max_queued_buffers = 64,
 		.max_queued_bytes = 64u << 20,
 		.switchover_ack_timeout_ms = 60000,
+		.device_load_transaction = true,
 	};
 }
 

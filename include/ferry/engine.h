@@ -191,7 +191,13 @@ struct ferry_vmm_ops {
 
 	/* Optional. Thread: the load thread (the incoming thread). Phase:
 	 * incoming, VM stopped, when the first non-iterable (FULL) section
-	 * arrives: the source is in its switchover. A failure fails the load. */
+	 * arrives: the source is in its switchover. A failure fails the load.
+	 * This pair wraps the non-iterable load: the place to open one
+	 * memory transaction, so the devices' loads (BARs moved, regions
+	 * enabled) cost one memory-map commit instead of one each - when the
+	 * parameter device-load-transaction (ferry_mig_get) says so. Every
+	 * load hook that may change the memory map (load_state of FULL
+	 * sections, load_config) runs on this same thread, in between. */
 	int (*device_load_begin)(void *opaque, struct ferry_error *err);
 	/* Optional. Thread: the load thread. After the last non-iterable
 	 * section (at EOF), before the destination reports LOADED; @result is

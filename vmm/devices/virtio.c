@@ -120,6 +120,10 @@ static void caches_rebuild(struct virtio_dev *d, const struct memmap_view *view)
 			continue;
 		if (!view)
 			view = own = memmap_view_get(d->mm);
+		/* Refused inside our own open transaction (release builds):
+		 * the caches stay invalid until the commit rebuilds them. */
+		if (!view)
+			return;
 		cache_rebuild(d, q, view);
 	}
 	memmap_view_put(own);
@@ -144,6 +148,8 @@ static int queue_read_locked(struct virtio_dev *d, unsigned q,
 	if (!d->cache[q].valid) {
 		const struct memmap_view *v = memmap_view_get(d->mm);
 
+		if (!v)
+			return -EBUSY;
 		cache_rebuild(d, q, v);
 		memmap_view_put(v);
 	}

@@ -168,9 +168,12 @@ static void mmio_dispatch(struct kvm_backend *kb, struct kvm_vcpu_exit *ex)
 	if (kb->mm) {
 		const struct memmap_view *v = memmap_view_get(kb->mm);
 
-		r = kvm_mmio_dispatch(v, ex->mmio.gpa, ex->mmio.write,
-				      ex->mmio.data, ex->mmio.len, kb->ram_mr,
-				      pages, &npages);
+		/* A vCPU never holds a memory transaction open here, so the
+		 * view is always there; a hole if it were not. */
+		if (v)
+			r = kvm_mmio_dispatch(v, ex->mmio.gpa, ex->mmio.write,
+					      ex->mmio.data, ex->mmio.len,
+					      kb->ram_mr, pages, &npages);
 		memmap_view_put(v);
 	} else if (!ex->mmio.write) {
 		memset(ex->mmio.data, 0xff, ex->mmio.len <= KVM_MMIO_MAX_LEN ?

@@ -49,8 +49,11 @@ struct memmap_region {
 struct memmap {
 	struct memmap_region *root;
 
-	/* Tree-owner thread only. */
+	/* Tree-owner thread only, but for txn_depth and txn_owner, which any
+	 * thread reads (atomically) to tell whether it is the owner of a
+	 * pending transaction: only that thread can find both true. */
 	int txn_depth;
+	pthread_t txn_owner;            /* who began the outermost one */
 	bool dirty;       /* tree changed since the view was built */
 	bool notifying;   /* inside listener callbacks: no changes allowed */
 	struct memmap_listener *listeners;
@@ -474,10 +477,36 @@ static int build_view(struct memmap *mm, struct memmap_view **out)
 
 /* ---- views ---------------------------------------------------------------- */
 
+/*
+ * The thread whose transaction is pending would read a view that its own
+ * changes have made stale: a BAR it moved, a region it disabled, are not
+ * in it yet. A silent stale read is the bug the transaction rule exists to
+ * prevent (a device that caches a translation during its load), so it is
+ * caught: an assertion in debug builds, an error in release builds. Other
+ * threads read the published view as always (vCPUs dispatching MMIO while
+ * a device reprograms its BARs see the map before or after, never a torn
+ * one); during a migration's non-iterable load no vCPU runs.
+ */
+static bool stale_read(struct memmap *mm)
+{
+	if (__atomic_load_n(&mm->txn_depth, __ATOMIC_RELAXED) == 0 ||
+	    !pthread_equal(mm->txn_owner, pthread_self()))
+		return false;
+#ifndef NDEBUG
+	fprintf(stderr, "memmap: the flat view read inside a pending "
+		"transaction by the thread that opened it (it is stale until "
+		"the commit: build from the view after it, in a listener)\n");
+	abort();
+#endif
+	return true;
+}
+
 const struct memmap_view *memmap_view_get(struct memmap *mm)
 {
 	struct memmap_view *v;
 
+	if (stale_read(mm))
+		return NULL;
 	pthread_mutex_lock(&mm->view_lock);
 	v = mm->view;
 	__atomic_add_fetch(&v->refs_, 1, __ATOMIC_RELAXED);
@@ -586,7 +615,11 @@ int memmap_view_write(const struct memmap_view *v, uint64_t gpa,
 int memmap_read(struct memmap *mm, uint64_t gpa, void *buf, size_t len)
 {
 	const struct memmap_view *v = memmap_view_get(mm);
-	int r = memmap_view_read(v, gpa, buf, len);
+	int r;
+
+	if (!v)
+		return -EBUSY;
+	r = memmap_view_read(v, gpa, buf, len);
 
 	memmap_view_put(v);
 	return r;
@@ -595,7 +628,11 @@ int memmap_read(struct memmap *mm, uint64_t gpa, void *buf, size_t len)
 int memmap_write(struct memmap *mm, uint64_t gpa, const void *buf, size_t len)
 {
 	const struct memmap_view *v = memmap_view_get(mm);
-	int r = memmap_view_write(v, gpa, buf, len);
+	int r;
+
+	if (!v)
+		return -EBUSY;
+	r = memmap_view_write(v, gpa, buf, len);
 
 	memmap_view_put(v);
 	return r;
@@ -655,12 +692,14 @@ static void notify(struct memmap *mm, const struct memmap_view *old,
 
 void memmap_begin(struct memmap *mm)
 {
-	mm->txn_depth++;
+	if (mm->txn_depth == 0)
+		mm->txn_owner = pthread_self();
+	__atomic_store_n(&mm->txn_depth, mm->txn_depth + 1, __ATOMIC_RELAXED);
 }
 
 bool memmap_in_transaction(const struct memmap *mm)
 {
-	return mm->txn_depth > 0;
+	return __atomic_load_n(&mm->txn_depth, __ATOMIC_RELAXED) > 0;
 }
 
 int memmap_commit(struct memmap *mm, struct ferry_error *err)
@@ -670,7 +709,8 @@ int memmap_commit(struct memmap *mm, struct ferry_error *err)
 
 	if (mm->txn_depth == 0)
 		return ferry_error_set(err, -EINVAL, "memmap_commit without memmap_begin");
-	if (--mm->txn_depth > 0)
+	__atomic_store_n(&mm->txn_depth, mm->txn_depth - 1, __ATOMIC_RELAXED);
+	if (mm->txn_depth > 0)
 		return 0;
 	mm->commits++;
 	if (!mm->dirty)

@@ -25,6 +25,12 @@
  * if something changed) and notifies listeners. A change made outside a
  * transaction is an implicit one-change transaction. Loading many devices
  * inside one outer transaction therefore costs one rebuild, not one each.
+ * While a transaction is open, the thread that opened it must not read the
+ * flat view (memmap_view_get, memmap_read/write): the view does not show
+ * its changes yet. Such a read is caught (an assertion in debug builds,
+ * NULL / -EBUSY in release builds), never served stale. Work that needs
+ * the view (a device's address caches) belongs in a listener's commit
+ * callback, which runs with the new view.
  *
  * Threads and locks (the rule):
  *   - the TREE (regions, transactions, listeners) belongs to one thread at a
@@ -206,7 +212,9 @@ void memmap_get_stats(const struct memmap *mm, struct memmap_stats *st);
 
 /* ---- views and access (any thread) ----------------------------------- */
 
-/* A reference to the current view; never NULL. */
+/* A reference to the current view. NULL only for the thread that holds a
+ * transaction open (its changes are not in the view yet: see the rule
+ * above), and only in release builds: debug builds abort there. */
 const struct memmap_view *memmap_view_get(struct memmap *mm);
 void memmap_view_put(const struct memmap_view *view);
 /* The range containing @gpa, or NULL for a hole. O(log n). */

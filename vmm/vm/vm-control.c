@@ -227,6 +227,23 @@ static void device_fields(json_t *o, const struct ferry_mig_info *i)
 	json_object_set_new(o, "devices", list);
 }
 
+/* Destination: the memory map during the non-iterable load. */
+static void load_fields(struct vm *vm, json_t *o)
+{
+	pthread_mutex_lock(&vm->lock);
+	if (vm->load_stats) {
+		json_object_set_new(o, "memory-commits",
+				    json_integer((json_int_t)vm->load_commits));
+		json_object_set_new(o, "flatview-rebuilds",
+				    json_integer((json_int_t)vm->load_rebuilds));
+		json_object_set_new(o, "memory-commit-ms",
+				    json_real((double)vm->load_commit_ns / 1e6));
+		json_object_set_new(o, "device-load-transaction",
+				    json_boolean(vm->load_tx));
+	}
+	pthread_mutex_unlock(&vm->lock);
+}
+
 static int h_migrate_cancel(void *opaque, json_t *args, json_t **ret,
 			    struct ferry_error *err)
 {
@@ -262,6 +279,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 				json_integer((json_int_t)i.total_time_ms));
 			postcopy_fields(o, &i);
 			device_fields(o, &i);
+			load_fields(vm, o);
 		}
 		*ret = o;
 		return 0;
@@ -560,7 +578,7 @@ static int h_query_memslots(void *opaque, json_t *args, json_t **ret,
 		}
 	}
 	v = memmap_view_get(vm->memmap);
-	for (unsigned i = 0; i < v->nr; i++) {
+	for (unsigned i = 0; v && i < v->nr; i++) {
 		const struct memmap_range *r = &v->ranges[i];
 
 		json_array_append_new(view, json_pack("{s:I, s:I, s:s, s:I, s:s}",

@@ -46,6 +46,15 @@ struct vm {
 	struct vm_bulk **bulk;         /* --device bulk (vm-bulk.c) */
 	unsigned nbulk;
 
+	/* The non-iterable load (vm-migrate.c): the incoming thread owns
+	 * these between device_load_begin and device_load_end; the figures
+	 * are published under lock for query-migrate. */
+	bool load_tx;                  /* one memory transaction around it */
+	uint64_t load_commits0, load_rebuilds0;
+	uint64_t load_commits, load_rebuilds; /* lock: during the last load */
+	uint64_t load_commit_ns;       /* lock: the outer commit's cost */
+	bool load_stats;               /* lock: the figures above are set */
+
 	struct control *control;
 
 	/* The migration engine (libferry): outgoing and incoming migrations,
