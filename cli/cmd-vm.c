@@ -22,7 +22,11 @@ static void usage(FILE *f)
 "  --backend B         kvm | thread | auto (default auto: KVM if it works)\n"
 "  --workload SPEC     idle | fill | dirty[,ws=SIZE][,rate=MBPS]\n"
 "                      [,pattern=seq|random]  (default idle; rate 0 = flat out)\n"
-"  --devices N         virtio-like devices (default 2)\n"
+"  --devices N         virtio-like devices (default 2, at most 1024; more\n"
+"                      than 32 need --mem of at most 3G)\n"
+"  --bar-layout L      normal | reversed: reversed places the devices' BARs\n"
+"                      in the opposite order (as a guest that reprogrammed\n"
+"                      them would), so a destination remaps them all\n"
 "  --device bulk,size=SIZE[,dirty-rate=MBPS][,precopy=on|off]\n"
 "                      a device with SIZE bytes of internal state (VFIO-style\n"
 "                      migration; repeatable; precopy on by default)\n"
@@ -63,6 +67,7 @@ int cmd_vm(int argc, char **argv)
 		{ "devices", required_argument, NULL, 'd' },
 		{ "device", required_argument, NULL, 'D' },
 		{ "device-state-channel", required_argument, NULL, 'Y' },
+		{ "bar-layout", required_argument, NULL, 'L' },
 		{ "control", required_argument, NULL, 'S' },
 		{ "incoming", required_argument, NULL, 'i' },
 		{ "paused", no_argument, NULL, 'p' },
@@ -125,6 +130,13 @@ int cmd_vm(int argc, char **argv)
 				return 2;
 			}
 			cfg.device_state_channel = optarg;
+			break;
+		case 'L':
+			if (strcmp(optarg, "normal") && strcmp(optarg, "reversed")) {
+				cli_err("vm: --bar-layout is normal or reversed");
+				return 2;
+			}
+			cfg.bar_reversed = !strcmp(optarg, "reversed");
 			break;
 		case 'S': cfg.control = optarg; break;
 		case 'i': cfg.incoming = optarg; break;

@@ -81,6 +81,22 @@ static uint64_t ring_len(uint16_t num, enum virtio_ring ring)
 	}
 }
 
+/* Where a ring is in host memory through @view. Only a ring wholly inside
+ * one RAM range gets a direct pointer; anything else is a guest bug here
+ * and reads fail. */
+static uint8_t *ring_host(const struct memmap_view *view, bool ready,
+			  uint64_t gpa, uint64_t len)
+{
+	const struct memmap_range *r;
+
+	if (!ready || gpa + len < gpa)
+		return NULL;
+	r = memmap_lookup(view, gpa);
+	if (r && r->host && gpa + len <= r->gpa + r->size)
+		return r->host + (gpa - r->gpa);
+	return NULL;
+}
+
 static void cache_rebuild(struct virtio_dev *d, unsigned q,
 			  const struct memmap_view *view)
 {
@@ -91,18 +107,10 @@ static void cache_rebuild(struct virtio_dev *d, unsigned q,
 
 	for (i = 0; i < VIRTIO_NR_RINGS; i++) {
 		struct ring_cache *rc = &c->ring[i];
-		const struct memmap_range *r;
 
 		rc->gpa = addr[i];
 		rc->len = ring_len(vq->num, i);
-		rc->host = NULL;
-		if (!vq->ready || rc->gpa + rc->len < rc->gpa)
-			continue;
-		/* Only a ring wholly inside one RAM range gets a direct pointer;
-		 * anything else is a guest bug here and reads fail. */
-		r = memmap_lookup(view, rc->gpa);
-		if (r && r->host && rc->gpa + rc->len <= r->gpa + r->size)
-			rc->host = r->host + (rc->gpa - r->gpa);
+		rc->host = ring_host(view, vq->ready, rc->gpa, rc->len);
 	}
 	c->valid = true;
 	d->stats.cache_rebuilds++;
@@ -164,27 +172,32 @@ static int queue_read_locked(struct virtio_dev *d, unsigned q,
 
 /* ---- memory map listener ------------------------------------------------- */
 
-/* A change that overlaps a cached ring invalidates that queue's cache; the
- * rest stay valid, so mapping a BAR far from the rings costs nothing. */
-static void listener_touch(struct memmap_listener *l, const struct memmap_range *r)
+/*
+ * After a commit, a valid cache stays valid only if each of its rings still
+ * resolves to the same host memory in the new view: a lookup per ring
+ * (O(log n)), so a commit costs each device the same whatever the number
+ * of devices, and mapping a BAR far from the rings costs nothing. (The
+ * listener takes no region_add/region_del, which would show every device
+ * every change: quadratic with many devices.)
+ */
+static void caches_check(struct virtio_dev *d, const struct memmap_view *v)
 {
-	struct virtio_dev *d = (struct virtio_dev *)((char *)l -
-		offsetof(struct virtio_dev, listener));
 	unsigned q;
 	int i;
 
-	pthread_mutex_lock(&d->lock);
 	for (q = 0; q < d->nq; q++) {
 		struct queue_cache *c = &d->cache[q];
 
-		if (!c->valid || !d->queues[q].ready)
+		if (!c->valid)
 			continue;
-		for (i = 0; i < VIRTIO_NR_RINGS; i++)
-			if (c->ring[i].gpa < r->gpa + r->size &&
-			    r->gpa < c->ring[i].gpa + c->ring[i].len)
+		for (i = 0; i < VIRTIO_NR_RINGS && c->valid; i++) {
+			const struct ring_cache *rc = &c->ring[i];
+
+			if (ring_host(v, d->queues[q].ready, rc->gpa, rc->len) !=
+			    rc->host)
 				c->valid = false;
+		}
 	}
-	pthread_mutex_unlock(&d->lock);
 }
 
 static void listener_commit(struct memmap_listener *l, const struct memmap_view *v)
@@ -193,6 +206,7 @@ static void listener_commit(struct memmap_listener *l, const struct memmap_view 
 		offsetof(struct virtio_dev, listener));
 
 	pthread_mutex_lock(&d->lock);
+	caches_check(d, v);
 	caches_rebuild(d, v);
 	pthread_mutex_unlock(&d->lock);
 }
@@ -629,8 +643,6 @@ struct virtio_dev *virtio_dev_create_opts(struct memmap *mm, unsigned index,
 		d->bar1_len = VIRTIO_BAR1_SIZE;
 	}
 	cfg_reset(d);
-	d->listener.region_add = listener_touch;
-	d->listener.region_del = listener_touch;
 	d->listener.commit = listener_commit;
 	memmap_listener_register(mm, &d->listener);
 	return d;

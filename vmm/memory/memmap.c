@@ -680,10 +680,15 @@ static void notify(struct memmap *mm, const struct memmap_view *old,
 	for (l = mm->listeners; l; l = l->next_)
 		if (l->begin)
 			l->begin(l);
+	/* A listener that only wants the commit costs no walk of the views:
+	 * with a listener per device, walking both views for each would make
+	 * one commit quadratic in the number of devices. */
 	for (l = mm->listeners; l; l = l->next_)
-		diff_pass(old, new, l, false);
+		if (l->region_del)
+			diff_pass(old, new, l, false);
 	for (l = mm->listeners; l; l = l->next_)
-		diff_pass(old, new, l, true);
+		if (l->region_add)
+			diff_pass(old, new, l, true);
 	for (l = mm->listeners; l; l = l->next_)
 		if (l->commit)
 			l->commit(l, new);

@@ -17,6 +17,17 @@
  * guest never uses those pages, whatever its RAM size. (The window used to
  * sit just below 4 GiB, on RAM that guests of more than ~4 GiB do use:
  * harmless only while one memslot covered all of guest RAM.)
+ *
+ * Past the first LOW_DEVICES devices (up to MAX_DEVICES: many devices are
+ * what makes the non-iterable load's memory commits expensive), BARs go to
+ * a window at 3 GiB, where a PC has its PCI hole - above guest RAM, so such
+ * guests may have at most 3 GiB of it (the BARs are 32-bit) - and rings to
+ * the top of guest RAM. The guest never drives the devices: their rings are
+ * addresses the queue caches translate, nothing writes them.
+ *
+ * --bar-layout reversed gives device i the BAR slot of device n-1-i in its
+ * window (as if the guest had reprogrammed them): a destination created
+ * with the normal layout then really remaps every BAR at the load.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -28,12 +39,19 @@
 
 #define RING_AREA_GPA 0x20000ull      /* up to VIRTIO_BAR_BASE: 512 KiB */
 #define RING_QUEUE_SIZE 64u
-#define MAX_DEVICES 32u
+#define LOW_DEVICES 32u
+#define MAX_DEVICES 1024u
 #define VIRTIO_BAR_BASE 0xa0000ull
-_Static_assert(RING_AREA_GPA + MAX_DEVICES * VIRTIO_DEFAULT_QUEUES * 0x1000ull
+#define HIGH_BAR_BASE 0xc0000000ull   /* 3 GiB: the PCI hole */
+_Static_assert(RING_AREA_GPA + LOW_DEVICES * VIRTIO_DEFAULT_QUEUES * 0x1000ull
 	       <= VIRTIO_BAR_BASE, "rings of every device fit below the BARs");
-_Static_assert(VIRTIO_BAR_BASE + MAX_DEVICES * 0x1000ull <= GUEST_IMAGE_GPA,
+_Static_assert(VIRTIO_BAR_BASE + LOW_DEVICES * 0x1000ull <= GUEST_IMAGE_GPA,
 	       "the BAR window ends below the guest image");
+_Static_assert(HIGH_BAR_BASE + (MAX_DEVICES - LOW_DEVICES) * 0x1000ull <
+	       (1ull << 32), "the high BARs are 32-bit addresses");
+/* The high devices' rings at the top of guest RAM, inside its data area. */
+_Static_assert((MAX_DEVICES - LOW_DEVICES) * VIRTIO_DEFAULT_QUEUES * 0x1000ull
+	       <= GUEST_MIN_RAM - GUEST_DATA_GPA, "high rings fit in any guest");
 
 static int reg_write(struct vm *vm, uint64_t gpa, uint32_t v)
 {
@@ -42,10 +60,33 @@ static int reg_write(struct vm *vm, uint64_t gpa, uint32_t v)
 
 /* What firmware and a driver would do: place BAR0, enable decoding, set up
  * every queue with rings in guest RAM. */
+/* Device @i's BAR0 slot: low or high window, maybe reversed in it. */
+static uint64_t bar_of(const struct vm *vm, unsigned i)
+{
+	unsigned n = vm->cfg.ndevices;
+	bool rev = vm->cfg.bar_reversed;
+
+	if (i < LOW_DEVICES) {
+		unsigned nlow = n < LOW_DEVICES ? n : LOW_DEVICES;
+
+		return VIRTIO_BAR_BASE + (uint64_t)(rev ? nlow - 1 - i : i) * 0x1000;
+	}
+	return HIGH_BAR_BASE +
+	       (uint64_t)(rev ? n - 1 - i : i - LOW_DEVICES) * 0x1000;
+}
+
+static uint64_t ring_of(const struct vm *vm, unsigned i, uint32_t nq,
+			uint32_t q)
+{
+	if (i < LOW_DEVICES)
+		return RING_AREA_GPA + ((uint64_t)i * nq + q) * 0x1000;
+	return vm->cfg.mem - ((uint64_t)(i - LOW_DEVICES) * nq + q + 1) * 0x1000;
+}
+
 static int program_device(struct vm *vm, struct virtio_dev *d, unsigned i,
 			  struct ferry_error *err)
 {
-	uint64_t bar = VIRTIO_BAR_BASE + (uint64_t)i * 0x1000;
+	uint64_t bar = bar_of(vm, i);
 	uint32_t nq;
 	int r;
 
@@ -58,9 +99,10 @@ static int program_device(struct vm *vm, struct virtio_dev *d, unsigned i,
 		return ferry_error_set(err, -EIO, "virtio %u: BAR0 not mapped", i);
 	for (uint32_t q = 0; q < nq; q++) {
 		/* One 4 KiB page per queue: descriptors, then avail, then used. */
-		uint64_t ring = RING_AREA_GPA + ((uint64_t)i * nq + q) * 0x1000;
+		uint64_t ring = ring_of(vm, i, nq, q);
 
-		if (ring + 0x1000 > VIRTIO_BAR_BASE)
+		if (i < LOW_DEVICES ? ring + 0x1000 > VIRTIO_BAR_BASE :
+		    ring < GUEST_DATA_GPA)
 			return ferry_error_set(err, -ENOSPC,
 				"no guest memory left for the rings of device %u", i);
 		if (reg_write(vm, bar + VIRTIO_REG_QUEUE_SEL, q) ||
@@ -87,6 +129,10 @@ int vm_devices_create(struct vm *vm, struct ferry_error *err)
 	if (vm->cfg.ndevices > MAX_DEVICES)
 		return ferry_error_set(err, -EINVAL, "--devices is at most %u",
 				       MAX_DEVICES);
+	if (vm->cfg.ndevices > LOW_DEVICES && vm->cfg.mem > HIGH_BAR_BASE)
+		return ferry_error_set(err, -EINVAL, "more than %u devices need "
+			"their BARs at 3 GiB: at most 3G of --mem with them",
+			LOW_DEVICES);
 	vm->memmap = memmap_new(err);
 	if (!vm->memmap)
 		return err && err->code ? err->code : -ENOMEM;

@@ -49,6 +49,7 @@ struct vm_config {
 	struct vm_bulk_spec bulk[VM_MAX_BULK];
 	unsigned nbulk;
 	const char *device_state_channel; /* "main" | "multifd", or NULL */
+	bool bar_reversed;            /* --bar-layout reversed (vm-devices.c) */
 };
 
 /* Run states are libferry's (enum ferry_run_state, QEMU's names): the
