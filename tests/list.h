@@ -286,6 +286,10 @@ X(devices_thread_4x512M_main, 120)
 X(devices_thread_stop_copy_only_multifd, 120)
 X(devices_thread_switchover_ack_capped, 120)
 X(devices_channel_mismatch_then_ok, 60)
+/* ---- many devices, one memory transaction (tests/e2e/test-devload-vm.c) ---- */
+X(devload_kvm_1024_batched, 120)
+X(devload_thread_1024_batched, 120)
+X(devload_thread_256_per_device, 120)
 /* ---- KVM memslots follow the memory map (tests/e2e/test-memslots.c) ---- */
 X(memslot_kvm_one_slot_without_devices, 60)
 X(memslot_thread_no_slots, 60)
