@@ -490,7 +490,8 @@ static int build_view(struct memmap *mm, struct memmap_view **out)
 static bool stale_read(struct memmap *mm)
 {
 	if (__atomic_load_n(&mm->txn_depth, __ATOMIC_RELAXED) == 0 ||
-	    !pthread_equal(mm->txn_owner, pthread_self()))
+	    !pthread_equal(__atomic_load_n(&mm->txn_owner, __ATOMIC_RELAXED),
+			   pthread_self()))
 		return false;
 #ifndef NDEBUG
 	fprintf(stderr, "memmap: the flat view read inside a pending "
@@ -698,7 +699,7 @@ static void notify(struct memmap *mm, const struct memmap_view *old,
 void memmap_begin(struct memmap *mm)
 {
 	if (mm->txn_depth == 0)
-		mm->txn_owner = pthread_self();
+		__atomic_store_n(&mm->txn_owner, pthread_self(), __ATOMIC_RELAXED);
 	__atomic_store_n(&mm->txn_depth, mm->txn_depth + 1, __ATOMIC_RELAXED);
 }
 
