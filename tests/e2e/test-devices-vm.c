@@ -95,9 +95,9 @@ static void devices(const char *backend, unsigned n, const char *size,
 	list = json_object_get(m, "devices");
 	ASSERT_EQ(json_array_size(list), n);
 	ASSERT_GT(geti(json_object_get(m, "device-state"), "switchover-bytes"), 0);
-	if (precopy_off)   /* the setup sections' markers only */
+	if (precopy_off)   /* section markers only: no 64 KiB chunk went */
 		ASSERT_LT(geti(json_object_get(m, "device-state"), "precopy-bytes"),
-			  64 * (long long)n);
+			  64 * 1024);
 	else
 		ASSERT_GT(geti(json_object_get(m, "device-state"), "precopy-bytes"), 0);
 	for (const char *const *c = caps; c && *c; c++)
