@@ -316,6 +316,15 @@ int ferry__dsq_declare(struct ferry__dsq *q, const char *idstr,
 
 /* ---- buffers in -------------------------------------------------------- */
 
+static uint32_t last_seq_locked(const struct dsq_dev *e)
+{
+	const struct dsq_buf *b = e->head;
+
+	while (b->next)
+		b = b->next;
+	return b->seq;
+}
+
 /* Index validity, under lock: 0, or an error that fails the whole set. */
 static int check_seq_locked(struct dsq_dev *e, uint32_t seq, bool config,
 			    char *why, size_t whylen)
@@ -334,6 +343,10 @@ static int check_seq_locked(struct dsq_dev *e, uint32_t seq, bool config,
 	else if (config && e->have_config)
 		snprintf(why, whylen, "two config buffers (%u and %u)",
 			 e->config_seq, seq);
+	else if (config && e->head && last_seq_locked(e) > seq)
+		snprintf(why, whylen, "config buffer %u, but buffer %u came "
+			 "(nothing may follow the config state)", seq,
+			 last_seq_locked(e));
 	else if (config && !e->dev->ops->load_config)
 		snprintf(why, whylen, "a config buffer, but the device here "
 			 "has no load_config");
@@ -514,7 +527,8 @@ static bool all_done_locked(struct ferry__dsq *q)
 	return true;
 }
 
-int ferry__dsq_configs(struct ferry__dsq *q, bool wait, struct ferry_error *err)
+int ferry__dsq_configs(struct ferry__dsq *q, bool wait, uint64_t *config_ns,
+		       struct ferry_error *err)
 {
 	int r = 0;
 
@@ -546,9 +560,12 @@ int ferry__dsq_configs(struct ferry__dsq *q, bool wait, struct ferry_error *err)
 		r = ready->dev->ops->load_config(ready->dev->opaque, b->data,
 						 b->len, &e2);
 
+		t0 = ferry__mono_ns() - t0;
+		if (config_ns)
+			*config_ns += t0;
 		ferry__mutex_lock(&q->lock);
 		buf_put_locked(q, b);
-		ready->st.config_ns += ferry__mono_ns() - t0;
+		ready->st.config_ns += t0;
 		ready->config_loaded = true;
 		if (r) {
 			fail_locked(q, r, "device '%s' instance %u: load_config: %s",
@@ -562,6 +579,26 @@ int ferry__dsq_configs(struct ferry__dsq *q, bool wait, struct ferry_error *err)
 		ferry_error_propagate(err, &q->err);
 	} else if (q->closed) {
 		r = ferry_error_set(err, -ECANCELED, "closed");
+	}
+	ferry__mutex_unlock(&q->lock);
+	return r;
+}
+
+int ferry__dsq_check_done(struct ferry__dsq *q, struct ferry_error *err)
+{
+	int r = 0;
+
+	ferry__mutex_lock(&q->lock);
+	for (unsigned i = 0; i < q->ndevs && !r; i++) {
+		struct dsq_dev *e = &q->devs[i];
+
+		if (e->nbuf || e->busy || e->config ||
+		    (e->have_config && !e->config_loaded))
+			r = ferry_error_set(err, -EBADMSG, "device '%s' instance "
+				"%u: %u buffer(s) of its state never loaded (the "
+				"stream ended without its DEVSTATE_DONE)",
+				e->dev->idstr, e->dev->instance,
+				e->nbuf + (e->config != NULL));
 	}
 	ferry__mutex_unlock(&q->lock);
 	return r;

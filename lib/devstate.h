@@ -76,9 +76,15 @@ int ferry__dsq_expect(struct ferry__dsq *q, const char *idstr,
  * Load config buffers on the calling thread (the load thread: the one that
  * may change the memory map), in the order the devices become ready. With
  * @wait, until every declared device has applied every buffer it announced;
- * without, only those ready now.
+ * without, only those ready now. Adds the time spent in load_config to
+ * *@config_ns (may be NULL).
  */
-int ferry__dsq_configs(struct ferry__dsq *q, bool wait, struct ferry_error *err);
+int ferry__dsq_configs(struct ferry__dsq *q, bool wait, uint64_t *config_ns,
+		       struct ferry_error *err);
+/* Load end, nothing failed: every buffer queued was applied and every
+ * config loaded? -EBADMSG naming the device otherwise (a stream that ended
+ * without DEVSTATE_DONE, or buffers for a device that was never named). */
+int ferry__dsq_check_done(struct ferry__dsq *q, struct ferry_error *err);
 
 /* Fail the set from outside: every waiter returns -ECANCELED. */
 void ferry__dsq_fail(struct ferry__dsq *q, int code, const char *why);

@@ -1028,7 +1028,8 @@ static int agree_check(struct mig_in *in, uint32_t flags,
 	bool src_mf = flags & FERRY_AGREE_DEVSTATE_MULTIFD;
 	bool src_ack = flags & FERRY_AGREE_SWITCHOVER_ACK;
 	/* Multifd runs only over sockets, as on the source. */
-	bool my_mf = mig_ds_multifd(&in->set) && ferry_uri_is_socket(&in->u);
+	bool my_mf = mig_ds_multifd(&in->set) && ferry_uri_is_socket(&in->u) &&
+		     in->m->ram;
 
 	/* Where buffers go matters only if some device sends them. */
 	if ((flags & FERRY_AGREE_DEVSTATE_BUFFERS) && src_mf != my_mf)
@@ -1093,10 +1094,11 @@ static int on_command(void *opaque, const struct ferry_cmd_msg *msg,
 	}
 	case FERRY_CMD_AGREE:
 		return agree_check(in, msg->u.agree, err);
+	case FERRY_CMD_SWITCHOVER_START:
 	case FERRY_CMD_DEVSTATE_DONE: {
 		struct ferry_multifd *mf;
 
-		if (!(msg->u.devstate_done & FERRY_DEVSTATE_DONE_MULTIFD))
+		if (!(msg->u.devstate_flags & FERRY_DEVSTATE_MULTIFD))
 			return 0;
 		/* Every channel to its sync point: each buffer sent before
 		 * is in its device's queue now. */

@@ -819,6 +819,8 @@ static int agree(struct mig_out *o, struct ferry_error *err)
 	if (o->set.switchover_ack && !o->use_rp)
 		return ferry_error_set(err, -EINVAL, "switchover-ack needs a "
 			"return path (a socket URI and capability return-path)");
+	/* Multifd runs with RAM over a socket: the destination reckons the
+	 * same way (agree_check). */
 	if (mig_ds_multifd(&o->set) && o->mf) {
 		flags |= FERRY_AGREE_DEVSTATE_MULTIFD;
 		ferry__save_devstate_multifd(o->s, o->mf);

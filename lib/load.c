@@ -182,7 +182,7 @@ static int load_section(struct loader *L, const struct ferry_record *rec)
 	snprintf(L->last, sizeof(L->last), "'%s' instance %u", sl->dev->idstr,
 		 sl->dev->instance);
 	if (sl->dev->ops->load_buffer && ferry__dsq_drain(L->dsq, sl->dev)) {
-		r = ferry__dsq_configs(L->dsq, false, err);
+		r = ferry__dsq_configs(L->dsq, false, NULL, err);
 		goto out;
 	}
 	if (rec->type == FERRY_REC_SECTION_FULL) {
@@ -326,8 +326,7 @@ static int expect_one(struct loader *L, const char *idstr, uint32_t instance,
  */
 static int devstate_done(struct loader *L, const uint8_t *p, size_t plen)
 {
-	uint64_t t0 = ferry__mono_ns(), cfg0 = L->stats.devstate_config_ns;
-	struct ferry__dsq_stats st;
+	uint64_t t0 = ferry__mono_ns(), cfg = 0;
 	int r;
 
 	if (plen < 4)
@@ -341,12 +340,11 @@ static int devstate_done(struct loader *L, const uint8_t *p, size_t plen)
 				    "%u device(s) that SWITCHOVER_START named",
 				    L->ds_declared);
 	if (!r)
-		r = ferry__dsq_configs(L->dsq, true, L->err);
-	L->stats.devstate_config_ns = 0;
-	for (unsigned i = 0; ferry__dsq_stats(L->dsq, i, &st); i++)
-		L->stats.devstate_config_ns += st.config_ns;
-	L->stats.devstate_wait_ns += ferry__mono_ns() - t0 -
-		(L->stats.devstate_config_ns - cfg0);
+		r = ferry__dsq_configs(L->dsq, true, &cfg, L->err);
+	/* The wait, without the config loads inside it (counted apart). */
+	L->stats.devstate_config_ns += cfg;
+	t0 = ferry__mono_ns() - t0;
+	L->stats.devstate_wait_ns += t0 > cfg ? t0 - cfg : 0;
 	return r;
 }
 
@@ -424,6 +422,22 @@ int ferry_load_devstate(struct ferry_ctx *ctx, const char *idstr,
 
 static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth);
 
+/* SWITCHOVER_START's hooks: before any buffer can reach a device. */
+static int switchover_start(struct loader *L)
+{
+	int r = 0;
+
+	for (unsigned i = 0; i < L->nslots && !r; i++) {
+		struct ferry_dev *d = L->slots[i].dev;
+
+		if (d->ops->switchover_start &&
+		    (r = d->ops->switchover_start(d->opaque, L->err)))
+			ferry_error_prefix(L->err, "device '%s' switchover_start: ",
+					   d->idstr);
+	}
+	return r;
+}
+
 /* The VMM's end of the non-iterable load (a memory-map commit, say): after
  * the last FULL section - at EOF, or at postcopy's RUN, which comes after
  * every device's state - and device-load time too: the destination cannot
@@ -479,7 +493,9 @@ static int check_complete(struct loader *L, bool postcopy)
 static int before_run(struct loader *L, uint64_t src_digest)
 {
 	uint64_t digest = XXH3_64bits_digest(&L->digest);
-	int r = ferry__dsq_finish(L->dsq, 0, L->err);
+	int r = ferry__dsq_check_done(L->dsq, L->err);
+
+	r = ferry__dsq_finish(L->dsq, r, L->err);
 
 	if (!r)
 		r = check_complete(L, true);
@@ -723,22 +739,35 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 				ferry_cmd_name(m.cmd), depth ? "inside" : "outside");
 		break;
 	case FERRY_CMD_SWITCHOVER_START:
-		/* Empty (older sources), or the devices sending buffers. */
-		if (plen && (r = device_list(L, p, plen, false, declare_one))) {
+		/* Empty (older sources), or the devices sending buffers: their
+		 * queues are ready before the channels are released (on_command
+		 * syncs them). */
+		if (plen) {
+			if (plen < 4)
+				goto bad_len;
+			m.u.devstate_flags = ferry__get_be32(p);
+			if (m.u.devstate_flags & ~FERRY_DEVSTATE_MULTIFD)
+				goto bad_len;
+			r = device_list(L, p + 4, plen - 4, false, declare_one);
 			if (r == -EBADMSG && !err->code)
 				goto bad_len;
-			return ferry_error_prefix(err, "offset %llu: %s: ",
-				(unsigned long long)rec->offset,
-				ferry_cmd_name(m.cmd));
 		}
-		break;
+		if (!r)
+			r = switchover_start(L);
+		if (!r && plen && L->opts && L->opts->on_command)
+			r = L->opts->on_command(L->opts->opaque, &m, err);
+		if (r)
+			ferry_error_prefix(err, "offset %llu: %s: ",
+					   (unsigned long long)rec->offset,
+					   ferry_cmd_name(m.cmd));
+		return r;
 	case FERRY_CMD_DEVSTATE_DONE:
 		/* The engine syncs the multifd channels first (on_command),
 		 * so every buffer sent is in a queue when we count. */
 		if (plen < 4)
 			goto bad_len;
-		m.u.devstate_done = ferry__get_be32(p);
-		if (m.u.devstate_done & ~FERRY_DEVSTATE_DONE_MULTIFD)
+		m.u.devstate_flags = ferry__get_be32(p);
+		if (m.u.devstate_flags & ~FERRY_DEVSTATE_MULTIFD)
 			goto bad_len;
 		if (L->opts && L->opts->on_command &&
 		    (r = L->opts->on_command(L->opts->opaque, &m, err)))
@@ -847,17 +876,6 @@ static int load_command(struct loader *L, const struct ferry_record *rec,
 	}
 #undef WANT_LEN
 
-	if (m.cmd == FERRY_CMD_SWITCHOVER_START) {
-		for (unsigned i = 0; i < L->nslots && !r; i++) {
-			struct ferry_dev *d = L->slots[i].dev;
-			if (d->ops->switchover_start)
-				r = d->ops->switchover_start(d->opaque, err);
-			if (r)
-				ferry_error_prefix(err, "device '%s' switchover_start: ",
-						   d->idstr);
-		}
-		return r;
-	}
 	if (m.cmd == FERRY_CMD_POSTCOPY_RUN && L->in_package &&
 	    (r = before_run(L, m.u.run_digest)))
 		return ferry_error_prefix(err, "offset %llu: command %s: ",
@@ -968,7 +986,8 @@ static int load_records(struct loader *L, struct ferry_chan *in, unsigned depth)
 		 * others still receive (unless it must wait for the iterable
 		 * sections, load_config_after_iter). */
 		if (!r && L->ds_declared && !L->o.load_config_after_iter)
-			r = ferry__dsq_configs(L->dsq, false, L->err);
+			r = ferry__dsq_configs(L->dsq, false,
+					       &L->stats.devstate_config_ns, L->err);
 		if (r)
 			break;
 	}
@@ -1047,6 +1066,12 @@ int ferry__load(struct ferry_ctx *ctx, struct ferry_chan *in,
 	ferry__mutex_unlock(&ctx->load_lock);
 	if (!r)
 		r = load_records(&L, in, 0);
+	if (!r && L.ds_declared)
+		r = ferry_error_set(L.err, -EBADMSG, "the stream ended without "
+				    "DEVSTATE_DONE for %u device(s) that "
+				    "SWITCHOVER_START named", L.ds_declared);
+	if (!r)
+		r = ferry__dsq_check_done(L.dsq, L.err);
 	r = ferry__dsq_finish(L.dsq, r, L.err);
 	/* Buffers from other threads stop here: wait for them to leave. */
 	ferry__mutex_lock(&ctx->load_lock);

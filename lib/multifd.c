@@ -823,14 +823,28 @@ int ferry_multifd_send_sync(struct ferry_multifd *m, struct ferry_error *err)
 		return r;
 	ferry__mutex_lock(&m->lock);
 	target = ++m->sync_target;
-	/* Each channel's SYNC goes behind whatever that channel has queued. */
+	/*
+	 * Each channel's SYNC goes behind whatever that channel has queued,
+	 * and all of them at once: every channel is reserved first, then the
+	 * SYNCs are queued together. Queued one by one, a device-state sender
+	 * (another thread) could write a packet on a channel whose SYNC is
+	 * already out, and a later packet of the same device on one whose SYNC
+	 * is not: the destination, stopped at the first sync point, would wait
+	 * for the later packet's channel, whose reader waits (queue full) for
+	 * the earlier one. With the SYNCs together, each packet is before the
+	 * sync point on every channel or after it on every channel.
+	 */
 	for (unsigned i = 0; i < m->nch; i++) {
-		struct mf_chan *c = reserve_locked(m, (int)i);
-		if (!c)
+		if (!reserve_locked(m, (int)i)) {
+			for (unsigned k = 0; k < i; k++)
+				m->ch[k].state = CH_IDLE;
+			pthread_cond_broadcast(&m->cv);
 			goto out;
-		c->job->kind = JOB_SYNC;
-		queue_locked(c);
+		}
+		m->ch[i].job->kind = JOB_SYNC;
 	}
+	for (unsigned i = 0; i < m->nch; i++)
+		queue_locked(&m->ch[i]);
 	for (;;) {
 		unsigned done = 0;
 

@@ -43,6 +43,9 @@ struct ferry_save {
 	 * for a thousand devices takes a good part of 100 ms - not something
 	 * to do with the guest stopped. Migration thread only. */
 	char *desc;
+	/* Set (atomically) when the switchover failed while the save threads
+	 * run: their next send fails, so they end at once. */
+	bool ds_abort;
 	/* Where complete-in-thread buffers go: multifd, or NULL for the main
 	 * stream. Set before the switchover (migration thread). */
 	struct ferry_multifd *ds_mf;
@@ -327,6 +330,8 @@ static int devstate_send(struct ferry_devstate_sink *k, bool config,
 	if (k->config_sent)
 		return ferry_error_set(err, -EINVAL, "device state sent after "
 				       "the device's config state");
+	if (__atomic_load_n(&k->s->ds_abort, __ATOMIC_RELAXED))
+		return ferry_error_set(err, -ECANCELED, "the switchover failed");
 	if (k->mf) {
 		r = ferry_multifd_send_devstate(k->mf, k->dev->idstr,
 			k->dev->instance, config ? FERRY_MULTIFD_FLAG_DEVICE_CONFIG
@@ -358,18 +363,18 @@ int ferry_devstate_send_config(struct ferry_devstate_sink *k, const void *buf,
 	return devstate_send(k, true, buf, len, err);
 }
 
-/* DEVSTATE_DONE: be32 flags, then the device list with counts. */
-static int devstate_done(struct ferry_save *s, bool multifd,
-			 const uint8_t *list, size_t len, struct ferry_error *err)
+/* SWITCHOVER_START, DEVSTATE_DONE: be32 flags, then the device list. */
+static int devstate_cmd(struct ferry_save *s, uint16_t cmd, bool multifd,
+			const uint8_t *list, size_t len, struct ferry_error *err)
 {
 	uint8_t *p = malloc(4 + len);
 	int r;
 
 	if (!p)
 		return ferry_error_set(err, -ENOMEM, "out of memory");
-	ferry__put_be32(p, multifd ? FERRY_DEVSTATE_DONE_MULTIFD : 0);
+	ferry__put_be32(p, multifd ? FERRY_DEVSTATE_MULTIFD : 0);
 	memcpy(p + 4, list, len);
-	r = ferry_save_command(s, FERRY_CMD_DEVSTATE_DONE, p, 4 + len, err);
+	r = ferry_save_command(s, cmd, p, 4 + len, err);
 	free(p);
 	return r;
 }
@@ -470,9 +475,15 @@ static int final_state(struct ferry_save *s, bool postcopy,
 			r = ferry_error_set(err, -ENOMEM, "out of memory");
 			goto out;
 		}
-		r = ferry_save_command(s, FERRY_CMD_SWITCHOVER_START, list, len,
-				       err);
+		r = devstate_cmd(s, FERRY_CMD_SWITCHOVER_START, mf != NULL, list,
+				 len, err);
 		free(list);
+		/* On multifd, a sync point behind it: the destination releases
+		 * the channels only once it has read SWITCHOVER_START, so no
+		 * buffer reaches a device before the device's precopy
+		 * sections (on the main stream) are all loaded. */
+		if (!r && mf && !(r = flush_out(s, err)))
+			r = ferry_multifd_send_sync(mf, err);
 		if (r)
 			goto out;
 		batch = ferry__pool_submit(s->ctx, n, complete_job, args, err);
@@ -523,7 +534,8 @@ static int final_state(struct ferry_save *s, bool postcopy,
 			r = ferry_error_set(err, -ENOMEM, "out of memory");
 			goto out;
 		}
-		r = devstate_done(s, mf != NULL, list, len, err);
+		r = devstate_cmd(s, FERRY_CMD_DEVSTATE_DONE, mf != NULL, list,
+				 len, err);
 		free(list);
 	}
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
@@ -532,7 +544,16 @@ static int final_state(struct ferry_save *s, bool postcopy,
 			r = write_section(s, FERRY_REC_SECTION_FULL, d,
 					  do_state, 0, err);
 out:
-	/* On an early failure the threads still run: they hold the sinks. */
+	/* On an early failure the threads still run (they hold the sinks):
+	 * stop them - their next send fails, and one blocked on a channel
+	 * the destination holds at a sync point returns once the channels
+	 * are down - then wait for them. */
+	if (batch) {
+		__atomic_store_n(&s->ds_abort, true, __ATOMIC_RELAXED);
+		if (mf)
+			ferry_multifd_cancel(mf, r ? r : -ECANCELED,
+					     "the switchover failed");
+	}
 	ferry__pool_wait(s->ctx, batch);
 	free(sinks);
 	free(args);

@@ -161,8 +161,10 @@ FERRY_API char *ferry_ctx_describe_json(struct ferry_ctx *ctx, bool pretty);
 
 /* ---- device state over parallel channels ------------------------------ */
 
-/* Thread-safe: callable only from save_complete_thread. @buf is copied or
- * written before return. The buffers go on the main stream or on the
+/* Callable only from the device's own save_complete_thread (one thread
+ * per sink: the buffers of a device are numbered in the order sent, and
+ * the destination relies on that order). @buf is copied or written before
+ * return. The buffers go on the main stream or on the
  * multifd channels (parameter device-state-channel); the destination gets
  * them in order, in load_buffer. Returns 0 or -errno. */
 FERRY_API int ferry_devstate_send(struct ferry_devstate_sink *sink,
@@ -249,8 +251,8 @@ struct ferry_cmd_msg {
 		uint32_t peer_timeout_ms;  /* OPEN_RETURN_PATH (0 = v1, none) */
 		uint32_t status;           /* POSTCOPY_END */
 		uint32_t agree;            /* AGREE: FERRY_AGREE_* flags */
-		uint32_t devstate_done;    /* DEVSTATE_DONE: its flags; with
-					      FERRY_DEVSTATE_DONE_MULTIFD the
+		uint32_t devstate_flags;   /* SWITCHOVER_START, DEVSTATE_DONE:
+					      with FERRY_DEVSTATE_MULTIFD the
 					      handler must sync the channels
 					      (ferry_multifd_recv_sync) */
 		uint64_t run_digest;       /* POSTCOPY_RUN: the source's device
@@ -294,8 +296,9 @@ struct ferry_load_opts {
 	size_t size;              /* sizeof(struct ferry_load_opts) */
 	/* Cap on one record body (0 = FERRY_RECORD_MAX_DEFAULT). */
 	uint32_t max_record;
-	/* Called in the load thread for every command except PACKAGED,
-	 * SWITCHOVER_START and HEARTBEAT (handled by the library); after
+	/* Called in the load thread for every command except PACKAGED and
+	 * HEARTBEAT (handled by the library; SWITCHOVER_START, DEVSTATE_DONE
+	 * and AGREE are handled by it too, and passed on); after
 	 * POSTCOPY_LISTEN, PING and POSTCOPY_END come from the listen thread
 	 * while the load thread loads the package (so it must be
 	 * thread-safe then). May be

@@ -71,9 +71,10 @@ enum ferry_cmd {
 	FERRY_CMD_POSTCOPY_RUN = 5,     /* empty, or be64 the device digest */
 	FERRY_CMD_POSTCOPY_DISCARD = 6, /* str8 block, be32 n, n x (be64 start, be64 len) */
 	FERRY_CMD_PACKAGED = 7,         /* nested records, ending with EOF */
-	FERRY_CMD_SWITCHOVER_START = 8, /* empty, or be32 n, n x (str8 idstr,
-					   be32 instance): the devices whose
-					   final state follows in buffers */
+	FERRY_CMD_SWITCHOVER_START = 8, /* empty, or be32 flags, be32 n, n x
+					   (str8 idstr, be32 instance): the
+					   devices whose final state follows
+					   in buffers */
 	/* Version 2, live streams with a return path: */
 	FERRY_CMD_HEARTBEAT = 9,        /* empty; the source is alive */
 	FERRY_CMD_SWITCHOVER_GO = 10,   /* empty, after EOF: run the VM */
@@ -110,9 +111,10 @@ enum ferry_rp {
 	FERRY_RP__MAX
 };
 
-/* FERRY_CMD_DEVSTATE_DONE flags: the buffers went over multifd, and a
- * sync point on every channel follows the last of them. */
-#define FERRY_DEVSTATE_DONE_MULTIFD 0x1u
+/* SWITCHOVER_START and DEVSTATE_DONE flags: the buffers go over multifd,
+ * and a sync point on every channel follows the command (SWITCHOVER_START:
+ * no buffer before it) or the last buffer (DEVSTATE_DONE). */
+#define FERRY_DEVSTATE_MULTIFD 0x1u
 
 /* FERRY_CMD_AGREE flags. */
 #define FERRY_AGREE_DEVSTATE_MULTIFD 0x1u /* device state over multifd */

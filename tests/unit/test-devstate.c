@@ -195,10 +195,8 @@ static void dest_list(struct dest *d, uint16_t cmd, struct qdev *qs,
 
 	p[off++] = (uint8_t)(cmd >> 8);
 	p[off++] = (uint8_t)cmd;
-	if (counts) {
-		memset(p + off, 0, 4);
-		off += 4;
-	}
+	memset(p + off, 0, 4);   /* flags: no multifd sync to wait for */
+	off += 4;
 	p[off++] = 0; p[off++] = 0; p[off++] = 0; p[off++] = (uint8_t)n;
 	for (unsigned i = 0; i < n; i++) {
 		size_t l = strlen(qs[i].name);
@@ -426,6 +424,36 @@ TEST(devstate_missing_buffer_fails)
 	ASSERT_ERR(dest_finish(&d), -EBADMSG);
 	ASSERT_CONTAINS(d.err.msg, "buffer 6 of 10 never arrived");
 	ASSERT(!q.config_loaded);
+}
+
+/* A stream that names a device in SWITCHOVER_START but ends without its
+ * DEVSTATE_DONE fails (its buffers would be dropped); a config buffer
+ * arriving after a later data buffer fails at once. */
+TEST(devstate_incomplete_streams_fail)
+{
+	struct ferry_error err = { 0 };
+	uint8_t buf[BUF];
+
+	for (int c = 0; c < 2; c++) {
+		struct qdev q = { .name = "q", .nbufs = 9 };
+		struct dest d;
+
+		dest_start(&d, &q, 1, 0);
+		dest_list(&d, FERRY_CMD_SWITCHOVER_START, &q, 1, NULL);
+		while (!atomic_load(&q.started))
+			usleep(100);
+		fill(buf, 0, 0);
+		ASSERT_OK(ferry_load_devstate(d.ctx, "q", 0, c ? 5 : 0, false,
+					      buf, BUF, &err));
+		if (c) {
+			ASSERT_ERR(ferry_load_devstate(d.ctx, "q", 0, 3, true,
+						       "CONF", 4, &err), -EBADMSG);
+			ASSERT_CONTAINS(err.msg, "nothing may follow the config");
+		}
+		ASSERT_ERR(dest_finish(&d), -EBADMSG);
+		ASSERT_CONTAINS(d.err.msg, c ? "nothing may follow the config" :
+				"without DEVSTATE_DONE");
+	}
 }
 
 /* A slow load thread and eager feeders: the queue never holds more than

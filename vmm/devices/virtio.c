@@ -445,7 +445,9 @@ void *virtio_queue_host(struct virtio_dev *d, unsigned q, enum virtio_ring ring)
 	pthread_mutex_lock(&d->lock);
 	if (q < d->nq && ring < VIRTIO_NR_RINGS) {
 		caches_rebuild(d, NULL);
-		p = d->cache[q].ring[ring].host;
+		/* Still invalid inside our own open transaction: no pointer. */
+		if (d->cache[q].valid)
+			p = d->cache[q].ring[ring].host;
 	}
 	pthread_mutex_unlock(&d->lock);
 	return p;

@@ -489,7 +489,7 @@ static int build_view(struct memmap *mm, struct memmap_view **out)
  */
 static bool stale_read(struct memmap *mm)
 {
-	if (__atomic_load_n(&mm->txn_depth, __ATOMIC_RELAXED) == 0 ||
+	if (__atomic_load_n(&mm->txn_depth, __ATOMIC_ACQUIRE) == 0 ||
 	    !pthread_equal(__atomic_load_n(&mm->txn_owner, __ATOMIC_RELAXED),
 			   pthread_self()))
 		return false;
@@ -700,7 +700,8 @@ void memmap_begin(struct memmap *mm)
 {
 	if (mm->txn_depth == 0)
 		__atomic_store_n(&mm->txn_owner, pthread_self(), __ATOMIC_RELAXED);
-	__atomic_store_n(&mm->txn_depth, mm->txn_depth + 1, __ATOMIC_RELAXED);
+	/* Release: whoever sees the depth sees the owner written before. */
+	__atomic_store_n(&mm->txn_depth, mm->txn_depth + 1, __ATOMIC_RELEASE);
 }
 
 bool memmap_in_transaction(const struct memmap *mm)

@@ -198,6 +198,14 @@ static int b_save_setup(struct ferry_chan *c, void *opaque,
 	if (bulk_has_precopy(vb->dev) &&
 	    bulk_get_state(vb->dev) == BULK_RUNNING)
 		r = bulk_set_state(vb->dev, BULK_PRE_COPY, err);
+	/* A device that has precopy but cannot use it now (a paused VM)
+	 * has no initial data to wait for: say so at once, or a destination
+	 * using switchover-ack would wait for it in vain. */
+	if (!r && bulk_has_precopy(vb->dev) &&
+	    bulk_get_state(vb->dev) != BULK_PRE_COPY) {
+		put_item(c, MARK_INIT_DATA_SENT, NULL, 0);
+		vb->init_sent = true;
+	}
 	put_item(c, MARK_END_OF_STATE, NULL, 0);
 	return r;
 }
