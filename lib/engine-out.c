@@ -960,7 +960,7 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 		if (sync != last_sync) {
 			uint64_t now = now_ns(), sent = total_bytes(o) - pass_b0;
 			uint64_t dt = now > pass_t0 ? now - pass_t0 : 1, avail;
-			bool fits, shrinks;
+			bool fits, shrinks, idle;
 
 			refresh_live(o);
 			/* A window shorter than that says nothing about the
@@ -983,8 +983,19 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 			p->dirty_pages_rate = (uint64_t)((unsigned __int128)
 				dirty * 1000000000ull / dt);
 			p->expected_downtime_ms = avail ? rest * 1000 / avail : 0;
+			/* A whole pass that moved nothing: the rest can only go
+			 * at the switchover (a device without precopy, say, on
+			 * an idle or paused guest). Iterating cannot help; with
+			 * no bandwidth ever measured there is no estimate to
+			 * wait for either, so switch. */
+			idle = last_sync && !sent && rest && rest == prev_rest;
 			fits = !rest || (avail && p->expected_downtime_ms <=
-					 o->set.downtime_limit_ms);
+					 o->set.downtime_limit_ms) ||
+			       (idle && !avail);
+			if (idle && !avail)
+				mig_trace(m, "pass %llu: nothing precopy can send, "
+					  "and no bandwidth measured: switching",
+					  (unsigned long long)p->pass + 1);
 			shrinks = !last_sync ||
 				  rest * 100 < prev_rest * SHRINK_PCT;
 			mig_trace(m, "pass %llu: rest %llu bytes, %llu bytes/s over "
@@ -1045,6 +1056,9 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 			last_sync = sync;
 			pass_t0 = now;
 			pass_b0 = total_bytes(o);
+			/* Nothing moves: do not spin on it. */
+			if (idle)
+				usleep(10000);
 		}
 		p->precopy_bytes = total_bytes(o) - bytes0;
 		publish(o);

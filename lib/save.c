@@ -144,6 +144,11 @@ static int write_section(struct ferry_save *s, uint8_t type,
 					  ferry_record_type_name(type));
 	plen = section_prefix(prefix, type, d);
 	body = ferry_chan_mem_data(s->body, &blen);
+	/* A round in which a device had nothing it could send (all of it
+	 * waits for the switchover) costs no record: the engine then sees a
+	 * pass that moved nothing. */
+	if (type == FERRY_REC_SECTION_PART && !blen)
+		return 0;
 	if (type == FERRY_REC_SECTION_FULL)
 		ferry__digest_section(&s->digest, d->idstr, d->instance, body, blen);
 	if (type == FERRY_REC_SECTION_START || type == FERRY_REC_SECTION_PART)

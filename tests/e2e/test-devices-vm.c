@@ -161,6 +161,39 @@ TEST(devices_##be##_switchover_ack_capped)				\
 DEVICE_TESTS(kvm)
 DEVICE_TESTS(thread)
 
+/* A paused source: its devices cannot precopy, say at once that they
+ * have no initial data to wait for, and switchover-ack lets the switch
+ * happen. */
+TEST(devices_thread_switchover_ack_paused_source)
+{
+	struct proc s, d;
+	json_t *a, *m;
+	int port = free_port();
+
+	need_backend("thread");
+	vm_spawn(&s, "src", "--backend thread --mem 128M --device "
+		 "bulk,size=32M,dirty-rate=10");
+	vm_spawn(&d, "dst", "--backend thread --mem 128M --device bulk,size=32M "
+		 "--incoming defer --paused");
+	a = json_pack("{s:[{s:s, s:b}]}", "capabilities", "capability",
+		      "switchover-ack", "state", 1);
+	json_decref(call(&s, "migrate-set-capabilities", json_incref(a)));
+	json_decref(call(&d, "migrate-set-capabilities", a));
+	json_decref(call(&s, "migrate-set-parameters", json_pack("{s:I}",
+			 "switchover-ack-timeout", (json_int_t)5000)));
+	json_decref(call(&d, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	json_decref(call(&s, "stop", NULL));
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_migration(&s, "completed");
+	m = call(&s, "query-migrate", NULL);
+	ASSERT(json_is_true(json_object_get(m, "switchover-acked")));
+	json_decref(m);
+	vm_quit(&s);
+	vm_quit(&d);
+}
+
 /* The two sides disagree on the channel: refused at setup with a message
  * that names it, the source runs on, and a later migration with matching
  * settings succeeds. */

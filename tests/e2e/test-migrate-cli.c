@@ -246,6 +246,25 @@ TEST(demo_thread_multifd_zstd)
 	json_decref(j);
 }
 
+/* Devices with large state on both VMs, their state on the main channel:
+ * the proof adds their stamp checks and state digests. */
+TEST(demo_thread_devices)
+{
+	json_t *j, *dv;
+
+	j = run_demo_json("--mem 256M --backend thread --device "
+			  "bulk,size=64M,dirty-rate=20 --device "
+			  "bulk,size=32M,precopy=off --device-state-channel main "
+			  "--downtime-limit 2000", 0);
+	check_verified(j);
+	dv = json_object_get(j, "device-verify");
+	ASSERT_EQ(json_integer_value(json_object_get(dv, "devices")), 2);
+	ASSERT(json_is_true(json_object_get(dv, "equal")));
+	ASSERT_EQ(json_integer_value(json_object_get(dv, "bad-chunks")), 0);
+	ASSERT_EQ(json_array_size(json_object_get(j, "devices")), 2);
+	json_decref(j);
+}
+
 /* The overall timeout: a clear message, exit 1, nothing left behind. */
 TEST(demo_timeout_cleans_up)
 {

@@ -257,9 +257,11 @@ static int b_save_iterate(struct ferry_chan *c, void *opaque, uint64_t budget,
 	uint64_t init = 0, dirty = 0;
 	int r = 0;
 
-	/* Without precopy there is nothing to send before the switchover. */
-	if (bulk_get_state(vb->dev) == BULK_PRE_COPY)
-		r = save_records(vb, c, budget, err);
+	/* Without precopy there is nothing to send before the switchover:
+	 * an empty section, which costs no record. */
+	if (bulk_get_state(vb->dev) != BULK_PRE_COPY)
+		return 0;
+	r = save_records(vb, c, budget, err);
 
 	if (!r && !vb->init_sent && !bulk_pending(vb->dev, &init, &dirty) &&
 	    !init) {
