@@ -368,22 +368,6 @@ int ferry_devstate_send_config(struct ferry_devstate_sink *k, const void *buf,
 	return devstate_send(k, true, buf, len, err);
 }
 
-/* SWITCHOVER_START, DEVSTATE_DONE: be32 flags, then the device list. */
-static int devstate_cmd(struct ferry_save *s, uint16_t cmd, bool multifd,
-			const uint8_t *list, size_t len, struct ferry_error *err)
-{
-	uint8_t *p = malloc(4 + len);
-	int r;
-
-	if (!p)
-		return ferry_error_set(err, -ENOMEM, "out of memory");
-	ferry__put_be32(p, multifd ? FERRY_DEVSTATE_MULTIFD : 0);
-	memcpy(p + 4, list, len);
-	r = ferry_save_command(s, cmd, p, 4 + len, err);
-	free(p);
-	return r;
-}
-
 static void complete_job(void *arg)
 {
 	struct ferry_devstate_sink *k = arg;
@@ -402,17 +386,21 @@ int ferry_save_complete(struct ferry_save *s, struct ferry_error *err)
 	return ferry__save_complete(s, NULL, NULL, err);
 }
 
-/* SWITCHOVER_START / DEVSTATE_DONE payloads: be32 n, then per device
- * str8 idstr, be32 instance (and be32 buffers sent, with @counts). */
-static uint8_t *devstate_list(const struct ferry_devstate_sink *k, unsigned n,
-			      bool counts, size_t *len)
+/* SWITCHOVER_START / DEVSTATE_DONE: be32 flags (FERRY_DEVSTATE_MULTIFD
+ * when the buffers go on @multifd), be32 n, then per device str8 idstr,
+ * be32 instance (and be32 buffers sent, with @counts). */
+static int devstate_cmd(struct ferry_save *s, uint16_t cmd, bool multifd,
+			const struct ferry_devstate_sink *k, unsigned n,
+			bool counts, struct ferry_error *err)
 {
-	uint8_t *p = malloc(4 + (size_t)n * (1 + FERRY_IDSTR_MAX + 8));
-	size_t off = 4;
+	uint8_t *p = malloc(8 + (size_t)n * (1 + FERRY_IDSTR_MAX + 8));
+	size_t off = 8;
+	int r;
 
 	if (!p)
-		return NULL;
-	ferry__put_be32(p, n);
+		return ferry_error_set(err, -ENOMEM, "out of memory");
+	ferry__put_be32(p, multifd ? FERRY_DEVSTATE_MULTIFD : 0);
+	ferry__put_be32(p + 4, n);
 	for (unsigned i = 0; i < n; i++) {
 		memcpy(p + off, k[i].prefix, k[i].prefix_len);
 		off += k[i].prefix_len;
@@ -421,8 +409,9 @@ static uint8_t *devstate_list(const struct ferry_devstate_sink *k, unsigned n,
 			off += 4;
 		}
 	}
-	*len = off;
-	return p;
+	r = ferry_save_command(s, cmd, p, off, err);
+	free(p);
+	return r;
 }
 
 /*
@@ -444,8 +433,6 @@ static int final_state(struct ferry_save *s, bool postcopy,
 	struct ferry_multifd *mf = postcopy ? NULL : s->ds_mf;
 	void **args = NULL;
 	unsigned n = 0;
-	uint8_t *list;
-	size_t len;
 	int r = 0;
 
 	for (struct ferry_dev *d = s->ctx->devs; d; d = d->next)
@@ -476,13 +463,8 @@ static int final_state(struct ferry_save *s, bool postcopy,
 		/* Tell the destination the final state follows, and from
 		 * whom, so it readies their queues and load threads
 		 * (switchover_start hooks) before the first buffer. */
-		if (!(list = devstate_list(sinks, n, false, &len))) {
-			r = ferry_error_set(err, -ENOMEM, "out of memory");
-			goto out;
-		}
-		r = devstate_cmd(s, FERRY_CMD_SWITCHOVER_START, mf != NULL, list,
-				 len, err);
-		free(list);
+		r = devstate_cmd(s, FERRY_CMD_SWITCHOVER_START, mf != NULL,
+				 sinks, n, false, err);
 		/* On multifd, a sync point behind it: the destination releases
 		 * the channels only once it has read SWITCHOVER_START, so no
 		 * buffer reaches a device before the device's precopy
@@ -534,15 +516,9 @@ static int final_state(struct ferry_save *s, bool postcopy,
 	 * up means a buffer was lost, not that it is late. */
 	if (!r && mf)
 		r = ferry_multifd_send_sync(mf, err);
-	if (!r) {
-		if (!(list = devstate_list(sinks, n, true, &len))) {
-			r = ferry_error_set(err, -ENOMEM, "out of memory");
-			goto out;
-		}
-		r = devstate_cmd(s, FERRY_CMD_DEVSTATE_DONE, mf != NULL, list,
-				 len, err);
-		free(list);
-	}
+	if (!r)
+		r = devstate_cmd(s, FERRY_CMD_DEVSTATE_DONE, mf != NULL, sinks,
+				 n, true, err);
 	for (struct ferry_dev *d = s->ctx->devs; d && !r; d = d->next)
 		if (!ferry__dev_iterable(d) && d->ops->save_state &&
 		    d->ops->save_complete_thread)
