@@ -31,7 +31,6 @@
 
 #include "benchvm.h"
 #include "ferry/engine.h"
-#include "vm/backend.h"
 
 #define LINK_BYTES (1ull << 30)
 #define LINK_CHUNK (1u << 20)
@@ -118,11 +117,6 @@ static double link_limit(int nconn)
 	return (double)LINK_BYTES / (t1 - t0);
 }
 
-static double jnum(json_t *o, const char *k)
-{
-	return json_number_value(json_object_get(o, k));
-}
-
 static void bench(const char *backend, unsigned ndev, const char *channel,
 		  bool precopy, int runs, double limit)
 {
@@ -157,14 +151,14 @@ static void bench(const char *backend, unsigned ndev, const char *channel,
 		snprintf(args, sizeof(args), "tcp:127.0.0.1:%d", port);
 		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
 		m = wait_completed(&s);
-		total[r] = jnum(m, "total-time");
-		down[r] = jnum(m, "downtime-us") / 1000.0;
+		total[r] = getd(m, "total-time");
+		down[r] = getd(m, "downtime-us") / 1000.0;
 		for (int i = 0; i < FERRY_PHASE__MAX; i++)
-			ph[i][r] = jnum(json_object_get(m, "downtime-phases"),
+			ph[i][r] = getd(json_object_get(m, "downtime-phases"),
 					ferry_phase_name(i));
 		/* Device state at the switchover over the time it took: from
 		 * the guest's stop to the destination having loaded it. */
-		sw = jnum(json_object_get(m, "device-state"), "switchover-bytes");
+		sw = getd(json_object_get(m, "device-state"), "switchover-bytes");
 		dev_ms = ph[FERRY_PHASE_DEVICE_SAVE][r] + ph[FERRY_PHASE_TRANSFER][r] +
 			 ph[FERRY_PHASE_DEVICE_DATA][r] +
 			 ph[FERRY_PHASE_DEVICE_CONFIG][r];
@@ -199,13 +193,10 @@ int main(int argc, char **argv)
 	static const char *const chans[] = { "main", "multifd" };
 	const char *backend, *only = NULL;
 	double l1, l2;
-	char why[300];
 	int runs = 3;
 
 	bench_start(argc, argv, "bench-devices", &runs, &only);
-	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
-	if (strcmp(backend, "kvm"))
-		printf("(KVM unusable: %s; thread backend)\n", why);
+	backend = bench_backend();
 	l1 = link_limit(1);
 	l2 = link_limit(2);
 	printf("link limit (loopback TCP, 1 GiB in 1 MiB writes): 1 connection "

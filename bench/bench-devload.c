@@ -17,12 +17,6 @@
 #include <unistd.h>
 
 #include "benchvm.h"
-#include "vm/backend.h"
-
-static double jnum(json_t *o, const char *k)
-{
-	return json_number_value(json_object_get(o, k));
-}
 
 static void bench(const char *backend, unsigned n, bool batched, int runs,
 		  double *median_load)
@@ -51,8 +45,8 @@ static void bench(const char *backend, unsigned n, bool batched, int runs,
 		wait_workload(&s, "dirty,ws=32M,rate=50", 256u << 20);
 		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
 		m = wait_completed(&s);
-		load[r] = jnum(json_object_get(m, "downtime-phases"), "device-load");
-		down[r] = jnum(m, "downtime-us") / 1000.0;
+		load[r] = getd(json_object_get(m, "downtime-phases"), "device-load");
+		down[r] = getd(m, "downtime-us") / 1000.0;
 		json_decref(m);
 		for (;;) {
 			m = call(&d, "query-migrate", NULL);
@@ -61,9 +55,9 @@ static void bench(const char *backend, unsigned n, bool batched, int runs,
 			json_decref(m);
 			usleep(5000);
 		}
-		commit[r] = jnum(m, "memory-commit-ms");
-		commits[r] = jnum(m, "memory-commits");
-		rebuilds[r] = jnum(m, "flatview-rebuilds");
+		commit[r] = getd(m, "memory-commit-ms");
+		commits[r] = getd(m, "memory-commits");
+		rebuilds[r] = getd(m, "flatview-rebuilds");
 		json_decref(m);
 		quit(&s);
 		quit(&d);
@@ -85,13 +79,10 @@ int main(int argc, char **argv)
 	static const unsigned ns[] = { 16, 64, 256, 1024 };
 	const char *backend, *only = NULL;
 	double tx[4] = { 0 }, per[4] = { 0 };
-	char why[300];
 	int runs = 3;
 
 	bench_start(argc, argv, "bench-devload", &runs, &only);
-	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
-	if (strcmp(backend, "kvm"))
-		printf("(KVM unusable: %s; thread backend)\n", why);
+	backend = bench_backend();
 	for (int i = 0; i < 4; i++) {
 		char label[32];
 
@@ -107,8 +98,9 @@ int main(int argc, char **argv)
 			printf("  %4u devices  %8.2f ms  %8.2f ms  %5.1fx%s\n",
 			       ns[i], tx[i], per[i], per[i] / tx[i],
 			       ns[i] == 256 ? "  (target at 256: at least 5x)" : "");
-	printf("growth from 16 to 1024 devices (64x the devices): batched "
-	       "%.0fx, per-device %.0fx\n", tx[0] > 0 ? tx[3] / tx[0] : 0,
-	       per[0] > 0 ? per[3] / per[0] : 0);
+	if (tx[0] > 0 && tx[3] > 0)
+		printf("growth from 16 to 1024 devices (64x the devices): "
+		       "batched %.0fx, per-device %.0fx\n", tx[3] / tx[0],
+		       per[3] / per[0]);
 	return bench_end();
 }

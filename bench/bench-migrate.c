@@ -24,7 +24,6 @@
 
 #include "benchvm.h"
 #include "ferry/engine.h"
-#include "vm/backend.h"
 
 static void bench(const char *backend, uint64_t mem, const char *wl,
 		  bool prealloc, int channels, int runs)
@@ -93,14 +92,11 @@ int main(int argc, char **argv)
 	static const uint64_t mems[] = { 1ull << 30, 4ull << 30 };
 	static const int chans[] = { 1, 2, 4 };
 	const char *backend;
-	char why[300];
 	const char *only = NULL;
 	int runs = 3;
 
 	bench_start(argc, argv, "bench-migrate", &runs, &only);
-	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
-	if (strcmp(backend, "kvm"))
-		printf("(KVM unusable: %s; thread backend)\n", why);
+	backend = bench_backend();
 	for (size_t m = 0; m < 2; m++)
 		for (size_t w = 0; w < 4; w++)
 			for (size_t c = 0; c < 3; c++) {

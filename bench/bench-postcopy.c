@@ -29,17 +29,11 @@
 #include "benchvm.h"
 #include "ferry/engine.h"
 #include "postcopy.h"
-#include "vm/backend.h"
 
 enum mode { POSTCOPY, PREEMPT, PREEMPT_PASS1, PRECOPY_AC };
 
 static const char *const mode_names[] = { "postcopy", "postcopy+preempt",
 	"postcopy+preempt after the first pass", "precopy+auto-converge" };
-
-static double jnum(json_t *o, const char *k)
-{
-	return json_number_value(json_object_get(o, k));
-}
 
 static void bench(const char *backend, uint64_t mem, const char *ws,
 		  enum mode mode, uint64_t cap, int runs)
@@ -80,7 +74,7 @@ static void bench(const char *backend, uint64_t mem, const char *ws,
 		if (mode == PREEMPT_PASS1) {
 			for (;;) {
 				m = call(&s, "query-migrate", NULL);
-				if (jnum(m, "pass") >= 1) {
+				if (getd(m, "pass") >= 1) {
 					json_decref(m);
 					break;
 				}
@@ -101,16 +95,16 @@ static void bench(const char *backend, uint64_t mem, const char *ws,
 			usleep(5000);
 		}
 		lat = json_object_get(dm, "postcopy-latency");
-		total[r] = jnum(m, "total-time");
-		down[r] = jnum(m, "downtime-us") / 1000.0;
-		pct[r] = jnum(m, "postcopy-time");
-		req[r] = jnum(dm, "postcopy-requests");
-		p50[r] = jnum(lat, "p50-us");
-		p99[r] = jnum(lat, "p99-us");
-		pmax[r] = jnum(lat, "max-us");
-		block[r] = jnum(dm, "postcopy-blocktime");
+		total[r] = getd(m, "total-time");
+		down[r] = getd(m, "downtime-us") / 1000.0;
+		pct[r] = getd(m, "postcopy-time");
+		req[r] = getd(dm, "postcopy-requests");
+		p50[r] = getd(lat, "p50-us");
+		p99[r] = getd(lat, "p99-us");
+		pmax[r] = getd(lat, "max-us");
+		block[r] = getd(dm, "postcopy-blocktime");
 		for (int i = 0; i < FERRY_PHASE__MAX; i++)
-			ph[i][r] = jnum(json_object_get(m, "downtime-phases"),
+			ph[i][r] = getd(json_object_get(m, "downtime-phases"),
 					ferry_phase_name(i));
 		json_decref(m);
 		json_decref(dm);
@@ -139,7 +133,6 @@ int main(int argc, char **argv)
 {
 	static const uint64_t mems[] = { 1ull << 30, 4ull << 30 };
 	const char *backend, *only = NULL;
-	char why[300];
 	int runs = 3;
 	int64_t floor_ns;
 
@@ -151,9 +144,7 @@ int main(int argc, char **argv)
 	}
 	printf("bare userfaultfd fault-to-placement round trip: %.1f us "
 	       "(2000 faults, average)\n", (double)floor_ns / 1000.0);
-	backend = backend_kvm_usable(why, sizeof(why)) ? "kvm" : "thread";
-	if (strcmp(backend, "kvm"))
-		printf("(KVM unusable: %s; thread backend)\n", why);
+	backend = bench_backend();
 	for (size_t mi = 0; mi < 2; mi++) {
 		char all[32];
 		const char *wss[2] = { "256M", all };

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "benchvm.h"
+#include "vm/backend.h"
 #include "guest/layout.h"
 
 const char *bench_ferry = "build/ferry";
@@ -112,6 +113,21 @@ double cpu_s(pid_t pid)
 long long geti(json_t *o, const char *k)
 {
 	return json_integer_value(json_object_get(o, k));
+}
+
+double getd(json_t *o, const char *k)
+{
+	return json_number_value(json_object_get(o, k));
+}
+
+const char *bench_backend(void)
+{
+	char why[300];
+
+	if (backend_kvm_usable(why, sizeof(why)))
+		return "kvm";
+	printf("(KVM unusable: %s; thread backend)\n", why);
+	return "thread";
 }
 
 void wait_workload(struct vmp *v, const char *wl, uint64_t mem)

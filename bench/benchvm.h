@@ -38,6 +38,10 @@ void quit(struct vmp *v);
 /* utime + stime of a process, seconds. */
 double cpu_s(pid_t pid);
 long long geti(json_t *o, const char *k);
+/* A JSON number (integer or real) as a double; 0 if absent. */
+double getd(json_t *o, const char *k);
+/* "kvm" if KVM works here, else "thread" (saying why on stdout). */
+const char *bench_backend(void);
 /* The guest booted (and a fill finished); a dirtying one runs 2 s more. */
 void wait_workload(struct vmp *v, const char *wl, uint64_t mem);
 /* Poll @v's query-migrate until completed (returned); a failure ends the
