@@ -31,7 +31,7 @@ static void devload(const char *backend, unsigned n, bool batched)
 {
 	char d1[64], d2[64];
 	struct proc s, d;
-	json_t *m, *vs, *vd, *v;
+	json_t *m, *vs, *vd;
 	int port = free_port();
 
 	need_backend(backend);
@@ -78,10 +78,7 @@ static void devload(const char *backend, unsigned n, bool batched)
 	ram_digest(&s, d1);
 	ram_digest(&d, d2);
 	ASSERT_STREQ(d1, d2);
-	json_decref(call(&d, "cont", NULL));
-	v = verify(&d);
-	ASSERT_EQ(geti(v, "bad-pages"), 0);
-	json_decref(v);
+	cont_verified(&d);
 	vm_quit(&s);
 	vm_quit(&d);
 }

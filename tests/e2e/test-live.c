@@ -164,7 +164,7 @@ static void autoconverge(const char *backend)
 {
 	const long long cap = 32 << 20;
 	struct proc s, d;
-	json_t *m, *v;
+	json_t *m;
 	int port, i;
 
 	need_backend(backend);
@@ -216,10 +216,7 @@ static void autoconverge(const char *backend)
 	m = call(&s, "query-migrate", NULL);
 	ASSERT_GT(geti(m, "cpu-throttle-percentage"), 0);
 	json_decref(m);
-	json_decref(call(&d, "cont", NULL));
-	v = verify(&d);
-	ASSERT_EQ(geti(v, "bad-pages"), 0);
-	json_decref(v);
+	cont_verified(&d);
 	vm_quit(&s);
 	vm_quit(&d);
 }
@@ -255,10 +252,7 @@ static void source_survives(struct proc *s, const char *backend, const char *why
 	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
 			 test_fmt("tcp:127.0.0.1:%d", port))));
 	wait_migration(s, "completed");
-	json_decref(call(&d, "cont", NULL));
-	v = verify(&d);
-	ASSERT_EQ(geti(v, "bad-pages"), 0);
-	json_decref(v);
+	cont_verified(&d);
 	vm_quit(&d);
 }
 

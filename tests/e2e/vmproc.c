@@ -213,6 +213,16 @@ json_t *verify(struct proc *p)
 	return call(p, "guest-verify", json_pack("{s:b}", "wait", 1));
 }
 
+void cont_verified(struct proc *p)
+{
+	json_t *v;
+
+	json_decref(call(p, "cont", NULL));
+	v = verify(p);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+}
+
 void wait_migration_live(struct proc *p, const char *want)
 {
 	for (int i = 0; i < 12000; i++) {

@@ -48,6 +48,8 @@ void wait_loaded(struct proc *p);
 /* query-ram-digest's "digest" into @out (at least 64 bytes). */
 void ram_digest(struct proc *p, char *out);
 json_t *verify(struct proc *p);
+/* `cont`, then the guest's own verify pass must find 0 bad pages. */
+void cont_verified(struct proc *p);
 /* Poll query-migrate until @want; FAIL on another terminal status. */
 void wait_migration(struct proc *p, const char *want);
 /* Poll query-migrate until the status is @want (a live one, say "device"). */
