@@ -54,6 +54,9 @@
 /* Bandwidth is measured over windows at least this long: a pass can last
  * a few milliseconds, too short to say anything about the link. */
 #define BW_WINDOW_NS 100000000ull
+/* A pass that neither fits the downtime limit nor shrinks the rest starts
+ * no sooner than this after the previous one (see precopy()). */
+#define MIN_STUCK_PASS_NS 10000000ull
 /* Bytes of background pages per postcopy section: a requested page waits
  * behind at most this much of our own buffer (the socket's is another
  * matter: that is what postcopy-preempt is for). */
@@ -931,6 +934,7 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 	struct ferry_mig_info *p = &o->prog;
 	uint64_t bytes0 = total_bytes(o), pass_t0 = now_ns(), pass_b0 = bytes0;
 	uint64_t bw_t0 = pass_t0, bw_b0 = bytes0, dirty = 0;
+	uint64_t paced = 0;  /* ns this bandwidth window slept (see below) */
 	uint64_t last_sync = 0, prev_rest = 0, bw = 0;
 	unsigned strikes = 0, fit_passes = 0, stuck = 0;
 
@@ -969,11 +973,20 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 			if (now - bw_t0 >= BW_WINDOW_NS) {
 				uint64_t wb = total_bytes(o) - bw_b0;
 
+				/* Over the time spent sending: the pacing
+				 * below is ours, not the link's. */
 				if (wb)
 					bw = (uint64_t)((unsigned __int128)wb *
-						1000000000ull / (now - bw_t0));
+						1000000000ull / (now - bw_t0 -
+						(paced < now - bw_t0 ? paced : 0)));
+				/* Bursts after a pause may outrun the cap for a
+				 * moment (the rate limiter's credit); the link as
+				 * precopy sees it is never faster than the cap. */
+				if (o->set.max_bandwidth && bw > o->set.max_bandwidth)
+					bw = o->set.max_bandwidth;
 				bw_t0 = now;
 				bw_b0 = total_bytes(o);
+				paced = 0;
 			}
 			avail = o->set.avail_switchover_bandwidth ?
 				o->set.avail_switchover_bandwidth : bw;
@@ -1056,9 +1069,16 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 			last_sync = sync;
 			pass_t0 = now;
 			pass_b0 = total_bytes(o);
-			/* Nothing moves: do not spin on it. */
-			if (idle)
-				usleep(10000);
+			/* Not converging (a rest that only the switchover can
+			 * move, or a guest as fast as the link): passes of a
+			 * few pages each, back to back, would only burn a core
+			 * on dirty-log syncs. At most one such pass per
+			 * MIN_STUCK_PASS_NS: the dirty set then grows into
+			 * passes worth a sync. */
+			if (!fits && !shrinks && dt < MIN_STUCK_PASS_NS) {
+				usleep((useconds_t)((MIN_STUCK_PASS_NS - dt) / 1000));
+				paced += MIN_STUCK_PASS_NS - dt;
+			}
 		}
 		p->precopy_bytes = total_bytes(o) - bytes0;
 		publish(o);
