@@ -32,7 +32,7 @@ ifeq ($(SAN),undefined)
 CFLAGS_BASE += -fno-sanitize-recover=all
 endif
 
-LIBS := -lzstd -ljansson -lxxhash -lpthread
+LIBS := -lzstd -ljansson -lxxhash -lssl -lcrypto -lpthread
 
 ifeq ($(V),1)
 Q :=
@@ -45,7 +45,7 @@ LIB_SRCS := lib/error.c lib/channel.c lib/stream.c lib/vmstate.c \
             lib/registry.c lib/save.c lib/load.c lib/describe.c \
             lib/transport.c lib/ram.c lib/return-path.c lib/multifd.c \
             lib/engine.c lib/engine-out.c lib/engine-in.c lib/postcopy.c \
-            lib/devstate.c lib/pool.c
+            lib/devstate.c lib/pool.c lib/tls.c
 LIB_OBJS := $(LIB_SRCS:%.c=$(B)/%.o)
 LIB_PIC  := $(LIB_SRCS:%.c=$(B)/pic/%.o)
 LIB_CFLAGS := -DFERRY_BUILDING_LIBRARY -fvisibility=hidden

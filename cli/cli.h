@@ -46,6 +46,8 @@ struct migrate_opts {
 	bool postcopy_preempt;
 	long long postcopy_after; /* s of precopy before switching; -1 none */
 	const char *device_state_channel; /* "main" | "multifd", or NULL */
+	char tls_creds[4096];     /* absolute path, or "" */
+	const char *tls_hostname; /* or NULL */
 };
 
 /* Help text for the flags above (for a command's usage()). */

@@ -58,6 +58,11 @@ const char migrate_opts_help[] =
 "  --device-state-channel C  main | multifd: where devices with large state\n"
 "                       send it at the switchover (the destination must say\n"
 "                       the same: 'ferry vm --device-state-channel C')\n"
+"  --tls-creds DIR      TLS 1.3 with both ends verified (DIR: ca-cert.pem,\n"
+"                       client-cert.pem, client-key.pem; the destination\n"
+"                       needs 'ferry vm --tls-creds' with its server pair)\n"
+"  --tls-hostname NAME  the name the destination's certificate must carry\n"
+"                       (default: the host of the URI)\n"
 "  --no-progress        no progress display\n"
 "  --json               print the final query-migrate object as JSON\n";
 
@@ -187,6 +192,20 @@ int migrate_parse_opt(struct migrate_opts *o, const char *cmd, int argc,
 			return -1;
 		}
 		o->device_state_channel = v;
+	} else if (opt_is("--tls-creds", argc, argv, i, &v)) {
+		/* The VM resolves paths from its own directory: make it
+		 * absolute here. */
+		if (!v || !realpath(v, o->tls_creds)) {
+			cli_err("%s: --tls-creds: %s: %s", cmd, v ? v : "",
+				v ? strerror(errno) : "needs a directory");
+			return -1;
+		}
+	} else if (opt_is("--tls-hostname", argc, argv, i, &v)) {
+		if (!v || !*v) {
+			cli_err("%s: --tls-hostname needs a name", cmd);
+			return -1;
+		}
+		o->tls_hostname = v;
 	} else if (opt_is("--no-progress", argc, argv, i, NULL)) {
 		o->no_progress = true;
 	} else if (opt_is("--json", argc, argv, i, NULL)) {
@@ -266,6 +285,11 @@ int migrate_apply(int fd, const struct migrate_opts *o, struct ferry_error *err)
 	if (o->device_state_channel)
 		json_object_set_new(params, "device-state-channel",
 				    json_string(o->device_state_channel));
+	if (o->tls_creds[0])
+		json_object_set_new(params, "tls-creds", json_string(o->tls_creds));
+	if (o->tls_hostname)
+		json_object_set_new(params, "tls-hostname",
+				    json_string(o->tls_hostname));
 	if (o->downtime_limit >= 0)
 		json_object_set_new(params, "downtime-limit",
 				    json_integer(o->downtime_limit));

@@ -33,6 +33,13 @@ static void usage(FILE *f)
 "  --device-state-channel C  main | multifd: where those devices' final state\n"
 "                      goes (parameter device-state-channel; default multifd;\n"
 "                      the same on both sides)\n"
+"  --tls-creds DIR     migrate over TLS 1.3 with both ends verified: DIR has\n"
+"                      ca-cert.pem and server-cert.pem/server-key.pem (as a\n"
+"                      destination) or client-cert.pem/client-key.pem (as a\n"
+"                      source); scripts/gen-certs.sh makes a test set\n"
+"  --tls-authz LIST    as a destination, accept only these client\n"
+"                      certificate subjects (';' separated, CN=name or the\n"
+"                      whole subject; default: any the CA signed)\n"
 "  --control PATH      QMP-style control socket (see 'ferry ctl')\n"
 "  --incoming URI      load the VM from URI (file:PATH, tcp:HOST:PORT,\n"
 "                      unix:PATH, fd:N) instead of booting it\n"
@@ -67,6 +74,8 @@ int cmd_vm(int argc, char **argv)
 		{ "devices", required_argument, NULL, 'd' },
 		{ "device", required_argument, NULL, 'D' },
 		{ "device-state-channel", required_argument, NULL, 'Y' },
+		{ "tls-creds", required_argument, NULL, 'T' },
+		{ "tls-authz", required_argument, NULL, 'A' },
 		{ "bar-layout", required_argument, NULL, 'L' },
 		{ "control", required_argument, NULL, 'S' },
 		{ "incoming", required_argument, NULL, 'i' },
@@ -130,6 +139,12 @@ int cmd_vm(int argc, char **argv)
 				return 2;
 			}
 			cfg.device_state_channel = optarg;
+			break;
+		case 'T':
+			cfg.tls_creds = optarg;
+			break;
+		case 'A':
+			cfg.tls_authz = optarg;
 			break;
 		case 'L':
 			if (strcmp(optarg, "normal") && strcmp(optarg, "reversed")) {

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "ferry/channel.h"
+#include "internal.h"
 
 #define CHAN_BUF_SIZE (64u << 10)
 
@@ -185,6 +186,11 @@ struct ferry_chan *ferry_chan_new_fd(int fd, enum ferry_chan_dir dir,
 void ferry_chan_set_timeout(struct ferry_chan *c, int timeout_ms)
 {
 	c->timeout_ms = timeout_ms > 0 ? timeout_ms : 0;
+}
+
+int ferry__chan_timeout(const struct ferry_chan *c)
+{
+	return c->timeout_ms;
 }
 
 struct ferry_chan *ferry_chan_new_mem_reader(const void *buf, size_t len)

@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "engine-internal.h"
+#include "tls.h"
 #include "postcopy.h"
 
 /* Connections the acceptor holds while they have not said what they are. */
@@ -65,12 +66,17 @@ struct mig_in {
 	pthread_mutex_t acc_lock;
 	pthread_cond_t acc_cond;        /* monotonic: main_fd arrived, or stop */
 	int main_fd;                    /* acc_lock: -1 until it comes */
+	struct ferry_tls_conn *main_tls; /* acc_lock: its TLS session */
 	bool main_taken;                /* acc_lock: the load has it */
+	struct ferry_tls *tls;          /* tls-creds: immutable once started */
 	struct ferry_multifd *mf;       /* acc_lock: created on demand */
 
 	/* m->lock */
 	bool cancel;
 	int fd;                         /* main connection, for cancel */
+	struct ferry_tls_conn *fd_tls;  /* its TLS session (the load and the
+					   return path share it); freed with
+					   this struct */
 	bool loaded_sent;               /* LOADED went out: no more cancel */
 
 	/* The return path writer and its heartbeat (rp_lock). */
@@ -100,6 +106,7 @@ struct mig_in {
 	pthread_t pre_thread;
 	bool pre_live;                  /* acc_lock */
 	int pre_fd;                     /* acc_lock: -1 until it comes */
+	struct ferry_tls_conn *pre_tls; /* acc_lock: its TLS session */
 	pthread_mutex_t pre_lock;
 	pthread_cond_t pre_cond;        /* monotonic: pre_done changed */
 	bool pre_done;                  /* pre_lock: EOF read, or it failed */
@@ -118,6 +125,15 @@ struct mig_in {
 static uint64_t now_ns(void)
 {
 	return ferry__mono_ns();
+}
+
+/* A channel on an accepted connection, through its TLS session if it has
+ * one; @own_fd: the channel closes @fd when freed. */
+static struct ferry_chan *in_chan(int fd, struct ferry_tls_conn *tc,
+				  enum ferry_chan_dir dir, bool own_fd)
+{
+	return tc ? ferry__tls_chan_new(tc, dir, own_fd ? fd : -1)
+		  : ferry_chan_new_fd(fd, dir, own_fd);
 }
 
 /* ---- the return path ------------------------------------------------------- */
@@ -196,6 +212,7 @@ static void *hb_main(void *arg)
 static int rp_open(struct mig_in *in, uint32_t src_ms,
 		   struct ferry_error *err)
 {
+	struct ferry_tls_conn *tc;
 	int dfd, e;
 
 	if (in->rp_chan)
@@ -207,18 +224,24 @@ static int rp_open(struct mig_in *in, uint32_t src_ms,
 		return ferry_error_set(err, -EINVAL, "a return path needs a "
 				       "socket (this stream comes from %s)",
 				       in->uri);
-	dfd = dup(in->fd);
-	if (dfd < 0)
+	ferry__mutex_lock(&in->m->lock);
+	tc = in->fd_tls;
+	dfd = tc ? -1 : dup(in->fd);
+	ferry__mutex_unlock(&in->m->lock);
+	if (!tc && dfd < 0)
 		return ferry_error_set(err, -errno, "dup: %s", strerror(errno));
 	ferry__mutex_lock(&in->rp_lock);
-	in->rp_chan = ferry_chan_new_fd(dfd, FERRY_CHAN_WRITE, true);
+	/* Over TLS the writer shares the stream's session. */
+	in->rp_chan = tc ? ferry__tls_chan_new(tc, FERRY_CHAN_WRITE, -1)
+			 : ferry_chan_new_fd(dfd, FERRY_CHAN_WRITE, true);
 	if (in->rp_chan) {
 		ferry_chan_set_timeout(in->rp_chan, (int)in->set.peer_timeout_ms);
 		in->rp_io = (struct ferry_record_io){ .chan = in->rp_chan };
 	}
 	ferry__mutex_unlock(&in->rp_lock);
 	if (!in->rp_chan) {
-		close(dfd);
+		if (dfd >= 0)
+			close(dfd);
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	}
 	in->src_ms = src_ms;
@@ -257,9 +280,9 @@ static void rp_close(struct mig_in *in)
 /* ---- the acceptor ------------------------------------------------------------- */
 
 /* Another source while one is loading: tell it why, and hang up. */
-static void refuse_stream(struct mig_in *in, int fd)
+static void refuse_stream(struct mig_in *in, int fd, struct ferry_tls_conn *tc)
 {
-	struct ferry_chan *c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, false);
+	struct ferry_chan *c = in_chan(fd, tc, FERRY_CHAN_WRITE, false);
 	struct ferry_record_io io = { .chan = c };
 	struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT, .status = EBUSY };
 
@@ -271,8 +294,8 @@ static void refuse_stream(struct mig_in *in, int fd)
 		ferry_rp_send(&io, &shut, NULL);
 		ferry_chan_free(c);
 	}
-	mig_trace(in->m, "a second migration stream while one is loading: "
-		  "refused");
+	mig_refused(in->m, "a second migration stream while one is loading");
+	ferry__tls_unref(tc);
 	close(fd);
 }
 
@@ -338,15 +361,19 @@ static struct ferry_multifd *provide_receiver(void *opaque, unsigned channels,
 static void *pre_main(void *arg)
 {
 	struct mig_in *in = arg;
-	struct ferry_chan *c = ferry_chan_new_fd(in->pre_fd, FERRY_CHAN_READ,
-						 false);
-	struct ferry_record_io io = { .chan = c };
+	struct ferry_chan *c;
+	struct ferry_record_io io;
 	struct ferry_error err = { 0 };
 	uint8_t session[16];
 	/* The main connection this channel serves (not one after a
 	 * recovery), known by the time its first page comes. */
-	int r = c ? 0 : -ENOMEM, main_fd = -1;
+	int r, main_fd = -1;
 
+	ferry__mutex_lock(&in->acc_lock);
+	c = in_chan(in->pre_fd, in->pre_tls, FERRY_CHAN_READ, false);
+	ferry__mutex_unlock(&in->acc_lock);
+	io = (struct ferry_record_io){ .chan = c };
+	r = c ? 0 : -ENOMEM;
 	ferry__pc_urgent_thread();
 	if (!r) {
 		ferry_get_be32(c);  /* the magic, seen by classify() */
@@ -405,7 +432,7 @@ static void pre_stop(struct mig_in *in)
 	ferry__mutex_lock(&in->acc_lock);
 	live = in->pre_live;
 	if (live)
-		shutdown(in->pre_fd, SHUT_RDWR);
+		shutdown(in->pre_fd, SHUT_RDWR);  /* its session too */
 	ferry__mutex_unlock(&in->acc_lock);
 	if (live)
 		pthread_join(in->pre_thread, NULL);
@@ -414,6 +441,8 @@ static void pre_stop(struct mig_in *in)
 	if (in->pre_fd >= 0)
 		close(in->pre_fd);
 	in->pre_fd = -1;
+	ferry__tls_unref(in->pre_tls);
+	in->pre_tls = NULL;
 	ferry__mutex_unlock(&in->acc_lock);
 }
 
@@ -566,7 +595,7 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 
 /* A recovery's preempt channel: the old reader has ended with its
  * connection (or ends now); a new one reads this one. Listen thread. */
-static void pre_restart(struct mig_in *in, int fd)
+static void pre_restart(struct mig_in *in, int fd, struct ferry_tls_conn *tc)
 {
 	pre_stop(in);
 	ferry__mutex_lock(&in->pre_lock);
@@ -574,9 +603,12 @@ static void pre_restart(struct mig_in *in, int fd)
 	ferry__mutex_unlock(&in->pre_lock);
 	ferry__mutex_lock(&in->acc_lock);
 	in->pre_fd = fd;
+	in->pre_tls = tc;
 	in->pre_live = !pthread_create(&in->pre_thread, NULL, pre_main, in);
 	if (!in->pre_live) {
 		in->pre_fd = -1;
+		in->pre_tls = NULL;
+		ferry__tls_unref(tc);
 		close(fd);
 	}
 	ferry__mutex_unlock(&in->acc_lock);
@@ -584,35 +616,71 @@ static void pre_restart(struct mig_in *in, int fd)
 		  in->pre_live ? "reconnected" : "refused (no thread)");
 }
 
-/* The next connection on @l that is a ferry stream; -ECANCELED. */
+/* The first 4 bytes of a recovery connection, within peer-timeout. */
+static bool peek_magic(struct mig_in *in, int fd, struct ferry_tls_conn *tc,
+		       uint8_t magic[4])
+{
+	uint64_t deadline = now_ns() + in->set.peer_timeout_ms * 1000000ull;
+	struct pollfd pf = { .fd = fd, .events = POLLIN };
+
+	if (!tc)
+		return poll(&pf, 1, (int)in->set.peer_timeout_ms) == 1 &&
+		       recv(fd, magic, 4, MSG_PEEK | MSG_WAITALL) == 4;
+	/* A record comes whole: a short peek means the rest is late. */
+	while (now_ns() < deadline) {
+		ssize_t n = ferry__tls_peek(tc, magic, 4);
+
+		if (n == 4)
+			return true;
+		if (n == 0 || (n < 0 && n != -EAGAIN))
+			return false;
+		if (n < 0 && poll(&pf, 1, 10) < 0 && errno != EINTR)
+			return false;
+		if (n > 0)
+			usleep(1000);
+	}
+	return false;
+}
+
+/* The next connection on @l that is a ferry stream (its TLS session in
+ * *tc); -ECANCELED. */
 static int accept_stream(struct mig_in *in, struct ferry_listener *l,
-			 struct ferry_error *err)
+			 struct ferry_tls_conn **tc, struct ferry_error *err)
 {
 	for (;;) {
 		struct ferry_error e2 = { 0 };
-		struct pollfd pf;
 		uint8_t magic[4];
 		int fd;
 
+		*tc = NULL;
 		if (cancelled(in))
 			return ferry_error_set(err, -ECANCELED, "cancelled while "
 					       "postcopy was paused");
 		fd = ferry_listener_accept(l, 200, &e2);
 		if (fd < 0)
 			continue;  /* timeouts, and a failed accept, retried */
-		pf = (struct pollfd){ .fd = fd, .events = POLLIN };
-		if (poll(&pf, 1, (int)in->set.peer_timeout_ms) == 1 &&
-		    recv(fd, magic, 4, MSG_PEEK | MSG_WAITALL) == 4) {
+		if (in->tls && (!(*tc = ferry__tls_conn_new(in->tls, fd, &e2)) ||
+				ferry__tls_handshake(*tc, (int)in->set.peer_timeout_ms,
+						     &e2))) {
+			mig_refused(in->m, "postcopy recovery: %s", e2.msg);
+			ferry__tls_unref(*tc);
+			close(fd);
+			continue;
+		}
+		if (*tc)
+			mig_tls_note(in->m, true, *tc);
+		if (peek_magic(in, fd, *tc, magic)) {
 			if (ferry__get_be32(magic) == FERRY_STREAM_MAGIC)
 				return fd;
 			/* A source with preempt sends its channel first. */
 			if (ferry__get_be32(magic) == FERRY_PREEMPT_MAGIC) {
-				pre_restart(in, fd);
+				pre_restart(in, fd, *tc);
 				continue;
 			}
 		}
-		mig_trace(in->m, "postcopy recovery: a connection that is not "
-			  "a ferry stream: closed");
+		mig_refused(in->m, "postcopy recovery: a connection that is not "
+			    "a ferry stream");
+		ferry__tls_unref(*tc);
 		close(fd);
 	}
 }
@@ -621,23 +689,30 @@ static int accept_stream(struct mig_in *in, struct ferry_listener *l,
  * POSTCOPY_RESUME; our received bitmaps and RESUME_ACK; the requests of
  * waiting threads again. @io reads on from there. */
 static int resume_on(struct mig_in *in, struct ferry_record_io *io, int fd,
-		     struct ferry_error *err)
+		     struct ferry_tls_conn *tc, struct ferry_error *err)
 {
-	struct ferry_chan *c = ferry_chan_new_fd(fd, FERRY_CHAN_READ, true);
+	struct ferry_chan *c = in_chan(fd, tc, FERRY_CHAN_READ, true);
+	struct ferry_tls_conn *old;
 	struct ferry_rp_msg ack = { .type = FERRY_RP_RESUME_ACK };
 	struct ferry_record rec;
 	uint32_t version;
 	int r;
 
 	if (!c) {
+		ferry__tls_unref(tc);
 		close(fd);
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	}
 	mig_socket_keepalive(fd, in->set.peer_timeout_ms);
 	ferry_chan_set_timeout(c, (int)in->set.peer_timeout_ms);
+	/* The new session is the return path's from now on; the old
+	 * connection's channel holds its own reference to the old one. */
 	ferry__mutex_lock(&in->m->lock);
 	in->fd = fd;
+	old = in->fd_tls;
+	in->fd_tls = tc;
 	ferry__mutex_unlock(&in->m->lock);
+	ferry__tls_unref(old);
 	ferry_chan_free(in->rec_chan);
 	in->rec_chan = c;
 	in->main_chan = c;
@@ -708,6 +783,7 @@ static int reconnect(void *opaque, struct ferry_record_io *io, int why,
 	for (;;) {
 		struct ferry_error e2 = { 0 };
 		struct ferry_listener *l;
+		struct ferry_tls_conn *tc;
 		int fd;
 
 		ferry__mutex_lock(&m->lock);
@@ -719,10 +795,10 @@ static int reconnect(void *opaque, struct ferry_record_io *io, int why,
 			return ferry_error_set(err, -ECANCELED, "postcopy paused "
 					       "when the engine was freed");
 		mig_set_status(m, true, FERRY_MIG_POSTCOPY_RECOVER, NULL);
-		fd = accept_stream(in, l, err);
+		fd = accept_stream(in, l, &tc, err);
 		if (fd < 0)
 			return fd;
-		if (!resume_on(in, io, fd, &e2)) {
+		if (!resume_on(in, io, fd, tc, &e2)) {
 			ferry__mutex_lock(&m->lock);
 			in->rec_l = NULL;
 			ferry__mutex_unlock(&m->lock);
@@ -797,11 +873,29 @@ void mig_in_postcopy_info(struct mig_in *in, struct ferry_mig_info *i)
  * bytes came, not all (it stays readable: poll cannot wait on it). */
 enum verdict { DONE, WAIT, PARTIAL };
 
-/* What is this connection? Consumes @fd when it returns DONE. */
-static enum verdict classify(struct mig_in *in, int fd)
+/* The first @len bytes of @fd (through @tc), not consumed, not waited
+ * for: how many came, or -1 with errno. */
+static ssize_t peek_now(int fd, struct ferry_tls_conn *tc, void *buf,
+			size_t len)
+{
+	ssize_t n;
+
+	if (!tc)
+		return recv(fd, buf, len, MSG_PEEK | MSG_DONTWAIT);
+	n = ferry__tls_peek(tc, buf, len);
+	if (n < 0) {
+		errno = (int)-n;
+		return -1;
+	}
+	return n;
+}
+
+/* What is this connection (@tc: its established TLS session, if any)?
+ * Consumes @fd and @tc when it returns DONE. */
+static enum verdict classify(struct mig_in *in, int fd, struct ferry_tls_conn *tc)
 {
 	uint8_t hs[FERRY_MULTIFD_HANDSHAKE_SIZE];
-	ssize_t n = recv(fd, hs, 4, MSG_PEEK | MSG_DONTWAIT);
+	ssize_t n = peek_now(fd, tc, hs, 4);
 
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return WAIT;
@@ -811,12 +905,13 @@ static enum verdict classify(struct mig_in *in, int fd)
 		ferry__mutex_lock(&in->acc_lock);
 		if (in->main_fd < 0 && !in->main_taken) {
 			in->main_fd = fd;
+			in->main_tls = tc;
 			fd = -1;
 			pthread_cond_broadcast(&in->acc_cond);
 		}
 		ferry__mutex_unlock(&in->acc_lock);
 		if (fd >= 0)
-			refuse_stream(in, fd);
+			refuse_stream(in, fd, tc);
 		return DONE;
 	}
 	if (n == 4 && ferry__get_be32(hs) == FERRY_PREEMPT_MAGIC) {
@@ -825,15 +920,19 @@ static enum verdict classify(struct mig_in *in, int fd)
 		ferry__mutex_lock(&in->acc_lock);
 		if (in->pre_fd < 0 && !in->pre_live) {
 			in->pre_fd = fd;
+			in->pre_tls = tc;
 			in->pre_live = !pthread_create(&in->pre_thread, NULL,
 						       pre_main, in);
 			taken = in->pre_live;
-			if (!taken)
+			if (!taken) {
 				in->pre_fd = -1;
+				in->pre_tls = NULL;
+			}
 		}
 		ferry__mutex_unlock(&in->acc_lock);
 		if (!taken) {
-			mig_trace(in->m, "a second postcopy preempt channel: closed");
+			mig_refused(in->m, "a second postcopy preempt channel");
+			ferry__tls_unref(tc);
 			close(fd);
 		}
 		return DONE;
@@ -842,7 +941,7 @@ static enum verdict classify(struct mig_in *in, int fd)
 		struct ferry_error err = { 0 };
 		struct ferry_multifd *mf;
 
-		n = recv(fd, hs, sizeof(hs), MSG_PEEK | MSG_DONTWAIT);
+		n = peek_now(fd, tc, hs, sizeof(hs));
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return WAIT;
 		if (n > 0 && n < (ssize_t)sizeof(hs))
@@ -853,19 +952,25 @@ static enum verdict classify(struct mig_in *in, int fd)
 			ferry__mutex_lock(&in->acc_lock);
 			mf = receiver_locked(in, ferry__get_be32(hs + 28), &err);
 			if (mf)
-				ferry_multifd_recv_add_channel(mf, fd, &err);
+				ferry__multifd_recv_add_channel_tls(mf, fd, tc,
+								    &err);
 			ferry__mutex_unlock(&in->acc_lock);
 			if (!mf) {
-				mig_trace(in->m, "multifd channel refused: %s",
-					  err.msg);
+				mig_refused(in->m, "multifd channel: %s", err.msg);
+				ferry__tls_unref(tc);
 				close(fd);
 			}
 			return DONE;
 		}
 	}
-	if (n != 0)
-		mig_trace(in->m, "an incoming connection that is neither a "
-			  "ferry stream nor a multifd channel: closed");
+	if (n >= 3 && !tc && ferry__tls_looks_like_record(hs, (size_t)n))
+		mig_refused(in->m, "a TLS client reached this plaintext "
+			    "destination: set tls-creds here too (both sides "
+			    "need it)");
+	else if (n != 0)
+		mig_refused(in->m, "an incoming connection that is neither a "
+			    "ferry stream nor a multifd channel");
+	ferry__tls_unref(tc);
 	close(fd);
 	return DONE;
 }
@@ -879,7 +984,37 @@ struct pending {
 	uint64_t deadline;
 	bool partial;
 	int slot;                       /* its pollfd, or -1 */
+	struct ferry_tls_conn *tls;     /* tls-creds: its session */
+	bool hs_done;                   /* the TLS handshake is over */
+	short events;                   /* what it waits for */
 };
+
+/*
+ * Move @p on: its TLS handshake, one step at a time (a client that stops
+ * half-way must not hold the acceptor), then what it is. A refused
+ * handshake is counted and the wait goes on: an unauthenticated client
+ * cannot end an incoming migration.
+ */
+static enum verdict advance(struct mig_in *in, struct pending *p)
+{
+	if (p->tls && !p->hs_done) {
+		struct ferry_error err = { 0 };
+		int r = ferry__tls_handshake_step(p->tls, &p->events, &err);
+
+		if (r == -EAGAIN)
+			return p->events ? WAIT : PARTIAL;
+		if (r) {
+			mig_refused(in->m, "%s", err.msg);
+			ferry__tls_unref(p->tls);
+			close(p->fd);
+			return DONE;
+		}
+		p->hs_done = true;
+		p->events = POLLIN;
+		mig_tls_note(in->m, true, p->tls);
+	}
+	return classify(in, p->fd, p->tls);
+}
 
 static void *acc_main(void *arg)
 {
@@ -898,9 +1033,12 @@ static void *acc_main(void *arg)
 		 * connection must not keep a real source waiting. */
 		for (unsigned i = 0; i < n;) {
 			if (p[i].deadline <= now) {
-				mig_trace(in->m, "an incoming connection sent "
-					  "nothing for %llu ms: closed",
-					  (unsigned long long)in->set.peer_timeout_ms);
+				mig_refused(in->m, "an incoming connection sent "
+					    "%s for %llu ms", p[i].tls &&
+					    !p[i].hs_done ? "no complete TLS "
+					    "handshake" : "nothing",
+					    (unsigned long long)in->set.peer_timeout_ms);
+				ferry__tls_unref(p[i].tls);
 				close(p[i].fd);
 				p[i] = p[--n];
 				continue;
@@ -921,7 +1059,7 @@ static void *acc_main(void *arg)
 			if (!p[i].partial) {
 				p[i].slot = (int)k;
 				pf[k++] = (struct pollfd){ .fd = p[i].fd,
-							   .events = POLLIN };
+							   .events = p[i].events };
 			}
 		}
 		timeout = next == UINT64_MAX ? -1
@@ -936,10 +1074,17 @@ static void *acc_main(void *arg)
 			struct ferry_error err = { 0 };
 			int fd = ferry_listener_accept(in->l, 0, &err);
 
-			if (fd >= 0)
+			struct ferry_tls_conn *tc = NULL;
+
+			if (fd >= 0 && in->tls &&
+			    !(tc = ferry__tls_conn_new(in->tls, fd, &err))) {
+				mig_refused(in->m, "%s", err.msg);
+				close(fd);
+			} else if (fd >= 0) {
 				p[n++] = (struct pending){ fd, now_ns() + patience,
-							   false, -1 };
-			else if (fd != -ETIMEDOUT && fd != -EAGAIN &&
+							   false, -1, tc, false,
+							   POLLIN };
+			} else if (fd != -ETIMEDOUT && fd != -EAGAIN &&
 				 fd != -EINTR && fd != -ECONNABORTED)
 				mig_trace(in->m, "accept: %s", err.msg);
 		}
@@ -950,15 +1095,17 @@ static void *acc_main(void *arg)
 
 			if (!p[i].partial && (p[i].slot < 0 || !pf[p[i].slot].revents))
 				continue;
-			v = classify(in, p[i].fd);
+			v = advance(in, &p[i]);
 			if (v == DONE)
 				p[i] = p[--n];
 			else
 				p[i].partial = v == PARTIAL;
 		}
 	}
-	for (unsigned i = 0; i < n; i++)
+	for (unsigned i = 0; i < n; i++) {
+		ferry__tls_unref(p[i].tls);
 		close(p[i].fd);
+	}
 	return NULL;
 }
 
@@ -990,6 +1137,7 @@ static void acc_stop(struct mig_in *in)
 static int wait_main(struct mig_in *in, struct ferry_error *err)
 {
 	struct ferry_mig *m = in->m;
+	struct ferry_tls_conn *tc = NULL;
 	int fd = -1;
 
 	ferry__mutex_lock(&in->acc_lock);
@@ -1000,6 +1148,10 @@ static int wait_main(struct mig_in *in, struct ferry_error *err)
 			fd = in->main_fd;
 			in->main_fd = -1;
 			in->main_taken = true;
+			/* The session goes where the fd goes (m->lock after
+			 * acc_lock is not an order we take: publish below). */
+			tc = in->main_tls;
+			in->main_tls = NULL;
 			break;
 		}
 		ferry__mutex_unlock(&in->acc_lock);
@@ -1016,6 +1168,9 @@ static int wait_main(struct mig_in *in, struct ferry_error *err)
 	if (fd < 0)
 		return ferry_error_set(err, -ECANCELED, "cancelled while waiting "
 				       "for the source");
+	ferry__mutex_lock(&m->lock);
+	in->fd_tls = tc;
+	ferry__mutex_unlock(&m->lock);
 	return fd;
 }
 
@@ -1265,6 +1420,7 @@ static void *in_main(void *arg)
 	struct ferry_error err = { 0 };
 	struct ferry_record_io io = { 0 };
 	struct ferry_chan *c = NULL;
+	struct ferry_tls_conn *tc;
 	struct ferry_multifd *mf;
 	enum ferry_switchover swo = FERRY_SWO_NONE;
 	struct ferry_load_opts opts = {
@@ -1305,7 +1461,7 @@ static void *in_main(void *arg)
 		r = ferry_error_set(&err, -ECANCELED, "cancelled");
 		goto out;
 	}
-	c = ferry_chan_new_fd(fd, FERRY_CHAN_READ, false);
+	c = in_chan(fd, in->fd_tls, FERRY_CHAN_READ, false);
 	if (!c) {
 		r = ferry_error_set(&err, -ENOMEM, "out of memory");
 		goto out;
@@ -1400,7 +1556,13 @@ out:
 	ferry_chan_free(c);
 	ferry__mutex_lock(&m->lock);
 	in->fd = -1;
+	tc = in->partitioned ? NULL : in->fd_tls;
+	if (tc)
+		in->fd_tls = NULL;
 	ferry__mutex_unlock(&m->lock);
+	/* A partitioned connection stays open (with its session) until
+	 * the engine is freed. */
+	ferry__tls_unref(tc);
 	if (in->partitioned)
 		in->held_fd = fd;
 	else if (fd >= 0)
@@ -1500,6 +1662,24 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	if (e) {
 		mig_in_free(in);
 		return e;
+	}
+	if (in->set.tls_creds[0]) {
+		struct ferry_tls_config cfg = {
+			.dir = in->set.tls_creds, .server = true,
+			.authz = in->set.tls_authz, .ktls = in->set.tls_ktls,
+		};
+
+		if (!ferry_uri_is_socket(&in->u)) {
+			mig_in_free(in);
+			return ferry_error_set(err, -EINVAL, "tls-creds is set but "
+					       "%s is not a connection: TLS needs "
+					       "tcp: or unix:", uri);
+		}
+		in->tls = ferry__tls_new(&cfg, err);
+		if (!in->tls) {
+			mig_in_free(in);
+			return err && err->code ? err->code : -EINVAL;
+		}
 	}
 	/* Like QEMU's: when this returns, the port accepts. */
 	if (ferry_uri_is_socket(&in->u)) {
@@ -1619,6 +1799,9 @@ void mig_in_free(struct mig_in *in)
 		close(in->held_fd);
 	if (in->main_fd >= 0)
 		close(in->main_fd);
+	ferry__tls_unref(in->main_tls);
+	ferry__tls_unref(in->fd_tls);
+	ferry__tls_free(in->tls);
 	ferry_multifd_free(in->mf);
 	ferry_listener_close(in->l);
 	if (in->wake[0] >= 0)

@@ -42,6 +42,10 @@ struct mig_settings {
 	bool switchover_ack;
 	uint64_t switchover_ack_timeout_ms;
 	bool device_load_transaction;  /* read by the VMM (ferry_mig_get) */
+	char tls_creds[4096];          /* "" = plain sockets */
+	char tls_hostname[256];        /* "" = the URI's host */
+	char tls_authz[1024];
+	bool tls_ktls;
 };
 
 enum mig_ds_channel { MIG_DS_MAIN, MIG_DS_MULTIFD };
@@ -154,6 +158,14 @@ bool mig_cond_wait_until(pthread_cond_t *c, pthread_mutex_t *mu,
  * that @bytes sent since @t0 stay within @rate bytes/s. Overflow-safe for
  * any byte count. */
 uint64_t mig_rate_delay_ns(uint64_t rate, uint64_t bytes, uint64_t elapsed_ns);
+
+/* TLS: count an established session in the side's snapshot (the first
+ * one's version, cipher and peer are shown) and trace it. */
+struct ferry_tls_conn;
+void mig_tls_note(struct ferry_mig *m, bool incoming, struct ferry_tls_conn *c);
+/* Destination: a connection turned away, and why (traced, counted, shown
+ * in query-migrate). */
+void mig_refused(struct ferry_mig *m, const char *fmt, ...) FERRY_PRINTF(2, 3);
 
 /* TCP keepalive and TCP_USER_TIMEOUT on @fd, so a dead link (no ACKs, no
  * replies to probes) breaks the connection within about @timeout_ms even

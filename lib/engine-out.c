@@ -36,6 +36,7 @@
 #include "engine-internal.h"
 #include "postcopy.h"
 #include "ram-internal.h"
+#include "tls.h"
 
 /* Bytes per PART section: small enough that cancel, rate limiting and the
  * convergence check react quickly, large enough to amortise a section. */
@@ -142,6 +143,9 @@ struct mig_out {
 	bool use_rp;
 	struct ferry_save *s;
 	struct ferry_chan *c;
+	struct ferry_tls *tls;          /* tls-creds: the source's credentials */
+	struct ferry_tls_conn *tls_main; /* the main connection's session
+					   (shared by c and the RP reader) */
 	struct rp_reader rp;
 	struct heartbeat hb;
 	enum ferry_run_state was;       /* run state before vm_stop */
@@ -306,16 +310,20 @@ static void *rp_main(void *arg)
 	}
 }
 
-static int rp_start(struct rp_reader *rp, int fd, uint64_t timeout_ms,
-		    struct ferry_error *err)
+static int rp_start(struct rp_reader *rp, int fd, struct ferry_tls_conn *tc,
+		    uint64_t timeout_ms, struct ferry_error *err)
 {
-	int dfd = dup(fd), e;
+	int dfd = tc ? -1 : dup(fd), e;
 
-	if (dfd < 0)
+	/* Over TLS the reader shares the main connection's session (its
+	 * lock lets one reader and one writer in at a time). */
+	if (!tc && dfd < 0)
 		return ferry_error_set(err, -errno, "dup: %s", strerror(errno));
-	rp->chan = ferry_chan_new_fd(dfd, FERRY_CHAN_READ, true);
+	rp->chan = tc ? ferry__tls_chan_new(tc, FERRY_CHAN_READ, -1)
+		      : ferry_chan_new_fd(dfd, FERRY_CHAN_READ, true);
 	if (!rp->chan) {
-		close(dfd);
+		if (dfd >= 0)
+			close(dfd);
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	}
 	rp->timeout_ms = timeout_ms;
@@ -727,6 +735,45 @@ static int rate_limit(struct mig_out *o, uint64_t bytes0)
 
 /* ---- setup --------------------------------------------------------------------- */
 
+/*
+ * A connection to @uri for this migration: keepalive set, and with
+ * tls-creds its TLS handshake done (*tc, the session; NULL without TLS).
+ * Returns the fd or -errno.
+ */
+static int out_connect(struct mig_out *o, const char *uri,
+		       struct ferry_tls_conn **tc, struct ferry_error *err)
+{
+	int fd = ferry_transport_connect(uri, (int)o->set.peer_timeout_ms, err);
+
+	*tc = NULL;
+	if (fd < 0)
+		return fd;
+	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
+	if (!o->tls)
+		return fd;
+	*tc = ferry__tls_conn_new(o->tls, fd, err);
+	if (*tc) {
+		int r = ferry__tls_handshake(*tc, (int)o->set.peer_timeout_ms, err);
+
+		if (!r) {
+			mig_tls_note(o->m, false, *tc);
+			return fd;
+		}
+		ferry__tls_unref(*tc);
+		*tc = NULL;
+	}
+	close(fd);
+	return err && err->code ? err->code : -EPROTO;
+}
+
+/* A channel on a connection from out_connect; it closes @fd when freed. */
+static struct ferry_chan *out_chan(int fd, struct ferry_tls_conn *tc,
+				   enum ferry_chan_dir dir)
+{
+	return tc ? ferry__tls_chan_new(tc, dir, fd)
+		  : ferry_chan_new_fd(fd, dir, true);
+}
+
 static int connect_multifd(struct mig_out *o, struct ferry_error *err)
 {
 	struct ferry_mig *m = o->m;
@@ -741,23 +788,25 @@ static int connect_multifd(struct mig_out *o, struct ferry_error *err)
 		.timeout_ms = (uint32_t)o->set.peer_timeout_ms,
 	};
 	int fds[FERRY_MULTIFD_MAX_CHANNELS];
+	struct ferry_tls_conn *tcs[FERRY_MULTIFD_MAX_CHANNELS];
 	struct ferry_multifd *mf;
 	unsigned i;
 	int r;
 
 	for (i = 0; i < mp.channels; i++) {
-		fds[i] = ferry_transport_connect(o->uri,
-						 (int)o->set.peer_timeout_ms, err);
+		fds[i] = out_connect(o, o->uri, &tcs[i], err);
 		if (fds[i] < 0)
 			break;
-		mig_socket_keepalive(fds[i], o->set.peer_timeout_ms);
 	}
 	if (i < mp.channels) {
-		while (i--)
+		while (i--) {
+			ferry__tls_unref(tcs[i]);
 			close(fds[i]);
+		}
 		return ferry_error_prefix(err, "multifd channel: ");
 	}
-	mf = ferry_multifd_send_new(&mp, fds, err);
+	/* The sessions pass to the multifd object with the fds. */
+	mf = ferry__multifd_send_new_tls(&mp, fds, o->tls ? tcs : NULL, err);
 	if (!mf)
 		return err && err->code ? err->code : -EIO;
 	r = ferry_ram_set_multifd_send(m->ram, mf, err);
@@ -777,13 +826,14 @@ static int connect_multifd(struct mig_out *o, struct ferry_error *err)
 static int connect_preempt(struct mig_out *o, const char *uri,
 			   struct ferry_error *err)
 {
+	struct ferry_tls_conn *tc;
 	struct ferry_chan *c;
-	int fd = ferry_transport_connect(uri, (int)o->set.peer_timeout_ms, err);
+	int fd = out_connect(o, uri, &tc, err);
 
 	if (fd < 0)
 		return ferry_error_prefix(err, "postcopy preempt channel: ");
-	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
-	c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, true);
+	c = out_chan(fd, tc, FERRY_CHAN_WRITE);
+	ferry__tls_unref(tc);
 	if (!c) {
 		close(fd);
 		return ferry_error_set(err, -ENOMEM, "out of memory");
@@ -856,6 +906,29 @@ static int postcopy_setup(struct mig_out *o, struct ferry_error *err)
 	return r;
 }
 
+/* tls-creds: the source's credentials, checked before any connection. */
+static int tls_setup(struct mig_out *o, bool socket, struct ferry_error *err)
+{
+	struct ferry_tls_config cfg = {
+		.dir = o->set.tls_creds,
+		.server = false,
+		/* Default: the host the URI names (a unix: URI names none;
+		 * then the CA's signature is the whole check). */
+		.hostname = o->set.tls_hostname[0] ? o->set.tls_hostname
+			  : o->u.kind == FERRY_URI_TCP ? o->u.host : NULL,
+		.ktls = o->set.tls_ktls,
+	};
+
+	if (!o->set.tls_creds[0])
+		return 0;
+	if (!socket)
+		return ferry_error_set(err, -EINVAL, "tls-creds is set but %s is "
+				       "not a connection: TLS needs tcp: or unix:",
+				       o->uri);
+	o->tls = ferry__tls_new(&cfg, err);
+	return o->tls ? 0 : (err && err->code ? err->code : -EINVAL);
+}
+
 static int setup(struct mig_out *o, struct ferry_error *err)
 {
 	struct ferry_mig *m = o->m;
@@ -869,25 +942,27 @@ static int setup(struct mig_out *o, struct ferry_error *err)
 	 * bytes, so by the time it reads the main stream its multifd receiver
 	 * exists.
 	 */
+	if ((r = tls_setup(o, socket, err)))
+		return r;
 	if (o->set.multifd && socket && m->ram && (r = connect_multifd(o, err)))
 		return r;
-	fd = ferry_transport_connect(o->uri, (int)o->set.peer_timeout_ms, err);
+	fd = out_connect(o, o->uri, &o->tls_main, err);
 	if (fd < 0)
 		return fd;
-	o->c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, true);
+	o->c = out_chan(fd, o->tls_main, FERRY_CHAN_WRITE);
 	if (!o->c) {
 		close(fd);
 		return ferry_error_set(err, -ENOMEM, "out of memory");
 	}
 	if (socket && !o->use_rp)
 		ferry_chan_set_timeout(o->c, (int)o->set.peer_timeout_ms);
-	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
 	ferry__mutex_lock(&m->lock);
 	o->fd = fd;
 	if (o->cancel)
 		cut_locked(o);
 	ferry__mutex_unlock(&m->lock);
-	if (o->use_rp && (r = rp_start(&o->rp, fd, o->set.peer_timeout_ms, err)))
+	if (o->use_rp &&
+	    (r = rp_start(&o->rp, fd, o->tls_main, o->set.peer_timeout_ms, err)))
 		return r;
 	o->s = ferry_save_new(m->ctx, o->c, err);
 	if (!o->s)
@@ -1749,11 +1824,11 @@ static int pc_reconnect(struct mig_out *o, const char *uri,
 		if ((r = connect_preempt(o, uri, err)))
 			return r;
 	}
-	fd = ferry_transport_connect(uri, (int)o->set.peer_timeout_ms, err);
+	ferry__tls_unref(o->tls_main);
+	fd = out_connect(o, uri, &o->tls_main, err);
 	if (fd < 0)
 		return fd;
-	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
-	o->c = ferry_chan_new_fd(fd, FERRY_CHAN_WRITE, true);
+	o->c = out_chan(fd, o->tls_main, FERRY_CHAN_WRITE);
 	if (!o->c) {
 		close(fd);
 		return ferry_error_set(err, -ENOMEM, "out of memory");
@@ -1768,7 +1843,7 @@ static int pc_reconnect(struct mig_out *o, const char *uri,
 	rp->errmsg[0] = 0;
 	ferry__mutex_unlock(&rp->lock);
 	if ((r = ferry__save_rebind(o->s, o->c, err)) ||
-	    (r = rp_start(rp, fd, o->set.peer_timeout_ms, err)))
+	    (r = rp_start(rp, fd, o->tls_main, o->set.peer_timeout_ms, err)))
 		return r;
 	ferry__put_be32(be, (uint32_t)o->set.peer_timeout_ms);
 	o->hb.stop = o->hb.silent = false;
@@ -2124,5 +2199,7 @@ void mig_out_free(struct mig_out *o)
 	pthread_mutex_destroy(&o->hb.lock);
 	pthread_cond_destroy(&o->hb.cond);
 	pthread_mutex_destroy(&o->pre_lock);
+	ferry__tls_unref(o->tls_main);
+	ferry__tls_free(o->tls);
 	free(o);
 }

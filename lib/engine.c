@@ -27,6 +27,7 @@
 #include <xxhash.h>
 
 #include "engine-internal.h"
+#include "tls.h"
 
 /* ---- names ------------------------------------------------------------- */
 
@@ -401,6 +402,47 @@ bool mig_fault_take(struct ferry_mig *m, enum mig_fault f)
 	return hit;
 }
 
+/* ---- TLS and refused connections ------------------------------------------- */
+
+void mig_tls_note(struct ferry_mig *m, bool incoming, struct ferry_tls_conn *c)
+{
+	struct ferry_tls_info ti;
+	struct ferry_mig_info *i = incoming ? &m->in_info : &m->out_info;
+
+	ferry__tls_get_info(c, &ti);
+	ferry__mutex_lock(&m->lock);
+	if (!i->tls) {
+		i->tls = true;
+		snprintf(i->tls_version, sizeof(i->tls_version), "%s", ti.version);
+		snprintf(i->tls_cipher, sizeof(i->tls_cipher), "%s", ti.cipher);
+		snprintf(i->tls_peer, sizeof(i->tls_peer), "%s", ti.peer);
+	}
+	i->tls_connections++;
+	i->tls_ktls_tx += ti.ktls_tx;
+	i->tls_ktls_rx += ti.ktls_rx;
+	ferry__mutex_unlock(&m->lock);
+	mig_trace(m, "TLS: %s %s with '%s', records in %s (tx) and %s (rx)",
+		  ti.version, ti.cipher, ti.peer,
+		  ti.ktls_tx ? "the kernel" : "user space",
+		  ti.ktls_rx ? "the kernel" : "user space");
+}
+
+void mig_refused(struct ferry_mig *m, const char *fmt, ...)
+{
+	char why[FERRY_ERROR_MSG_MAX];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	ferry__mutex_lock(&m->lock);
+	m->in_info.refused++;
+	snprintf(m->in_info.refused_reason, sizeof(m->in_info.refused_reason),
+		 "%s", why);
+	ferry__mutex_unlock(&m->lock);
+	mig_trace(m, "incoming connection refused: %s", why);
+}
+
 /* ---- capabilities and parameters --------------------------------------------- */
 
 static const char *const compression_choices[] = { "none", "zstd", NULL };
@@ -415,6 +457,10 @@ static const char *const ds_channel_choices[] = { "main", "multifd", NULL };
 #define PARAM_BOOL(n, field, doc)					\
 	{ { n, FERRY_SETTING_BOOL, false, false, 0, 1, NULL, doc },	\
 	  offsetof(struct mig_settings, field), true }
+#define PARAM_TEXT(n, field, doc)					\
+	{ { n, FERRY_SETTING_TEXT, false, false, 0,			\
+	    sizeof(((struct mig_settings *)0)->field) - 1, NULL, doc },	\
+	  offsetof(struct mig_settings, field), false }
 
 static const struct setting {
 	struct ferry_setting_info info;
@@ -493,10 +539,26 @@ static const struct setting {
 	      86400000, "with switchover-ack: ms the source waits for the ack "
 	      "once the rest fits the downtime limit, then gives up "
 	      "(default 60000)"),
+	PARAM_TEXT("tls-creds", tls_creds,
+		   "directory with ca-cert.pem and server-cert.pem/server-key.pem "
+		   "(destination) or client-cert.pem/client-key.pem (source): "
+		   "TLS 1.3 with both ends verified on every connection; the "
+		   "same on both sides; empty = plain sockets (default)"),
+	PARAM_TEXT("tls-hostname", tls_hostname,
+		   "source: the name (or address) the destination's certificate "
+		   "must carry; empty = the host of the URI (default)"),
+	PARAM_TEXT("tls-authz", tls_authz,
+		   "destination: client certificate subjects accepted, ';' "
+		   "separated, each the whole RFC 2253 subject or CN=name; "
+		   "empty = any client the CA signed (default)"),
+	PARAM_BOOL("tls-ktls", tls_ktls,
+		   "let the kernel do the TLS record layer where it can (the "
+		   "tls ULP); user-space TLS otherwise (default true)"),
 };
 #undef CAP
 #undef PARAM
 #undef PARAM_BOOL
+#undef PARAM_TEXT
 #define NSETTINGS (sizeof(settings) / sizeof(settings[0]))
 
 void mig_settings_default(struct mig_settings *s)
@@ -515,6 +577,7 @@ void mig_settings_default(struct mig_settings *s)
 		.max_queued_bytes = 64u << 20,
 		.switchover_ack_timeout_ms = 60000,
 		.device_load_transaction = true,
+		.tls_ktls = true,
 	};
 }
 
@@ -562,6 +625,16 @@ static int apply_one(struct mig_settings *set, const struct setting *st,
 			}
 		return ferry_error_set(err, -EINVAL, "'%s' cannot be '%s'",
 				       st->info.name, v->s ? v->s : "(null)");
+	case FERRY_SETTING_TEXT:
+		if (!v->s)
+			return ferry_error_set(err, -EINVAL, "'%s' takes a string",
+					       st->info.name);
+		if (strlen(v->s) > st->info.max)
+			return ferry_error_set(err, -ERANGE, "'%s' is at most "
+					       "%llu bytes", st->info.name,
+					       (unsigned long long)st->info.max);
+		strcpy(field, v->s);
+		return 0;
 	}
 	return -EINVAL;
 }
@@ -632,12 +705,32 @@ int ferry_mig_get(struct ferry_mig *m, const char *name,
 	field = (const char *)&m->set + st->off;
 	if (st->info.type == FERRY_SETTING_BOOL)
 		out->u = *(const bool *)field;
+	else if (st->info.type == FERRY_SETTING_TEXT)
+		out->u = strlen(field);
 	else
 		out->u = *(const uint64_t *)field;
 	ferry__mutex_unlock(&m->lock);
 	if (st->info.type == FERRY_SETTING_STR)
 		out->s = st->info.choices[out->u];
 	return 0;
+}
+
+int ferry_mig_get_text(struct ferry_mig *m, const char *name, char *buf,
+		       size_t len, struct ferry_error *err)
+{
+	const struct setting *st = find_setting(name);
+	int r = 0;
+
+	if (!st || st->info.type != FERRY_SETTING_TEXT)
+		return ferry_error_set(err, st ? -EINVAL : -ENOENT,
+				       "no text parameter '%s'",
+				       name ? name : "(null)");
+	ferry__mutex_lock(&m->lock);
+	if ((size_t)snprintf(buf, len, "%s", (const char *)&m->set + st->off) >= len)
+		r = ferry_error_set(err, -ERANGE, "'%s' is longer than the "
+				    "buffer", name);
+	ferry__mutex_unlock(&m->lock);
+	return r;
 }
 
 /* ---- the engine ------------------------------------------------------------ */

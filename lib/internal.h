@@ -15,6 +15,11 @@
 void ferry__mutex_lock(pthread_mutex_t *m);
 void ferry__mutex_unlock(pthread_mutex_t *m);
 
+/* A channel's timeout (ferry_chan_set_timeout), for ops backends that
+ * wait themselves (TLS sessions). */
+struct ferry_chan;
+int ferry__chan_timeout(const struct ferry_chan *c);
+
 /* Big-endian fields in byte buffers (the stream's byte order). */
 static inline void ferry__put_be16(uint8_t *p, uint16_t v)
 {

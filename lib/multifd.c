@@ -47,6 +47,7 @@
 
 #include "ferry/multifd.h"
 #include "internal.h"
+#include "tls.h"
 
 enum ch_state { CH_IDLE, CH_RESERVED, CH_QUEUED };
 /* Device state is not a job: its sender writes it on a reserved channel
@@ -64,6 +65,7 @@ struct mf_chan {
 	struct ferry_multifd *m;
 	unsigned idx;               /* slot; equals the channel id on the source */
 	int fd;                     /* set before the thread starts; closed in free */
+	struct ferry_tls_conn *tls; /* with the fd, when TLS is on; freed with it */
 	pthread_t thread;
 	bool started;
 	pthread_cond_t work;        /* source: a job was queued (or quit) */
@@ -198,8 +200,12 @@ static int grow(uint8_t **buf, size_t *cap, size_t need)
 /* All of @iov, or -errno. MSG_NOSIGNAL: a vanished peer is EPIPE here, not
  * a SIGPIPE that kills the VMM. With @timeout_ms, a peer that takes
  * nothing for that long is -ETIMEDOUT (sockets only). */
-static int write_iov(int fd, struct iovec *iov, int n, int timeout_ms)
+static int write_iov(struct mf_chan *c, struct iovec *iov, int n, int timeout_ms)
 {
+	int fd = c->fd;
+
+	if (c->tls)
+		return ferry__tls_writev(c->tls, iov, n, timeout_ms);
 	while (n > 0) {
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
 		ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
@@ -230,12 +236,19 @@ static int write_iov(int fd, struct iovec *iov, int n, int timeout_ms)
 
 /* Read exactly @len bytes. Returns len, the bytes read before EOF (< len),
  * or -errno. */
-static ssize_t read_full(int fd, void *buf, size_t len)
+static ssize_t read_full(struct mf_chan *c, void *buf, size_t len)
 {
 	size_t got = 0;
 
 	while (got < len) {
-		ssize_t r = read(fd, (uint8_t *)buf + got, len - got);
+		/* TLS: no read timeout here either; a shutdown ends the wait. */
+		ssize_t r = c->tls ? ferry__tls_read(c->tls, (uint8_t *)buf + got,
+						     len - got, 0)
+			  : read(c->fd, (uint8_t *)buf + got, len - got);
+		if (r < 0 && c->tls) {
+			errno = (int)-r;
+			r = -1;
+		}
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
@@ -398,6 +411,7 @@ void ferry_multifd_free(struct ferry_multifd *m)
 	for (unsigned i = 0; i < FERRY_MULTIFD_MAX_CHANNELS; i++) {
 		struct mf_chan *c = &m->ch[i];
 
+		ferry__tls_unref(c->tls);
 		if (c->fd >= 0)
 			close(c->fd);
 		free(c->stage);
@@ -500,7 +514,7 @@ static int send_handshake(struct mf_chan *c)
 	ferry__put_be32(hs + 32, (uint32_t)m->p.compression << 1);
 	ferry__put_be32(hs + 36, m->p.packet_pages);
 	ferry__put_be64(hs + 56, XXH3_64bits_withSeed(hs, 56, 0));
-	r = write_iov(c->fd, &iov, 1, (int)m->p.timeout_ms);
+	r = write_iov(c, &iov, 1, (int)m->p.timeout_ms);
 	if (r)
 		return mf_fail(m, r, "channel %u: writing the handshake: %s",
 			       c->idx, strerror(-r));
@@ -538,7 +552,7 @@ static int send_packet(struct mf_chan *c, uint8_t *h, const void *meta,
 	XXH3_64bits_update(c->xxh, meta, mlen);
 	XXH3_64bits_update(c->xxh, payload, plen);
 	ferry__put_be64(h + 40, XXH3_64bits_digest(c->xxh));
-	r = write_iov(c->fd, iov, 3, (int)c->m->p.timeout_ms);
+	r = write_iov(c, iov, 3, (int)c->m->p.timeout_ms);
 	if (r == -ETIMEDOUT)
 		return mf_fail(c->m, r, "channel %u: the destination took no data "
 			       "for %u ms (packet %llu)", c->id,
@@ -668,18 +682,31 @@ struct ferry_multifd *ferry_multifd_send_new(const struct ferry_multifd_params *
 					     const int *fds,
 					     struct ferry_error *err)
 {
+	return ferry__multifd_send_new_tls(p, fds, NULL, err);
+}
+
+struct ferry_multifd *
+ferry__multifd_send_new_tls(const struct ferry_multifd_params *p, const int *fds,
+			    struct ferry_tls_conn *const *tls,
+			    struct ferry_error *err)
+{
 	struct ferry_multifd *m = mf_alloc(p, true, err);
 	static const uint8_t zero16[16];
 	unsigned i;
 
 	if (!m) {
 		for (i = 0; p && fds && i < p->channels &&
-			    i < FERRY_MULTIFD_MAX_CHANNELS; i++)
+			    i < FERRY_MULTIFD_MAX_CHANNELS; i++) {
+			if (tls)
+				ferry__tls_unref(tls[i]);
 			close(fds[i]);
+		}
 		return NULL;
 	}
-	for (i = 0; i < m->nch; i++)
+	for (i = 0; i < m->nch; i++) {
 		m->ch[i].fd = fds[i];
+		m->ch[i].tls = tls ? tls[i] : NULL;
+	}
 	if (!memcmp(m->p.session, zero16, 16) &&
 	    getrandom(m->p.session, 16, 0) != 16) {
 		ferry_error_set(err, -errno, "multifd: no random session id");
@@ -959,7 +986,7 @@ static int recv_bytes(struct mf_chan *c, void *buf, size_t len, const char *what
 
 	if (!len)
 		return 0;
-	r = read_full(c->fd, buf, len);
+	r = read_full(c, buf, len);
 	if (r == (ssize_t)len) {
 		stat_add(&c->bytes, len);
 		return 0;
@@ -980,7 +1007,7 @@ static int recv_handshake(struct mf_chan *c)
 	uint8_t hs[FERRY_MULTIFD_HANDSHAKE_SIZE];
 	uint32_t magic, version, id, nch, flags, ppages;
 	static const uint8_t zero_tail[16];
-	ssize_t got = read_full(c->fd, hs, sizeof(hs));
+	ssize_t got = read_full(c, hs, sizeof(hs));
 	int r = 0;
 
 	if (got != (ssize_t)sizeof(hs))
@@ -1315,7 +1342,7 @@ static int recv_packet(struct mf_chan *c)
 {
 	struct ferry_multifd *m = c->m;
 	uint8_t h[FERRY_MULTIFD_HEADER_SIZE];
-	ssize_t got = read_full(c->fd, h, sizeof(h));
+	ssize_t got = read_full(c, h, sizeof(h));
 	uint32_t magic, version, flags;
 	uint64_t num;
 	int r;
@@ -1397,6 +1424,13 @@ struct ferry_multifd *ferry_multifd_recv_new(const struct ferry_multifd_params *
 int ferry_multifd_recv_add_channel(struct ferry_multifd *m, int fd,
 				   struct ferry_error *err)
 {
+	return ferry__multifd_recv_add_channel_tls(m, fd, NULL, err);
+}
+
+int ferry__multifd_recv_add_channel_tls(struct ferry_multifd *m, int fd,
+					struct ferry_tls_conn *tls,
+					struct ferry_error *err)
+{
 	struct mf_chan *c;
 	int e;
 
@@ -1408,11 +1442,13 @@ int ferry_multifd_recv_add_channel(struct ferry_multifd *m, int fd,
 				!m->nblocks ? "block table not set" :
 				"all channels connected already");
 		ferry__mutex_unlock(&m->lock);
+		ferry__tls_unref(tls);
 		close(fd);
 		return r;
 	}
 	c = &m->ch[m->nadded++];
 	c->fd = fd;
+	c->tls = tls;
 	ferry__mutex_unlock(&m->lock);
 	if (chan_alloc_common(c)) {
 		mf_fail(m, -ENOMEM, "out of memory");

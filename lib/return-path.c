@@ -96,6 +96,15 @@ int ferry__rp_recv(struct ferry_record_io *io, struct ferry_rp_msg *m,
 
 	memset(m, 0, sizeof(*m));
 	r = ferry_record_read(io, &rec, err);
+	/* A TLS destination's answer to a plaintext source: an alert record
+	 * (type 21, version 3.x) where our first record belongs. */
+	if (r && rec.offset == 0 && rec.type == 21 && rec.len >> 24 == 3) {
+		ferry_error_clear(err);
+		return ferry_error_set(err, -EPROTO, "the destination speaks TLS "
+				       "(it answered with a TLS alert): set "
+				       "tls-creds on this side too (both sides "
+				       "need it)");
+	}
 	if (r && rec.at_end)
 		return ferry_error_set(err, -ECONNRESET,
 				       "return path: closed by the peer");

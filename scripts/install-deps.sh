@@ -5,7 +5,7 @@
 set -eu
 
 PKGS="build-essential pkg-config libzstd-dev libjansson-dev libxxhash-dev \
-libssl-dev clang libclang-rt-14-dev iproute2"
+libssl-dev openssl clang libclang-rt-14-dev iproute2"
 
 missing=""
 for p in $PKGS; do

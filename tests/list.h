@@ -333,3 +333,8 @@ X(demo_thread_multifd_zstd, 60)
 X(demo_thread_devices, 90)
 X(demo_timeout_cleans_up, 30)
 X(demo_sigint_cleans_up, 45)
+/* ---- TLS on every connection (tests/e2e/test-tls.c) ---- */
+X(tls_live_multifd, 60)
+X(tls_refused_peers, 90)
+X(tls_source_plain_dest, 60)
+X(tls_postcopy_preempt, 90)

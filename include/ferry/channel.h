@@ -65,7 +65,7 @@ FERRY_API struct ferry_chan *ferry_chan_new_ops(const struct ferry_chan_ops *ops
 FERRY_API void ferry_chan_free(struct ferry_chan *c);
 
 /*
- * fd channels: a read or write that makes no progress for @timeout_ms
+ * fd and TLS channels: a read or write that makes no progress for @timeout_ms
  * fails with -ETIMEDOUT (a peer that stopped talking or reading); 0 (the
  * default) waits for ever. Set it before the channel is shared.
  */

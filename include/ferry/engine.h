@@ -239,6 +239,7 @@ enum ferry_setting_type {
 	FERRY_SETTING_BOOL,
 	FERRY_SETTING_U64,
 	FERRY_SETTING_STR,
+	FERRY_SETTING_TEXT,         /* free text of at most max bytes */
 };
 
 /* One capability or parameter. docs/control.md lists them. */
@@ -247,7 +248,7 @@ struct ferry_setting_info {
 	enum ferry_setting_type type;
 	bool capability;            /* migrate-set-capabilities (else -parameters) */
 	bool live;                  /* takes effect on a running migration */
-	uint64_t min, max;          /* U64 bounds */
+	uint64_t min, max;          /* U64 bounds; TEXT: max length */
 	const char *const *choices; /* STR: NULL-terminated */
 	const char *doc;
 };
@@ -258,7 +259,7 @@ FERRY_API const struct ferry_setting_info *ferry_mig_setting_info(unsigned i);
 struct ferry_setting {
 	const char *name;
 	uint64_t u;                 /* BOOL (0 or 1) and U64 */
-	const char *s;              /* STR */
+	const char *s;              /* STR, and TEXT when setting */
 };
 
 /*
@@ -269,9 +270,15 @@ struct ferry_setting {
  */
 FERRY_API int ferry_mig_set(struct ferry_mig *m, const struct ferry_setting *v,
 			    unsigned n, struct ferry_error *err);
-/* Read one setting (out->s points to static storage). -ENOENT if unknown. */
+/* Read one setting (out->s points to static storage). -ENOENT if unknown.
+ * TEXT settings give only their length in out->u (out->s = NULL): read
+ * them with ferry_mig_get_text. */
 FERRY_API int ferry_mig_get(struct ferry_mig *m, const char *name,
 			    struct ferry_setting *out, struct ferry_error *err);
+/* Copy a TEXT setting into @buf (NUL-terminated; -ERANGE if @len is too
+ * small, -EINVAL if @name is not a TEXT setting). */
+FERRY_API int ferry_mig_get_text(struct ferry_mig *m, const char *name,
+				 char *buf, size_t len, struct ferry_error *err);
 
 /* ---- driving it ------------------------------------------------------------ */
 
@@ -395,6 +402,18 @@ struct ferry_mig_info {
 	} devices[16];
 	/* Source, capability switchover-ack: the destination's ack came. */
 	bool switchover_acked;
+	/* TLS (parameter tls-creds): what the first connection negotiated,
+	 * the peer's certificate subject, and how many connections of this
+	 * migration run TLS, with the kernel doing the records (kTLS) in
+	 * each direction. */
+	bool tls;
+	char tls_version[16], tls_cipher[64], tls_peer[256];
+	unsigned tls_connections, tls_ktls_tx, tls_ktls_rx;
+	/* Destination: connections turned away while it waited (failed TLS
+	 * handshakes, plaintext/TLS mismatches, strangers), and why the last
+	 * one was. They do not end the wait. */
+	uint64_t refused;
+	char refused_reason[FERRY_ERROR_MSG_MAX];
 };
 
 FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info);

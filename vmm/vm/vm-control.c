@@ -227,6 +227,25 @@ static void device_fields(json_t *o, const struct ferry_mig_info *i)
 	json_object_set_new(o, "devices", list);
 }
 
+/* TLS on the migration's connections, and (destination) connections
+ * turned away while waiting. */
+static void tls_fields(json_t *o, const struct ferry_mig_info *i)
+{
+	if (i->tls)
+		json_object_set_new(o, "tls", json_pack(
+			"{s:s, s:s, s:s, s:i, s:i, s:i}",
+			"version", i->tls_version, "cipher", i->tls_cipher,
+			"peer", i->tls_peer, "connections", (int)i->tls_connections,
+			"ktls-tx", (int)i->tls_ktls_tx,
+			"ktls-rx", (int)i->tls_ktls_rx));
+	if (i->incoming && i->refused) {
+		json_object_set_new(o, "refused-connections",
+				    json_integer((json_int_t)i->refused));
+		json_object_set_new(o, "last-refused",
+				    json_string(i->refused_reason));
+	}
+}
+
 /* Destination: the memory map during the non-iterable load. */
 static void load_fields(struct vm *vm, json_t *o)
 {
@@ -280,6 +299,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 			postcopy_fields(o, &i);
 			device_fields(o, &i);
 			load_fields(vm, o);
+			tls_fields(o, &i);
 		}
 		*ret = o;
 		return 0;
@@ -298,6 +318,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 				    json_integer(i.throttle_pct));
 		postcopy_fields(o, &i);
 		device_fields(o, &i);
+		tls_fields(o, &i);
 		if (i.switchover_acked)
 			json_object_set_new(o, "switchover-acked", json_true());
 		/* Postcopy knows its downtime as soon as the destination runs. */
@@ -367,6 +388,7 @@ static int json_setting(const struct ferry_setting_info *info, json_t *v,
 		out->u = (uint64_t)json_integer_value(v);
 		return 0;
 	case FERRY_SETTING_STR:
+	case FERRY_SETTING_TEXT:
 		if (!json_is_string(v))
 			break;
 		out->s = json_string_value(v);
@@ -474,9 +496,17 @@ static json_t *query_settings(struct vm *vm, bool capability)
 		if (info->capability != capability ||
 		    ferry_mig_get(vm->mig, info->name, &v, NULL))
 			continue;
-		j = info->type == FERRY_SETTING_BOOL ? json_boolean(v.u) :
-		    info->type == FERRY_SETTING_STR ? json_string(v.s) :
-		    json_integer((json_int_t)v.u);
+		if (info->type == FERRY_SETTING_TEXT) {
+			char text[4200];
+
+			j = ferry_mig_get_text(vm->mig, info->name, text,
+					       sizeof(text), NULL) ? json_null()
+					       : json_string(text);
+		} else {
+			j = info->type == FERRY_SETTING_BOOL ? json_boolean(v.u) :
+			    info->type == FERRY_SETTING_STR ? json_string(v.s) :
+			    json_integer((json_int_t)v.u);
+		}
 		if (capability)
 			json_array_append_new(o, json_pack("{s:s, s:o}",
 				"capability", info->name, "state", j));

@@ -209,6 +209,20 @@ int vm_migration_init(struct vm *vm, struct ferry_error *err)
 		if (r)
 			return r;
 	}
+	if (vm->cfg.tls_creds || vm->cfg.tls_authz) {
+		struct ferry_setting t[2];
+		unsigned n = 0;
+		int r;
+
+		if (vm->cfg.tls_creds)
+			t[n++] = (struct ferry_setting){ .name = "tls-creds",
+							 .s = vm->cfg.tls_creds };
+		if (vm->cfg.tls_authz)
+			t[n++] = (struct ferry_setting){ .name = "tls-authz",
+							 .s = vm->cfg.tls_authz };
+		if ((r = ferry_mig_set(vm->mig, t, n, err)))
+			return r;
+	}
 	if (!in)
 		return 0;
 	/* Waiting for (or loading) its state from here on, as QEMU's

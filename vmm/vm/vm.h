@@ -49,6 +49,8 @@ struct vm_config {
 	struct vm_bulk_spec bulk[VM_MAX_BULK];
 	unsigned nbulk;
 	const char *device_state_channel; /* "main" | "multifd", or NULL */
+	const char *tls_creds;          /* parameter tls-creds, or NULL */
+	const char *tls_authz;          /* parameter tls-authz, or NULL */
 	bool bar_reversed;            /* --bar-layout reversed (vm-devices.c) */
 };
 
