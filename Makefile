@@ -175,16 +175,17 @@ $(B)/bench-dirty: $(B)/bench/bench-dirty.o $(VMM_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $< $(VMM_OBJS) $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
 # Those driving `ferry vm` processes share bench/benchvm.c.
-$(B)/bench-migrate $(B)/bench-postcopy $(B)/bench-devices $(B)/bench-devload: $(B)/bench-%: $(B)/bench/bench-%.o \
+$(B)/bench-migrate $(B)/bench-postcopy $(B)/bench-devices $(B)/bench-devload \
+$(B)/bench-tls: $(B)/bench-%: $(B)/bench/bench-%.o \
 		$(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $< $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a \
 		$(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
 $(B)/bench/bench-dirty.o $(B)/bench/bench-migrate.o $(B)/bench/benchvm.o \
 $(B)/bench/bench-postcopy.o $(B)/bench/bench-devices.o \
-$(B)/bench/bench-devload.o: CFLAGS_BASE += -Ivmm
+$(B)/bench/bench-devload.o $(B)/bench/bench-tls.o: CFLAGS_BASE += -Ivmm
 BENCHES += $(B)/bench-dirty $(B)/bench-migrate $(B)/bench-postcopy \
-	   $(B)/bench-devices $(B)/bench-devload
+	   $(B)/bench-devices $(B)/bench-devload $(B)/bench-tls
 
 bench: deps all $(BENCHES)
 	$(Q)./scripts/bench.sh $(B)

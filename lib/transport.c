@@ -31,6 +31,8 @@
  *    gives the timeout, and a connection that is reset between poll() and
  *    accept() cannot block us (we just wait again).
  *
+ *  - A unix: listener's socket is mode 0600 (owner only).
+ *
  *  - A unix: listener unlinks a stale socket at PATH before bind (only a
  *    socket: a regular file there is reported, not deleted), and on close
  *    removes PATH only if it is still the socket it created, so closing an
@@ -592,7 +594,10 @@ static int listen_unix(struct ferry_listener *l, const char *uri,
 		return ferry_error_set(err, rc, "%s: bind: %s", uri,
 				       strerror(-rc));
 	}
-	if (listen(fd, LISTEN_BACKLOG) < 0) {
+	/* Owner only: a migration socket takes a VM's memory and a control
+	 * socket drives the VM. Before listen(), so nobody connects in
+	 * between (a bound socket that does not listen refuses). */
+	if (chmod(u->path, 0600) < 0 || listen(fd, LISTEN_BACKLOG) < 0) {
 		rc = -errno;
 		close(fd);
 		unlink(u->path);

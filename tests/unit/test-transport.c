@@ -523,6 +523,9 @@ TEST(transport_unix_roundtrip)
 		FAIL("listen: %s", e.msg);
 	ASSERT_STREQ(ferry_listener_uri(l), uri);
 	assert_cloexec(ferry_listener_fd(l));
+	/* Owner only, whatever the umask. */
+	ASSERT_OK(lstat(path, &st));
+	ASSERT_EQ(st.st_mode & 0777, 0600);
 
 	c = ferry_transport_connect(uri, 5000, &e);
 	if (c < 0)
