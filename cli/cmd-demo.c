@@ -87,6 +87,9 @@ static void usage(FILE *f)
 "  --workload SPEC      as for 'ferry vm' (default dirty,ws=256M,rate=0)\n"
 "  --backend B          kvm | thread | auto (default auto: KVM if usable)\n"
 "  --timeout SEC        give up after SEC seconds (default %d)\n"
+"  --tls                migrate over TLS 1.3 with both ends verified, with a\n"
+"                       test CA made by scripts/gen-certs.sh (or the\n"
+"                       credentials given with --tls-creds DIR)\n"
 "  --device SPEC        a device with large state on both VMs, as for\n"
 "                       'ferry vm --device' (repeatable); the proof adds\n"
 "                       its digests and its own stamp check\n"
@@ -611,6 +614,41 @@ static const char *yesno(bool b)
 	return b ? "yes" : "no";
 }
 
+/* --tls: scripts/gen-certs.sh (beside the binary's build directory, or in
+ * the current one) makes a test CA and both pairs in @dir/tls. */
+static int make_test_creds(const char *dir, char *out, size_t len)
+{
+	char exe[4096], script[4400], cmd[9000];
+	ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+	char *slash;
+
+	script[0] = 0;
+	if (n > 0) {
+		exe[n] = 0;
+		slash = strrchr(exe, '/');
+		if (slash) {
+			*slash = 0;
+			snprintf(script, sizeof(script), "%s/../scripts/gen-certs.sh",
+				 exe);
+		}
+	}
+	if (!script[0] || access(script, X_OK))
+		snprintf(script, sizeof(script), "scripts/gen-certs.sh");
+	if (access(script, X_OK)) {
+		cli_err("demo: --tls: scripts/gen-certs.sh not found; give "
+			"credentials with --tls-creds DIR");
+		return -1;
+	}
+	snprintf(out, len, "%s/tls", dir);
+	snprintf(cmd, sizeof(cmd), "'%s' '%s' >/dev/null", script, out);
+	fprintf(stderr, "demo: making a test CA and certificates in %s\n", out);
+	if (system(cmd) != 0) {
+		cli_err("demo: --tls: %s failed (is openssl installed?)", script);
+		return -1;
+	}
+	return 0;
+}
+
 static void print_report(const char *backend, const char *mem,
 			 const char *workload, json_t *final,
 			 const struct proof *p, int64_t wall_ms)
@@ -852,7 +890,7 @@ int cmd_demo(int argc, char **argv)
 	int64_t t0 = migrate_now_ms();
 	uint64_t mem_bytes;
 	int rc, port;
-	bool ok = false, postcopy;
+	bool ok = false, postcopy, tls = false, made_creds = false;
 	struct early_digest early = { 0 };
 
 	migrate_opts_init(&o);
@@ -868,6 +906,10 @@ int cmd_demo(int argc, char **argv)
 			return 2;
 		if (rc > 0)
 			continue;
+		if (!strcmp(a, "--tls")) {
+			tls = true;
+			continue;
+		}
 		if (!strcmp(a, "--mem") || !strncmp(a, "--mem=", 6))
 			dstp = &mem;
 		else if (!strcmp(a, "--workload") || !strncmp(a, "--workload=", 11))
@@ -965,6 +1007,13 @@ int cmd_demo(int argc, char **argv)
 			strerror(errno));
 		return 1;
 	}
+	/* --tls without credentials: a test CA of our own, in the demo's
+	 * directory (removed with it). */
+	if (tls && !o.tls_creds[0]) {
+		made_creds = true;
+		if (make_test_creds(dir, o.tls_creds, sizeof(o.tls_creds)))
+			goto out;
+	}
 	snprintf(src.sock, sizeof(src.sock), "%s/source.sock", dir);
 	snprintf(src.log, sizeof(src.log), "%s/source.log", dir);
 	snprintf(dst.sock, sizeof(dst.sock), "%s/destination.sock", dir);
@@ -1000,7 +1049,7 @@ int cmd_demo(int argc, char **argv)
 	snprintf(uri, sizeof(uri), "tcp:127.0.0.1:%d", port);
 	fprintf(stderr, "demo: starting the destination VM (incoming on %s)\n", uri);
 	{
-		char *args[14 + 2 * VM_MAX_BULK] = { "--control", dst.sock,
+		char *args[16 + 2 * VM_MAX_BULK] = { "--control", dst.sock,
 			"--backend", (char *)backend, "--mem", (char *)mem,
 			"--incoming", uri, "--paused" };
 		unsigned n = add_devices(args, 9, devspec, ndevspec);
@@ -1012,6 +1061,10 @@ int cmd_demo(int argc, char **argv)
 		}
 		if (postcopy)
 			args[n++] = "--postcopy";
+		if (o.tls_creds[0]) {
+			args[n++] = "--tls-creds";
+			args[n++] = o.tls_creds;
+		}
 
 		if (spawn_vm(&dst, args) || connect_vm(&dst) ||
 		    wait_listening(&dst, port))
@@ -1032,6 +1085,7 @@ int cmd_demo(int argc, char **argv)
 
 	od.postcopy = od.postcopy_preempt = false;
 	od.postcopy_after = -1;
+	od.tls_creds[0] = 0;    /* it has its own, from its command line */
 	if (migrate_apply(dst.fd, &od, &err)) {
 		fprintf(stderr, "demo: note: the destination did not take the settings (%s)\n",
 			err.msg);
@@ -1101,6 +1155,8 @@ out:
 	}
 	stop_vm(&dst);
 	stop_vm(&src);
+	if (made_creds)
+		remove_dir(o.tls_creds);
 	if (dir[0])
 		remove_dir(dir);
 	if (o.json)

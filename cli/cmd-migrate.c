@@ -660,6 +660,20 @@ void migrate_print_stats(FILE *f, json_t *m)
 	}
 	row_ms(f, "setup time", m, "setup-time");
 	row_ms(f, "expected downtime", m, "expected-downtime");
+	if (json_is_object(json_object_get(m, "tls"))) {
+		json_t *tj = json_object_get(m, "tls");
+		double n = 0, k = 0;
+
+		jnum(tj, "connections", &n);
+		jnum(tj, "ktls-tx", &k);
+		fprintf(f, "  %-22s %s %s, %.0f connection%s, peer %s, records "
+			"in %s\n", "tls",
+			json_string_value(json_object_get(tj, "version")),
+			json_string_value(json_object_get(tj, "cipher")), n,
+			n == 1 ? "" : "s",
+			json_string_value(json_object_get(tj, "peer")),
+			k > 0 ? "the kernel (kTLS)" : "user space");
+	}
 	if (jnum(ram, "transferred", &v)) {
 		fmt_bytes(b, sizeof(b), v);
 		fprintf(f, "  %-22s %s\n", "transferred", b);

@@ -331,6 +331,7 @@ X(demo_thread_verified, 60)
 X(demo_kvm_verified, 60)
 X(demo_thread_multifd_zstd, 60)
 X(demo_thread_devices, 90)
+X(demo_thread_tls, 60)
 X(demo_timeout_cleans_up, 30)
 X(demo_sigint_cleans_up, 45)
 /* ---- TLS on every connection (tests/e2e/test-tls.c) ---- */

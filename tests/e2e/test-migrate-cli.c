@@ -246,6 +246,26 @@ TEST(demo_thread_multifd_zstd)
 	json_decref(j);
 }
 
+/* --tls: a test CA of the demo's own, TLS on every connection (main and
+ * the multifd channels), verified as any other run. */
+TEST(demo_thread_tls)
+{
+	json_t *j, *t;
+	char *out = NULL;
+
+	if (test_run(&out, "openssl version") != 0)
+		SKIP("the openssl command-line tool is not installed");
+	free(out);
+	j = run_demo_json("--mem 256M --backend thread --tls --multifd 2", 0);
+	check_verified(j);
+	t = json_object_get(j, "tls");
+	if (!json_is_object(t))
+		FAIL("no \"tls\" in the demo's result: %s", json_dumps(j, 0));
+	ASSERT_STREQ(json_string_value(json_object_get(t, "version")), "TLSv1.3");
+	ASSERT_EQ(json_integer_value(json_object_get(t, "connections")), 3);
+	json_decref(j);
+}
+
 /* Devices with large state on both VMs, their state on the main channel:
  * the proof adds their stamp checks and state digests. */
 TEST(demo_thread_devices)
