@@ -135,6 +135,16 @@ $(B)/ferry-test: $(TEST_OBJS) $(VMM_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $(TEST_OBJS) $(VMM_OBJS) $(B)/libferry.a $(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
 
+# ---- tools: the link emulator of tests across hosts -------------------------
+# ferry-linkemu (tools/linkemu.c): two network namespaces joined by a TUN
+# link shaped in user space (docs/architecture.md, "Tests across hosts").
+# `make` builds it, and the test binary needs it, so `make check` does too.
+$(B)/ferry-linkemu: $(B)/tools/linkemu.o
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(LDFLAGS_SAN) $(LDFLAGS)
+all: $(B)/ferry-linkemu
+$(B)/ferry-test: $(B)/ferry-linkemu
+
 # ---- fuzzing (clang libFuzzer) --------------------------------------------
 FUZZ_CFLAGS := -std=gnu11 -O1 -g -D_GNU_SOURCE -Iinclude -Ilib \
                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
