@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <jansson.h>
 #include <signal.h>
@@ -52,8 +53,10 @@ void need_backend(const char *backend)
 		SKIP(test_fmt("KVM unavailable: %s", why));
 }
 
-/* Start `ferry vm` with @args plus a control socket; wait until it answers. */
-void vm_spawn(struct proc *p, const char *name, const char *args)
+/* Start `ferry vm` with @args plus a control socket, in network namespace
+ * /run/netns/@netns unless NULL; wait until it answers. */
+static void spawn_in(struct proc *p, const char *netns, const char *name,
+		     const char *args)
 {
 	struct ferry_error err = { 0 };
 	char cmd[2048];
@@ -65,6 +68,17 @@ void vm_spawn(struct proc *p, const char *name, const char *args)
 	p->pid = fork();
 	ASSERT(p->pid >= 0);
 	if (p->pid == 0) {
+		if (netns) {
+			int fd = open(test_fmt("/run/netns/%s", netns),
+				      O_RDONLY | O_CLOEXEC);
+
+			if (fd < 0 || setns(fd, CLONE_NEWNET)) {
+				fprintf(stderr, "netns %s: %s\n", netns,
+					strerror(errno));
+				_exit(127);
+			}
+			close(fd);
+		}
 		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
 		_exit(127);
 	}
@@ -85,6 +99,17 @@ void vm_spawn(struct proc *p, const char *name, const char *args)
 		usleep(10000);
 	}
 	FAIL("ferry vm did not open its control socket");
+}
+
+void vm_spawn(struct proc *p, const char *name, const char *args)
+{
+	spawn_in(p, NULL, name, args);
+}
+
+void vm_spawn_ns(struct proc *p, const char *netns, const char *name,
+		 const char *args)
+{
+	spawn_in(p, netns, name, args);
 }
 
 json_t *call(struct proc *p, const char *cmd, json_t *args)

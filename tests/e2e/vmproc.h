@@ -29,6 +29,10 @@ int free_port(void);
 void need_backend(const char *backend);
 /* Start `ferry vm --control SOCK ARGS`; returns once it answers. */
 void vm_spawn(struct proc *p, const char *name, const char *args);
+/* The same inside network namespace /run/netns/@netns (tests/e2e/netns.h);
+ * the control socket is a path, reachable from every namespace. */
+void vm_spawn_ns(struct proc *p, const char *netns, const char *name,
+		 const char *args);
 /* Execute a command (takes @args); returns the "return" value. */
 json_t *call(struct proc *p, const char *cmd, json_t *args);
 /* Execute a command that must be refused: its error (desc into @msg). */
