@@ -88,7 +88,7 @@ $(CLI_SRCS:%.c=$(B)/%.o): CFLAGS_BASE += -Ivmm
 # ---- tests -----------------------------------------------------------------
 # The tests themselves are listed explicitly in tests/list.h.
 TEST_SRCS := tests/harness.c tests/main.c tests/unit/testdev.c tests/unit/minivm.c \
-             tests/e2e/vmproc.c \
+             tests/e2e/vmproc.c tests/e2e/netns.c \
              $(sort $(wildcard tests/unit/test-*.c tests/e2e/test-*.c))
 TEST_OBJS := $(TEST_SRCS:%.c=$(B)/%.o)
 $(TEST_OBJS): CFLAGS_BASE += -Ivmm

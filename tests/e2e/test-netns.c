@@ -1,0 +1,299 @@
+/*
+ * tests/e2e/test-netns.c - live migration across "hosts": the source VM in
+ * one network namespace, the destination in another, joined by a link
+ * ferry-linkemu shapes (tests/e2e/netns.h): a round trip, a rate, loss, an
+ * outage that heals and one that does not. Each ends with the guest's own
+ * verify pass finding 0 bad pages (on the destination, or on the source
+ * when the migration must fail).
+ *
+ * FERRY_NETNS_VERBOSE=1 prints each migration's figures.
+ */
+#include "../harness.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "netns.h"
+#include "vmproc.h"
+
+#define X(name, timeout) TEST(name);
+#include "../list.h"
+#undef X
+
+struct pair {
+	struct netlink_pair l;
+	struct proc s, d;
+};
+
+static double now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void set_caps(struct proc *p, bool autoconv)
+{
+	json_decref(call(p, "migrate-set-capabilities",
+			 json_pack("{s:[{s:s, s:b}]}", "capabilities",
+				   "capability", "auto-converge", "state",
+				   autoconv)));
+}
+
+/*
+ * The link, the source (running @workload) on side a, and the destination
+ * on side b: paused after the load, its incoming port opened with
+ * migrate-incoming so @dest_params (or NULL) apply to it.
+ */
+static void start(struct pair *p, const char *shape, const char *workload,
+		  long long pages, json_t *dest_params)
+{
+	netns_up(&p->l, shape);
+	vm_spawn_ns(&p->s, p->l.ns[0], "src", test_fmt("--backend auto "
+		    "--mem 256M --workload %s", workload));
+	vm_spawn_ns(&p->d, p->l.ns[1], "dst", "--backend auto --mem 256M "
+		    "--paused --incoming defer");
+	if (dest_params)
+		json_decref(call(&p->d, "migrate-set-parameters", dest_params));
+	json_decref(call(&p->d, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:%s:%d", p->l.addr[1], NETNS_PORT))));
+	/* A sanitizer build sends several times slower while the guest
+	 * dirties as fast: let the VMM throttle it. */
+	set_caps(&p->s, slow_build());
+	/* Let the guest dirty its working set (@pages) first. */
+	wait_generation(&p->s, pages);
+}
+
+static void migrate(struct pair *p)
+{
+	json_decref(call(&p->s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:%s:%d", p->l.addr[1], NETNS_PORT))));
+}
+
+/* Wait until precopy is active with at least @bytes sent. */
+static void wait_transferred(struct proc *s, long long bytes)
+{
+	for (int i = 0; i < 6000; i++) {
+		json_t *m = call(s, "query-migrate", NULL);
+		const char *st = gets(m, "status");
+		bool there = !strcmp(st, "active") &&
+			     geti(json_object_get(m, "ram"), "transferred") >= bytes;
+
+		if (strcmp(st, "active") && strcmp(st, "setup"))
+			FAIL("migration %s before %lld bytes: %s", st, bytes,
+			     json_dumps(m, 0));
+		json_decref(m);
+		if (there)
+			return;
+		usleep(10000);
+	}
+	FAIL("migration never sent %lld bytes", bytes);
+}
+
+/*
+ * The migration completed on both sides, the RAM digests match with both
+ * stopped, the destination runs the guest on and its verify pass finds 0
+ * bad pages; the packets went through the emulator. Returns the source's
+ * query-migrate.
+ */
+static json_t *completed(struct pair *p, const char *label)
+{
+	char digest[64], loaded[64];
+	struct netlink_stats ab;
+	json_t *m;
+	long long g;
+
+	wait_migration(&p->s, "completed");
+	m = call(&p->d, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "status"), "completed");
+	json_decref(m);
+	m = call(&p->s, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "status"), "completed");
+	ASSERT_STREQ(gets(m, "switchover"), "done");
+	ASSERT_STREQ(status_of(&p->s), "postmigrate");
+	ASSERT_STREQ(status_of(&p->d), "paused");
+	ram_digest(&p->s, digest);
+	ram_digest(&p->d, loaded);
+	ASSERT_STREQ(loaded, digest);
+	cont_verified(&p->d);
+	g = generation(&p->d);
+	wait_generation(&p->d, g + 100);
+	netns_stats(&p->l, "ab", &ab);
+	ASSERT_GE(ab.tx_bytes, (uint64_t)geti(json_object_get(m, "ram"),
+					      "transferred"));
+	if (getenv("FERRY_NETNS_VERBOSE"))
+		fprintf(stderr, "  %s: total %lld ms, downtime %lld ms, %lld MiB, "
+			"%.0f Mbit/s, %lld passes, throttle %lld%%; a->b %llu "
+			"packets, %llu lost, %llu tail-dropped, %llu down\n", label,
+			geti(m, "total-time"), geti(m, "downtime"),
+			geti(json_object_get(m, "ram"), "transferred") >> 20,
+			json_number_value(json_object_get(json_object_get(m, "ram"),
+							  "mbps")),
+			geti(json_object_get(m, "ram"), "dirty-sync-count"),
+			geti(m, "cpu-throttle-percentage"),
+			(unsigned long long)ab.rx, (unsigned long long)ab.lost,
+			(unsigned long long)ab.tail_drop,
+			(unsigned long long)ab.down_drop);
+	return m;
+}
+
+static void finish(struct pair *p)
+{
+	vm_quit(&p->s);
+	vm_quit(&p->d);
+	netns_down(&p->l);
+}
+
+/* 10 ms round trip at 1 Gbit/s: a dirtying guest migrates live. */
+TEST(netns_link_10ms_1gbit)
+{
+	struct pair p;
+	json_t *m;
+
+	start(&p, "delay=5 rate=1G", "dirty,ws=64M,rate=50", 16384, NULL);
+	migrate(&p);
+	m = completed(&p, "10 ms, 1 Gbit/s");
+	/* Every connection needs a round trip before the first page. */
+	ASSERT_GE(geti(m, "total-time"), 10);
+	json_decref(m);
+	finish(&p);
+}
+
+/*
+ * The link goes down for 2 s in the middle of precopy. With peer-timeout
+ * (5 s here, both sides) longer than the outage, TCP retransmits once the
+ * link is back and the migration carries on and completes.
+ */
+TEST(netns_link_down_2s)
+{
+	struct netlink_stats ab;
+	struct pair p;
+	json_t *m;
+
+	start(&p, "delay=5 rate=1G", "dirty,ws=64M,rate=20", 4096,
+	      json_pack("{s:i}", "peer-timeout", 5000));
+	json_decref(call(&p.s, "migrate-set-parameters", json_pack("{s:i, s:i}",
+			 "peer-timeout", 5000, "max-bandwidth", 16 << 20)));
+	migrate(&p);
+	wait_transferred(&p.s, 8 << 20);
+	netns_shape(&p.l, "down");
+	usleep(2000000);
+	m = call(&p.s, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "status"), "active");
+	json_decref(m);
+	netns_stats(&p.l, "ab", &ab);
+	ASSERT_GT(ab.down_drop, 0);
+	netns_shape(&p.l, "up");
+	json_decref(call(&p.s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 0)));
+	m = completed(&p, "down 2 s");
+	ASSERT_GE(geti(m, "total-time"), 2000);
+	json_decref(m);
+	finish(&p);
+}
+
+/*
+ * The link goes down for good mid-precopy. The source hears nothing from
+ * the destination and gives up after its peer-timeout (1 s): status
+ * failed within that and some slack, the guest running on and verifying
+ * clean. The destination gives up after its own peer-timeout and exits.
+ * With the link back, a second migration to a fresh destination completes.
+ */
+TEST(netns_link_down_for_good)
+{
+	const int timeout_ms = 1000;
+	struct pair p;
+	double t0, took = 0;
+	json_t *m, *v;
+	long long g;
+
+	start(&p, "delay=5 rate=1G", "dirty,ws=64M,rate=20", 4096,
+	      json_pack("{s:i}", "peer-timeout", timeout_ms));
+	json_decref(call(&p.s, "migrate-set-parameters", json_pack("{s:i, s:i}",
+			 "peer-timeout", timeout_ms, "max-bandwidth", 16 << 20)));
+	migrate(&p);
+	wait_transferred(&p.s, 8 << 20);
+	netns_shape(&p.l, "down");
+	t0 = now_ms();
+	for (;;) {
+		const char *st;
+
+		m = call(&p.s, "query-migrate", NULL);
+		st = gets(m, "status");
+		took = now_ms() - t0;
+		if (!strcmp(st, "failed"))
+			break;
+		if (strcmp(st, "active"))
+			FAIL("migration %s, wanted failed: %s", st, json_dumps(m, 0));
+		if (took > timeout_ms + 5000)
+			FAIL("the source did not notice a dead link in %.0f ms", took);
+		json_decref(m);
+		usleep(5000);
+	}
+	if (getenv("FERRY_NETNS_VERBOSE"))
+		fprintf(stderr, "  failed %.0f ms after the link went down: %s\n",
+			took, gets(m, "error-desc"));
+	/* Not before peer-timeout less the last heartbeat's age (a quarter
+	 * of it, more on a busy machine), not long after. */
+	ASSERT_GE(took, timeout_ms / 2);
+	ASSERT_LE(took, timeout_ms + 1500);
+	ASSERT_CONTAINS(gets(m, "error-desc"), "no word from the destination");
+	json_decref(m);
+	ASSERT_STREQ(status_of(&p.s), "running");
+	g = generation(&p.s);
+	wait_generation(&p.s, g + 100);
+	v = verify(&p.s);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+	/* The destination's own peer-timeout ends it (status 1). */
+	vm_wait_exit(&p.d, 1);
+
+	/* Link back: the source migrates again, to a fresh destination. */
+	netns_shape(&p.l, "up");
+	vm_spawn_ns(&p.d, p.l.ns[1], "dst2", "--backend auto --mem 256M "
+		    "--paused --incoming defer");
+	json_decref(call(&p.d, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:%s:%d", p.l.addr[1], NETNS_PORT))));
+	json_decref(call(&p.s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 0)));
+	migrate(&p);
+	json_decref(completed(&p, "after the outage"));
+	finish(&p);
+}
+
+/* 50 ms round trip with 1% loss each way: TCP recovers, it completes. */
+TEST(netns_link_50ms_loss)
+{
+	struct netlink_stats ab;
+	struct pair p;
+
+	start(&p, "delay=25 loss=1 rate=1G", "dirty,ws=32M,rate=20", 8192, NULL);
+	migrate(&p);
+	json_decref(completed(&p, "50 ms, 1% loss"));
+	netns_stats(&p.l, "ab", &ab);
+	ASSERT_GT(ab.lost, 0);
+	finish(&p);
+}
+
+/*
+ * 100 Mbit/s, a guest dirtying 64 MiB flat out (far faster than the
+ * link): only auto-converge gets it across, and the throttle shows.
+ */
+TEST(netns_link_100mbit_autoconverge)
+{
+	struct pair p;
+	json_t *m;
+
+	start(&p, "delay=1 rate=100M", "dirty,ws=32M,rate=0", 8192, NULL);
+	set_caps(&p.s, true);
+	json_decref(call(&p.s, "migrate-set-parameters", json_pack("{s:i, s:i}",
+			 "cpu-throttle-initial", 70, "cpu-throttle-increment", 20)));
+	migrate(&p);
+	m = completed(&p, "100 Mbit/s, auto-converge");
+	ASSERT_GT(geti(m, "cpu-throttle-percentage"), 0);
+	json_decref(m);
+	finish(&p);
+}
