@@ -10,6 +10,11 @@ X(channel_str8_hostile, 10)
 X(channel_mem_writer_limit, 10)
 X(channel_fd_large_and_small, 10)
 X(channel_write_to_closed_peer, 10)
+/* ---- TLS sessions (tests/unit/test-tls.c) ---- */
+X(tls_session_full_duplex, 60)
+X(tls_session_tampered_record, 20)
+X(tls_handshake_silent_peer, 20)
+X(tls_credentials_checked, 20)
 /* ---- stream records (tests/unit/test-stream.c) ---- */
 X(stream_header_golden, 10)
 X(stream_record_golden, 10)
