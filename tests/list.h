@@ -344,6 +344,7 @@ X(tls_live_multifd, 60)
 X(tls_refused_peers, 90)
 X(tls_source_plain_dest, 60)
 X(tls_postcopy_preempt, 90)
+X(tls_postcopy_recover, 90)
 /* ---- across hosts: namespaces joined by a shaped link (tests/e2e/test-netns.c) ---- */
 X(netns_link_10ms_1gbit, 60)
 X(netns_link_down_2s, 60)

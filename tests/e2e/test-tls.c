@@ -297,3 +297,53 @@ TEST(tls_postcopy_preempt)
 	vm_quit(&s);
 	vm_quit(&d);
 }
+
+/* A postcopy over TLS whose link breaks after RUN: the recovery's new main
+ * connection and preempt channel are TLS sessions too (six in all on the
+ * destination), and the guest verifies clean. */
+TEST(tls_postcopy_recover)
+{
+	const char *ca = certs("ca", "");
+	struct proc s, d;
+	const char *uri;
+	json_t *m;
+	int port = free_port();
+
+	need_backend("thread");
+	if (ferry_pc_bare_roundtrip_ns(4) < 0)
+		SKIP("userfaultfd is not available here");
+	vm_spawn(&s, "src", "--backend thread --mem 256M --workload "
+		 "dirty,ws=64M,rate=0");
+	vm_spawn(&d, "dst", test_fmt("--backend thread --mem 256M --postcopy "
+		 "--tls-creds %s --incoming tcp:127.0.0.1:%d", ca, port));
+	wait_generation(&s, 2000);
+	set_tls(&s, ca, "");
+	json_decref(call(&s, "migrate-set-capabilities", json_pack(
+		"{s:[{s:s, s:b}, {s:s, s:b}]}", "capabilities",
+		"capability", "postcopy-ram", "state", 1,
+		"capability", "postcopy-preempt", "state", 1)));
+	json_decref(call(&s, "migrate-set-parameters",
+			 json_pack("{s:i}", "max-bandwidth", 64 << 20)));
+	json_decref(call(&s, "x-migrate-fault", json_pack("{s:s}", "point",
+							  "postcopy-cut")));
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	json_decref(call(&s, "migrate-start-postcopy", NULL));
+	wait_migration_live(&s, "postcopy-paused");
+	wait_migration_live(&d, "postcopy-paused");
+	m = call(&d, "migrate-recover", json_pack("{s:s}", "uri",
+						  "tcp:127.0.0.1:0"));
+	uri = test_fmt("%s", gets(m, "uri"));
+	json_decref(m);
+	json_decref(call(&s, "migrate", json_pack("{s:s, s:b}", "uri", uri,
+						  "resume", 1)));
+	wait_migration(&s, "completed");
+	wait_migration(&d, "completed");
+	tls_stats(&s, 6, "CN=localhost");
+	tls_stats(&d, 6, "CN=ferry-source");
+	m = verify(&d);
+	ASSERT_EQ(geti(m, "bad-pages"), 0);
+	json_decref(m);
+	vm_quit(&s);
+	vm_quit(&d);
+}
