@@ -144,6 +144,14 @@ $(B)/ferry-linkemu: $(B)/tools/linkemu.o
 	$(Q)$(CC) -o $@ $< $(LDFLAGS_SAN) $(LDFLAGS)
 all: $(B)/ferry-linkemu
 $(B)/ferry-test: $(B)/ferry-linkemu
+# bench-netns: live migration over emulated links (`make bench` runs it).
+$(B)/bench-netns: $(B)/bench/bench-netns.o $(B)/bench/benchvm.o $(VMM_OBJS) \
+		$(B)/libferry.a | $(B)/ferry-linkemu
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a \
+		$(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
+$(B)/bench/bench-netns.o: CFLAGS_BASE += -Ivmm
+bench: $(B)/bench-netns
 
 # ---- fuzzing (clang libFuzzer) --------------------------------------------
 FUZZ_CFLAGS := -std=gnu11 -O1 -g -D_GNU_SOURCE -Iinclude -Ilib \

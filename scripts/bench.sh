@@ -20,3 +20,5 @@ echo "== TLS against plain TCP over loopback (1 GiB full guest; 1, 2, 4 channels
 "$B/bench-tls" "$B/ferry" "${BENCH_RUNS:-3}"
 echo "== the non-iterable load of many devices: one memory transaction vs a commit each =="
 "$B/bench-devload" "$B/ferry" "${BENCH_RUNS:-3}"
+echo "== live migration across network namespaces over emulated links (ferry-linkemu) =="
+"$B/bench-netns" "$B/ferry" "${BENCH_RUNS:-3}"
