@@ -659,6 +659,7 @@ static int accept_stream(struct mig_in *in, struct ferry_listener *l,
 		fd = ferry_listener_accept(l, 200, &e2);
 		if (fd < 0)
 			continue;  /* timeouts, and a failed accept, retried */
+		mig_socket_keepalive(fd, in->set.peer_timeout_ms);
 		if (in->tls && (!(*tc = ferry__tls_conn_new(in->tls, fd, &e2)) ||
 				ferry__tls_handshake(*tc, (int)in->set.peer_timeout_ms,
 						     &e2))) {
@@ -1076,6 +1077,13 @@ static void *acc_main(void *arg)
 
 			struct ferry_tls_conn *tc = NULL;
 
+			/* Every connection, not only the main one: a channel
+			 * read (multifd, preempt) has no timeout of its own,
+			 * and a link that dies while the load waits at a sync
+			 * point must still end it (keepalive breaks it in
+			 * about peer-timeout). */
+			if (fd >= 0)
+				mig_socket_keepalive(fd, in->set.peer_timeout_ms);
 			if (fd >= 0 && in->tls &&
 			    !(tc = ferry__tls_conn_new(in->tls, fd, &err))) {
 				mig_refused(in->m, "%s", err.msg);
