@@ -48,14 +48,33 @@ static void set_caps(struct proc *p, bool autoconv)
  * on side b: paused after the load, its incoming port opened with
  * migrate-incoming so @dest_params (or NULL) apply to it.
  */
-static void start(struct pair *p, const char *shape, const char *workload,
-		  long long pages, json_t *dest_params)
+static void start_with(struct pair *p, const char *shape, const char *workload,
+		       long long pages, json_t *dest_params, bool tls)
 {
 	netns_up(&p->l, shape);
 	vm_spawn_ns(&p->s, p->l.ns[0], "src", test_fmt("--backend auto "
 		    "--mem 256M --workload %s", workload));
 	vm_spawn_ns(&p->d, p->l.ns[1], "dst", "--backend auto --mem 256M "
 		    "--paused --incoming defer");
+	if (tls) {
+		/* A test CA whose server certificate names side b's address,
+		 * which the source checks (the host of its URI). */
+		const char *dir = test_fmt("%s/tls", test_tmpdir());
+		char *out = NULL;
+
+		if (test_run(&out, "openssl version") != 0)
+			SKIP("the openssl command-line tool is not installed");
+		free(out);
+		if (test_run(&out, "scripts/gen-certs.sh --server-name %s %s",
+			     p->l.addr[1], dir) != 0)
+			FAIL("gen-certs.sh: %s", out);
+		free(out);
+		if (!dest_params)
+			dest_params = json_object();
+		json_object_set_new(dest_params, "tls-creds", json_string(dir));
+		json_decref(call(&p->s, "migrate-set-parameters",
+				 json_pack("{s:s}", "tls-creds", dir)));
+	}
 	if (dest_params)
 		json_decref(call(&p->d, "migrate-set-parameters", dest_params));
 	json_decref(call(&p->d, "migrate-incoming", json_pack("{s:s}", "uri",
@@ -65,6 +84,12 @@ static void start(struct pair *p, const char *shape, const char *workload,
 	set_caps(&p->s, slow_build());
 	/* Let the guest dirty its working set (@pages) first. */
 	wait_generation(&p->s, pages);
+}
+
+static void start(struct pair *p, const char *shape, const char *workload,
+		  long long pages, json_t *dest_params)
+{
+	start_with(p, shape, workload, pages, dest_params, false);
 }
 
 static void migrate(struct pair *p)
@@ -167,14 +192,14 @@ TEST(netns_link_10ms_1gbit)
  * (5 s here, both sides) longer than the outage, TCP retransmits once the
  * link is back and the migration carries on and completes.
  */
-TEST(netns_link_down_2s)
+static void outage_2s(bool tls)
 {
 	struct netlink_stats ab;
 	struct pair p;
 	json_t *m;
 
-	start(&p, "delay=5 rate=1G", "dirty,ws=64M,rate=20", 4096,
-	      json_pack("{s:i}", "peer-timeout", 5000));
+	start_with(&p, "delay=5 rate=1G", "dirty,ws=64M,rate=20", 4096,
+		   json_pack("{s:i}", "peer-timeout", 5000), tls);
 	json_decref(call(&p.s, "migrate-set-parameters", json_pack("{s:i, s:i}",
 			 "peer-timeout", 5000, "max-bandwidth", 16 << 20)));
 	migrate(&p);
@@ -189,11 +214,16 @@ TEST(netns_link_down_2s)
 	netns_shape(&p.l, "up");
 	json_decref(call(&p.s, "migrate-set-parameters",
 			 json_pack("{s:i}", "max-bandwidth", 0)));
-	m = completed(&p, "down 2 s");
+	m = completed(&p, tls ? "down 2 s, TLS" : "down 2 s");
 	ASSERT_GE(geti(m, "total-time"), 2000);
+	/* TLS sessions ride the outage out like plain TCP does. */
+	ASSERT_EQ(json_is_object(json_object_get(m, "tls")), tls);
 	json_decref(m);
 	finish(&p);
 }
+
+TEST(netns_link_down_2s) { outage_2s(false); }
+TEST(netns_link_down_2s_tls) { outage_2s(true); }
 
 /*
  * The link goes down for good mid-precopy. The source hears nothing from
@@ -267,19 +297,26 @@ TEST(netns_link_down_for_good)
 	finish(&p);
 }
 
-/* 50 ms round trip with 1% loss each way: TCP recovers, it completes. */
+/* 50 ms round trip with 1% loss each way, over TLS: TCP recovers, every
+ * record arrives whole, it completes. */
 TEST(netns_link_50ms_loss)
 {
 	struct netlink_stats ab;
 	struct pair p;
+	json_t *m;
 
-	start(&p, "delay=25 loss=1 rate=1G", "dirty,ws=32M,rate=20", 8192, NULL);
+	start_with(&p, "delay=25 loss=1 rate=1G", "dirty,ws=32M,rate=20", 8192,
+		   NULL, true);
 	migrate(&p);
-	json_decref(completed(&p, "50 ms, 1% loss"));
+	m = completed(&p, "50 ms, 1% loss, TLS");
+	ASSERT(json_is_object(json_object_get(m, "tls")));
+	ASSERT_EQ(geti(json_object_get(m, "tls"), "connections"), 3);
+	json_decref(m);
 	netns_stats(&p.l, "ab", &ab);
 	ASSERT_GT(ab.lost, 0);
 	finish(&p);
 }
+
 
 /*
  * 100 Mbit/s, a guest dirtying 64 MiB flat out (far faster than the
