@@ -20,6 +20,11 @@ void ferry__mutex_unlock(pthread_mutex_t *m);
 struct ferry_chan;
 int ferry__chan_timeout(const struct ferry_chan *c);
 
+/* After a write of @w bytes of @*iov (@*n entries): skip what went out,
+ * trim a partly written entry. */
+struct iovec;
+void ferry__iov_advance(struct iovec **iov, int *n, size_t w);
+
 /* Big-endian fields in byte buffers (the stream's byte order). */
 static inline void ferry__put_be16(uint8_t *p, uint16_t v)
 {

@@ -221,17 +221,22 @@ static int write_iov(struct mf_chan *c, struct iovec *iov, int n, int timeout_ms
 				return -ETIMEDOUT;
 			return -errno;
 		}
-		while (n > 0 && (size_t)w >= iov->iov_len) {
-			w -= (ssize_t)iov->iov_len;
-			iov++;
-			n--;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + w;
-			iov->iov_len -= (size_t)w;
-		}
+		ferry__iov_advance(&iov, &n, (size_t)w);
 	}
 	return 0;
+}
+
+void ferry__iov_advance(struct iovec **iov, int *n, size_t w)
+{
+	while (*n > 0 && w >= (*iov)->iov_len) {
+		w -= (*iov)->iov_len;
+		(*iov)++;
+		(*n)--;
+	}
+	if (*n > 0) {
+		(*iov)->iov_base = (uint8_t *)(*iov)->iov_base + w;
+		(*iov)->iov_len -= w;
+	}
 }
 
 /* Read exactly @len bytes. Returns len, the bytes read before EOF (< len),

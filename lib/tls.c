@@ -712,15 +712,7 @@ static int writev_kernel(struct ferry_tls_conn *c, struct iovec *iov, int n,
 		}
 		if (w < 0)
 			return (int)w;
-		while (n > 0 && (size_t)w >= iov->iov_len) {
-			w -= (ssize_t)iov->iov_len;
-			iov++;
-			n--;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + w;
-			iov->iov_len -= (size_t)w;
-		}
+		ferry__iov_advance(&iov, &n, (size_t)w);
 	}
 	return 0;
 }

@@ -251,34 +251,46 @@ TEST(tls_source_plain_dest)
 	vm_quit(&d);
 }
 
-/* Postcopy with a preempt channel over TLS: four connections, pages
- * requested and served through TLS, the guest running on the
- * destination verifies clean. */
-TEST(tls_postcopy_preempt)
+/* A guest rewriting 64 MiB flat out, migrated over TLS with postcopy and
+ * its preempt channel (switched at once, at 64 MiB/s so it lasts), with
+ * the fault point @fault armed (or none). */
+static void postcopy_tls(struct proc *s, struct proc *d, const char *fault)
 {
 	const char *ca = certs("ca", "");
-	struct proc s, d;
-	json_t *m;
 	int port = free_port();
 
 	need_backend("thread");
 	if (ferry_pc_bare_roundtrip_ns(4) < 0)
 		SKIP("userfaultfd is not available here");
-	vm_spawn(&s, "src", "--backend thread --mem 256M --workload "
+	vm_spawn(s, "src", "--backend thread --mem 256M --workload "
 		 "dirty,ws=64M,rate=0");
-	vm_spawn(&d, "dst", test_fmt("--backend thread --mem 256M --postcopy "
+	vm_spawn(d, "dst", test_fmt("--backend thread --mem 256M --postcopy "
 		 "--tls-creds %s --incoming tcp:127.0.0.1:%d", ca, port));
-	wait_generation(&s, 2000);
-	set_tls(&s, ca, "");
-	json_decref(call(&s, "migrate-set-capabilities", json_pack(
+	wait_generation(s, 2000);
+	set_tls(s, ca, "");
+	json_decref(call(s, "migrate-set-capabilities", json_pack(
 		"{s:[{s:s, s:b}, {s:s, s:b}]}", "capabilities",
 		"capability", "postcopy-ram", "state", 1,
 		"capability", "postcopy-preempt", "state", 1)));
-	json_decref(call(&s, "migrate-set-parameters",
+	json_decref(call(s, "migrate-set-parameters",
 			 json_pack("{s:i}", "max-bandwidth", 64 << 20)));
-	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+	if (fault)
+		json_decref(call(s, "x-migrate-fault", json_pack("{s:s}",
+				 "point", fault)));
+	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
 			 test_fmt("tcp:127.0.0.1:%d", port))));
-	json_decref(call(&s, "migrate-start-postcopy", NULL));
+	json_decref(call(s, "migrate-start-postcopy", NULL));
+}
+
+/* Postcopy with a preempt channel over TLS: four connections, pages
+ * requested and served through TLS, the guest running on the
+ * destination verifies clean. */
+TEST(tls_postcopy_preempt)
+{
+	struct proc s, d;
+	json_t *m;
+
+	postcopy_tls(&s, &d, NULL);
 	wait_migration_live(&d, "postcopy-active");
 	m = verify(&d);
 	ASSERT_EQ(geti(m, "bad-pages"), 0);
@@ -303,32 +315,11 @@ TEST(tls_postcopy_preempt)
  * destination), and the guest verifies clean. */
 TEST(tls_postcopy_recover)
 {
-	const char *ca = certs("ca", "");
 	struct proc s, d;
 	const char *uri;
 	json_t *m;
-	int port = free_port();
 
-	need_backend("thread");
-	if (ferry_pc_bare_roundtrip_ns(4) < 0)
-		SKIP("userfaultfd is not available here");
-	vm_spawn(&s, "src", "--backend thread --mem 256M --workload "
-		 "dirty,ws=64M,rate=0");
-	vm_spawn(&d, "dst", test_fmt("--backend thread --mem 256M --postcopy "
-		 "--tls-creds %s --incoming tcp:127.0.0.1:%d", ca, port));
-	wait_generation(&s, 2000);
-	set_tls(&s, ca, "");
-	json_decref(call(&s, "migrate-set-capabilities", json_pack(
-		"{s:[{s:s, s:b}, {s:s, s:b}]}", "capabilities",
-		"capability", "postcopy-ram", "state", 1,
-		"capability", "postcopy-preempt", "state", 1)));
-	json_decref(call(&s, "migrate-set-parameters",
-			 json_pack("{s:i}", "max-bandwidth", 64 << 20)));
-	json_decref(call(&s, "x-migrate-fault", json_pack("{s:s}", "point",
-							  "postcopy-cut")));
-	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
-			 test_fmt("tcp:127.0.0.1:%d", port))));
-	json_decref(call(&s, "migrate-start-postcopy", NULL));
+	postcopy_tls(&s, &d, "postcopy-cut");
 	wait_migration_live(&s, "postcopy-paused");
 	wait_migration_live(&d, "postcopy-paused");
 	m = call(&d, "migrate-recover", json_pack("{s:s}", "uri",
