@@ -660,7 +660,7 @@ static int accept_stream(struct mig_in *in, struct ferry_listener *l,
 		if (fd < 0)
 			continue;  /* timeouts, and a failed accept, retried */
 		mig_socket_keepalive(fd, in->set.peer_timeout_ms);
-		if (in->tls && (!(*tc = ferry__tls_conn_new(in->tls, fd, &e2)) ||
+		if (in->tls && (!(*tc = ferry__tls_conn_new(in->tls, fd, NULL, &e2)) ||
 				ferry__tls_handshake(*tc, (int)in->set.peer_timeout_ms,
 						     &e2))) {
 			mig_refused(in->m, "postcopy recovery: %s", e2.msg);
@@ -1051,10 +1051,12 @@ static void *acc_main(void *arg)
 			i++;
 		}
 		pf[k++] = (struct pollfd){ .fd = in->wake[0], .events = POLLIN };
-		/* Full: stop accepting until one is classified or expires. */
-		if (n < ACC_MAX_PENDING)
-			pf[k++] = (struct pollfd){ .fd = ferry_listener_fd(in->l),
-						   .events = POLLIN };
+		/* Always accepting: when full, the oldest waiting connection
+		 * makes room (below), so a crowd of silent or half-finished
+		 * clients cannot keep the real source in the backlog until its
+		 * own handshake times out. */
+		pf[k++] = (struct pollfd){ .fd = ferry_listener_fd(in->l),
+					   .events = POLLIN };
 		for (unsigned i = 0; i < n; i++) {
 			p[i].slot = -1;
 			if (!p[i].partial) {
@@ -1071,11 +1073,10 @@ static void *acc_main(void *arg)
 		if (pr > 0 && pf[0].revents)
 			break;
 		polled = n;
-		if (pr > 0 && n < ACC_MAX_PENDING && pf[1].revents) {
+		if (pr > 0 && pf[1].revents) {
 			struct ferry_error err = { 0 };
-			int fd = ferry_listener_accept(in->l, 0, &err);
-
 			struct ferry_tls_conn *tc = NULL;
+			int fd = ferry_listener_accept(in->l, 0, &err);
 
 			/* Every connection, not only the main one: a channel
 			 * read (multifd, preempt) has no timeout of its own,
@@ -1085,10 +1086,29 @@ static void *acc_main(void *arg)
 			if (fd >= 0)
 				mig_socket_keepalive(fd, in->set.peer_timeout_ms);
 			if (fd >= 0 && in->tls &&
-			    !(tc = ferry__tls_conn_new(in->tls, fd, &err))) {
+			    !(tc = ferry__tls_conn_new(in->tls, fd, NULL, &err))) {
 				mig_refused(in->m, "%s", err.msg);
 				close(fd);
 			} else if (fd >= 0) {
+				if (n == ACC_MAX_PENDING) {
+					unsigned old = 0;
+
+					for (unsigned i = 1; i < n; i++)
+						if (p[i].deadline < p[old].deadline)
+							old = i;
+					mig_refused(in->m, "%u connections waited "
+						    "to say what they are: the "
+						    "oldest was dropped",
+						    ACC_MAX_PENDING);
+					ferry__tls_unref(p[old].tls);
+					close(p[old].fd);
+					/* Keep the looked-at range intact: the
+					 * last polled entry moves into its place
+					 * only if it was not polled itself. */
+					p[old] = p[--n];
+					if (polled > n)
+						polled = n;
+				}
 				p[n++] = (struct pending){ fd, now_ns() + patience,
 							   false, -1, tc, false,
 							   POLLIN };

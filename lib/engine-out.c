@@ -751,7 +751,20 @@ static int out_connect(struct mig_out *o, const char *uri,
 	mig_socket_keepalive(fd, o->set.peer_timeout_ms);
 	if (!o->tls)
 		return fd;
-	*tc = ferry__tls_conn_new(o->tls, fd, err);
+	{
+		/* The name to check is that of the host this connection goes
+		 * to (a postcopy resume may go elsewhere than the start),
+		 * unless tls-hostname says otherwise. A unix: URI names no
+		 * host: the CA's signature is then the whole check. */
+		struct ferry_uri u;
+		char host[256] = "";
+
+		if (!o->set.tls_hostname[0] && !ferry_uri_parse(uri, &u, NULL) &&
+		    u.kind == FERRY_URI_TCP)
+			snprintf(host, sizeof(host), "%s", u.host);
+		*tc = ferry__tls_conn_new(o->tls, fd, o->set.tls_hostname[0] ?
+					  NULL : host, err);
+	}
 	if (*tc) {
 		int r = ferry__tls_handshake(*tc, (int)o->set.peer_timeout_ms, err);
 
@@ -912,10 +925,9 @@ static int tls_setup(struct mig_out *o, bool socket, struct ferry_error *err)
 	struct ferry_tls_config cfg = {
 		.dir = o->set.tls_creds,
 		.server = false,
-		/* Default: the host the URI names (a unix: URI names none;
-		 * then the CA's signature is the whole check). */
-		.hostname = o->set.tls_hostname[0] ? o->set.tls_hostname
-			  : o->u.kind == FERRY_URI_TCP ? o->u.host : NULL,
+		/* Without it, each connection checks its URI's host
+		 * (out_connect). */
+		.hostname = o->set.tls_hostname,
 		.ktls = o->set.tls_ktls,
 	};
 
@@ -1801,6 +1813,8 @@ static void pc_disconnect(struct mig_out *o)
 	forget_connections(o);
 	ferry_chan_free(o->c);
 	o->c = NULL;
+	ferry__tls_unref(o->tls_main);
+	o->tls_main = NULL;
 }
 
 /* One attempt to resume on @uri: a new connection and return path, then
@@ -2038,6 +2052,8 @@ static void finish(struct mig_out *o, int r, struct ferry_error *err)
 	}
 	ferry_chan_free(o->c);
 	o->c = NULL;
+	ferry__tls_unref(o->tls_main);
+	o->tls_main = NULL;
 
 	/* The VM. Completed or in doubt: it stays stopped for good here. */
 	if (o->completed || o->committed) {

@@ -45,6 +45,18 @@
  *    a truncation is caught by the load, and a dead source must look the
  *    same with and without TLS.
  *
+ *  - No SIGPIPE. OpenSSL's socket BIO writes with write(), which raises
+ *    SIGPIPE on a connection the peer (or our own cancel, by shutdown())
+ *    closed - and SIGPIPE kills a VMM that did not ignore it. Sessions use
+ *    a socket BIO whose write is send(MSG_NOSIGNAL) instead; the method
+ *    table is built once per process (pthread_once) and never changes,
+ *    so it is not state. (With kernel TLS on, OpenSSL's own writes are
+ *    only alerts; they keep the stock path, which knows how to send
+ *    control records.)
+ *
+ *  - Certificate revocation: a ca-crl.pem next to ca-cert.pem (QEMU's
+ *    layout) is loaded and checked for every certificate in the chain.
+ *
  *  - A plaintext ferry peer reaching a TLS listener is told so in the only
  *    language it reads back: a TLS alert record (protocol_version), whose
  *    first bytes its return-path reader recognises (see
@@ -173,6 +185,48 @@ static int hs_error(struct ferry_tls_conn *c, int ssl_err, int saved_errno,
 			       "%s", peer, why[0] ? why : "unknown error");
 }
 
+/* ---- a socket BIO that never raises SIGPIPE -------------------------------- */
+
+static BIO_METHOD *nosig_method;
+static pthread_once_t nosig_once = PTHREAD_ONCE_INIT;
+
+static int nosig_write(BIO *b, const char *buf, int len)
+{
+	int fd = -1;
+	ssize_t n;
+
+	/* kTLS: alerts go as control records, which only the stock socket
+	 * write knows how to send. */
+	if (BIO_get_ktls_send(b) > 0)
+		return BIO_meth_get_write(BIO_s_socket())(b, buf, len);
+	BIO_get_fd(b, &fd);
+	BIO_clear_retry_flags(b);
+	n = send(fd, buf, (size_t)len, MSG_NOSIGNAL);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		BIO_set_retry_write(b);
+	return (int)n;
+}
+
+static void nosig_init(void)
+{
+	const BIO_METHOD *sock = BIO_s_socket();
+	BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK |
+				     BIO_TYPE_DESCRIPTOR, "ferry socket");
+
+	if (!m)
+		return;
+	if (!BIO_meth_set_write(m, nosig_write) ||
+	    !BIO_meth_set_read(m, BIO_meth_get_read(sock)) ||
+	    !BIO_meth_set_puts(m, BIO_meth_get_puts(sock)) ||
+	    !BIO_meth_set_ctrl(m, BIO_meth_get_ctrl(sock)) ||
+	    !BIO_meth_set_create(m, BIO_meth_get_create(sock)) ||
+	    !BIO_meth_set_destroy(m, BIO_meth_get_destroy(sock))) {
+		BIO_meth_free(m);
+		return;
+	}
+	nosig_method = m;
+}
+
 /* ---- credentials --------------------------------------------------------- */
 
 static int cred_file(char *out, size_t len, const char *dir, const char *name,
@@ -243,6 +297,18 @@ struct ferry_tls *ferry__tls_new(const struct ferry_tls_config *cfg,
 				ssl_reason(why, sizeof(why)));
 		goto fail;
 	}
+	snprintf(ca, sizeof(ca), "%s/ca-crl.pem", cfg->dir);
+	if (!access(ca, F_OK)) {
+		X509_STORE *st = SSL_CTX_get_cert_store(t->ctx);
+
+		if (X509_STORE_load_file(st, ca) != 1) {
+			ferry_error_set(err, -EINVAL, "tls-creds: %s: %s", ca,
+					ssl_reason(why, sizeof(why)));
+			goto fail;
+		}
+		X509_STORE_set_flags(st, X509_V_FLAG_CRL_CHECK |
+				     X509_V_FLAG_CRL_CHECK_ALL);
+	}
 	SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER |
 			   (cfg->server ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
 			   NULL);
@@ -272,9 +338,11 @@ void ferry__tls_free(struct ferry_tls *t)
 /* ---- sessions ------------------------------------------------------------ */
 
 struct ferry_tls_conn *ferry__tls_conn_new(struct ferry_tls *t, int fd,
+					   const char *host,
 					   struct ferry_error *err)
 {
 	struct ferry_tls_conn *c = calloc(1, sizeof(*c));
+	BIO *bio = NULL;
 	int fl;
 
 	if (!c) {
@@ -299,18 +367,22 @@ struct ferry_tls_conn *ferry__tls_conn_new(struct ferry_tls *t, int fd,
 	c->hs = t->server ? HS_PEEK : HS_TLS;
 	ERR_clear_error();
 	c->ssl = SSL_new(t->ctx);
-	if (!c->ssl || !SSL_set_fd(c->ssl, c->fd)) {
+	pthread_once(&nosig_once, nosig_init);
+	if (c->ssl && nosig_method && (bio = BIO_new(nosig_method)))
+		BIO_set_fd(bio, c->fd, BIO_NOCLOSE);
+	if (!c->ssl || !bio) {
 		char why[256];
 
 		ferry_error_set(err, -ENOMEM, "TLS: %s", ssl_reason(why, sizeof(why)));
 		goto fail_ssl;
 	}
+	SSL_set_bio(c->ssl, bio, bio);  /* the SSL owns it from here */
 	if (t->server) {
 		SSL_set_accept_state(c->ssl);
 	} else {
 		struct in6_addr a6;
 		struct in_addr a4;
-		const char *h = t->hostname;
+		const char *h = host ? host : t->hostname;
 		bool ip = inet_pton(AF_INET, h, &a4) == 1 ||
 			  inet_pton(AF_INET6, h, &a6) == 1;
 
@@ -327,7 +399,7 @@ struct ferry_tls_conn *ferry__tls_conn_new(struct ferry_tls *t, int fd,
 	return c;
 bad_name:
 	ferry_error_set(err, -EINVAL, "tls-hostname: cannot check '%s'",
-			t->hostname);
+			host ? host : t->hostname);
 fail_ssl:
 	SSL_free(c->ssl);
 	pthread_mutex_destroy(&c->lock);
@@ -434,25 +506,47 @@ static bool authz_ok(const char *authz, const char *subject, const char *cn)
 	return false;
 }
 
-static void subject_of(X509 *x, char *buf, size_t len, char *cn, size_t cnlen)
+/*
+ * The subject (RFC 2253) and its common name, as UTF-8. Returns false when
+ * either cannot be trusted for tls-authz: a subject too long for @buf, a
+ * CN with a NUL inside ("ferry-source\0.evil" must not pass as
+ * "ferry-source"), or more than one CN (which one would be meant?); then
+ * *cn is "".
+ */
+static bool subject_of(X509 *x, char *buf, size_t len, char *cn, size_t cnlen)
 {
 	X509_NAME *n = x ? X509_get_subject_name(x) : NULL;
+	bool ok = true;
 	BIO *b;
+	int i;
 
 	buf[0] = cn[0] = 0;
 	if (!n)
-		return;
+		return false;
 	b = BIO_new(BIO_s_mem());
-	if (b) {
-		int k;
+	if (!b)
+		return false;
+	X509_NAME_print_ex(b, n, 0, XN_FLAG_RFC2253);
+	if (BIO_pending(b) >= (int)len)
+		ok = false;
+	i = BIO_read(b, buf, (int)len - 1);
+	buf[i > 0 ? i : 0] = 0;
+	BIO_free(b);
+	i = X509_NAME_get_index_by_NID(n, NID_commonName, -1);
+	if (i >= 0 && X509_NAME_get_index_by_NID(n, NID_commonName, i) >= 0)
+		return false;
+	if (i >= 0) {
+		unsigned char *u = NULL;
+		int k = ASN1_STRING_to_UTF8(&u, X509_NAME_ENTRY_get_data(
+					    X509_NAME_get_entry(n, i)));
 
-		X509_NAME_print_ex(b, n, 0, XN_FLAG_RFC2253);
-		k = BIO_read(b, buf, (int)len - 1);
-		buf[k > 0 ? k : 0] = 0;
-		BIO_free(b);
+		if (k >= 0 && (size_t)k < cnlen && strlen((char *)u) == (size_t)k)
+			memcpy(cn, u, (size_t)k + 1);
+		else
+			ok = false;
+		OPENSSL_free(u);
 	}
-	if (X509_NAME_get_text_by_NID(n, NID_commonName, cn, (int)cnlen) < 0)
-		cn[0] = 0;
+	return ok;
 }
 
 /* Server: the verdict on an authenticated client. */
@@ -462,9 +556,12 @@ static void make_verdict(struct ferry_tls_conn *c)
 	char subject[512], cn[256], msg[VERDICT_MAX + 1];
 	int n = 0;
 
-	subject_of(x, subject, sizeof(subject), cn, sizeof(cn));
+	bool clean = subject_of(x, subject, sizeof(subject), cn, sizeof(cn));
+
 	X509_free(x);
-	c->refused = !authz_ok(c->authz, subject, cn);
+	/* A name we could not read whole passes no list (any client is
+	 * still fine without one). */
+	c->refused = c->authz[0] && (!clean || !authz_ok(c->authz, subject, cn));
 	if (c->refused)
 		n = snprintf(msg, sizeof(msg), "client '%s' is not in the "
 			     "destination's tls-authz", subject);

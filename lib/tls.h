@@ -56,9 +56,11 @@ void ferry__tls_free(struct ferry_tls *t);
 /*
  * A session on @fd (dup'ed; @fd is left as it was except that the socket
  * becomes non-blocking, a property of the shared file description). No
- * byte moves until a handshake step.
+ * byte moves until a handshake step. Client: @host (NULL: the config's
+ * hostname) is the name the server's certificate must carry.
  */
 struct ferry_tls_conn *ferry__tls_conn_new(struct ferry_tls *t, int fd,
+					   const char *host,
 					   struct ferry_error *err);
 struct ferry_tls_conn *ferry__tls_ref(struct ferry_tls_conn *c);
 void ferry__tls_unref(struct ferry_tls_conn *c);

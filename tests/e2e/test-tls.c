@@ -7,6 +7,9 @@
  */
 #include "../harness.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "postcopy.h"
@@ -335,6 +338,59 @@ TEST(tls_postcopy_recover)
 	m = verify(&d);
 	ASSERT_EQ(geti(m, "bad-pages"), 0);
 	json_decref(m);
+	vm_quit(&s);
+	vm_quit(&d);
+}
+
+/* A crowd of clients that connect and never finish (or never start) a
+ * handshake, more than the destination keeps waiting at once: the real
+ * source still gets through at once, the crowd is counted as refused. */
+TEST(tls_silent_crowd)
+{
+	const char *ca = certs("ca", "");
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	struct proc s, d;
+	int port = free_port(), crowd[40];
+	json_t *m;
+
+	need_backend("thread");
+	vm_spawn(&s, "src", "--backend thread --mem 128M --workload "
+		 "dirty,ws=32M,rate=20");
+	vm_spawn(&d, "dst", test_fmt("--backend thread --mem 128M --paused "
+		 "--tls-creds %s --incoming tcp:127.0.0.1:%d", ca, port));
+	sa.sin_port = htons((uint16_t)port);
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	for (int i = 0; i < 40; i++) {
+		crowd[i] = socket(AF_INET, SOCK_STREAM, 0);
+		ASSERT_GE(crowd[i], 0);
+		ASSERT_OK(connect(crowd[i], (struct sockaddr *)&sa, sizeof(sa)));
+		/* Half of them start a TLS record and stop. */
+		if (i % 2)
+			ASSERT_EQ(write(crowd[i], "\x16\x03\x01\x02", 4), 4);
+	}
+	usleep(200000);
+	set_tls(&s, ca, "");
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	/* Well before the crowd's peer-timeout (10 s) runs out. */
+	for (int i = 0; i < 500; i++) {
+		m = call(&s, "query-migrate", NULL);
+		if (!strcmp(gets(m, "status"), "completed")) {
+			json_decref(m);
+			break;
+		}
+		ASSERT(strcmp(gets(m, "status"), "failed"));
+		json_decref(m);
+		ASSERT_LT(i, 499);
+		usleep(10000);
+	}
+	wait_migration(&d, "completed");
+	m = call(&d, "query-migrate", NULL);
+	ASSERT_GE(geti(m, "refused-connections"), 40 - 16);
+	json_decref(m);
+	for (int i = 0; i < 40; i++)
+		close(crowd[i]);
+	cont_verified(&d);
 	vm_quit(&s);
 	vm_quit(&d);
 }

@@ -66,8 +66,8 @@ static void pair(const char *dir, int fds[2], struct ferry_tls_conn **srv,
 	pthread_t th;
 
 	ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM, 0, fds));
-	a.c = *srv = ferry__tls_conn_new(ts, fds[0], &e);
-	*cli = ferry__tls_conn_new(tc, fds[1], &e);
+	a.c = *srv = ferry__tls_conn_new(ts, fds[0], NULL, &e);
+	*cli = ferry__tls_conn_new(tc, fds[1], NULL, &e);
 	ASSERT(*srv && *cli);
 	ASSERT_OK(pthread_create(&th, NULL, hs_main, &a));
 	if (ferry__tls_handshake(*cli, 10000, &e))
@@ -227,7 +227,7 @@ TEST(tls_handshake_silent_peer)
 	int fds[2];
 
 	ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM, 0, fds));
-	s = ferry__tls_conn_new(ts, fds[0], &e);
+	s = ferry__tls_conn_new(ts, fds[0], NULL, &e);
 	ASSERT(s);
 	ASSERT_EQ(ferry__tls_handshake(s, 200, &e), -ETIMEDOUT);
 	ASSERT_CONTAINS(e.msg, "no handshake from the source within 200 ms");
@@ -258,4 +258,71 @@ TEST(tls_credentials_checked)
 	cfg.dir = "";
 	ASSERT(!ferry__tls_new(&cfg, &e));
 	ASSERT_CONTAINS(e.msg, "no directory");
+}
+
+/* A ca-crl.pem beside the CA (QEMU's layout) revokes the client: the
+ * server refuses it during the handshake, and the client hears why. */
+TEST(tls_revoked_client)
+{
+	const char *dir = make_creds();
+	struct ferry_tls *ts, *tc;
+	struct ferry_error e = { 0 };
+	struct ferry_tls_conn *s, *c;
+	struct hs_arg a = { 0 };
+	pthread_t th;
+	char *out = NULL;
+	int fds[2], r;
+
+	/* The CA's revocation list, made with the openssl tool's own CA
+	 * database format: one revoked entry, the client's serial. */
+	if (test_run(&out, "cd %s && printf '[ca]\\ndefault_ca=d\\n[d]\\n"
+		     "database=index.txt\\ndefault_md=sha256\\ndefault_crl_days=30\\n'"
+		     " > crl.cnf && printf 'R\\t301001010000Z\\t240101000000Z\\t%%s"
+		     "\\tunknown\\t/CN=ferry-source\\n' $(openssl x509 -in "
+		     "client-cert.pem -noout -serial | cut -d= -f2) > index.txt && "
+		     "openssl ca -gencrl -config crl.cnf -keyfile ca-key.pem -cert "
+		     "ca-cert.pem -out ca-crl.pem", dir) != 0)
+		FAIL("making the CRL: %s", out);
+	free(out);
+	ts = creds(dir, true);
+	tc = creds(dir, false);
+	ASSERT_OK(socketpair(AF_UNIX, SOCK_STREAM, 0, fds));
+	a.c = s = ferry__tls_conn_new(ts, fds[0], NULL, &e);
+	c = ferry__tls_conn_new(tc, fds[1], NULL, &e);
+	ASSERT(s && c);
+	ASSERT_OK(pthread_create(&th, NULL, hs_main, &a));
+	r = ferry__tls_handshake(c, 10000, &e);
+	pthread_join(th, NULL);
+	ASSERT_NE(r, 0);
+	ASSERT_CONTAINS(e.msg, "revoked");
+	ASSERT_NE(a.r, 0);
+	ASSERT_CONTAINS(a.e.msg, "certificate revoked");
+	ferry__tls_unref(s);
+	ferry__tls_unref(c);
+	ferry__tls_free(ts);
+	ferry__tls_free(tc);
+	close(fds[0]);
+	close(fds[1]);
+}
+
+/* A peer that went away: writes fail with an error, and no SIGPIPE
+ * kills a process that did not ignore it (a VMM embedding the library). */
+TEST(tls_session_peer_gone_no_sigpipe)
+{
+	const char *dir = make_creds();
+	struct ferry_tls_conn *s, *c;
+	static uint8_t buf[1 << 20];
+	struct iovec iov = { buf, sizeof(buf) };
+	int fds[2], r;
+
+	signal(SIGPIPE, SIG_DFL);
+	pair(dir, fds, &s, &c);
+	ferry__tls_unref(c);
+	close(fds[1]);
+	r = ferry__tls_writev(s, &iov, 1, 2000);
+	if (!r)  /* the first one may fit in the socket buffer */
+		r = ferry__tls_writev(s, &iov, 1, 2000);
+	ASSERT(r == -EPIPE || r == -ECONNRESET);
+	ferry__tls_unref(s);
+	close(fds[0]);
 }
