@@ -322,6 +322,15 @@ static struct ferry_multifd *receiver_locked(struct mig_in *in, unsigned channel
 					   .opaque = in };
 	struct ferry_multifd *mf;
 
+	/* Channels of a source whose main stream never came (reset, say)
+	 * failed this receiver: the next source starts afresh. */
+	if (in->mf && !in->main_taken && ferry_multifd_error(in->mf, NULL)) {
+		mig_trace(in->m, "multifd: a failed receiver from an earlier "
+			  "source dropped");
+		ferry_multifd_cancel(in->mf, -ECANCELED, "a new source");
+		ferry_multifd_free(in->mf);
+		in->mf = NULL;
+	}
 	if (in->mf)
 		return in->mf;
 	if (!in->m->ram) {
@@ -1369,6 +1378,7 @@ static int handshake(struct mig_in *in, struct ferry_record_io *io,
 
 	bool cancel;
 
+	mig_fault_pause(m, true, FAULT_PAUSE_LOADED, &in->cancel);
 	shut_values(in, &msg);
 	msg.values[FERRY_SHUT_T_LOADED] = now_ns();
 	/* From LOADED on the VM is held for the source's verdict: a cancel

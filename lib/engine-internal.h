@@ -72,6 +72,16 @@ enum mig_fault {
 	FAULT_POSTCOPY_CUT,
 	FAULT_STALL_POSTCOPY,
 	FAULT_LOSE_SWITCHOVER_ACK,
+	/* Pauses: the side stops at that point until "continue" (or a
+	 * cancel), so a test can strike exactly there (kill, stop, cut). */
+	FAULT_PAUSE_SETUP,             /* source: before any connection */
+	FAULT_PAUSE_CONNECTED,         /* source: set up, before pass 1 */
+	FAULT_PAUSE_PASS_1,            /* source: in the first pass */
+	FAULT_PAUSE_PASS_2,            /* source: in a later pass */
+	FAULT_PAUSE_STOPPED,           /* source: VM stopped, nothing sent */
+	FAULT_PAUSE_EOF,               /* source: EOF sent, no answer yet */
+	FAULT_PAUSE_LOADED,            /* destination: loaded, LOADED not sent */
+	FAULT_PAUSE_RUN,               /* source: postcopy RUN sent */
 	FAULT__MAX
 };
 
@@ -93,7 +103,10 @@ struct ferry_mig {
 	pthread_cond_t cond;           /* CLOCK_MONOTONIC; any status change */
 
 	struct mig_settings set;       /* lock */
-	enum mig_fault fault;          /* lock: armed, fires once */
+	enum mig_fault fault;          /* lock (written atomically: read
+					  without it by the precopy loop):
+					  armed, fires once */
+	bool fault_continue;           /* lock: "continue" ends a pause */
 	bool freeing;                  /* lock: ferry_mig_free in progress */
 
 	/* The sides. Created by ferry_mig_start / ferry_mig_incoming (which
@@ -140,6 +153,11 @@ void mig_set_switchover(struct ferry_mig *m, bool incoming,
 
 /* Take the armed fault if it is @f (fires once). */
 bool mig_fault_take(struct ferry_mig *m, enum mig_fault f);
+/* If the pause point @f is armed: show it (query-migrate "paused-at") and
+ * wait until "continue" is injected, *cancel (m->lock) is set, or the
+ * engine is being freed. The caller holds no lock. */
+void mig_fault_pause(struct ferry_mig *m, bool incoming, enum mig_fault f,
+		     const bool *cancel);
 
 bool mig_status_live(enum ferry_mig_status s);
 

@@ -1027,6 +1027,7 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 
 	for (;;) {
 		uint64_t must, can, rest, sync = 0;
+		enum mig_fault f;
 		int r;
 
 		if (cancelled(o))
@@ -1106,6 +1107,11 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 				  (unsigned long long)p->expected_downtime_ms,
 				  fits ? ", fits" : "", shrinks ? ", shrinking" : "");
 			pass_event(m, p->pass);
+			/* Test pause: a later pass begins (whether or not it
+			 * will be the last). */
+			if (p->pass >= 2)
+				mig_fault_pause(m, false, FAULT_PAUSE_PASS_2,
+						&o->cancel);
 			if (fits && (!rest || !shrinks ||
 				     fit_passes++ >= MAX_EXTRA_PASSES)) {
 				/* switchover-ack: not before the destination
@@ -1172,6 +1178,11 @@ static int precopy(struct mig_out *o, struct ferry_error *err)
 		r = ferry_save_round(o->s, ROUND_BUDGET, err);
 		if (r)
 			return r;
+		/* Test pause: in the middle of the first pass (passes count
+		 * dirty syncs; the first sync is at setup). */
+		f = __atomic_load_n(&m->fault, __ATOMIC_RELAXED);
+		if (f == FAULT_PAUSE_PASS_1 && p->pass <= 1)
+			mig_fault_pause(m, false, FAULT_PAUSE_PASS_1, &o->cancel);
 		if ((r = rate_limit(o, bytes0)))
 			return ferry_error_set(err, r, "cancelled");
 	}
@@ -1421,6 +1432,7 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 		return r;
 	if (!mig_move_status(m, false, FERRY_MIG_ACTIVE, FERRY_MIG_DEVICE))
 		return ferry_error_set(err, -ECANCELED, "cancelled");
+	mig_fault_pause(m, false, FAULT_PAUSE_STOPPED, &o->cancel);
 	if (mig_fault_take(m, FAULT_HOLD_DEVICE))
 		hold(o);
 	if (cancelled(o))
@@ -1450,6 +1462,7 @@ static int switchover(struct mig_out *o, struct ferry_error *err)
 		return 0;
 	}
 
+	mig_fault_pause(m, false, FAULT_PAUSE_EOF, &o->cancel);
 	r = wait_loaded(o, err);
 	if (r)
 		return r;
@@ -1656,6 +1669,7 @@ static int postcopy(struct mig_out *o, struct ferry_error *err)
 	o->ss.size = sizeof(o->ss);
 	ferry_save_get_stats(o->s, &o->ss);
 	o->prog.downtime_bytes = total_bytes(o) - o->pc_bytes0;
+	mig_fault_pause(m, false, FAULT_PAUSE_RUN, &o->cancel);
 	/* From here on a broken link pauses, it never fails: the guest's
 	 * memory is split between the two sides. */
 	while ((r = pc_run(o, err)) > 0)
@@ -2103,7 +2117,10 @@ static void *out_main(void *arg)
 	struct ferry_error err = { 0 };
 	int r;
 
+	mig_fault_pause(o->m, false, FAULT_PAUSE_SETUP, &o->cancel);
 	r = setup(o, &err);
+	if (!r)
+		mig_fault_pause(o->m, false, FAULT_PAUSE_CONNECTED, &o->cancel);
 	if (!r && !mig_move_status(o->m, false, FERRY_MIG_SETUP, FERRY_MIG_ACTIVE))
 		r = ferry_error_set(&err, -ECANCELED, "cancelled");
 	if (!r)

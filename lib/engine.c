@@ -365,6 +365,14 @@ static const char *const fault_names[FAULT__MAX] = {
 	[FAULT_POSTCOPY_CUT] = "postcopy-cut",
 	[FAULT_STALL_POSTCOPY] = "stall-postcopy",
 	[FAULT_LOSE_SWITCHOVER_ACK] = "lose-switchover-ack",
+	[FAULT_PAUSE_SETUP] = "pause-setup",
+	[FAULT_PAUSE_CONNECTED] = "pause-connected",
+	[FAULT_PAUSE_PASS_1] = "pause-pass-1",
+	[FAULT_PAUSE_PASS_2] = "pause-pass-2",
+	[FAULT_PAUSE_STOPPED] = "pause-stopped",
+	[FAULT_PAUSE_EOF] = "pause-eof",
+	[FAULT_PAUSE_LOADED] = "pause-loaded",
+	[FAULT_PAUSE_RUN] = "pause-run",
 };
 
 int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,
@@ -372,6 +380,13 @@ int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,
 {
 	enum mig_fault f = FAULT_NONE;
 
+	if (point && !strcmp(point, "continue")) {
+		ferry__mutex_lock(&m->lock);
+		m->fault_continue = true;
+		pthread_cond_broadcast(&m->cond);
+		ferry__mutex_unlock(&m->lock);
+		return 0;
+	}
 	if (point && *point) {
 		for (f = FAULT_NONE + 1; f < FAULT__MAX; f++)
 			if (!strcmp(point, fault_names[f]))
@@ -381,11 +396,30 @@ int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,
 				"unknown fault point '%s'", point);
 	}
 	ferry__mutex_lock(&m->lock);
-	m->fault = f;
+	/* Atomic: the precopy loop peeks at it without the lock. */
+	__atomic_store_n(&m->fault, f, __ATOMIC_RELAXED);
+	m->fault_continue = false;
 	ferry__mutex_unlock(&m->lock);
 	if (f)
 		mig_trace(m, "fault point armed: %s", fault_names[f]);
 	return 0;
+}
+
+void mig_fault_pause(struct ferry_mig *m, bool incoming, enum mig_fault f,
+		     const bool *cancel)
+{
+	struct ferry_mig_info *i = incoming ? &m->in_info : &m->out_info;
+
+	if (!mig_fault_take(m, f))
+		return;
+	ferry__mutex_lock(&m->lock);
+	snprintf(i->paused_at, sizeof(i->paused_at), "%s", fault_names[f]);
+	while (!m->fault_continue && !*cancel && !m->freeing)
+		pthread_cond_wait(&m->cond, &m->lock);
+	m->fault_continue = false;
+	i->paused_at[0] = 0;
+	ferry__mutex_unlock(&m->lock);
+	mig_trace(m, "fault point %s: going on", fault_names[f]);
 }
 
 bool mig_fault_take(struct ferry_mig *m, enum mig_fault f)
@@ -395,7 +429,7 @@ bool mig_fault_take(struct ferry_mig *m, enum mig_fault f)
 	ferry__mutex_lock(&m->lock);
 	hit = m->fault == f;
 	if (hit)
-		m->fault = FAULT_NONE;
+		__atomic_store_n(&m->fault, FAULT_NONE, __ATOMIC_RELAXED);
 	ferry__mutex_unlock(&m->lock);
 	if (hit)
 		mig_trace(m, "fault point fires: %s", fault_names[f]);

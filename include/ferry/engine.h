@@ -414,6 +414,8 @@ struct ferry_mig_info {
 	 * one was. They do not end the wait. */
 	uint64_t refused;
 	char refused_reason[FERRY_ERROR_MSG_MAX];
+	/* Test only: the pause fault point this side waits at, or "". */
+	char paused_at[32];
 };
 
 FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info);
@@ -436,6 +438,17 @@ FERRY_API void ferry_mig_query(struct ferry_mig *m, struct ferry_mig_info *info)
  *                    longer than peer-timeout during postcopy, then speaks
  *                    again (a stalled process)
  *   "lose-switchover-ack" destination: never send the switchover ack
+ * Pauses: the side waits at the point (query-migrate "paused-at") until
+ * "continue" is injected or the migration is cancelled, so a test can
+ * strike exactly there:
+ *   "pause-setup"     source: before any connection
+ *   "pause-connected" source: connected and set up, before the first pass
+ *   "pause-pass-1"    source: in the middle of the first pass
+ *   "pause-pass-2"    source: in the middle of a later pass
+ *   "pause-stopped"   source: VM stopped for the switchover, rest unsent
+ *   "pause-eof"       source: the whole stream sent, no answer yet
+ *   "pause-loaded"    destination: everything loaded, LOADED not sent
+ *   "pause-run"       source: postcopy's RUN sent (the destination runs)
  * -EINVAL for an unknown point.
  */
 FERRY_API int ferry_mig_inject_fault(struct ferry_mig *m, const char *point,

@@ -227,10 +227,13 @@ static void device_fields(json_t *o, const struct ferry_mig_info *i)
 	json_object_set_new(o, "devices", list);
 }
 
-/* TLS on the migration's connections, and (destination) connections
+/* The connections: TLS on them, and (destination) connections
  * turned away while waiting. */
-static void tls_fields(json_t *o, const struct ferry_mig_info *i)
+static void connection_fields(json_t *o, const struct ferry_mig_info *i)
 {
+	/* Test only: where a pause fault point holds this side. */
+	if (i->paused_at[0])
+		json_object_set_new(o, "paused-at", json_string(i->paused_at));
 	if (i->tls)
 		json_object_set_new(o, "tls", json_pack(
 			"{s:s, s:s, s:s, s:i, s:i, s:i}",
@@ -299,7 +302,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 			postcopy_fields(o, &i);
 			device_fields(o, &i);
 			load_fields(vm, o);
-			tls_fields(o, &i);
+			connection_fields(o, &i);
 		}
 		*ret = o;
 		return 0;
@@ -318,7 +321,7 @@ static int h_query_migrate(void *opaque, json_t *args, json_t **ret,
 				    json_integer(i.throttle_pct));
 		postcopy_fields(o, &i);
 		device_fields(o, &i);
-		tls_fields(o, &i);
+		connection_fields(o, &i);
 		if (i.switchover_acked)
 			json_object_set_new(o, "switchover-acked", json_true());
 		/* Postcopy knows its downtime as soon as the destination runs. */
