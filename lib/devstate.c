@@ -640,8 +640,11 @@ int ferry__dsq_finish(struct ferry__dsq *q, int r, struct ferry_error *err)
 	}
 	/* A device's failure is the root cause of whatever else failed: the
 	 * channels that fed it stop (-ECANCELED), the source cuts the
-	 * stream, and the load thread sees the stream break. */
-	if (q->error) {
+	 * stream, and the load thread sees the stream break. Unless @err is
+	 * that failure already, with where the stream had it (a buffer
+	 * refused as it was read: its offset). */
+	if (q->error && !(r == q->error && err && q->err.msg[0] &&
+			  strstr(err->msg, q->err.msg))) {
 		ferry_error_clear(err);
 		ferry_error_propagate(err, &q->err);
 		r = q->error;
