@@ -4,7 +4,8 @@
 #   make check      install missing deps, build, run every test
 #   make bench      benchmarks (figures printed)
 #   make demo       install missing deps, build, run the end-to-end demo
-#   make fuzz       longer libFuzzer run of the stream loader
+#   make fuzz       longer libFuzzer runs of the stream loader and the
+#                   control protocol's parser
 #   make install    headers, libferry.so/.a and libferry.pc under PREFIX
 #                   (default /usr/local; DESTDIR for staging)
 #
@@ -163,17 +164,33 @@ $(B)/fuzz-load: $(FUZZ_SRCS) $(wildcard lib/*.h include/ferry/*.h tests/unit/*.h
 	@$(if $(Q),echo "  FUZZ-CC $@")
 	$(Q)$(CLANG) $(FUZZ_CFLAGS) -o $@ $(FUZZ_SRCS) $(LIBS)
 
-fuzz: deps $(B)/fuzz-load
-	@mkdir -p $(B)/fuzz-corpus
+# The control socket's protocol parser (vmm/control/server.c, through
+# control_feed(): no socket, no thread): framing, recovery, JSON, dispatch.
+FUZZ_CONTROL_SRCS := tests/fuzz/fuzz-control.c vmm/control/server.c $(LIB_SRCS)
+$(B)/fuzz-control: $(FUZZ_CONTROL_SRCS) $(wildcard lib/*.h include/ferry/*.h vmm/control/*.h)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  FUZZ-CC $@")
+	$(Q)$(CLANG) $(FUZZ_CFLAGS) -Ivmm -o $@ $(FUZZ_CONTROL_SRCS) $(LIBS)
+
+# FUZZ_SECONDS for each target.
+fuzz: deps $(B)/fuzz-load $(B)/fuzz-control
+	@mkdir -p $(B)/fuzz-corpus $(B)/fuzz-corpus-control
 	$(B)/fuzz-load -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		$(B)/fuzz-corpus tests/fuzz/seeds
+	$(B)/fuzz-control -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+		$(B)/fuzz-corpus-control tests/fuzz/seeds-control
 
-fuzz-smoke: $(B)/fuzz-load
-	@mkdir -p $(B)/fuzz-corpus
+fuzz-smoke: $(B)/fuzz-load $(B)/fuzz-control
+	@mkdir -p $(B)/fuzz-corpus $(B)/fuzz-corpus-control
 	$(Q)$(B)/fuzz-load -max_total_time=$${FUZZ_SMOKE_SECONDS:-10} -rss_limit_mb=2048 \
 		-print_final_stats=0 $(B)/fuzz-corpus tests/fuzz/seeds 2>$(B)/fuzz-smoke.log \
 		|| { tail -40 $(B)/fuzz-smoke.log; exit 1; }
 	@grep -E '^#[0-9]+.*DONE' $(B)/fuzz-smoke.log | tail -1 || true
+	$(Q)$(B)/fuzz-control -max_total_time=$${FUZZ_SMOKE_SECONDS:-10} -rss_limit_mb=2048 \
+		-print_final_stats=0 $(B)/fuzz-corpus-control tests/fuzz/seeds-control \
+		2>$(B)/fuzz-smoke-control.log \
+		|| { tail -40 $(B)/fuzz-smoke-control.log; exit 1; }
+	@grep -E '^#[0-9]+.*DONE' $(B)/fuzz-smoke-control.log | tail -1 || true
 
 # ---- top-level targets -----------------------------------------------------
 deps:

@@ -930,6 +930,74 @@ TEST(control_concurrent_clients)
 	control_destroy(c);
 }
 
+/*
+ * control_feed() (what tests/fuzz/fuzz-control.c drives) answers a
+ * client's bytes exactly as the server does over its socket: the same
+ * input, sent on a connection that then half-closes, gets the same bytes
+ * back after the greeting, however it is split.
+ */
+TEST(control_feed_like_a_socket)
+{
+	static const char *inputs[] = {
+		"{\"execute\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}, \"id\": 1}\n",
+		"{\"execute\":\"echo\",\"arguments\":{\"s\":\"a}\\\"]{b\"}}{\"execute\":\"nope\"}",
+		"junk\n{\"execute\": ]}\n[1]\n{}\n{\"execute\": 5}\n\"s\"\n42\n",
+		"{\"execute\": \"fail\", \"arguments\": {\"errno\": 19, \"msg\": \"x\"}, \"id\": [1]}",
+		"{\"execute\": \"echo\"}}}]]\x01\x02{\"execute\": \"echo\", \"id\": 2}",
+		"{\"execute\": \"echo\n{\"execute\": \"echo\", \"id\": 3}\n",
+		"{\"execute\": \"echo\", \"arguments\": {\"a\": tru",
+		"{\"execute\": \"echo\", \"arguments\": {\"a\": [[[{\"b\": \"\\u00e9\"}]]]}}",
+		"",
+	};
+	const char *path = sock_path("feed");
+	struct control *live = start_server(path);
+	struct ferry_error err = { 0 };
+	struct control *idle = control_create(sock_path("feed-idle"), &err);
+
+	ASSERT_PTR(idle);
+	ASSERT_OK(control_register(idle, "echo", cmd_echo, NULL));
+	ASSERT_OK(control_register(idle, "fail", cmd_fail, NULL));
+	ASSERT_OK(control_register(idle, "add", cmd_add, NULL));
+	ASSERT_OK(control_register(idle, "sleep", cmd_sleep, NULL));
+	ASSERT_OK(control_register(idle, "emit", cmd_emit, idle));
+	for (size_t i = 0; i < sizeof(inputs) / sizeof(inputs[0]); i++) {
+		size_t len = strlen(inputs[i]), got = 0, flen = 0;
+		char sock_out[8192];
+		int fd = raw_client(path);
+
+		raw_send(fd, inputs[i]);
+		shutdown(fd, SHUT_WR);
+		for (;;) {
+			ssize_t n = read(fd, sock_out + got, sizeof(sock_out) - got);
+
+			ASSERT_GE(n, 0);
+			if (!n)
+				break;
+			got += (size_t)n;
+			ASSERT_LT(got, sizeof(sock_out));
+		}
+		close(fd);
+		for (size_t chunk = 0; chunk <= len; chunk += chunk < 3 ? 1 : 7) {
+			char *fed = control_feed(idle, inputs[i], len, chunk, &flen);
+
+			if (flen != got || (got && memcmp(fed, sock_out, got)))
+				FAIL("input %zu in pieces of %zu: fed \"%.*s\", the "
+				     "socket \"%.*s\"", i, chunk, (int)flen,
+				     fed ? fed : "", (int)got, sock_out);
+			free(fed);
+		}
+	}
+	/* Only on a server that does not run. */
+	{
+		size_t n = 1;
+
+		ASSERT_NULL(control_feed(live, "{}", 2, 0, &n));
+		ASSERT_EQ(n, 0);
+	}
+	control_destroy(idle);
+	control_destroy(live);
+}
+
 /* ---- ferry ctl ---------------------------------------------------------- */
 
 TEST(control_ctl_cli)

@@ -798,21 +798,33 @@ TEST(hostile_image_every_record)
 	free(d);
 }
 
-TEST(hostile_fuzz_smoke)
+/* A short run of the libFuzzer target in $@env over @seeds. */
+static void fuzz_smoke(const char *env, const char *seeds, const char *secs)
 {
-	const char *bin = getenv("FERRY_FUZZ_BIN");
+	const char *bin = getenv(env);
 	char *out = NULL;
 	int st;
 
 	if (!bin || access(bin, X_OK))
-		SKIP("fuzz target not built (needs clang with libFuzzer; "
-		     "set FERRY_FUZZ_BIN, as make check does)");
+		SKIP(test_fmt("fuzz target not built (needs clang with libFuzzer; "
+			      "set %s, as make check does)", env));
 	st = test_run(&out, "%s -max_total_time=%s -rss_limit_mb=2048 "
-		      "-print_final_stats=1 %s tests/fuzz/seeds", bin,
-		      getenv("FERRY_FUZZ_SECONDS") ? getenv("FERRY_FUZZ_SECONDS") : "8",
-		      test_tmpdir());
+		      "-print_final_stats=1 %s %s", bin,
+		      getenv("FERRY_FUZZ_SECONDS") ? getenv("FERRY_FUZZ_SECONDS") : secs,
+		      test_tmpdir(), seeds);
 	if (st != 0)
 		FAIL("fuzzer found a problem (exit %d):\n%s", st, out);
 	ASSERT_CONTAINS(out, "Done");
 	free(out);
+}
+
+TEST(hostile_fuzz_smoke)
+{
+	fuzz_smoke("FERRY_FUZZ_BIN", "tests/fuzz/seeds", "8");
+}
+
+/* The control protocol's parser (tests/fuzz/fuzz-control.c). */
+TEST(hostile_control_fuzz_smoke)
+{
+	fuzz_smoke("FERRY_FUZZ_CONTROL_BIN", "tests/fuzz/seeds-control", "5");
 }

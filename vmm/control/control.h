@@ -114,6 +114,19 @@ void control_event(struct control *c, const char *name, json_t *data);
  * socket path (only if it is still ours) and free @c. NULL is a no-op. */
 void control_destroy(struct control *c);
 
+/*
+ * For tests and fuzzing (tests/fuzz/fuzz-control.c): run @len bytes through
+ * the input framing and command dispatch of one client of @c, as if its
+ * socket delivered them @chunk bytes at a time (0, or more than a read
+ * takes: as much as one read takes) and then ended, and return what that
+ * client would be sent: malloc'd, *outlen
+ * bytes (NULL when nothing; no greeting). No socket and no server thread:
+ * only on a server not started (NULL otherwise). Handlers run on the
+ * caller's thread.
+ */
+char *control_feed(struct control *c, const void *input, size_t len,
+		   size_t chunk, size_t *outlen);
+
 /* ---- client side -------------------------------------------------------- */
 
 /*

@@ -695,6 +695,57 @@ static int cmd_query_commands(void *opaque, json_t *args, json_t **ret,
 	return 0;
 }
 
+/* ---- without sockets, for tests and fuzzing ------------------------------------ */
+
+char *control_feed(struct control *c, const void *input, size_t len,
+		   size_t chunk, size_t *outlen)
+{
+	struct client *cl = calloc(1, sizeof(*cl));
+	const char *in = input;
+	size_t off = 0;
+	char *out = NULL;
+
+	*outlen = 0;
+	if (!c || c->started || !cl) {
+		free(cl);
+		return NULL;
+	}
+	cl->fd = -1;
+	if (!chunk || chunk > READ_CHUNK)
+		chunk = READ_CHUNK;
+	/* What read_client() does with each piece the socket gives. */
+	while (off < len && !cl->closing && !cl->drop && !cl->overflow) {
+		size_t n = len - off < chunk ? len - off : chunk;
+
+		if (cl->in_cap - cl->in_len < n) {
+			char *p = realloc(cl->in, cl->in_len + n);
+
+			if (!p)
+				break;
+			cl->in = p;
+			cl->in_cap = cl->in_len + n;
+		}
+		memcpy(cl->in + cl->in_len, in + off, n);
+		cl->in_len += n;
+		off += n;
+		process_input(c, cl);
+	}
+	/* Then the end of input. */
+	if (cl->scan.pos && !cl->closing)
+		send_error(c, cl, NULL, "GenericError",
+			   "end of input inside a request");
+	if (!cl->overflow && cl->out_len > cl->out_off) {
+		*outlen = cl->out_len - cl->out_off;
+		out = malloc(*outlen);
+		if (out)
+			memcpy(out, cl->out + cl->out_off, *outlen);
+		else
+			*outlen = 0;
+	}
+	free_client(cl);
+	return out;
+}
+
 /* ---- public server API ----------------------------------------------------- */
 
 struct control *control_create(const char *path, struct ferry_error *err)
