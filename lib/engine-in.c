@@ -959,16 +959,21 @@ static enum verdict classify(struct mig_in *in, int fd, struct ferry_tls_conn *t
 		if (n == (ssize_t)sizeof(hs)) {
 			/* Bounds and the handshake's own check are the
 			 * receiver's job; the count only sizes it. */
+			int r = 0;
+
 			ferry__mutex_lock(&in->acc_lock);
 			mf = receiver_locked(in, ferry__get_be32(hs + 28), &err);
 			if (mf)
-				ferry__multifd_recv_add_channel_tls(mf, fd, tc,
-								    &err);
+				r = ferry__multifd_recv_add_channel_tls(mf, fd, tc,
+									&err);
 			ferry__mutex_unlock(&in->acc_lock);
 			if (!mf) {
 				mig_refused(in->m, "multifd channel: %s", err.msg);
 				ferry__tls_unref(tc);
 				close(fd);
+			} else if (r) {
+				/* The receiver closed it (and took the session). */
+				mig_refused(in->m, "multifd channel: %s", err.msg);
 			}
 			return DONE;
 		}
@@ -1082,10 +1087,16 @@ static void *acc_main(void *arg)
 		if (pr > 0 && pf[0].revents)
 			break;
 		polled = n;
-		if (pr > 0 && pf[1].revents) {
+		/* Several per wake-up: under a flood of strangers the backlog
+		 * must drain faster than it fills, or a real source's SYN is
+		 * dropped and retried a second later. */
+		for (int burst = 0; pr > 0 && pf[1].revents && burst < 32; burst++) {
 			struct ferry_error err = { 0 };
 			struct ferry_tls_conn *tc = NULL;
 			int fd = ferry_listener_accept(in->l, 0, &err);
+
+			if (fd == -ETIMEDOUT || fd == -EAGAIN)
+				break;
 
 			/* Every connection, not only the main one: a channel
 			 * read (multifd, preempt) has no timeout of its own,
@@ -1121,9 +1132,10 @@ static void *acc_main(void *arg)
 				p[n++] = (struct pending){ fd, now_ns() + patience,
 							   false, -1, tc, false,
 							   POLLIN };
-			} else if (fd != -ETIMEDOUT && fd != -EAGAIN &&
-				 fd != -EINTR && fd != -ECONNABORTED)
+			} else if (fd != -EINTR && fd != -ECONNABORTED) {
 				mig_trace(in->m, "accept: %s", err.msg);
+				break;
+			}
 		}
 		/* Backwards, so that moving the last entry into a finished
 		 * one's place only moves entries already looked at. */

@@ -58,7 +58,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LISTEN_BACKLOG 16
+/* Room for a burst: a flood of strangers must not push a real source's
+ * SYN out of the queue (its retry would cost a second). */
+#define LISTEN_BACKLOG 128
 #define URI_MAX 4400 /* "unix:" + path[4096], or "tcp:[host]:port" */
 
 struct ferry_listener {
