@@ -399,6 +399,27 @@ TEST(fault_reset_dest_loaded)
 
 /* ---- file: saves ---------------------------------------------------------- */
 
+/* A save to @uri that must fail with @why; the VM runs on. */
+static void save_fails(struct proc *s, const char *uri, const char *why)
+{
+	json_t *m = NULL;
+
+	json_decref(call(s, "migrate", json_pack("{s:s}", "uri", uri)));
+	for (int i = 0; i < 2000; i++) {
+		m = call(s, "query-migrate", NULL);
+		if (!strcmp(gets(m, "status"), "failed"))
+			break;
+		json_decref(m);
+		m = NULL;
+		usleep(5000);
+	}
+	if (!m)
+		FAIL("the save to %s never failed", uri);
+	ASSERT_CONTAINS(gets(m, "error-desc"), why);
+	json_decref(m);
+	ASSERT_STREQ(status_of(s), "running");
+}
+
 /* A full disk (/dev/full) or a path that cannot be written: the save
  * fails naming why, the VM runs on untouched, and a save that can be
  * written then works. */
@@ -411,34 +432,9 @@ TEST(fault_file_disk_full)
 	vm_spawn(&s, "src", "--backend thread --mem 128M --workload "
 		 "dirty,ws=32M,rate=20");
 	wait_generation(&s, 1000);
-	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
-						  "file:/dev/full")));
-	for (int i = 0; i < 2000; i++) {
-		m = call(&s, "query-migrate", NULL);
-		if (!strcmp(gets(m, "status"), "failed"))
-			break;
-		json_decref(m);
-		m = NULL;
-		usleep(5000);
-	}
-	ASSERT(m);
-	ASSERT_CONTAINS(gets(m, "error-desc"), "No space left on device");
-	json_decref(m);
-	ASSERT_STREQ(status_of(&s), "running");
-	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
-			 test_fmt("file:%s/nodir/vm.img", test_tmpdir()))));
-	for (int i = 0; i < 2000; i++) {
-		m = call(&s, "query-migrate", NULL);
-		if (!strcmp(gets(m, "status"), "failed"))
-			break;
-		json_decref(m);
-		m = NULL;
-		usleep(5000);
-	}
-	ASSERT(m);
-	ASSERT_CONTAINS(gets(m, "error-desc"), "No such file or directory");
-	json_decref(m);
-	ASSERT_STREQ(status_of(&s), "running");
+	save_fails(&s, "file:/dev/full", "No space left on device");
+	save_fails(&s, test_fmt("file:%s/nodir/vm.img", test_tmpdir()),
+		   "No such file or directory");
 	m = verify(&s);
 	ASSERT_EQ(geti(m, "bad-pages"), 0);
 	json_decref(m);
