@@ -6,6 +6,7 @@
 #   make demo       install missing deps, build, run the end-to-end demo
 #   make fuzz       longer libFuzzer runs of the stream loader and the
 #                   control protocol's parser
+#   make soak       1000 live migrations back and forth, faults, leak checks
 #   make install    headers, libferry.so/.a and libferry.pc under PREFIX
 #                   (default /usr/local; DESTDIR for staging)
 #
@@ -227,6 +228,22 @@ bench: deps all $(BENCHES)
 
 demo: deps all
 	$(Q)$(B)/ferry demo
+
+# ---- soak: `make soak` (not part of `make check`) ----------------------------
+# 1000 live migrations back and forth between two long-lived VMs, a fault
+# every 10th, checking bad pages and the processes' RSS and fds
+# (bench/soak.c; docs/performance.md, "Soak"). `make check` runs 50 of them
+# (tests/e2e/test-soak.c), so the test binary needs ferry-soak too.
+SOAK_MIGRATIONS ?= 1000
+$(B)/ferry-soak: $(B)/bench/soak.o $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a \
+		$(LDFLAGS_SAN) $(LDFLAGS) $(LIBS)
+$(B)/bench/soak.o: CFLAGS_BASE += -Ivmm
+$(B)/ferry-test: | $(B)/ferry-soak
+soak: deps all $(B)/ferry-soak
+	$(Q)$(B)/ferry-soak --ferry $(B)/ferry -n $(SOAK_MIGRATIONS)
+.PHONY: soak
 
 # ---- install ----------------------------------------------------------------
 PREFIX  ?= /usr/local
