@@ -393,3 +393,5 @@ X(fault_src_kill_eof, 60)
 X(fault_src_kill_dest_loaded, 60)
 X(fault_reset_dest_loaded, 60)
 X(fault_file_disk_full, 60)
+/* ---- the soak, cut to 50 migrations (tests/e2e/test-soak.c, bench/soak.c) ---- */
+X(soak_50_migrations, 150)
