@@ -234,7 +234,9 @@ demo: deps all
 # every 10th, checking bad pages and the processes' RSS and fds
 # (bench/soak.c; docs/performance.md, "Soak"). `make check` runs 50 of them
 # (tests/e2e/test-soak.c), so the test binary needs ferry-soak too.
+# SOAK_FLAGS: more ferry-soak options (-v, --keep, --default-malloc, ...).
 SOAK_MIGRATIONS ?= 1000
+SOAK_FLAGS ?=
 $(B)/ferry-soak: $(B)/bench/soak.o $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $< $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferry.a \
@@ -242,7 +244,7 @@ $(B)/ferry-soak: $(B)/bench/soak.o $(B)/bench/benchvm.o $(VMM_OBJS) $(B)/libferr
 $(B)/bench/soak.o: CFLAGS_BASE += -Ivmm
 $(B)/ferry-test: | $(B)/ferry-soak
 soak: deps all $(B)/ferry-soak
-	$(Q)$(B)/ferry-soak --ferry $(B)/ferry -n $(SOAK_MIGRATIONS)
+	$(Q)$(B)/ferry-soak --ferry $(B)/ferry -n $(SOAK_MIGRATIONS) $(SOAK_FLAGS)
 .PHONY: soak
 
 # ---- install ----------------------------------------------------------------
