@@ -742,12 +742,13 @@ static void report(int i, struct side *src, struct side *dst, double t0,
 
 /* ---- main --------------------------------------------------------------- */
 
-static void usage_exit(void)
+static void usage_exit(int status)
 {
-	fprintf(stderr, "usage: ferry-soak [--ferry BIN] [-n MIGRATIONS] "
+	fprintf(status ? stderr : stdout, "usage: ferry-soak [--ferry BIN] [-n MIGRATIONS] "
 		"[--every N] [--warmup N] [--fault-every N] [--fault NAME] [--mem SIZE] [--workload SPEC] "
-		"[--rss-tolerance MIB] [--default-malloc] [--json FILE] [--keep] [-v]\n");
-	exit(2);
+		"[--rss-tolerance MIB] [--default-malloc] [--json FILE] [--keep] [-v]\n"
+		"(bench/soak.c and docs/performance.md, \"Soak\", say more)\n");
+	exit(status);
 }
 
 int main(int argc, char **argv)
@@ -766,6 +767,7 @@ int main(int argc, char **argv)
 		{ "keep", no_argument, NULL, 'k' },
 		{ "default-malloc", no_argument, NULL, 'M' },
 		{ "verbose", no_argument, NULL, 'v' },
+		{ "help", no_argument, NULL, 'h' },
 		{ 0 }
 	};
 	struct side *holder = &sa, *other = &sb;
@@ -777,7 +779,7 @@ int main(int argc, char **argv)
 	json_t *m;
 
 	bench_name = "soak";
-	while ((c = getopt_long(argc, argv, "n:v", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "n:vh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'f': bench_ferry = optarg; break;
 		case 'n': n_migrations = atoi(optarg); break;
@@ -789,7 +791,7 @@ int main(int argc, char **argv)
 				if (!strcmp(optarg, fault_names[f]))
 					only_fault = f;
 			if (!only_fault)
-				usage_exit();
+				usage_exit(2);
 			break;
 		case 'm': mem = optarg; break;
 		case 'l': workload = optarg; break;
@@ -798,12 +800,13 @@ int main(int argc, char **argv)
 		case 'k': keep = true; break;
 		case 'M': default_malloc = true; break;
 		case 'v': verbose = true; break;
-		default: usage_exit();
+		case 'h': usage_exit(0); break;
+		default: usage_exit(2);
 		}
 	}
 	if (optind != argc || n_migrations < 1 || report_every < 1 ||
 	    fault_every < 1)
-		usage_exit();
+		usage_exit(2);
 	if (warmup < 0)
 		warmup = report_every < n_migrations ? report_every : n_migrations / 5;
 	downtimes_ms = calloc((size_t)n_migrations, sizeof(double));
