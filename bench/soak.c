@@ -740,6 +740,25 @@ static void report(int i, struct side *src, struct side *dst, double t0,
 	n_win_down = 0;
 }
 
+/* `quit`, then the process must exit with status 0. */
+static bool quit_clean(struct side *s)
+{
+	char why[512];
+	int st;
+
+	json_decref(try_call(s, "quit", NULL, why, sizeof(why)));
+	if (!reaped(s, 60000, &st)) {
+		fprintf(stderr, "soak: %s did not quit\n", s->name);
+		return false;
+	}
+	if (!WIFEXITED(st) || WEXITSTATUS(st)) {
+		fprintf(stderr, "soak: %s ended with wait status 0x%x after "
+			"quit\n", s->name, st);
+		return false;
+	}
+	return true;
+}
+
 /* ---- main --------------------------------------------------------------- */
 
 static void usage_exit(int status)
@@ -772,7 +791,7 @@ int main(int argc, char **argv)
 	};
 	struct side *holder = &sa, *other = &sb;
 	double t0, tw, p50, p99, max, w50, w99, wmax;
-	bool fds_ok = true, rss_ok = true, pass;
+	bool fds_ok = true, rss_ok = true, exits_ok, pass;
 	long rss_growth = 0;
 	int c, fd_growth = 0;
 	char args[256];
@@ -910,6 +929,9 @@ int main(int argc, char **argv)
 			tw = now_s();
 		}
 	}
+	/* Both must end cleanly when told to (under AddressSanitizer that
+	 * includes its leak check at exit). */
+	exits_ok = quit_clean(&sa) & quit_clean(&sb);
 
 	/* The verdict. */
 	for (int p = 0; p < 2; p++) {
@@ -943,18 +965,19 @@ int main(int argc, char **argv)
 	}
 	pct(downtimes_ms, n_down, &p50, &p99, &max);
 	pct(mig_seconds + 1, n_migrations, &w50, &w99, &wmax);
-	pass = !tot.unintended && !tot.bad_pages && fds_ok && rss_ok &&
+	pass = !tot.unintended && !tot.bad_pages && fds_ok && rss_ok && exits_ok &&
 	       tot.completed + tot.intended == n_migrations;
 	printf("soak: faults:");
 	for (int f = 1; f < F__MAX; f++)
 		printf(" %s %d%s", fault_names[f], tot.fault_count[f],
 		       f + 1 < F__MAX ? "," : "\n");
 	printf("soak: %s: %d migrations in %.0f s (%.2f s each): %d completed, "
-	       "%d failed as intended, %d unintended, %lld bad pages; fds %s; "
+	       "%d failed as intended, %d unintended, %lld bad pages;%s fds %s; "
 	       "RSS growth %.1f MiB (tolerance %.0f); downtime p50 %.1f p99 "
 	       "%.1f max %.1f ms\n", pass ? "PASS" : "FAIL", n_migrations,
 	       now_s() - t0, (now_s() - t0) / n_migrations, tot.completed,
 	       tot.intended, tot.unintended, tot.bad_pages,
+	       exits_ok ? "" : " A or B did not exit cleanly;",
 	       fds_ok ? "steady" : "GREW", rss_growth / 1024.0,
 	       rss_tolerance_mib, p50, p99, max);
 	printf("soak: wall time per migration p50 %.2f p99 %.2f max %.2f s\n",
@@ -966,7 +989,7 @@ int main(int argc, char **argv)
 		       worst_i % 6 >= 3 ? ", auto-converge" : "", worst_info);
 	if (json_path) {
 		json_t *o = json_pack("{s:i,s:i,s:i,s:i,s:I,s:b,s:i,s:f,s:f,s:f,"
-				      "s:f,s:f,s:b}",
+				      "s:f,s:f,s:b,s:b}",
 			"migrations", n_migrations, "completed", tot.completed,
 			"failed-as-intended", tot.intended,
 			"unintended", tot.unintended,
@@ -975,16 +998,12 @@ int main(int argc, char **argv)
 			"rss-growth-mib", rss_growth / 1024.0,
 			"downtime-p50-ms", p50, "downtime-p99-ms", p99,
 			"downtime-max-ms", max, "seconds", now_s() - t0,
-			"pass", pass);
+			"exits-clean", exits_ok, "pass", pass);
 
 		if (json_dump_file(o, json_path, JSON_INDENT(2)))
 			fprintf(stderr, "soak: cannot write %s\n", json_path);
 		json_decref(o);
 	}
-	quit(&sa.v);
-	sa.alive = false;
-	quit(&sb.v);
-	sb.alive = false;
 	finished = true;
 	return pass ? 0 : 1;
 }
