@@ -248,6 +248,10 @@ static void source_survives(struct proc *s, const char *backend, const char *why
 	v = verify(s);
 	ASSERT_EQ(geti(v, "bad-pages"), 0);
 	json_decref(v);
+	/* The default peer-timeout for the follow-up: it proves the source
+	 * still migrates, and 1 s is tight on a busy 2-core machine. */
+	json_decref(call(s, "migrate-set-parameters",
+			 json_pack("{s:i}", "peer-timeout", 10000)));
 	port = spawn_dest(&d, backend, "512M", "");
 	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
 			 test_fmt("tcp:127.0.0.1:%d", port))));
