@@ -1038,6 +1038,19 @@ TEST(hostile_control_wrong_state)
 	cont_verified(&d);
 	/* And the deferred one still takes a real migration. */
 	real_migration(&d, &dd, port2);
+	/* Once it has its state (running, then migrated out), it never takes
+	 * another: that would load over a live or handed-over guest. */
+	refused_cmd(&dd, "migrate-incoming", json_pack("{s:s}", "uri",
+		    test_fmt("tcp:127.0.0.1:%d", free_port())),
+		    "this one is running");
+	vm_quit(&d);
+	port = free_port();
+	spawn_dest(&d, "dst2", port, "");
+	real_migration(&dd, &d, port);
+	refused_cmd(&dd, "migrate-incoming", json_pack("{s:s}", "uri",
+		    test_fmt("tcp:127.0.0.1:%d", free_port())),
+		    "this one is postmigrate");
+	ASSERT_STREQ(status_of(&dd), "postmigrate");
 	vm_quit(&s);
 	vm_quit(&d);
 	vm_quit(&dd);

@@ -239,9 +239,22 @@ int vm_migration_init(struct vm *vm, struct ferry_error *err)
 
 int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 {
+	enum ferry_run_state st = vm_run_state(vm);
+
 	if (!vm->incoming_defer)
 		return ferry_error_set(err, -EINVAL,
 			"migrate-incoming needs a VM started with --incoming defer");
+	/*
+	 * Only a VM still waiting for its first state may take one: loading
+	 * over a VM that ran (or that migrated out and may run elsewhere)
+	 * would overwrite a live guest, and the engine's vm_set_state at the
+	 * end would ask for a transition the run-state table forbids. QEMU
+	 * refuses the same way (one migrate-incoming per process).
+	 */
+	if (st != FERRY_RUN_INMIGRATE)
+		return ferry_error_set(err, -EINVAL,
+			"migrate-incoming needs a VM waiting for its state "
+			"(inmigrate); this one is %s", ferry_run_state_name(st));
 	return ferry_mig_incoming(vm->mig, uri, err);
 }
 
