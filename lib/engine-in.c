@@ -33,6 +33,7 @@
  * going away without a verdict - leaves us unable to know whether GO was
  * sent: the switchover is in doubt, the VM stays here, stopped, whole.
  */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -48,6 +49,23 @@
 
 /* Connections the acceptor holds while they have not said what they are. */
 #define ACC_MAX_PENDING 16
+/* Multifd channels held until the main stream names its session. */
+#define ACC_MAX_PARKED (2 * FERRY_MULTIFD_MAX_CHANNELS)
+
+/* A multifd channel whose handshake was read (peeked) whole and is
+ * well-formed, waiting for the session of the migration to be known. */
+struct parked {
+	int fd;
+	struct ferry_tls_conn *tls;
+	uint8_t session[16];
+};
+
+/* Refusals noted under acc_lock and reported after it (mig_refused takes
+ * the engine lock, which is taken before acc_lock). */
+struct refusals {
+	unsigned n;
+	char why[ACC_MAX_PARKED + 1][FERRY_ERROR_MSG_MAX];
+};
 
 struct mig_in {
 	struct ferry_mig *m;
@@ -69,7 +87,14 @@ struct mig_in {
 	struct ferry_tls_conn *main_tls; /* acc_lock: its TLS session */
 	bool main_taken;                /* acc_lock: the load has it */
 	struct ferry_tls *tls;          /* tls-creds: immutable once started */
-	struct ferry_multifd *mf;       /* acc_lock: created on demand */
+	struct ferry_multifd *mf;       /* acc_lock: made when the main
+					   stream's RAM START names the session */
+	bool session_known;             /* acc_lock: mf exists, for session */
+	uint8_t session[16];            /* acc_lock */
+	struct parked parked[ACC_MAX_PARKED]; /* acc_lock: oldest first */
+	unsigned nparked;               /* acc_lock */
+	struct refusals acc_rf;         /* acceptor thread only: scratch */
+	struct refusals load_rf;        /* load thread only: scratch */
 
 	/* m->lock */
 	bool cancel;
@@ -299,8 +324,78 @@ static void refuse_stream(struct mig_in *in, int fd, struct ferry_tls_conn *tc)
 	close(fd);
 }
 
-/* The multifd receiver, created by the first channel or by the RAM START
- * section (whichever comes first). acc_lock held. */
+/*
+ * Multifd channels of a source may come before its main stream, and
+ * anyone can open a connection and send a well-formed handshake: if the
+ * first channel to arrive fixed the session, a stranger's channel could
+ * claim it (and a slot) and the real source's migration would fail. So
+ * channels wait here until the main stream - the one connection that is
+ * the migration - names its session in RAM's START; then those of that
+ * session join the receiver and the others are turned away.
+ */
+static void refuse_conn(struct refusals *rf, int fd, struct ferry_tls_conn *tc,
+			const char *why)
+{
+	if (rf->n < ACC_MAX_PARKED + 1)
+		snprintf(rf->why[rf->n++], sizeof(rf->why[0]), "%s", why);
+	ferry__tls_unref(tc);
+	if (fd >= 0)
+		close(fd);
+}
+
+static void report_refusals(struct mig_in *in, const struct refusals *rf)
+{
+	for (unsigned i = 0; i < rf->n; i++)
+		mig_refused(in->m, "multifd channel: %s", rf->why[i]);
+}
+
+/* acc_lock held, session known. Consumes @fd and @tc. */
+static void join_receiver_locked(struct mig_in *in, int fd,
+				 struct ferry_tls_conn *tc,
+				 const uint8_t session[16], struct refusals *rf)
+{
+	struct ferry_error err = { 0 };
+
+	if (memcmp(session, in->session, 16)) {
+		refuse_conn(rf, fd, tc, "a channel of another migration "
+			    "(session id mismatch)");
+		return;
+	}
+	if (!in->mf) {
+		refuse_conn(rf, fd, tc, "the migration's channels are closed");
+		return;
+	}
+	/* On failure the receiver closed it (and took the session). */
+	if (ferry__multifd_recv_add_channel_tls(in->mf, fd, tc, &err)) {
+		refuse_conn(rf, -1, NULL, err.msg);
+		ferry_error_clear(&err);
+	}
+}
+
+/* acc_lock held, session not known yet. Consumes @fd and @tc. */
+static void park_locked(struct mig_in *in, int fd, struct ferry_tls_conn *tc,
+			const uint8_t session[16], struct refusals *rf)
+{
+	if (in->nparked == ACC_MAX_PARKED) {
+		refuse_conn(rf, in->parked[0].fd, in->parked[0].tls,
+			    "too many channels waiting for the main stream: "
+			    "the oldest was dropped");
+		memmove(in->parked, in->parked + 1,
+			--in->nparked * sizeof(in->parked[0]));
+	}
+	in->parked[in->nparked] = (struct parked){ fd, tc, { 0 } };
+	memcpy(in->parked[in->nparked++].session, session, 16);
+}
+
+/* acc_lock held: the acceptor is done. */
+static void drop_parked_locked(struct mig_in *in, struct refusals *rf)
+{
+	for (unsigned i = 0; i < in->nparked; i++)
+		refuse_conn(rf, in->parked[i].fd, in->parked[i].tls,
+			    "the main stream never named its session");
+	in->nparked = 0;
+}
+
 /* Device-state packets go to the load's per-device queues. */
 static int mf_devstate(void *opaque, const char *idstr, uint32_t instance,
 		       uint32_t seq, uint32_t flags, const void *buf, size_t len,
@@ -313,49 +408,47 @@ static int mf_devstate(void *opaque, const char *idstr, uint32_t instance,
 				   buf, len, err);
 }
 
-static struct ferry_multifd *receiver_locked(struct mig_in *in, unsigned channels,
-					     struct ferry_error *err)
+/* Load thread, at RAM's START: the receiver for @session, and the
+ * channels that waited for it. */
+static struct ferry_multifd *provide_receiver(void *opaque,
+					      const uint8_t session[16],
+					      unsigned channels,
+					      struct ferry_error *err)
 {
+	struct mig_in *in = opaque;
 	struct ferry_multifd_params mp = { .size = sizeof(mp),
 					   .channels = channels,
 					   .devstate_seq = mf_devstate,
 					   .opaque = in };
 	struct ferry_multifd *mf;
+	struct refusals *rf = &in->load_rf;
 
-	/* Channels of a source whose main stream never came (reset, say)
-	 * failed this receiver: the next source starts afresh. */
-	if (in->mf && !in->main_taken && ferry_multifd_error(in->mf, NULL)) {
-		mig_trace(in->m, "multifd: a failed receiver from an earlier "
-			  "source dropped");
-		ferry_multifd_cancel(in->mf, -ECANCELED, "a new source");
-		ferry_multifd_free(in->mf);
-		in->mf = NULL;
-	}
-	if (in->mf)
-		return in->mf;
 	if (!in->m->ram) {
 		ferry_error_set(err, -EOPNOTSUPP, "multifd: this destination "
 				"has no RAM to receive into");
 		return NULL;
 	}
+	memcpy(mp.session, session, 16);
 	mf = ferry_multifd_recv_new(&mp, err);
 	if (mf && ferry__ram_give_blocks(in->m->ram, mf, err)) {
 		ferry_multifd_free(mf);
 		mf = NULL;
 	}
-	in->mf = mf;
-	return mf;
-}
-
-static struct ferry_multifd *provide_receiver(void *opaque, unsigned channels,
-					      struct ferry_error *err)
-{
-	struct mig_in *in = opaque;
-	struct ferry_multifd *mf;
-
+	if (!mf)
+		return NULL;
+	rf->n = 0;
 	ferry__mutex_lock(&in->acc_lock);
-	mf = receiver_locked(in, channels, err);
+	/* ram.c asks once per load; a second would be a broken invariant. */
+	assert(!in->mf && !in->session_known);
+	in->mf = mf;
+	memcpy(in->session, session, 16);
+	in->session_known = true;
+	for (unsigned i = 0; i < in->nparked; i++)
+		join_receiver_locked(in, in->parked[i].fd, in->parked[i].tls,
+				     in->parked[i].session, rf);
+	in->nparked = 0;
 	ferry__mutex_unlock(&in->acc_lock);
+	report_refusals(in, rf);
 	return mf;
 }
 
@@ -948,8 +1041,9 @@ static enum verdict classify(struct mig_in *in, int fd, struct ferry_tls_conn *t
 		return DONE;
 	}
 	if (n == 4 && ferry__get_be32(hs) == FERRY_MULTIFD_MAGIC) {
+		struct ferry__mf_handshake h;
 		struct ferry_error err = { 0 };
-		struct ferry_multifd *mf;
+		struct refusals *rf = &in->acc_rf;
 
 		n = peek_now(fd, tc, hs, sizeof(hs));
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
@@ -957,24 +1051,23 @@ static enum verdict classify(struct mig_in *in, int fd, struct ferry_tls_conn *t
 		if (n > 0 && n < (ssize_t)sizeof(hs))
 			return PARTIAL;
 		if (n == (ssize_t)sizeof(hs)) {
-			/* Bounds and the handshake's own check are the
-			 * receiver's job; the count only sizes it. */
-			int r = 0;
-
-			ferry__mutex_lock(&in->acc_lock);
-			mf = receiver_locked(in, ferry__get_be32(hs + 28), &err);
-			if (mf)
-				r = ferry__multifd_recv_add_channel_tls(mf, fd, tc,
-									&err);
-			ferry__mutex_unlock(&in->acc_lock);
-			if (!mf) {
+			/* A damaged handshake never reaches the receiver: it
+			 * would fail the migration it does not belong to. */
+			if (ferry__multifd_parse_handshake(hs, &h, &err)) {
 				mig_refused(in->m, "multifd channel: %s", err.msg);
+				ferry_error_clear(&err);
 				ferry__tls_unref(tc);
 				close(fd);
-			} else if (r) {
-				/* The receiver closed it (and took the session). */
-				mig_refused(in->m, "multifd channel: %s", err.msg);
+				return DONE;
 			}
+			rf->n = 0;
+			ferry__mutex_lock(&in->acc_lock);
+			if (in->session_known)
+				join_receiver_locked(in, fd, tc, h.session, rf);
+			else
+				park_locked(in, fd, tc, h.session, rf);
+			ferry__mutex_unlock(&in->acc_lock);
+			report_refusals(in, rf);
 			return DONE;
 		}
 	}
@@ -1155,6 +1248,11 @@ static void *acc_main(void *arg)
 		ferry__tls_unref(p[i].tls);
 		close(p[i].fd);
 	}
+	in->acc_rf.n = 0;
+	ferry__mutex_lock(&in->acc_lock);
+	drop_parked_locked(in, &in->acc_rf);
+	ferry__mutex_unlock(&in->acc_lock);
+	report_refusals(in, &in->acc_rf);
 	return NULL;
 }
 
@@ -1853,6 +1951,10 @@ void mig_in_free(struct mig_in *in)
 	ferry__tls_unref(in->fd_tls);
 	ferry__tls_free(in->tls);
 	ferry_multifd_free(in->mf);
+	for (unsigned i = 0; i < in->nparked; i++) {  /* no acceptor ran */
+		ferry__tls_unref(in->parked[i].tls);
+		close(in->parked[i].fd);
+	}
 	ferry_listener_close(in->l);
 	if (in->wake[0] >= 0)
 		close(in->wake[0]);

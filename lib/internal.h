@@ -242,6 +242,17 @@ struct ferry_multifd;
  * are added. */
 void ferry__multifd_track(struct ferry_multifd *m, unsigned bi, uint64_t *map);
 
+/* A multifd channel's handshake (FERRY_MULTIFD_HANDSHAKE_SIZE bytes), its
+ * fields checked on their own - magic, version, check, flags, channel id
+ * within the count - not against any receiver. 0 or -errno with @err. */
+struct ferry__mf_handshake {
+	uint8_t session[16];
+	uint32_t id, channels, comp, packet_pages;
+};
+int ferry__multifd_parse_handshake(const uint8_t *hs,
+				   struct ferry__mf_handshake *h,
+				   struct ferry_error *err);
+
 /* ---- RAM internals for the engine (ram.c) ------------------------------ */
 
 /* The body of the RAM PART section before postcopy's switch (VM running):
@@ -258,11 +269,12 @@ struct ferry_multifd;
 int ferry__ram_give_blocks(struct ferry_ram *ram, struct ferry_multifd *m,
 			   struct ferry_error *err);
 /* Destination: where the RAM load gets its multifd receiver when START
- * announces multifd and none is set (load thread; NULL fn = none). The
- * receiver returned already has the block table. */
+ * announces multifd (the source's @session and channel count) and none is
+ * set (load thread; NULL fn = none). The receiver returned already has the
+ * block table. */
 void ferry__ram_set_multifd_provider(struct ferry_ram *ram,
-	struct ferry_multifd *(*fn)(void *opaque, unsigned channels,
-				    struct ferry_error *err),
+	struct ferry_multifd *(*fn)(void *opaque, const uint8_t session[16],
+				    unsigned channels, struct ferry_error *err),
 	void *opaque);
 
 /* ---- load internals for the engine (load.c) ---------------------------- */

@@ -1006,12 +1006,48 @@ static int recv_bytes(struct mf_chan *c, void *buf, size_t len, const char *what
 		       (unsigned long long)c->pkt_num, what, r, len);
 }
 
+int ferry__multifd_parse_handshake(const uint8_t *hs,
+				   struct ferry__mf_handshake *h,
+				   struct ferry_error *err)
+{
+	static const uint8_t zero_tail[16];
+	uint32_t magic = ferry__get_be32(hs), version = ferry__get_be32(hs + 4);
+	uint32_t flags = ferry__get_be32(hs + 32);
+
+	memcpy(h->session, hs + 8, 16);
+	h->id = ferry__get_be32(hs + 24);
+	h->channels = ferry__get_be32(hs + 28);
+	h->comp = flags >> 1;
+	h->packet_pages = ferry__get_be32(hs + 36);
+	if (magic != FERRY_MULTIFD_MAGIC)
+		return ferry_error_set(err, -EBADMSG, "bad handshake magic "
+				       "0x%08x (not a multifd channel)", magic);
+	if (version != FERRY_MULTIFD_VERSION)
+		return ferry_error_set(err, -EPROTONOSUPPORT, "handshake version "
+				       "%u, this side speaks %u", version,
+				       FERRY_MULTIFD_VERSION);
+	if (ferry__get_be64(hs + 56) != XXH3_64bits_withSeed(hs, 56, 0))
+		return ferry_error_set(err, -EBADMSG, "handshake check mismatch");
+	if (memcmp(hs + 40, zero_tail, 16) || flags & ~FERRY_MULTIFD_FLAG_COMP_MASK ||
+	    h->comp > FERRY_MULTIFD_COMP_ZSTD || !h->packet_pages ||
+	    h->packet_pages > FERRY_MULTIFD_PACKET_PAGES_MAX)
+		return ferry_error_set(err, -EBADMSG, "handshake with unknown "
+				       "flags 0x%x or %u pages per packet", flags,
+				       h->packet_pages);
+	if (!h->channels || h->channels > FERRY_MULTIFD_MAX_CHANNELS ||
+	    h->id >= h->channels)
+		return ferry_error_set(err, -EINVAL, "handshake of channel %u "
+				       "of %u", h->id, h->channels);
+	return 0;
+}
+
 static int recv_handshake(struct mf_chan *c)
 {
 	struct ferry_multifd *m = c->m;
 	uint8_t hs[FERRY_MULTIFD_HANDSHAKE_SIZE];
-	uint32_t magic, version, id, nch, flags, ppages;
-	static const uint8_t zero_tail[16];
+	struct ferry__mf_handshake h;
+	struct ferry_error e = { 0 };
+	uint32_t id;
 	ssize_t got = read_full(c, hs, sizeof(hs));
 	int r = 0;
 
@@ -1020,32 +1056,16 @@ static int recv_handshake(struct mf_chan *c)
 			       "connection %u: handshake %s", c->idx,
 			       got < 0 ? strerror((int)-got) : "truncated");
 	stat_add(&c->bytes, sizeof(hs));
-	magic = ferry__get_be32(hs);
-	version = ferry__get_be32(hs + 4);
-	id = ferry__get_be32(hs + 24);
-	nch = ferry__get_be32(hs + 28);
-	flags = ferry__get_be32(hs + 32);
-	ppages = ferry__get_be32(hs + 36);
-	if (magic != FERRY_MULTIFD_MAGIC)
-		return mf_fail(m, -EBADMSG, "connection %u: bad handshake magic "
-			       "0x%08x (not a multifd channel)", c->idx, magic);
-	if (version != FERRY_MULTIFD_VERSION)
-		return mf_fail(m, -EPROTONOSUPPORT, "connection %u: handshake "
-			       "version %u, this side speaks %u", c->idx, version,
-			       FERRY_MULTIFD_VERSION);
-	if (ferry__get_be64(hs + 56) != XXH3_64bits_withSeed(hs, 56, 0))
-		return mf_fail(m, -EBADMSG, "connection %u: handshake check "
-			       "mismatch", c->idx);
-	if (memcmp(hs + 40, zero_tail, 16) || flags & ~FERRY_MULTIFD_FLAG_COMP_MASK ||
-	    (flags >> 1) > FERRY_MULTIFD_COMP_ZSTD || !ppages ||
-	    ppages > FERRY_MULTIFD_PACKET_PAGES_MAX)
-		return mf_fail(m, -EBADMSG, "connection %u: handshake with "
-			       "unknown flags 0x%x or %u pages per packet",
-			       c->idx, flags, ppages);
-	if (nch != m->nch || id >= m->nch)
+	if ((r = ferry__multifd_parse_handshake(hs, &h, &e))) {
+		r = mf_fail(m, r, "connection %u: %s", c->idx, e.msg);
+		ferry_error_clear(&e);
+		return r;
+	}
+	id = h.id;
+	if (h.channels != m->nch)
 		return mf_fail(m, -EINVAL, "connection %u: channel %u of %u, "
 			       "this destination expects %u channels", c->idx,
-			       id, nch, m->nch);
+			       id, h.channels, m->nch);
 
 	ferry__mutex_lock(&m->lock);
 	/* Without a session from the caller, the first handshake fixes it
@@ -1055,25 +1075,25 @@ static int recv_handshake(struct mf_chan *c)
 	 * when START is loaded (ferry_multifd_recv_expect), or the migration
 	 * fails - the VM never runs on pages of a foreign session. */
 	if (!m->session_known) {
-		memcpy(m->p.session, hs + 8, 16);
+		memcpy(m->p.session, h.session, 16);
 		m->session_known = true;
 	}
 	if (m->error || m->quit) {
 		ferry__mutex_unlock(&m->lock);
 		return -ECANCELED;
 	}
-	if (memcmp(hs + 8, m->p.session, 16))
+	if (memcmp(h.session, m->p.session, 16))
 		r = -EPERM;
 	else if (m->ids_seen & (1u << id))
 		r = -EEXIST;
-	else if ((m->hs_comp >= 0 && (unsigned)m->hs_comp != flags >> 1) ||
-		 (m->expect_comp >= 0 && (unsigned)m->expect_comp != flags >> 1) ||
-		 (m->hs_pkt_pages && m->hs_pkt_pages != ppages))
+	else if ((m->hs_comp >= 0 && (unsigned)m->hs_comp != h.comp) ||
+		 (m->expect_comp >= 0 && (unsigned)m->expect_comp != h.comp) ||
+		 (m->hs_pkt_pages && m->hs_pkt_pages != h.packet_pages))
 		r = -EINVAL;
 	if (!r) {
 		m->ids_seen |= 1u << id;
-		m->hs_comp = (int)(flags >> 1);
-		m->hs_pkt_pages = ppages;
+		m->hs_comp = (int)h.comp;
+		m->hs_pkt_pages = h.packet_pages;
 		c->hs_ok = true;
 		pthread_cond_broadcast(&m->cv);
 	}
@@ -1088,9 +1108,9 @@ static int recv_handshake(struct mf_chan *c)
 		return mf_fail(m, r, "connection %u: channel %u disagrees on "
 			       "compression or packet size", c->idx, id);
 	c->id = id;
-	c->comp = flags >> 1;
-	c->offs_cap = ppages;
-	c->wire = calloc(ppages, 8);
+	c->comp = h.comp;
+	c->offs_cap = h.packet_pages;
+	c->wire = calloc(h.packet_pages, 8);
 	if (!c->wire || (c->comp == FERRY_MULTIFD_COMP_ZSTD &&
 			 !(c->dctx = ZSTD_createDCtx())))
 		return mf_fail(m, -ENOMEM, "out of memory");

@@ -69,7 +69,9 @@ struct ferry_ram {
 	 * load thread, from the provider, when START announces multifd). */
 	struct ferry_multifd *mf_send;
 	struct ferry_multifd *mf_recv;
-	struct ferry_multifd *(*mf_provider)(void *opaque, unsigned channels,
+	struct ferry_multifd *(*mf_provider)(void *opaque,
+					     const uint8_t session[16],
+					     unsigned channels,
 					     struct ferry_error *err);
 	void *mf_provider_opaque;
 	unsigned prepop_threads;  /* 0 = off (see ferry_ram_set_prepopulate) */

@@ -188,8 +188,8 @@ int ferry__ram_give_blocks(struct ferry_ram *ram, struct ferry_multifd *m,
 }
 
 void ferry__ram_set_multifd_provider(struct ferry_ram *ram,
-	struct ferry_multifd *(*fn)(void *opaque, unsigned channels,
-				    struct ferry_error *err),
+	struct ferry_multifd *(*fn)(void *opaque, const uint8_t session[16],
+				    unsigned channels, struct ferry_error *err),
 	void *opaque)
 {
 	ram->mf_provider = fn;
@@ -921,12 +921,11 @@ static int load_multifd(struct ferry_ram *ram, struct ferry_chan *c,
 	if (*seen)
 		return ferry_error_set(err, -EBADMSG, "RAM: multifd announced twice");
 	*seen = true;
-	/* The engine's acceptor may not have met a channel yet (the main
-	 * stream can overtake their handshakes): it makes the receiver now,
-	 * and the channels join it as they come. */
+	/* The engine's receiver is made now, for this session: the channels
+	 * that came first waited for it, those to come join it. */
 	if (!ram->mf_recv && ram->mf_provider &&
-	    !(ram->mf_recv = ram->mf_provider(ram->mf_provider_opaque, channels,
-					      err)))
+	    !(ram->mf_recv = ram->mf_provider(ram->mf_provider_opaque, session,
+					      channels, err)))
 		return err && err->code ? err->code : -EIO;
 	if (!ram->mf_recv)
 		return ferry_error_set(err, -EOPNOTSUPP,

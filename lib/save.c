@@ -238,7 +238,10 @@ int ferry_save_setup(struct ferry_save *s, struct ferry_error *err)
 		if (ferry__dev_iterable(d) &&
 		    (r = write_section(s, FERRY_REC_SECTION_START, d, do_setup, 0, err)))
 			return r;
-	return 0;
+	/* Out now: a destination hands its multifd channels to a receiver
+	 * only once RAM's START named the session, so no page may go out on
+	 * them while START still sits in our buffer. */
+	return flush_out(s, err);
 }
 
 struct ferry_save *ferry_save_begin(struct ferry_ctx *ctx,

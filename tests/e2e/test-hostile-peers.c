@@ -577,13 +577,12 @@ static int mf_foreign(int port, const uint8_t hs[FERRY_MULTIFD_HANDSHAKE_SIZE])
 /*
  * Multifd channels that are not the source's, before and during a real
  * migration: damaged handshakes (wrong check, version, flags, an
- * impossible channel count) before it, and well-formed handshakes of
- * another session while it runs. Each is turned away; the real source's
- * channels carry its migration, which completes and verifies clean.
- * (Not covered, because it fails today: a well-formed channel of another
- * session that arrives before the source's own channels claims the
- * session, and the real migration then fails - docs/control.md, "Hostile
- * inputs".)
+ * impossible channel count), each refused at once, and well-formed
+ * handshakes of another session - before the source (they wait for the
+ * main stream to name its session and are then turned away: the first
+ * channel to arrive must not claim the migration) and while it runs. The
+ * real source's channels carry its migration, which completes and
+ * verifies clean.
  */
 TEST(hostile_port_multifd_wrong_session)
 {
@@ -601,18 +600,18 @@ TEST(hostile_port_multifd_wrong_session)
 	for (int i = 0; i < 16; i++)
 		other[i] = (uint8_t)test_rand();
 
-	/* Before the source: an impossible channel count, refused before
-	 * any receiver exists (and counted), then damaged handshakes of a
-	 * plausible channel, refused by the receiver. */
+	/* Before the source: damaged handshakes, each refused on its own. */
 	mf_handshake(hs, other, 0, 100000);
 	fd[n++] = mf_foreign(port, hs);
-	dest_refused(&d, 1, "multifd channel: multifd: 100000 channels");
+	dest_refused(&d, 1, "multifd channel: handshake of channel 0 of 100000");
 	mf_handshake(hs, other, 0, 2);
 	hs[60] ^= 1;                            /* its check */
 	fd[n++] = mf_foreign(port, hs);
+	dest_refused(&d, 2, "handshake check mismatch");
 	mf_handshake(hs, other, 1, 2);
 	put_be32(hs + 4, 7);                    /* a version from the future */
 	fd[n++] = mf_foreign(port, hs);
+	dest_refused(&d, 3, "handshake version 7");
 	mf_handshake(hs, other, 1, 2);
 	hs[35] = 0x40;                          /* unknown flags, check redone */
 	{
@@ -622,11 +621,17 @@ TEST(hostile_port_multifd_wrong_session)
 		put_be32(hs + 60, (uint32_t)ck);
 	}
 	fd[n++] = mf_foreign(port, hs);
-	usleep(100000);
+	dest_refused(&d, 4, "unknown flags");
+	/* Well-formed channels of another session, before the source's own:
+	 * they wait (nothing tells them from the real ones yet). */
+	mf_handshake(hs, other, 0, 2);
+	fd[n++] = mf_foreign(port, hs);
+	mf_handshake(hs, other, 1, 2);
+	fd[n++] = mf_foreign(port, hs);
+	dest_refused_exactly(&d, 4);
 	ASSERT_STREQ(status_of(&d), "inmigrate");
 
-	/* The real source; while it runs, another session's channel and a
-	 * copy of its own channel 0's handshake with a new session. */
+	/* The real source; while it runs, another session's channels. */
 	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
 			 test_fmt("tcp:127.0.0.1:%d", port))));
 	wait_migration_live(&s, "active");
@@ -642,6 +647,12 @@ TEST(hostile_port_multifd_wrong_session)
 	json_decref(m);
 	wait_loaded(&d);
 	wait_migration(&d, "completed");
+	/* The four strangers were turned away, the waiting ones for their
+	 * session. */
+	m = call(&d, "query-migrate", NULL);
+	ASSERT_EQ(refused_count(m), 8);
+	ASSERT_CONTAINS(gets(m, "last-refused"), "session id mismatch");
+	json_decref(m);
 	cont_verified(&d);
 	while (n--)
 		close(fd[n]);
