@@ -474,12 +474,24 @@ static void prepop_stop(struct ferry_ram *ram)
 
 /* ---- save hooks --------------------------------------------------------- */
 
+/* The counters describe one migration, not the VM's life (a VM migrated
+ * twice, or after a failed attempt, reports the last one). The thread
+ * that owns them (migration or load thread) resets them at its setup. */
+static void reset_counters(struct ferry_ram *ram)
+{
+	uint64_t total = ram->st.total;
+
+	memset(&ram->st, 0, sizeof(ram->st));
+	ram->st.total = total;
+}
+
 static int ram_save_setup(struct ferry_chan *c, void *opaque,
 			  struct ferry_error *err)
 {
 	struct ferry_ram *ram = opaque;
 	int r;
 
+	reset_counters(ram);
 	ram->cur_block = 0;
 	ram->cur_page = 0;
 	ram->round_done = false;
@@ -835,6 +847,7 @@ static int ram_load_setup(void *opaque, struct ferry_error *err)
 	struct ferry_ram *ram = opaque;
 	(void)err;
 	prepop_stop(ram);
+	reset_counters(ram);
 	__atomic_store_n(&ram->pop.done, 0, __ATOMIC_RELAXED);
 	ram->load_sections = 0;
 	ram->last_load_block = -1;
