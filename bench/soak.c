@@ -21,9 +21,10 @@
  *     migrations go to a throwaway third process: A and B stay the same
  *     processes for the whole soak, and their RSS and fds say whether the
  *     failure paths leak on the source.
- *   - After every completed migration: the source is postmigrate, the
- *     destination runs (never both, never neither), and the guest's own
- *     verify pass on the destination finds 0 bad pages. After a fault: the
+ *   - After every completed migration: the source is postmigrate and the
+ *     destination paused (A and B load with --paused), their RAM digests
+ *     are equal, the destination then runs (never both, never neither),
+ *     and the guest's own verify pass on it finds 0 bad pages. After a fault: the
  *     source runs and its verify pass finds 0 bad pages.
  *   - After every migration, VmRSS (/proc/PID/status) and the number of
  *     open fds (/proc/PID/fd) of A and B. In the per-100 lines "src" is
@@ -421,6 +422,33 @@ static long long guest_bad_pages(struct side *s)
 }
 
 /* A normal migration, src -> dst. True when the VM moved. */
+/* The destination's side of a completed migration (up to 10 s). */
+static void wait_dest_completed(struct side *dst)
+{
+	for (int t = 0; t < 5000; t++) {
+		json_t *dm = call(&dst->v, "query-migrate", NULL);
+		bool done = !strcmp(jstr(dm, "status"), "completed");
+
+		json_decref(dm);
+		if (done)
+			return;
+		usleep(2000);
+	}
+}
+
+/* Equal RAM digests of two stopped sides. */
+static bool same_ram(struct side *a, struct side *b)
+{
+	json_t *da = call(&a->v, "query-ram-digest", NULL);
+	json_t *db = call(&b->v, "query-ram-digest", NULL);
+	bool same = !strcmp(jstr(da, "digest"), jstr(db, "digest")) &&
+		    *jstr(da, "digest");
+
+	json_decref(da);
+	json_decref(db);
+	return same;
+}
+
 static bool migrate_once(int i, struct side *src, struct side *dst)
 {
 	char s1[32], s2[32];
@@ -457,27 +485,28 @@ static bool migrate_once(int i, struct side *src, struct side *dst)
 			worst_ms = d;
 			worst_i = i;
 		}
-		/* The destination's side of it: completed, and running. */
-		for (int t = 0; t < 5000; t++) {
-			json_t *dm = call(&dst->v, "query-migrate", NULL);
-			bool done = !strcmp(jstr(dm, "status"), "completed");
-
-			json_decref(dm);
-			if (done)
-				break;
-			usleep(2000);
-		}
+		wait_dest_completed(dst);
+		/* Both stopped (the destination loads --paused): the same
+		 * RAM on both sides, byte for byte; then the guest resumes. */
 		run_state(src, s1, sizeof(s1));
 		run_state(dst, s2, sizeof(s2));
-		if (strcmp(s1, "postmigrate") || strcmp(s2, "running")) {
+		if (strcmp(s1, "postmigrate") || strcmp(s2, "paused")) {
 			char d2[96];
 
 			snprintf(d2, sizeof(d2), "source %s, destination %s", s1, s2);
 			unintended(i, "completed, but", d2);
+		} else if (!same_ram(src, dst)) {
+			unintended(i, "completed, but", "the RAM digests differ");
 		} else {
-			tot.completed++;
-			win.completed++;
-			moved = true;
+			json_decref(call(&dst->v, "cont", NULL));
+			run_state(dst, s2, sizeof(s2));
+			if (strcmp(s2, "running")) {
+				unintended(i, "cont, but the destination is", s2);
+			} else {
+				tot.completed++;
+				win.completed++;
+				moved = true;
+			}
 		}
 		tot.bad_pages += guest_bad_pages(dst);
 	} else {
@@ -865,8 +894,8 @@ int main(int argc, char **argv)
 	       getenv("GLIBC_TUNABLES") : "(glibc defaults)");
 	/* A and B wait for their first incoming; S boots the guest and hands
 	 * it to A. */
-	snprintf(args, sizeof(args), "--backend %s --mem %s --incoming defer",
-		 backend, mem);
+	snprintf(args, sizeof(args), "--backend %s --mem %s --paused "
+		 "--incoming defer", backend, mem);
 	side_spawn(&sa, NULL, args);
 	side_spawn(&sb, NULL, args);
 	snprintf(args, sizeof(args), "--backend %s --mem %s --workload %s",
@@ -878,6 +907,10 @@ int main(int argc, char **argv)
 	if (!m || strcmp(jstr(m, "status"), "completed"))
 		die("the first migration, from the booting VM to A, failed");
 	json_decref(m);
+	wait_dest_completed(&sa);
+	if (!same_ram(&ss, &sa))
+		die("the first migration, to A: the RAM digests differ");
+	json_decref(call(&sa.v, "cont", NULL));
 	quit(&ss.v);
 	ss.alive = false;
 	if (guest_bad_pages(&sa))

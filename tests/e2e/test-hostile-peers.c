@@ -1049,18 +1049,41 @@ TEST(hostile_control_wrong_state)
 	cont_verified(&d);
 	/* And the deferred one still takes a real migration. */
 	real_migration(&d, &dd, port2);
-	/* Once it has its state (running, then migrated out), it never takes
-	 * another: that would load over a live or handed-over guest. */
+	/* Running, it never takes another state: that would load over a
+	 * live guest. */
 	refused_cmd(&dd, "migrate-incoming", json_pack("{s:s}", "uri",
 		    test_fmt("tcp:127.0.0.1:%d", free_port())),
 		    "this one is running");
+	/* Migrated out to a destination that confirmed it, it may (the
+	 * soak's ping-pong), and the guest comes back whole. */
 	vm_quit(&d);
 	port = free_port();
 	spawn_dest(&d, "dst2", port, "");
 	real_migration(&dd, &d, port);
+	json_decref(call(&dd, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port2 = free_port()))));
+	ASSERT_STREQ(status_of(&dd), "inmigrate");
+	refused_cmd(&dd, "cont", NULL, "incoming migration not finished");
+	real_migration(&d, &dd, port2);
+	/* Migrated out with the destination's ack lost: in doubt, it may
+	 * hold the only copy, and takes no state. */
+	vm_quit(&d);
+	port = free_port();
+	spawn_dest(&d, "dst3", port, "");
+	json_decref(call(&d, "x-migrate-fault", json_pack("{s:s}", "point",
+			 "lose-ack")));
+	json_decref(call(&dd, "migrate-set-parameters",
+			 json_pack("{s:i}", "peer-timeout", 2000)));
+	json_decref(call(&dd, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_migration(&dd, "failed");
+	m = call(&dd, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "switchover"), "in-doubt");
+	json_decref(m);
+	ASSERT_STREQ(status_of(&dd), "postmigrate");
 	refused_cmd(&dd, "migrate-incoming", json_pack("{s:s}", "uri",
 		    test_fmt("tcp:127.0.0.1:%d", free_port())),
-		    "this one is postmigrate");
+		    "may hold the only copy");
 	ASSERT_STREQ(status_of(&dd), "postmigrate");
 	vm_quit(&s);
 	vm_quit(&d);

@@ -240,22 +240,51 @@ int vm_migration_init(struct vm *vm, struct ferry_error *err)
 int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 {
 	enum ferry_run_state st = vm_run_state(vm);
+	struct ferry_mig_info mi = { .size = sizeof(mi) };
+	int r;
 
 	if (!vm->incoming_defer)
 		return ferry_error_set(err, -EINVAL,
 			"migrate-incoming needs a VM started with --incoming defer");
 	/*
-	 * Only a VM still waiting for its first state may take one: loading
-	 * over a VM that ran (or that migrated out and may run elsewhere)
-	 * would overwrite a live guest, and the engine's vm_set_state at the
-	 * end would ask for a transition the run-state table forbids. QEMU
-	 * refuses the same way (one migrate-incoming per process).
+	 * A VM takes a state only where none lives: still waiting for its
+	 * first (inmigrate), or handed over to a destination that confirmed
+	 * it has the VM (postmigrate after a switchover "done"; the soak's
+	 * ping-pong between two processes). Never over a guest that runs or
+	 * is paused here, and never over a source in doubt: it may hold the
+	 * only whole copy (docs/faults.md, the operator's rule).
 	 */
-	if (st != FERRY_RUN_INMIGRATE)
+	if (st == FERRY_RUN_POSTMIGRATE) {
+		ferry_mig_query(vm->mig, &mi);
+		if (mi.status != FERRY_MIG_COMPLETED ||
+		    mi.switchover != FERRY_SWO_DONE)
+			return ferry_error_set(err, -EBUSY, "migrate-incoming: "
+				"this VM's last migration ended with switchover "
+				"'%s': it may hold the only copy of the guest "
+				"(cont it, or quit it once the destination runs)",
+				ferry_switchover_name(mi.switchover));
+	} else if (st != FERRY_RUN_INMIGRATE) {
 		return ferry_error_set(err, -EINVAL,
 			"migrate-incoming needs a VM waiting for its state "
-			"(inmigrate); this one is %s", ferry_run_state_name(st));
-	return ferry_mig_incoming(vm->mig, uri, err);
+			"(inmigrate) or migrated out; this one is %s",
+			ferry_run_state_name(st));
+	}
+	/* From here the VM waits for its state, as at start: the vCPUs stay
+	 * stopped until the engine ends the load. */
+	pthread_mutex_lock(&vm->lock);
+	if (vm->run_state != st) {
+		pthread_mutex_unlock(&vm->lock);
+		return ferry_error_set(err, -EBUSY, "the VM changed state meanwhile");
+	}
+	vm_set_run_state(vm, FERRY_RUN_INMIGRATE);
+	pthread_mutex_unlock(&vm->lock);
+	r = ferry_mig_incoming(vm->mig, uri, err);
+	if (r && st != FERRY_RUN_INMIGRATE) {
+		pthread_mutex_lock(&vm->lock);
+		vm_set_run_state(vm, st);
+		pthread_mutex_unlock(&vm->lock);
+	}
+	return r;
 }
 
 int vm_migrate(struct vm *vm, const char *uri, bool resume,
