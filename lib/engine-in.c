@@ -80,6 +80,11 @@ struct mig_in {
 	/* The acceptor. */
 	pthread_t acc_thread;
 	bool acc_live;                  /* incoming thread */
+	/* Set before acc_start, read by the acceptor: the listener it serves
+	 * (l, or a postcopy recovery's) and whether it serves a recovery
+	 * (a stream resumes, a preempt channel restarts, no multifd). */
+	struct ferry_listener *acc_l;
+	bool acc_recovery;
 	int wake[2];                    /* pipe: stop the acceptor */
 	pthread_mutex_t acc_lock;
 	pthread_cond_t acc_cond;        /* monotonic: main_fd arrived, or stop */
@@ -718,74 +723,37 @@ static void pre_restart(struct mig_in *in, int fd, struct ferry_tls_conn *tc)
 		  in->pre_live ? "reconnected" : "refused (no thread)");
 }
 
-/* The first 4 bytes of a recovery connection, within peer-timeout. */
-static bool peek_magic(struct mig_in *in, int fd, struct ferry_tls_conn *tc,
-		       uint8_t magic[4])
-{
-	uint64_t deadline = now_ns() + in->set.peer_timeout_ms * 1000000ull;
-	struct pollfd pf = { .fd = fd, .events = POLLIN };
+static int acc_start(struct mig_in *in, struct ferry_error *err);
+static void acc_stop(struct mig_in *in);
+static int take_main(struct mig_in *in, struct ferry_tls_conn **tc,
+		     struct ferry_error *err);
 
-	if (!tc)
-		return poll(&pf, 1, (int)in->set.peer_timeout_ms) == 1 &&
-		       recv(fd, magic, 4, MSG_PEEK | MSG_WAITALL) == 4;
-	/* A record comes whole: a short peek means the rest is late. */
-	while (now_ns() < deadline) {
-		ssize_t n = ferry__tls_peek(tc, magic, 4);
-
-		if (n == 4)
-			return true;
-		if (n == 0 || (n < 0 && n != -EAGAIN))
-			return false;
-		if (n < 0 && poll(&pf, 1, 10) < 0 && errno != EINTR)
-			return false;
-		if (n > 0)
-			usleep(1000);
-	}
-	return false;
-}
-
-/* The next connection on @l that is a ferry stream (its TLS session in
- * *tc); -ECANCELED. */
+/*
+ * The next connection on @l that is a ferry stream (its TLS session in
+ * *tc); -ECANCELED. The same acceptor as the first connection's, so a
+ * silent or half-finished stranger on the recovery port waits beside the
+ * real source instead of in front of it; a preempt channel that comes
+ * first is restarted at once.
+ */
 static int accept_stream(struct mig_in *in, struct ferry_listener *l,
 			 struct ferry_tls_conn **tc, struct ferry_error *err)
 {
-	for (;;) {
-		struct ferry_error e2 = { 0 };
-		uint8_t magic[4];
-		int fd;
+	int fd, r;
 
-		*tc = NULL;
-		if (cancelled(in))
-			return ferry_error_set(err, -ECANCELED, "cancelled while "
-					       "postcopy was paused");
-		fd = ferry_listener_accept(l, 200, &e2);
-		if (fd < 0)
-			continue;  /* timeouts, and a failed accept, retried */
-		mig_socket_keepalive(fd, in->set.peer_timeout_ms);
-		if (in->tls && (!(*tc = ferry__tls_conn_new(in->tls, fd, NULL, &e2)) ||
-				ferry__tls_handshake(*tc, (int)in->set.peer_timeout_ms,
-						     &e2))) {
-			mig_refused(in->m, "postcopy recovery: %s", e2.msg);
-			ferry__tls_unref(*tc);
-			close(fd);
-			continue;
-		}
-		if (*tc)
-			mig_tls_note(in->m, true, *tc);
-		if (peek_magic(in, fd, *tc, magic)) {
-			if (ferry__get_be32(magic) == FERRY_STREAM_MAGIC)
-				return fd;
-			/* A source with preempt sends its channel first. */
-			if (ferry__get_be32(magic) == FERRY_PREEMPT_MAGIC) {
-				pre_restart(in, fd, *tc);
-				continue;
-			}
-		}
-		mig_refused(in->m, "postcopy recovery: a connection that is not "
-			    "a ferry stream");
-		ferry__tls_unref(*tc);
-		close(fd);
-	}
+	ferry__mutex_lock(&in->acc_lock);
+	in->main_fd = -1;
+	in->main_taken = false;
+	ferry__mutex_unlock(&in->acc_lock);
+	in->acc_l = l;
+	in->acc_recovery = true;
+	if ((r = acc_start(in, err)))
+		return r;
+	fd = take_main(in, tc, err);
+	acc_stop(in);
+	if (fd < 0)
+		return ferry_error_set(err, -ECANCELED, "cancelled while postcopy "
+				       "was paused");
+	return fd;
 }
 
 /* One resume on @fd: the source's header, OPEN_RETURN_PATH and
@@ -1017,6 +985,12 @@ static enum verdict classify(struct mig_in *in, int fd, struct ferry_tls_conn *t
 			refuse_stream(in, fd, tc);
 		return DONE;
 	}
+	if (n == 4 && ferry__get_be32(hs) == FERRY_PREEMPT_MAGIC &&
+	    in->acc_recovery) {
+		/* A source with preempt reconnects its channel first. */
+		pre_restart(in, fd, tc);
+		return DONE;
+	}
 	if (n == 4 && ferry__get_be32(hs) == FERRY_PREEMPT_MAGIC) {
 		bool taken = false;
 
@@ -1038,6 +1012,14 @@ static enum verdict classify(struct mig_in *in, int fd, struct ferry_tls_conn *t
 			ferry__tls_unref(tc);
 			close(fd);
 		}
+		return DONE;
+	}
+	if (n == 4 && ferry__get_be32(hs) == FERRY_MULTIFD_MAGIC &&
+	    in->acc_recovery) {
+		mig_refused(in->m, "postcopy recovery: a multifd channel (a "
+			    "recovery reconnects the stream and preempt only)");
+		ferry__tls_unref(tc);
+		close(fd);
 		return DONE;
 	}
 	if (n == 4 && ferry__get_be32(hs) == FERRY_MULTIFD_MAGIC) {
@@ -1138,8 +1120,15 @@ static void *acc_main(void *arg)
 		int timeout, pr;
 
 		/* Drop those that said nothing in time: a half-open or idle
-		 * connection must not keep a real source waiting. */
+		 * connection must not keep a real source waiting. Look at it
+		 * once more first: on a starved host its bytes may have come
+		 * while this thread was not running, and a real source must
+		 * not be dropped for our lateness. */
 		for (unsigned i = 0; i < n;) {
+			if (p[i].deadline <= now && advance(in, &p[i]) == DONE) {
+				p[i] = p[--n];
+				continue;
+			}
 			if (p[i].deadline <= now) {
 				mig_refused(in->m, "an incoming connection sent "
 					    "%s for %llu ms", p[i].tls &&
@@ -1162,7 +1151,7 @@ static void *acc_main(void *arg)
 		 * makes room (below), so a crowd of silent or half-finished
 		 * clients cannot keep the real source in the backlog until its
 		 * own handshake times out. */
-		pf[k++] = (struct pollfd){ .fd = ferry_listener_fd(in->l),
+		pf[k++] = (struct pollfd){ .fd = ferry_listener_fd(in->acc_l),
 					   .events = POLLIN };
 		for (unsigned i = 0; i < n; i++) {
 			p[i].slot = -1;
@@ -1186,7 +1175,7 @@ static void *acc_main(void *arg)
 		for (int burst = 0; pr > 0 && pf[1].revents && burst < 32; burst++) {
 			struct ferry_error err = { 0 };
 			struct ferry_tls_conn *tc = NULL;
-			int fd = ferry_listener_accept(in->l, 0, &err);
+			int fd = ferry_listener_accept(in->acc_l, 0, &err);
 
 			if (fd == -ETIMEDOUT || fd == -EAGAIN)
 				break;
@@ -1260,6 +1249,12 @@ static int acc_start(struct mig_in *in, struct ferry_error *err)
 {
 	int e;
 
+	/* A recovery starts it again: the last one's pipe goes. */
+	for (int k = 0; k < 2; k++)
+		if (in->wake[k] >= 0) {
+			close(in->wake[k]);
+			in->wake[k] = -1;
+		}
 	if (pipe2(in->wake, O_CLOEXEC))
 		return ferry_error_set(err, -errno, "pipe: %s", strerror(errno));
 	e = pthread_create(&in->acc_thread, NULL, acc_main, in);
@@ -1274,18 +1269,21 @@ static void acc_stop(struct mig_in *in)
 	if (in->acc_live) {
 		/* Inside the downtime: the acceptor must go at once. */
 		if (write(in->wake[1], "x", 1) < 0)
-			shutdown(ferry_listener_fd(in->l), SHUT_RDWR);
+			shutdown(ferry_listener_fd(in->acc_l), SHUT_RDWR);
 		pthread_join(in->acc_thread, NULL);
 		in->acc_live = false;
 	}
 }
 
-/* Wait for the main connection; a cancel ends the wait. */
-static int wait_main(struct mig_in *in, struct ferry_error *err)
+/* Wait for the acceptor's stream connection (its session in *@tc); a
+ * cancel ends the wait. */
+static int take_main(struct mig_in *in, struct ferry_tls_conn **tc,
+		     struct ferry_error *err)
 {
 	struct ferry_mig *m = in->m;
-	struct ferry_tls_conn *tc = NULL;
 	int fd = -1;
+
+	*tc = NULL;
 
 	ferry__mutex_lock(&in->acc_lock);
 	for (;;) {
@@ -1297,7 +1295,7 @@ static int wait_main(struct mig_in *in, struct ferry_error *err)
 			in->main_taken = true;
 			/* The session goes where the fd goes (m->lock after
 			 * acc_lock is not an order we take: publish below). */
-			tc = in->main_tls;
+			*tc = in->main_tls;
 			in->main_tls = NULL;
 			break;
 		}
@@ -1315,9 +1313,20 @@ static int wait_main(struct mig_in *in, struct ferry_error *err)
 	if (fd < 0)
 		return ferry_error_set(err, -ECANCELED, "cancelled while waiting "
 				       "for the source");
-	ferry__mutex_lock(&m->lock);
-	in->fd_tls = tc;
-	ferry__mutex_unlock(&m->lock);
+	return fd;
+}
+
+/* The first connection's stream; its session is the migration's. */
+static int wait_main(struct mig_in *in, struct ferry_error *err)
+{
+	struct ferry_tls_conn *tc;
+	int fd = take_main(in, &tc, err);
+
+	if (fd >= 0) {
+		ferry__mutex_lock(&in->m->lock);
+		in->fd_tls = tc;
+		ferry__mutex_unlock(&in->m->lock);
+	}
 	return fd;
 }
 
@@ -1838,6 +1847,7 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 		}
 		snprintf(in->listen_uri, sizeof(in->listen_uri), "%s",
 			 ferry_listener_uri(in->l));
+		in->acc_l = in->l;
 		if ((e = acc_start(in, err))) {
 			mig_in_free(in);
 			return e;

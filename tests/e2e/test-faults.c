@@ -39,14 +39,6 @@ struct run {
 	bool s_alive, d_alive;
 };
 
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 /* A destination with peer-timeout @peer_ms, listening on @port. */
 static void spawn_dest(struct proc *d, const char *name, int port, int peer_ms)
 {

@@ -27,14 +27,6 @@ struct pair {
 	struct proc s, d;
 };
 
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 static void set_caps(struct proc *p, bool autoconv)
 {
 	json_decref(call(p, "migrate-set-capabilities",

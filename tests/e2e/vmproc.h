@@ -25,6 +25,12 @@ struct proc {
 bool slow_build(void);
 /* A loopback TCP port that was free a moment ago. */
 int free_port(void);
+/* CLOCK_MONOTONIC in milliseconds. */
+double now_ms(void);
+/* A connection to 127.0.0.1:@port (FAILs if refused). */
+int tcp_connect(int port);
+/* Send all of @buf; false when the peer is gone (no SIGPIPE). */
+bool send_all(int fd, const void *buf, size_t len);
 /* SKIP unless @backend ("kvm" or "thread") can run here. */
 void need_backend(const char *backend);
 /* Start `ferry vm --control SOCK ARGS`; returns once it answers. */
