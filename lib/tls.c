@@ -38,6 +38,12 @@
  *    it, OpenSSL silently stays in user space; ferry__tls_get_info says
  *    which one happened. With kTLS transmit on, writes bypass the gathering
  *    (the kernel builds full records itself) and go out with writev().
+ *    Such a session makes no key updates (below): kernels before 6.x
+ *    cannot change a kTLS key, and OpenSSL 3.0 would fail the write.
+ *
+ *  - Key updates: each writer replaces its sending key every rekey_bytes
+ *    (FERRY_TLS_REKEY_BYTES), inside the AES-GCM usage limit of RFC 8446
+ *    section 5.5, which one channel of a large migration can pass.
  *
  *  - A peer's TCP close without close_notify reads as end of stream
  *    (SSL_OP_IGNORE_UNEXPECTED_EOF), the same as on a plain socket: the
@@ -89,6 +95,7 @@
 struct ferry_tls {
 	SSL_CTX *ctx;
 	bool server, ktls;
+	uint64_t rekey_bytes;
 	char hostname[256];
 	char authz[1024];
 };
@@ -118,6 +125,10 @@ struct ferry_tls_conn {
 	/* The writer's gathering buffer (one writer at a time). */
 	uint8_t *gather;
 	size_t glen;
+	/* Key updates (lock): bytes sent since the last one, how many. */
+	uint64_t rekey_bytes;           /* immutable */
+	uint64_t tx_since_rekey;
+	uint64_t key_updates;
 };
 
 /* ---- errors ------------------------------------------------------------- */
@@ -266,6 +277,8 @@ struct ferry_tls *ferry__tls_new(const struct ferry_tls_config *cfg,
 	}
 	t->server = cfg->server;
 	t->ktls = cfg->ktls;
+	t->rekey_bytes = cfg->rekey_bytes ? cfg->rekey_bytes
+					  : FERRY_TLS_REKEY_BYTES;
 	snprintf(t->hostname, sizeof(t->hostname), "%s",
 		 cfg->hostname ? cfg->hostname : "");
 	snprintf(t->authz, sizeof(t->authz), "%s", cfg->authz ? cfg->authz : "");
@@ -363,6 +376,7 @@ struct ferry_tls_conn *ferry__tls_conn_new(struct ferry_tls *t, int fd,
 	pthread_mutex_init(&c->lock, NULL);
 	c->refs = 1;
 	c->server = t->server;
+	c->rekey_bytes = t->rekey_bytes;
 	snprintf(c->authz, sizeof(c->authz), "%s", t->authz);
 	c->hs = t->server ? HS_PEEK : HS_TLS;
 	ERR_clear_error();
@@ -763,10 +777,22 @@ static int write_all(struct ferry_tls_conn *c, const uint8_t *p, size_t len,
 
 		ferry__mutex_lock(&c->lock);
 		ERR_clear_error();
+		/* Only our sending key: OpenSSL sends the KeyUpdate record
+		 * ahead of this write's data, and the peer's reader switches
+		 * its receiving key when it reads it. Asking the peer to
+		 * update too would make a reader-only peer write. */
+		if (c->tx_since_rekey >= c->rekey_bytes &&
+		    SSL_key_update(c->ssl, SSL_KEY_UPDATE_NOT_REQUESTED)) {
+			c->tx_since_rekey = 0;
+			c->key_updates++;
+		}
+		ERR_clear_error();
 		errno = 0;
 		ok = SSL_write_ex(c->ssl, p, len, &n);
 		saved = errno;
 		e = ok ? SSL_ERROR_NONE : SSL_get_error(c->ssl, 0);
+		if (ok)
+			c->tx_since_rekey += n;
 		ferry__mutex_unlock(&c->lock);
 		if (ok) {
 			p += n;
@@ -891,6 +917,9 @@ void ferry__tls_get_info(struct ferry_tls_conn *c, struct ferry_tls_info *i)
 	ferry__mutex_unlock(&c->lock);
 	i->ktls_tx = c->ktls_tx;
 	i->ktls_rx = c->ktls_rx;
+	ferry__mutex_lock(&c->lock);
+	i->key_updates = c->key_updates;
+	ferry__mutex_unlock(&c->lock);
 }
 
 /* ---- channels ------------------------------------------------------------ */

@@ -24,6 +24,7 @@
 #define FERRY_TLS_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <stddef.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -45,7 +46,17 @@ struct ferry_tls_config {
 				   separated; NULL or "" = any client the CA
 				   signed */
 	bool ktls;              /* ask for kernel TLS where the kernel has it */
+	uint64_t rekey_bytes;   /* a TLS 1.3 key update after this many bytes
+				   sent (0: FERRY_TLS_REKEY_BYTES) */
 };
+
+/*
+ * RFC 8446 5.5: AES-GCM keys are good for about 2^24.5 full records
+ * (~380 GiB) per direction; a large VM moves that much on one channel.
+ * Each writer updates its sending key every 16 GiB (one small record, no
+ * round trip; the peer's reader follows).
+ */
+#define FERRY_TLS_REKEY_BYTES (16ull << 30)
 
 /* Load the credentials. NULL with @err on a missing or bad file. */
 struct ferry_tls *ferry__tls_new(const struct ferry_tls_config *cfg,
@@ -98,6 +109,7 @@ struct ferry_tls_info {
 	char cipher[64];
 	char peer[256];         /* the peer certificate's subject */
 	bool ktls_tx, ktls_rx;
+	uint64_t key_updates;   /* sending-key updates so far */
 };
 void ferry__tls_get_info(struct ferry_tls_conn *c, struct ferry_tls_info *i);
 

@@ -30,11 +30,15 @@ static const char *make_creds(void)
 	return strdup(dir);
 }
 
+/* Sending-key updates every this many bytes (0: the default). */
+static uint64_t rekey;
+
 static struct ferry_tls *creds(const char *dir, bool server)
 {
 	struct ferry_error e = { 0 };
 	struct ferry_tls_config cfg = { .dir = dir, .server = server,
-					.hostname = "localhost" };
+					.hostname = "localhost",
+					.rekey_bytes = rekey };
 	struct ferry_tls *t = ferry__tls_new(&cfg, &e);
 
 	if (!t)
@@ -140,7 +144,8 @@ static void *reader(void *p)
 }
 
 /* Each end writes and reads at once, from two threads: 48 MiB each way
- * arrive whole, in order. */
+ * arrive whole, in order - with each writer updating its key every 4 MiB
+ * while the other direction runs. */
 TEST(tls_session_full_duplex)
 {
 	const char *dir = make_creds();
@@ -149,7 +154,9 @@ TEST(tls_session_full_duplex)
 	pthread_t t[4];
 	int fds[2];
 
+	rekey = 4u << 20;
 	pair(dir, fds, &s, &c);
+	rekey = 0;
 	ws = (struct pump){ .c = s, .seed = 1 };
 	wc = (struct pump){ .c = c, .seed = 2 };
 	rs = (struct pump){ .c = s, .seed = 2 };
@@ -177,8 +184,10 @@ TEST(tls_session_full_duplex)
 		ferry__tls_get_info(c, &i);
 		ASSERT_STREQ(i.version, "TLSv1.3");
 		ASSERT_STREQ(i.peer, "CN=localhost");
+		ASSERT_GE(i.key_updates, STREAM_BYTES / (4u << 20) - 1);
 		ferry__tls_get_info(s, &i);
 		ASSERT_STREQ(i.peer, "CN=ferry-source");
+		ASSERT_GE(i.key_updates, STREAM_BYTES / (4u << 20) - 1);
 	}
 	ferry__tls_unref(s);
 	ferry__tls_unref(c);
