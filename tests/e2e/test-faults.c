@@ -49,22 +49,6 @@ static void spawn_dest(struct proc *d, const char *name, int port, int peer_ms)
 			 test_fmt("tcp:127.0.0.1:%d", port))));
 }
 
-/* Wait until @p's migration waits at @point. */
-static void wait_paused(struct proc *p, const char *point)
-{
-	for (int i = 0; i < 2000; i++) {
-		json_t *m = call(p, "query-migrate", NULL);
-		const char *at = json_string_value(json_object_get(m, "paused-at"));
-		bool there = at && !strcmp(at, point);
-
-		json_decref(m);
-		if (there)
-			return;
-		usleep(5000);
-	}
-	FAIL("the migration never paused at %s", point);
-}
-
 /*
  * Source (guest dirtying 32 MiB, 2 multifd channels, 24 MiB/s so passes
  * last) and destination; the migration runs until it pauses at @point on
@@ -86,7 +70,7 @@ static void begin(struct run *r, const char *point, bool on_dest)
 	wait_generation(&r->s, 1000);
 	json_decref(call(&r->s, "migrate", json_pack("{s:s}", "uri",
 			 test_fmt("tcp:127.0.0.1:%d", r->port))));
-	wait_paused(on_dest ? &r->d : &r->s, point);
+	wait_paused_at(on_dest ? &r->d : &r->s, point);
 	/* Past setup, the destination has taken the stream (its acceptor
 	 * may be a moment behind the source). */
 	if (strcmp(point, "pause-setup"))

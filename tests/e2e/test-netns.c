@@ -289,6 +289,88 @@ TEST(netns_link_down_for_good)
 	finish(&p);
 }
 
+/*
+ * The link silently dropping everything at the switchover, struck at an
+ * exact point (a pause point, then the link down, then go on):
+ * - @on_dest false: the source stopped its VM, its rest not sent. It
+ *   sends into the dead link, hears nothing for its peer-timeout and
+ *   resumes (no GO was ever sent); the destination, short of its rest,
+ *   gives up by itself.
+ * - @on_dest true: the destination loaded everything; its LOADED goes
+ *   into the dead link. The source resumes as above; the destination,
+ *   which cannot tell a lost LOADED from a lost GO, keeps the whole VM
+ *   paused, in doubt. Never both running.
+ */
+static void down_at_switchover(bool on_dest)
+{
+	const int timeout_ms = 1000;
+	const char *point = on_dest ? "pause-loaded" : "pause-stopped";
+	struct proc *at;
+	struct pair p;
+	double t0;
+	json_t *m, *v;
+
+	start(&p, "delay=5 rate=1G", "dirty,ws=64M,rate=20", 4096,
+	      json_pack("{s:i}", "peer-timeout", timeout_ms));
+	json_decref(call(&p.s, "migrate-set-parameters", json_pack("{s:i}",
+			 "peer-timeout", timeout_ms)));
+	at = on_dest ? &p.d : &p.s;
+	json_decref(call(at, "x-migrate-fault", json_pack("{s:s}", "point",
+							  point)));
+	migrate(&p);
+	wait_paused_at(at, point);
+	netns_shape(&p.l, "down");
+	json_decref(call(at, "x-migrate-fault", json_pack("{s:s}", "point",
+							  "continue")));
+	t0 = now_ms();
+	wait_migration(&p.s, "failed");
+	if (now_ms() - t0 > timeout_ms + 3000)
+		FAIL("the source noticed the dead link after %.0f ms",
+		     now_ms() - t0);
+	m = call(&p.s, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "switchover"), "aborted");
+	json_decref(m);
+	ASSERT_STREQ(status_of(&p.s), "running");
+	v = verify(&p.s);
+	ASSERT_EQ(geti(v, "bad-pages"), 0);
+	json_decref(v);
+	if (!on_dest) {
+		vm_wait_exit(&p.d, 1);
+	} else {
+		for (int i = 0; i < 1000; i++) {
+			m = call(&p.d, "query-migrate", NULL);
+			if (!strcmp(gets(m, "status"), "failed"))
+				break;
+			json_decref(m);
+			m = NULL;
+			usleep(10000);
+		}
+		if (!m)
+			FAIL("the destination never gave up on its source");
+		ASSERT_STREQ(gets(m, "switchover"), "in-doubt");
+		json_decref(m);
+		ASSERT_STREQ(status_of(&p.d), "paused");
+	}
+	/* The source's guest is the one that runs: it migrates on. */
+	netns_shape(&p.l, "up");
+	if (on_dest)
+		vm_quit(&p.d);
+	vm_spawn_ns(&p.d, p.l.ns[1], "dst2", "--backend auto --mem 256M "
+		    "--paused --incoming defer");
+	json_decref(call(&p.d, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:%s:%d", p.l.addr[1], NETNS_PORT))));
+	json_decref(call(&p.s, "migrate-set-parameters",
+			 json_pack("{s:i}", "peer-timeout", 10000)));
+	migrate(&p);
+	wait_migration(&p.s, "completed");
+	wait_loaded(&p.d);
+	cont_verified(&p.d);
+	finish(&p);
+}
+
+TEST(netns_link_down_switchover_stopped) { down_at_switchover(false); }
+TEST(netns_link_down_switchover_loaded) { down_at_switchover(true); }
+
 /* 50 ms round trip with 1% loss each way, over TLS: TCP recovers, every
  * record arrives whole, it completes. */
 TEST(netns_link_50ms_loss)

@@ -319,3 +319,18 @@ void wait_migration(struct proc *p, const char *want)
 	FAIL("migration never reached %s", want);
 }
 
+
+void wait_paused_at(struct proc *p, const char *point)
+{
+	for (int i = 0; i < 2000; i++) {
+		json_t *m = call(p, "query-migrate", NULL);
+		const char *at = json_string_value(json_object_get(m, "paused-at"));
+		bool there = at && !strcmp(at, point);
+
+		json_decref(m);
+		if (there)
+			return;
+		usleep(5000);
+	}
+	FAIL("the migration never paused at %s", point);
+}

@@ -64,5 +64,8 @@ void cont_verified(struct proc *p);
 void wait_migration(struct proc *p, const char *want);
 /* Poll query-migrate until the status is @want (a live one, say "device"). */
 void wait_migration_live(struct proc *p, const char *want);
+/* Wait (up to 10 s) until @p's migration waits at pause point @point
+ * (x-migrate-fault "pause-..."; query-migrate "paused-at"). */
+void wait_paused_at(struct proc *p, const char *point);
 
 #endif
