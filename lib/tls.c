@@ -629,10 +629,23 @@ static void hs_finish(struct ferry_tls_conn *c)
 	c->hs = HS_DONE;
 }
 
+/* A handshake call returned @r (not 1), errno then @saved: -EAGAIN with
+ * *@events to wait for, or the failure. */
+static int hs_stalled(struct ferry_tls_conn *c, int r, int saved, short *events,
+		      struct ferry_error *err)
+{
+	int e = SSL_get_error(c->ssl, r);
+
+	if ((*events = wants(e)))
+		return -EAGAIN;
+	return hs_error(c, e, saved, err);
+}
+
+
 int ferry__tls_handshake_step(struct ferry_tls_conn *c, short *events,
 			      struct ferry_error *err)
 {
-	int r, e;
+	int r;
 	size_t n;
 
 	for (;;) {
@@ -647,14 +660,8 @@ int ferry__tls_handshake_step(struct ferry_tls_conn *c, short *events,
 			ERR_clear_error();
 			errno = 0;
 			r = SSL_do_handshake(c->ssl);
-			if (r != 1) {
-				int saved = errno;
-
-				e = SSL_get_error(c->ssl, r);
-				if ((*events = wants(e)))
-					return -EAGAIN;
-				return hs_error(c, e, saved, err);
-			}
+			if (r != 1)
+				return hs_stalled(c, r, errno, events, err);
 			c->hs = HS_VERDICT;
 			if (c->server)
 				make_verdict(c);
@@ -670,14 +677,8 @@ int ferry__tls_handshake_step(struct ferry_tls_conn *c, short *events,
 			else
 				r = SSL_read_ex(c->ssl, c->verdict + c->vpos,
 						c->vlen - c->vpos, &n);
-			if (r != 1) {
-				int saved = errno;
-
-				e = SSL_get_error(c->ssl, r);
-				if ((*events = wants(e)))
-					return -EAGAIN;
-				return hs_error(c, e, saved, err);
-			}
+			if (r != 1)
+				return hs_stalled(c, r, errno, events, err);
 			c->vpos += n;
 			if (!c->server && c->vpos == 2)
 				c->vlen = 2 + (size_t)c->verdict[1];

@@ -456,18 +456,25 @@ static int dup_fd(const char *uri, const struct ferry_uri *u,
 	return fd;
 }
 
+/* @uri parsed into *@out, which the caller frees (also on failure, when
+ * it may be NULL). struct ferry_uri is ~4.4 KiB: kept off small thread
+ * stacks. */
+static int uri_parse_heap(const char *uri, struct ferry_uri **out,
+			  struct ferry_error *err)
+{
+	*out = malloc(sizeof(**out));
+	if (!*out)
+		return ferry_error_set(err, -ENOMEM, "%s: out of memory",
+				       uri ? uri : "(null)");
+	return ferry_uri_parse(uri, *out, err);
+}
+
 int ferry_transport_connect(const char *uri, int timeout_ms,
 			    struct ferry_error *err)
 {
 	struct ferry_uri *u;
-	int rc;
+	int rc = uri_parse_heap(uri, &u, err);
 
-	/* struct ferry_uri is ~4.4 KiB: keep it off small thread stacks. */
-	u = malloc(sizeof(*u));
-	if (!u)
-		return ferry_error_set(err, -ENOMEM, "%s: out of memory",
-				       uri ? uri : "(null)");
-	rc = ferry_uri_parse(uri, u, err);
 	if (rc)
 		goto out;
 	switch (u->kind) {
@@ -751,13 +758,8 @@ int ferry_transport_open_incoming(const char *uri, int timeout_ms,
 {
 	struct ferry_listener *l;
 	struct ferry_uri *u;
-	int rc;
+	int rc = uri_parse_heap(uri, &u, err);
 
-	u = malloc(sizeof(*u));
-	if (!u)
-		return ferry_error_set(err, -ENOMEM, "%s: out of memory",
-				       uri ? uri : "(null)");
-	rc = ferry_uri_parse(uri, u, err);
 	if (rc)
 		goto out;
 	switch (u->kind) {

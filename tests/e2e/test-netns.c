@@ -84,6 +84,16 @@ static void start(struct pair *p, const char *shape, const char *workload,
 	start_with(p, shape, workload, pages, dest_params, false);
 }
 
+/* A new destination on side b (the last one is gone), waiting on the
+ * same port with the default settings. */
+static void fresh_dest(struct pair *p)
+{
+	vm_spawn_ns(&p->d, p->l.ns[1], "dst2", "--backend auto --mem 256M "
+		    "--paused --incoming defer");
+	json_decref(call(&p->d, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:%s:%d", p->l.addr[1], NETNS_PORT))));
+}
+
 static void migrate(struct pair *p)
 {
 	json_decref(call(&p->s, "migrate", json_pack("{s:s}", "uri",
@@ -278,10 +288,7 @@ TEST(netns_link_down_for_good)
 
 	/* Link back: the source migrates again, to a fresh destination. */
 	netns_shape(&p.l, "up");
-	vm_spawn_ns(&p.d, p.l.ns[1], "dst2", "--backend auto --mem 256M "
-		    "--paused --incoming defer");
-	json_decref(call(&p.d, "migrate-incoming", json_pack("{s:s}", "uri",
-			 test_fmt("tcp:%s:%d", p.l.addr[1], NETNS_PORT))));
+	fresh_dest(&p);
 	json_decref(call(&p.s, "migrate-set-parameters",
 			 json_pack("{s:i}", "max-bandwidth", 0)));
 	migrate(&p);
@@ -337,16 +344,8 @@ static void down_at_switchover(bool on_dest)
 	if (!on_dest) {
 		vm_wait_exit(&p.d, 1);
 	} else {
-		for (int i = 0; i < 1000; i++) {
-			m = call(&p.d, "query-migrate", NULL);
-			if (!strcmp(gets(m, "status"), "failed"))
-				break;
-			json_decref(m);
-			m = NULL;
-			usleep(10000);
-		}
-		if (!m)
-			FAIL("the destination never gave up on its source");
+		wait_migration(&p.d, "failed");
+		m = call(&p.d, "query-migrate", NULL);
 		ASSERT_STREQ(gets(m, "switchover"), "in-doubt");
 		json_decref(m);
 		ASSERT_STREQ(status_of(&p.d), "paused");
@@ -355,10 +354,7 @@ static void down_at_switchover(bool on_dest)
 	netns_shape(&p.l, "up");
 	if (on_dest)
 		vm_quit(&p.d);
-	vm_spawn_ns(&p.d, p.l.ns[1], "dst2", "--backend auto --mem 256M "
-		    "--paused --incoming defer");
-	json_decref(call(&p.d, "migrate-incoming", json_pack("{s:s}", "uri",
-			 test_fmt("tcp:%s:%d", p.l.addr[1], NETNS_PORT))));
+	fresh_dest(&p);
 	json_decref(call(&p.s, "migrate-set-parameters",
 			 json_pack("{s:i}", "peer-timeout", 10000)));
 	migrate(&p);

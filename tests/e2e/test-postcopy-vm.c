@@ -201,6 +201,21 @@ static void postcopy_recover(const char *backend)
 TEST(live_kvm_postcopy_recover) { postcopy_recover("kvm"); }
 TEST(live_thread_postcopy_recover) { postcopy_recover("thread"); }
 
+/* A postcopy under way, slowly (32 MiB/s, peer-timeout 1 s on the
+ * source): the destination runs the guest while pages still arrive. */
+static void postcopy_running_slowly(struct proc *s, struct proc *d,
+				    const char *backend)
+{
+	int port = pair(s, d, backend, true);
+
+	caps(s, false);
+	json_decref(call(s, "migrate-set-parameters",
+			 json_pack("{s:i, s:i}", "max-bandwidth", 32 << 20,
+				   "peer-timeout", 1000)));
+	migrate_postcopy(s, port);
+	wait_migration_live(d, "postcopy-active");
+}
+
 /* The destination dies after RUN, the one case nothing can mend: the
  * source says so, and keeps its RAM and the VM stopped (cont refused). */
 static void postcopy_dest_killed(const char *backend)
@@ -208,14 +223,9 @@ static void postcopy_dest_killed(const char *backend)
 	struct proc s, d;
 	char msg[512];
 	json_t *m;
-	int st, port = pair(&s, &d, backend, true);
+	int st;
 
-	caps(&s, false);
-	json_decref(call(&s, "migrate-set-parameters",
-			 json_pack("{s:i, s:i}", "max-bandwidth", 32 << 20,
-				   "peer-timeout", 1000)));
-	migrate_postcopy(&s, port);
-	wait_migration_live(&d, "postcopy-active");
+	postcopy_running_slowly(&s, &d, backend);
 	kill(d.pid, SIGKILL);
 	waitpid(d.pid, &st, 0);
 	wait_migration_live(&s, "postcopy-paused");
@@ -244,14 +254,9 @@ static void postcopy_src_killed(const char *backend)
 {
 	struct proc s, d;
 	json_t *m;
-	int st, port = pair(&s, &d, backend, true);
+	int st;
 
-	caps(&s, false);
-	json_decref(call(&s, "migrate-set-parameters",
-			 json_pack("{s:i, s:i}", "max-bandwidth", 32 << 20,
-				   "peer-timeout", 1000)));
-	migrate_postcopy(&s, port);
-	wait_migration_live(&d, "postcopy-active");
+	postcopy_running_slowly(&s, &d, backend);
 	kill(s.pid, SIGKILL);
 	waitpid(s.pid, &st, 0);
 	close(s.fd);
