@@ -34,7 +34,7 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 	for (int r = 0; r < runs; r++) {
 		struct vmp s, d;
 		int port = free_port();
-		double s0, d0;
+		struct bench_mig bm;
 		json_t *m, *phj;
 		char args[512];
 
@@ -49,17 +49,13 @@ static void bench(const char *backend, uint64_t mem, const char *wl,
 		wait_workload(&s, wl, mem);
 		json_decref(call(&s, "migrate-set-parameters",
 				 json_pack("{s:i}", "multifd-channels", channels)));
-		s0 = cpu_s(s.pid);
-		d0 = cpu_s(d.pid);
 		snprintf(args, sizeof(args), "tcp:127.0.0.1:%d", port);
-		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
-		m = wait_completed(&s);
-		cs[r] = cpu_s(s.pid) - s0;
-		cd[r] = cpu_s(d.pid) - d0;
-		total[r] = (double)geti(m, "total-time");
-		down[r] = (double)geti(m, "downtime-us") / 1000.0;
-		tput[r] = (double)geti(json_object_get(m, "ram"), "transferred") /
-			  1048576.0 / (total[r] > 0 ? total[r] / 1000.0 : 1);
+		m = bench_migrate(&s, &d, args, 0, &bm);
+		cs[r] = bm.cpu_src;
+		cd[r] = bm.cpu_dst;
+		total[r] = bm.total_ms;
+		down[r] = bm.downtime_ms;
+		tput[r] = bm.mib_s;
 		phj = json_object_get(m, "downtime-phases");
 		for (int i = 0; i < FERRY_PHASE__MAX; i++)
 			ph[i][r] = json_real_value(json_object_get(phj,

@@ -216,38 +216,6 @@ static void bench_emulator(const char *only)
 		}
 }
 
-/* Poll query-migrate until completed (returned) or @secs passed (then
- * cancelled, and NULL). */
-static json_t *wait_done(struct vmp *v, double secs)
-{
-	double t0 = now_s();
-
-	for (;;) {
-		json_t *m = call(v, "query-migrate", NULL);
-		const char *st = json_string_value(json_object_get(m, "status"));
-
-		if (!strcmp(st, "completed"))
-			return m;
-		if (!strcmp(st, "failed") || !strcmp(st, "cancelled")) {
-			fprintf(stderr, "%s: migration %s: %s\n", bench_name, st,
-				json_string_value(json_object_get(m, "error-desc")));
-			exit(1);
-		}
-		if (now_s() - t0 > secs) {
-			printf("  did not converge in %.0f s: %lld passes, %.0f Mbit/s,"
-			       " expected downtime %lld ms\n", secs,
-			       geti(json_object_get(m, "ram"), "dirty-sync-count"),
-			       (double)geti(m, "bandwidth") * 8 / 1e6,
-			       geti(m, "expected-downtime"));
-			json_decref(m);
-			json_decref(call(v, "migrate-cancel", NULL));
-			return NULL;
-		}
-		json_decref(m);
-		usleep(20000);
-	}
-}
-
 static void bench(const char *backend, const char *label, const char *shape,
 		  int mtu, int channels, int runs)
 {
@@ -260,7 +228,8 @@ static void bench(const char *backend, const char *label, const char *shape,
 	for (int r = 0; r < runs; r++) {
 		struct vmp s, d;
 		struct emu e;
-		double s0, d0, e0;
+		struct bench_mig bm;
+		double e0;
 		json_t *m;
 		char args[512];
 
@@ -281,12 +250,9 @@ static void bench(const char *backend, const char *label, const char *shape,
 		wait_workload(&s, wl, 1ull << 30);
 		json_decref(call(&s, "migrate-set-parameters",
 				 json_pack("{s:i}", "multifd-channels", channels)));
-		s0 = cpu_s(s.pid);
-		d0 = cpu_s(d.pid);
 		e0 = cpu_s(e.pid);
 		snprintf(args, sizeof(args), "tcp:%s:4444", e.addr[1]);
-		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
-		m = wait_done(&s, 60);
+		m = bench_migrate(&s, &d, args, 60, &bm);
 		if (!m) {
 			quit(&s);
 			kill(d.pid, SIGKILL);
@@ -297,13 +263,12 @@ static void bench(const char *backend, const char *label, const char *shape,
 			       channels > 1 ? "s" : "");
 			return;
 		}
-		cs[r] = cpu_s(s.pid) - s0;
-		cd[r] = cpu_s(d.pid) - d0;
+		cs[r] = bm.cpu_src;
+		cd[r] = bm.cpu_dst;
 		ce[r] = cpu_s(e.pid) - e0;
-		total[r] = (double)geti(m, "total-time");
-		down[r] = (double)geti(m, "downtime-us") / 1000.0;
-		tput[r] = (double)geti(json_object_get(m, "ram"), "transferred") *
-			  8 / 1e6 / (total[r] > 0 ? total[r] / 1000.0 : 1);
+		total[r] = bm.total_ms;
+		down[r] = bm.downtime_ms;
+		tput[r] = bm.mib_s * 1048576.0 * 8 / 1e6;   /* Mbit/s */
 		json_decref(m);
 		quit(&s);
 		quit(&d);

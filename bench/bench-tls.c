@@ -36,7 +36,7 @@ static double bench(const char *backend, enum mode mode, int channels,
 	for (int r = 0; r < runs; r++) {
 		struct vmp s, d;
 		int port = free_port();
-		double s0, d0;
+		struct bench_mig bm;
 		json_t *m, *t;
 		char args[1024];
 
@@ -54,16 +54,12 @@ static double bench(const char *backend, enum mode mode, int channels,
 		if (mode == TLS_USER)
 			json_decref(call(&d, "migrate-set-parameters",
 					 json_pack("{s:b}", "tls-ktls", 0)));
-		s0 = cpu_s(s.pid);
-		d0 = cpu_s(d.pid);
 		snprintf(args, sizeof(args), "tcp:127.0.0.1:%d", port);
-		json_decref(call(&s, "migrate", json_pack("{s:s}", "uri", args)));
-		m = wait_completed(&s);
-		cs[r] = cpu_s(s.pid) - s0;
-		cd[r] = cpu_s(d.pid) - d0;
-		total[r] = (double)geti(m, "total-time");
-		tput[r] = (double)geti(json_object_get(m, "ram"), "transferred") /
-			  1048576.0 / (total[r] > 0 ? total[r] / 1000.0 : 1);
+		m = bench_migrate(&s, &d, args, 0, &bm);
+		cs[r] = bm.cpu_src;
+		cd[r] = bm.cpu_dst;
+		total[r] = bm.total_ms;
+		tput[r] = bm.mib_s;
 		t = json_object_get(m, "tls");
 		if (mode != PLAIN && !json_is_object(t))
 			die("a TLS migration reports no TLS");

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "benchvm.h"
@@ -162,8 +163,18 @@ void stat3(const char *label, double *v, int n, const char *unit)
 }
 
 
-json_t *wait_completed(struct vmp *v)
+static double mono_s(void)
 {
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+json_t *wait_completed_within(struct vmp *v, double secs)
+{
+	double t0 = mono_s();
+
 	for (;;) {
 		json_t *m = call(v, "query-migrate", NULL);
 		const char *st = json_string_value(json_object_get(m, "status"));
@@ -175,9 +186,43 @@ json_t *wait_completed(struct vmp *v)
 				json_string_value(json_object_get(m, "error-desc")));
 			exit(1);
 		}
+		if (secs > 0 && mono_s() - t0 > secs) {
+			printf("  did not converge in %.0f s: %lld passes, %.0f Mbit/s,"
+			       " expected downtime %lld ms\n", secs,
+			       geti(json_object_get(m, "ram"), "dirty-sync-count"),
+			       (double)geti(m, "bandwidth") * 8 / 1e6,
+			       geti(m, "expected-downtime"));
+			json_decref(m);
+			json_decref(call(v, "migrate-cancel", NULL));
+			return NULL;
+		}
 		json_decref(m);
 		usleep(5000);
 	}
+}
+
+json_t *wait_completed(struct vmp *v)
+{
+	return wait_completed_within(v, 0);
+}
+
+json_t *bench_migrate(struct vmp *s, struct vmp *d, const char *uri,
+		      double secs, struct bench_mig *out)
+{
+	double s0 = cpu_s(s->pid), d0 = cpu_s(d->pid);
+	json_t *m;
+
+	json_decref(call(s, "migrate", json_pack("{s:s}", "uri", uri)));
+	m = wait_completed_within(s, secs);
+	if (!m)
+		return NULL;
+	out->cpu_src = cpu_s(s->pid) - s0;
+	out->cpu_dst = cpu_s(d->pid) - d0;
+	out->total_ms = (double)geti(m, "total-time");
+	out->downtime_ms = (double)geti(m, "downtime-us") / 1000.0;
+	out->mib_s = (double)geti(json_object_get(m, "ram"), "transferred") /
+		     1048576.0 / (out->total_ms > 0 ? out->total_ms / 1000.0 : 1);
+	return m;
 }
 
 void bench_start(int argc, char **argv, const char *name, int *runs,

@@ -47,6 +47,22 @@ void wait_workload(struct vmp *v, const char *wl, uint64_t mem);
 /* Poll @v's query-migrate until completed (returned); a failure ends the
  * benchmark. */
 json_t *wait_completed(struct vmp *v);
+/* The same within @secs: NULL when it did not complete in time (then the
+ * migration is cancelled, after a line saying how far it got). */
+json_t *wait_completed_within(struct vmp *v, double secs);
+
+/* One migration of @s to @uri, measured. */
+struct bench_mig {
+	double cpu_src, cpu_dst;   /* CPU seconds each side spent on it */
+	double total_ms;           /* total-time */
+	double downtime_ms;
+	double mib_s;              /* RAM transferred over total-time */
+};
+/* Start the migration of @s (to @d) at @uri and wait up to @secs (0: no
+ * limit) for it: its query-migrate (the caller frees it), the figures in
+ * *@out; NULL if it gave up (wait_completed_within). */
+json_t *bench_migrate(struct vmp *s, struct vmp *d, const char *uri,
+		      double secs, struct bench_mig *out);
 /* "label  min .. median .. max unit" over @n values (sorts @v). */
 void stat3(const char *label, double *v, int n, const char *unit);
 
