@@ -168,7 +168,7 @@ $(B)/fuzz-load: $(FUZZ_SRCS) $(wildcard lib/*.h include/ferry/*.h tests/unit/*.h
 # The control socket's protocol parser (vmm/control/server.c, through
 # control_feed(): no socket, no thread): framing, recovery, JSON, dispatch.
 FUZZ_CONTROL_SRCS := tests/fuzz/fuzz-control.c vmm/control/server.c $(LIB_SRCS)
-$(B)/fuzz-control: $(FUZZ_CONTROL_SRCS) $(wildcard lib/*.h include/ferry/*.h vmm/control/*.h)
+$(B)/fuzz-control: $(FUZZ_CONTROL_SRCS) $(wildcard lib/*.h include/ferry/*.h vmm/control/*.h) tests/control-cmds.h
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  FUZZ-CC $@")
 	$(Q)$(CLANG) $(FUZZ_CFLAGS) -Ivmm -o $@ $(FUZZ_CONTROL_SRCS) $(LIBS)

@@ -26,38 +26,12 @@
 #include <jansson.h>
 
 #include "control/control.h"
+#include "../control-cmds.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static struct control *srv;
-
-/* echo: returns its arguments (any JSON the parser let through). */
-static int cmd_echo(void *opaque, json_t *args, json_t **ret,
-		    struct ferry_error *err)
-{
-	(void)opaque;
-	(void)err;
-	*ret = json_incref(args);
-	return 0;
-}
-
-/* fail {"errno": N, "msg": S}: an error reply of each class. */
-static int cmd_fail(void *opaque, json_t *args, json_t **ret,
-		    struct ferry_error *err)
-{
-	json_int_t e = json_integer_value(json_object_get(args, "errno"));
-	const char *msg = json_string_value(json_object_get(args, "msg"));
-
-	(void)opaque;
-	*ret = json_string("ignored");
-	/* Handlers return -errno: keep it one. */
-	if (e < 1 || e > 200)
-		e = EINVAL;
-	if (!msg)
-		return -(int)e;
-	return ferry_error_set(err, -(int)e, "%s", msg);
-}
 
 /* add {"a": N, "b": N}: argument checks like a real handler's. */
 static int cmd_add(void *opaque, json_t *args, json_t **ret,

@@ -19,6 +19,7 @@
 #include <jansson.h>
 
 #include "control/control.h"
+#include "../control-cmds.h"
 
 #define X(name, timeout) TEST(name);
 #include "../list.h"
@@ -27,30 +28,6 @@
 #define TMO 5000
 
 /* ---- test commands ---------------------------------------------------- */
-
-/* echo: returns its arguments. */
-static int cmd_echo(void *opaque, json_t *args, json_t **ret,
-		    struct ferry_error *err)
-{
-	(void)opaque;
-	(void)err;
-	*ret = json_incref(args);
-	return 0;
-}
-
-/* fail {"errno": N, "msg": S}: fails with -N (default EINVAL) and S. */
-static int cmd_fail(void *opaque, json_t *args, json_t **ret,
-		    struct ferry_error *err)
-{
-	json_int_t e = json_integer_value(json_object_get(args, "errno"));
-	const char *msg = json_string_value(json_object_get(args, "msg"));
-
-	(void)opaque;
-	*ret = json_string("must be ignored");
-	if (!msg)
-		return e ? -(int)e : -EINVAL; /* no message: strerror is used */
-	return ferry_error_set(err, e ? -(int)e : -EINVAL, "%s", msg);
-}
 
 /* add {"a": N, "b": N} -> {"sum": N} */
 static int cmd_add(void *opaque, json_t *args, json_t **ret,
