@@ -276,21 +276,29 @@ static void wait_failed(struct proc *s)
 /* Slow the migration down (max-bandwidth) so the failure lands mid-way. */
 static void start_slow(struct proc *s, int port)
 {
+	json_t *m = NULL;
+
 	set_params(s, 2, false, 300, false);
 	json_decref(call(s, "migrate-set-parameters",
 			 json_pack("{s:i}", "max-bandwidth", 50 << 20)));
 	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
 			 test_fmt("tcp:127.0.0.1:%d", port))));
 	for (int i = 0; i < 3000; i++) {
-		json_t *m = call(s, "query-migrate", NULL);
-		bool active = !strcmp(gets(m, "status"), "active") &&
-			      geti(json_object_get(m, "ram"), "transferred") > (8 << 20);
+		bool active;
+
 		json_decref(m);
-		if (active)
+		m = call(s, "query-migrate", NULL);
+		active = !strcmp(gets(m, "status"), "active") &&
+			 geti(json_object_get(m, "ram"), "transferred") > (8 << 20);
+		if (active) {
+			json_decref(m);
 			return;
+		}
 		usleep(10000);
 	}
-	FAIL("migration never became active");
+	/* Say where it stood: a flake under load must explain itself. */
+	FAIL("migration never became active with 8 MiB sent: %s",
+	     json_dumps(m, JSON_COMPACT));
 }
 
 static void dest_killed(const char *backend)
