@@ -78,13 +78,17 @@ struct mig_in {
 	bool thread_started;
 
 	/* The acceptor. */
+	/* The acceptor's life (acc_life): started by mig_in_start, stopped by
+	 * the load thread at the end of the load - or first, when the link
+	 * breaks in postcopy before that, by the listen thread, which then
+	 * runs one for the recovery port. One runs at a time. The acceptor
+	 * reads acc_l, acc_recovery and wake[0], set before it starts. */
+	pthread_mutex_t acc_life;
 	pthread_t acc_thread;
-	bool acc_live;                  /* incoming thread */
-	/* Set before acc_start, read by the acceptor: the listener it serves
-	 * (l, or a postcopy recovery's) and whether it serves a recovery
-	 * (a stream resumes, a preempt channel restarts, no multifd). */
-	struct ferry_listener *acc_l;
-	bool acc_recovery;
+	bool acc_live;
+	struct ferry_listener *acc_l;   /* l, or a postcopy recovery's */
+	bool acc_recovery;              /* a stream resumes, a preempt
+					   channel restarts, no multifd */
 	int wake[2];                    /* pipe: stop the acceptor */
 	pthread_mutex_t acc_lock;
 	pthread_cond_t acc_cond;        /* monotonic: main_fd arrived, or stop */
@@ -723,8 +727,8 @@ static void pre_restart(struct mig_in *in, int fd, struct ferry_tls_conn *tc)
 		  in->pre_live ? "reconnected" : "refused (no thread)");
 }
 
-static int acc_start(struct mig_in *in, struct ferry_error *err);
-static void acc_stop(struct mig_in *in);
+static int acc_start_locked(struct mig_in *in, struct ferry_error *err);
+static void acc_stop_locked(struct mig_in *in);
 static int take_main(struct mig_in *in, struct ferry_tls_conn **tc,
 		     struct ferry_error *err);
 
@@ -744,12 +748,21 @@ static int accept_stream(struct mig_in *in, struct ferry_listener *l,
 	in->main_fd = -1;
 	in->main_taken = false;
 	ferry__mutex_unlock(&in->acc_lock);
+	/* The first port's acceptor may still run (the link broke before
+	 * the load ended): everything of this migration connected long ago,
+	 * so it goes, and the recovery port gets one of its own. */
+	ferry__mutex_lock(&in->acc_life);
+	acc_stop_locked(in);
 	in->acc_l = l;
 	in->acc_recovery = true;
-	if ((r = acc_start(in, err)))
+	r = acc_start_locked(in, err);
+	ferry__mutex_unlock(&in->acc_life);
+	if (r)
 		return r;
 	fd = take_main(in, tc, err);
-	acc_stop(in);
+	ferry__mutex_lock(&in->acc_life);
+	acc_stop_locked(in);
+	ferry__mutex_unlock(&in->acc_life);
 	if (fd < 0)
 		return ferry_error_set(err, -ECANCELED, "cancelled while postcopy "
 				       "was paused");
@@ -1245,7 +1258,8 @@ static void *acc_main(void *arg)
 	return NULL;
 }
 
-static int acc_start(struct mig_in *in, struct ferry_error *err)
+/* acc_life held. */
+static int acc_start_locked(struct mig_in *in, struct ferry_error *err)
 {
 	int e;
 
@@ -1264,7 +1278,8 @@ static int acc_start(struct mig_in *in, struct ferry_error *err)
 	return 0;
 }
 
-static void acc_stop(struct mig_in *in)
+/* acc_life held. */
+static void acc_stop_locked(struct mig_in *in)
 {
 	if (in->acc_live) {
 		/* Inside the downtime: the acceptor must go at once. */
@@ -1273,6 +1288,34 @@ static void acc_stop(struct mig_in *in)
 		pthread_join(in->acc_thread, NULL);
 		in->acc_live = false;
 	}
+}
+
+static int acc_start(struct mig_in *in, struct ferry_error *err)
+{
+	int r;
+
+	ferry__mutex_lock(&in->acc_life);
+	r = acc_start_locked(in, err);
+	ferry__mutex_unlock(&in->acc_life);
+	return r;
+}
+
+/* Whichever acceptor runs. */
+static void acc_stop(struct mig_in *in)
+{
+	ferry__mutex_lock(&in->acc_life);
+	acc_stop_locked(in);
+	ferry__mutex_unlock(&in->acc_life);
+}
+
+/* The first port's acceptor, not a recovery's (the load thread's end
+ * must not take the port from a postcopy recovery under way). */
+static void acc_stop_first(struct mig_in *in)
+{
+	ferry__mutex_lock(&in->acc_life);
+	if (!in->acc_recovery)
+		acc_stop_locked(in);
+	ferry__mutex_unlock(&in->acc_life);
 }
 
 /* Wait for the acceptor's stream connection (its session in *@tc); a
@@ -1637,7 +1680,7 @@ static void *in_main(void *arg)
 	}
 	/* Stop accepting at once (this is inside the downtime); a multifd
 	 * failure is the root cause if there is one. */
-	acc_stop(in);
+	acc_stop_first(in);
 	if (m->ram) {
 		ferry__ram_set_multifd_provider(m->ram, NULL, NULL);
 		ferry_ram_set_multifd_recv(m->ram, NULL, NULL);
@@ -1706,7 +1749,7 @@ static void *in_main(void *arg)
 		m->ops.vm_set_state(m->opaque, FERRY_RUN_PAUSED);
 	}
 out:
-	acc_stop(in);
+	acc_stop_first(in);
 	if (!in->partitioned)
 		rp_close(in);
 	ferry_record_io_release(&io);
@@ -1798,6 +1841,7 @@ int mig_in_start(struct ferry_mig *m, const char *uri, struct ferry_error *err)
 	pthread_mutex_init(&in->pre_lock, NULL);
 	mig_cond_init(&in->pre_cond);
 	pthread_mutex_init(&in->acc_lock, NULL);
+	pthread_mutex_init(&in->acc_life, NULL);
 	mig_cond_init(&in->acc_cond);
 	pthread_mutex_init(&in->rp_lock, NULL);
 	mig_cond_init(&in->hb_cond);
@@ -1971,6 +2015,7 @@ void mig_in_free(struct mig_in *in)
 	if (in->wake[1] >= 0)
 		close(in->wake[1]);
 	pthread_mutex_destroy(&in->acc_lock);
+	pthread_mutex_destroy(&in->acc_life);
 	pthread_cond_destroy(&in->acc_cond);
 	pthread_mutex_destroy(&in->rp_lock);
 	pthread_cond_destroy(&in->hb_cond);
