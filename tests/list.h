@@ -191,6 +191,7 @@ X(control_ctl_cli, 20)
 /* ---- dirty tracking and thread backend (tests/unit/test-backend.c) ---- */
 X(backend_uffd_dirty_exact, 30)
 X(backend_uffd_dirty_memfd, 30)
+X(backend_uffd_dirty_split, 30)
 X(backend_uffd_dirty_rejects, 30)
 X(backend_mem_present_pages, 30)
 X(backend_thread_run_pause_resume, 30)

@@ -354,6 +354,33 @@ TEST(backend_uffd_dirty_memfd)
 	munmap(mem, len);
 }
 
+/* A range of 1 GiB and more is synced by two threads, one half each (the
+ * halves meet at a multiple of 64 pages): every write is reported, on
+ * either side of the seam and at both ends, once, and nothing else. */
+TEST(backend_uffd_dirty_split)
+{
+	size_t len = (1UL << 30) + 20 * PAGE, npages = len / PAGE;
+	size_t half = npages / 2, seam = half - half % 64;
+	size_t pages[] = { 0, seam - 1, seam, seam + 1, half, npages - 1 };
+	uint64_t *b = bitmap_new(len);
+	uint8_t *mem = map_anon(len);
+	struct ferry_error e = { 0 };
+	struct uffd_dirty *d = uffd_or_skip(mem, len);
+
+	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
+	for (size_t i = 0; i < sizeof(pages) / sizeof(pages[0]); i++)
+		mem[pages[i] * PAGE + 8] = (uint8_t)(i + 1);
+	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
+	expect_bits(b, len, pages, sizeof(pages) / sizeof(pages[0]), "split");
+	memset(b, 0, uffd_dirty_bitmap_words(len) * sizeof(*b));
+	mem[(seam - 1) * PAGE] = 9;
+	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
+	expect_bits(b, len, pages + 1, 1, "split, again");
+	uffd_dirty_destroy(d);
+	munmap(mem, len);
+	free(b);
+}
+
 TEST(backend_uffd_dirty_rejects)
 {
 	struct ferry_error e = { 0 };

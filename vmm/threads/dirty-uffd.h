@@ -23,7 +23,9 @@
  * but need CONFIG_MEM_SOFT_DIRTY, which many kernels (this one) lack.
  *
  * Threads: one handle is used by one thread at a time (the migration
- * thread); any threads may write the memory meanwhile.
+ * thread); any threads may write the memory meanwhile. A sync of 1 GiB or
+ * more walks the second half on a helper thread of its own, joined before
+ * it returns.
  *
  * The registration lives as long as the handle: the userfaultfd is kept
  * open and the range stays registered.  The range must not be unmapped or
