@@ -755,6 +755,81 @@ static void settle_faults(struct ferry_pcd *pcd, uintptr_t page)
 
 /* ---- placing ---------------------------------------------------------------- */
 
+/* Copy @len bytes (whole pages) to @addr; EAGAIN (the mappings were
+ * changing) and a partial copy go on from where the kernel stopped. */
+static int copy_in(struct ferry_pcd *pcd, uintptr_t addr, const uint8_t *src,
+		   uint64_t len)
+{
+	while (len) {
+		struct uffdio_copy cp = { .dst = addr, .src = (uintptr_t)src,
+					  .len = len };
+
+		if (!ioctl(pcd->uffd, UFFDIO_COPY, &cp))
+			return 0;
+		if (errno != EAGAIN)
+			return -errno;
+		if (cp.copy > 0) {
+			addr += (uint64_t)cp.copy;
+			src += cp.copy;
+			len -= (uint64_t)cp.copy;
+		}
+	}
+	return 0;
+}
+
+static int place_failed(struct ram_block *b, uint64_t off, int e,
+			struct ferry_error *err)
+{
+	/* EEXIST would mean a page present here that the source still had
+	 * to send - one the discards should have dropped. Keeping it would
+	 * keep stale data: fail instead. */
+	return ferry_error_set(err, e, "placing page 0x%llx of RAM block "
+		"'%s': %s", (unsigned long long)off, b->name, e == -EEXIST ?
+		"a page is already there (stale data the discards did not "
+		"drop)" : strerror(-e));
+}
+
+int ferry__pcd_place_run(struct ferry_pcd *pcd, unsigned block, uint64_t off,
+			 unsigned n, const void *data, struct ferry_error *err)
+{
+	struct ram_block *b = &pcd->ram->blocks[block];
+	const uint8_t *src = data;
+	uint64_t pg0 = off / b->page_size;
+	unsigned i = 0;
+
+	while (i < n) {
+		unsigned j;
+		int e;
+
+		/* Claim a stretch: each page's bit, the first to set it places
+		 * it (a requested copy may have won some). */
+		for (j = i; j < n; j++) {
+			uint64_t pg = pg0 + j, bit = 1ull << (pg % WORD_BITS);
+
+			if (__atomic_fetch_or(&pcd->received[block][pg / WORD_BITS],
+					      bit, __ATOMIC_SEQ_CST) & bit)
+				break;
+		}
+		if (j > i) {
+			e = copy_in(pcd, (uintptr_t)b->host + off + i * b->page_size,
+				    src + (size_t)i * b->page_size,
+				    (uint64_t)(j - i) * b->page_size);
+			if (e)
+				return place_failed(b, off + i * b->page_size, e, err);
+			__atomic_fetch_add(&pcd->placed, j - i, __ATOMIC_RELAXED);
+			for (unsigned k = i; k < j; k++)
+				settle_faults(pcd, (uintptr_t)b->host + off +
+					      k * b->page_size);
+		}
+		if (j < n) {   /* page j was someone else's */
+			__atomic_fetch_add(&pcd->duplicates, 1, __ATOMIC_RELAXED);
+			j++;
+		}
+		i = j;
+	}
+	return 0;
+}
+
 int ferry__pcd_place(struct ferry_pcd *pcd, unsigned block, uint64_t off,
 		     const void *data, struct ferry_error *err)
 {
@@ -770,29 +845,19 @@ int ferry__pcd_place(struct ferry_pcd *pcd, unsigned block, uint64_t off,
 	}
 	if (!data && !pcd->zeropage)
 		data = pcd->zero;
-	for (;;) {
-		if (data) {
-			struct uffdio_copy cp = { .dst = addr,
-				.src = (uintptr_t)data, .len = b->page_size };
-			r = ioctl(pcd->uffd, UFFDIO_COPY, &cp);
-		} else {
-			struct uffdio_zeropage zp = {
-				.range = { .start = addr, .len = b->page_size } };
-			r = ioctl(pcd->uffd, UFFDIO_ZEROPAGE, &zp);
-		}
+	if (data) {
+		r = copy_in(pcd, addr, data, b->page_size);
+	} else {
+		struct uffdio_zeropage zp = {
+			.range = { .start = addr, .len = b->page_size } };
+
 		/* EAGAIN: the mappings were changing; the page is not in. */
-		if (r && errno == EAGAIN)
-			continue;
-		break;
+		do
+			r = ioctl(pcd->uffd, UFFDIO_ZEROPAGE, &zp) ? -errno : 0;
+		while (r == -EAGAIN);
 	}
-	/* EEXIST would mean a page present here that the source still had
-	 * to send - one the discards should have dropped. Keeping it would
-	 * keep stale data: fail instead. */
 	if (r)
-		return ferry_error_set(err, -errno, "placing page 0x%llx of RAM "
-			"block '%s': %s", (unsigned long long)off, b->name,
-			errno == EEXIST ? "a page is already there (stale data "
-			"the discards did not drop)" : strerror(errno));
+		return place_failed(b, off, r, err);
 	__atomic_fetch_add(&pcd->placed, 1, __ATOMIC_RELAXED);
 	settle_faults(pcd, addr);
 	return 0;
@@ -951,8 +1016,10 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 	pcd->req_opaque = req_opaque;
 	/* Nothing may make pages present behind the received bitmap. */
 	ferry__ram_prepop_stop(ram);
-	if (!ram->pc_page && !(ram->pc_page = malloc(ram->blocks[0].page_size)))
+	if (!ram->pc_page && !(ram->pc_page = malloc(FERRY_PC_RUN_PAGES *
+						      ram->blocks[0].page_size)))
 		return ferry_error_set(err, -ENOMEM, "out of memory");
+	ram->pc_run_n = 0;
 	for (unsigned i = 1; i < ram->nblocks; i++)
 		if (ram->blocks[i].page_size > ram->blocks[0].page_size)
 			return ferry_error_set(err, -EINVAL, "postcopy needs one "

@@ -97,7 +97,12 @@ struct ferry_ram {
 	/* Postcopy, destination: attached by the load thread at LISTEN,
 	 * detached at the end; ram.c places pages through it then. */
 	struct ferry_pcd *pcd;
-	uint8_t *pc_page;         /* listen thread: one page, staged */
+	/* Listen thread: background pages staged in a run of consecutive
+	 * pages of one block, placed with one UFFDIO_COPY (FERRY_PC_RUN_PAGES
+	 * pages of the one page size postcopy allows). */
+	uint8_t *pc_page;
+	unsigned pc_run_block, pc_run_n;
+	uint64_t pc_run_off;
 	bool pc_advised;          /* atomic: ADVISE came (prepopulate helpers
 				     take smaller steps) */
 

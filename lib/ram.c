@@ -1005,8 +1005,39 @@ static int load_blocks(struct ferry_ram *ram, struct ferry_chan *c,
 	return 0;
 }
 
+static int load_pages_run(struct ferry_ram *ram, struct ferry_chan *c,
+			  struct ferry_error *err);
+
+/* Postcopy: place the staged run of background pages (listen thread). */
+static int pc_flush(struct ferry_ram *ram, struct ferry_error *err)
+{
+	unsigned n = ram->pc_run_n;
+
+	if (!n)
+		return 0;
+	ram->pc_run_n = 0;
+	return ferry__pcd_place_run(ram->pcd, ram->pc_run_block, ram->pc_run_off,
+				    n, ram->pc_page, err);
+}
+
 static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
 		      struct ferry_error *err)
+{
+	/* A run never outlives its section: the END of each one places it,
+	 * so no page waits here while the stream waits for the next. */
+	int r = load_pages_run(ram, c, err);
+
+	if (ram->pcd) {
+		int f = pc_flush(ram, r ? NULL : err);
+
+		if (!r)
+			r = f;
+	}
+	return r;
+}
+
+static int load_pages_run(struct ferry_ram *ram, struct ferry_chan *c,
+			  struct ferry_error *err)
 {
 	for (;;) {
 		uint64_t hdr = ferry_get_be64(c), flags, off;
@@ -1068,22 +1099,35 @@ static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
 		if (ram->pcd) {
 			/* Postcopy: RAM is registered with userfaultfd, so a
 			 * page goes in whole and atomically, never by a write
-			 * that would fault on the missing page itself. */
+			 * that would fault on the missing page itself. Pages
+			 * that follow each other in one block are staged and
+			 * placed as a run; anything else places the run first. */
+			unsigned bi = (unsigned)ram->last_load_block;
 			int r;
 
-			if (flags & FERRY_RAM_PAGE)
-				ferry_get_buf(c, ram->pc_page, b->page_size);
-			if ((r = ferry_chan_error(c, err)))
+			if (ram->pc_run_n && (!(flags & FERRY_RAM_PAGE) ||
+			    bi != ram->pc_run_block ||
+			    off != ram->pc_run_off + ram->pc_run_n * b->page_size ||
+			    ram->pc_run_n == FERRY_PC_RUN_PAGES) &&
+			    (r = pc_flush(ram, err)))
 				return r;
-			r = ferry__pcd_place(ram->pcd, (unsigned)ram->last_load_block,
-					     off, flags & FERRY_RAM_PAGE ?
-					     ram->pc_page : NULL, err);
+			if (flags & FERRY_RAM_PAGE) {
+				if (!ram->pc_run_n) {
+					ram->pc_run_block = bi;
+					ram->pc_run_off = off;
+				}
+				ferry_get_buf(c, ram->pc_page + (size_t)ram->pc_run_n *
+					      b->page_size, b->page_size);
+				if ((r = ferry_chan_error(c, err)))
+					return r;
+				ram->pc_run_n++;
+				ram->st.normal++;
+				continue;
+			}
+			r = ferry__pcd_place(ram->pcd, bi, off, NULL, err);
 			if (r)
 				return r;
-			if (flags & FERRY_RAM_PAGE)
-				ram->st.normal++;
-			else
-				ram->st.duplicate++;
+			ram->st.duplicate++;
 			continue;
 		}
 		__atomic_fetch_or(&b->recv_map[off / b->page_size / WORD_BITS],

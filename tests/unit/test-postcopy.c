@@ -330,16 +330,27 @@ struct placer {
 	struct pcd_fixture *f;
 	uint8_t fill;
 	int ret;
+	unsigned run;   /* 0: page by page; else runs of this many (the
+			   listen thread's background pages) */
 };
 
 static void *place_all(void *arg)
 {
 	struct placer *p = arg;
-	uint8_t page[4096];
+	static __thread uint8_t pages[FERRY_PC_RUN_PAGES * 4096];
+	size_t step = p->run ? p->run * 4096ul : 4096;
 
-	memset(page, p->fill, sizeof(page));
-	for (size_t off = 0; off < p->f->size && !p->ret; off += 4096)
-		p->ret = ferry__pcd_place(p->f->pcd, 0, off, page, NULL);
+	memset(pages, p->fill, sizeof(pages));
+	for (size_t off = 0; off < p->f->size && !p->ret; off += step) {
+		size_t n = (p->f->size - off) / 4096;
+
+		if (!p->run)
+			p->ret = ferry__pcd_place(p->f->pcd, 0, off, pages, NULL);
+		else
+			p->ret = ferry__pcd_place_run(p->f->pcd, 0, off,
+						      n < p->run ? (unsigned)n :
+						      p->run, pages, NULL);
+	}
 	return NULL;
 }
 
@@ -354,21 +365,22 @@ static void *touch_all(void *arg)
 	return (void *)bad;
 }
 
-/* Two placers race over every page (the background and a request), a
- * third thread faults on them: each page is placed exactly once, whole,
- * and the faulting thread is always woken. */
+/* Two placers race over every page (the background in runs of 64 pages
+ * but the last, and requests page by page), a third thread faults on
+ * them: each page is placed exactly once, whole, and the faulting thread
+ * is always woken. */
 TEST(postcopy_place_exactly_once)
 {
 	struct pcd_fixture f = { 0 };
 	struct ferry_error err = { 0 };
-	struct placer a = { &f, 0x11, 0 }, b = { &f, 0x22, 0 };
+	struct placer a = { &f, 0x11, 0, 0 }, b = { &f, 0x22, 0, 64 };
 	struct ferry_pcd_stats st;
 	pthread_t ta, tb, tt;
 	void *bad;
-	size_t pages = 8 * MB / 4096;
+	size_t pages = 8 * MB / 4096 + 3;   /* a last run that is short */
 
 	need_uffd();
-	fixture(&f, 8 * MB);
+	fixture(&f, 8 * MB + 3 * 4096);
 	ASSERT_OK_E(ferry__pcd_listen(f.pcd, count_request, &f, &err), err);
 	ASSERT_OK(pthread_create(&tt, NULL, touch_all, &f));
 	ASSERT_OK(pthread_create(&ta, NULL, place_all, &a));
