@@ -42,4 +42,20 @@ static inline int cmd_fail(void *opaque, json_t *args, json_t **ret,
 	return ferry_error_set(err, -(int)e, "%s", msg);
 }
 
+/* add {"a": N, "b": N} -> {"sum": N}: argument checks like a real
+ * handler's. The sum wraps (unsigned) rather than overflow: the fuzzer
+ * sends any integers. */
+static inline int cmd_add(void *opaque, json_t *args, json_t **ret,
+			  struct ferry_error *err)
+{
+	json_t *a = json_object_get(args, "a"), *b = json_object_get(args, "b");
+
+	(void)opaque;
+	if (!json_is_integer(a) || !json_is_integer(b))
+		return ferry_error_set(err, -EINVAL, "'a' and 'b' must be integers");
+	*ret = json_pack("{s:I}", "sum", (json_int_t)((uint64_t)json_integer_value(a) +
+						       (uint64_t)json_integer_value(b)));
+	return 0;
+}
+
 #endif

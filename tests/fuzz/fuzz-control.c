@@ -33,20 +33,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static struct control *srv;
 
-/* add {"a": N, "b": N}: argument checks like a real handler's. */
-static int cmd_add(void *opaque, json_t *args, json_t **ret,
-		   struct ferry_error *err)
-{
-	json_t *a = json_object_get(args, "a"), *b = json_object_get(args, "b");
-
-	(void)opaque;
-	if (!json_is_integer(a) || !json_is_integer(b))
-		return ferry_error_set(err, -EINVAL, "'a' and 'b' must be integers");
-	*ret = json_pack("{s:I}", "sum", (json_int_t)((uint64_t)json_integer_value(a) +
-						       (uint64_t)json_integer_value(b)));
-	return 0;
-}
-
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	char dir[] = "/tmp/ferry-fuzz-control-XXXXXX", path[64];

@@ -29,19 +29,6 @@
 
 /* ---- test commands ---------------------------------------------------- */
 
-/* add {"a": N, "b": N} -> {"sum": N} */
-static int cmd_add(void *opaque, json_t *args, json_t **ret,
-		   struct ferry_error *err)
-{
-	json_t *a = json_object_get(args, "a"), *b = json_object_get(args, "b");
-
-	(void)opaque;
-	if (!json_is_integer(a) || !json_is_integer(b))
-		return ferry_error_set(err, -EINVAL, "'a' and 'b' must be integers");
-	*ret = json_pack("{s:I}", "sum", json_integer_value(a) + json_integer_value(b));
-	return 0;
-}
-
 /* sleep {"ms": N}: a slow handler, to hold a reply back. */
 static int cmd_sleep(void *opaque, json_t *args, json_t **ret,
 		     struct ferry_error *err)

@@ -173,7 +173,10 @@ static void b_section(struct builder *b, uint8_t type, uint32_t id,
 	ferry_chan_free(c);
 }
 
-static void expect_fail(struct builder *b, int code, const char *needle)
+/* The builder's stream fails to load with @code, its error containing
+ * @needle and (if not NULL) @also; the builder is freed. */
+static void expect_fail_with(struct builder *b, int code, const char *needle,
+			     const char *also)
 {
 	struct ferry_error err = { 0 };
 	const uint8_t *d;
@@ -182,7 +185,14 @@ static void expect_fail(struct builder *b, int code, const char *needle)
 	d = ferry_chan_mem_data(b->c, &n);
 	ASSERT_ERR(load_into_fresh(d, n, &err), code);
 	ASSERT_CONTAINS(err.msg, needle);
+	if (also)
+		ASSERT_CONTAINS(err.msg, also);
 	ferry_chan_free(b->c);
+}
+
+static void expect_fail(struct builder *b, int code, const char *needle)
+{
+	expect_fail_with(b, code, needle, NULL);
 }
 
 TEST(hostile_semantics)
@@ -503,15 +513,7 @@ TEST(hostile_every_record_type)
  * the offset of the last record named. */
 static void expect_fail_at(struct builder *b, int code, const char *needle)
 {
-	struct ferry_error err = { 0 };
-	const uint8_t *d;
-	size_t n;
-
-	d = ferry_chan_mem_data(b->c, &n);
-	ASSERT_ERR(load_into_fresh(d, n, &err), code);
-	ASSERT_CONTAINS(err.msg, needle);
-	ASSERT_CONTAINS(err.msg, "offset ");
-	ferry_chan_free(b->c);
+	expect_fail_with(b, code, needle, "offset ");
 }
 
 /*
