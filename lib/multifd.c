@@ -1047,7 +1047,6 @@ static int recv_handshake(struct mf_chan *c)
 	uint8_t hs[FERRY_MULTIFD_HANDSHAKE_SIZE];
 	struct ferry__mf_handshake h;
 	struct ferry_error e = { 0 };
-	uint32_t id;
 	ssize_t got = read_full(c, hs, sizeof(hs));
 	int r = 0;
 
@@ -1061,11 +1060,10 @@ static int recv_handshake(struct mf_chan *c)
 		ferry_error_clear(&e);
 		return r;
 	}
-	id = h.id;
 	if (h.channels != m->nch)
 		return mf_fail(m, -EINVAL, "connection %u: channel %u of %u, "
 			       "this destination expects %u channels", c->idx,
-			       id, h.channels, m->nch);
+			       h.id, h.channels, m->nch);
 
 	ferry__mutex_lock(&m->lock);
 	/* Without a session from the caller, the first handshake fixes it
@@ -1084,14 +1082,14 @@ static int recv_handshake(struct mf_chan *c)
 	}
 	if (memcmp(h.session, m->p.session, 16))
 		r = -EPERM;
-	else if (m->ids_seen & (1u << id))
+	else if (m->ids_seen & (1u << h.id))
 		r = -EEXIST;
 	else if ((m->hs_comp >= 0 && (unsigned)m->hs_comp != h.comp) ||
 		 (m->expect_comp >= 0 && (unsigned)m->expect_comp != h.comp) ||
 		 (m->hs_pkt_pages && m->hs_pkt_pages != h.packet_pages))
 		r = -EINVAL;
 	if (!r) {
-		m->ids_seen |= 1u << id;
+		m->ids_seen |= 1u << h.id;
 		m->hs_comp = (int)h.comp;
 		m->hs_pkt_pages = h.packet_pages;
 		c->hs_ok = true;
@@ -1103,11 +1101,11 @@ static int recv_handshake(struct mf_chan *c)
 			       "migration (session id mismatch)", c->idx);
 	if (r == -EEXIST)
 		return mf_fail(m, r, "connection %u: duplicate channel id %u",
-			       c->idx, id);
+			       c->idx, h.id);
 	if (r)
 		return mf_fail(m, r, "connection %u: channel %u disagrees on "
-			       "compression or packet size", c->idx, id);
-	c->id = id;
+			       "compression or packet size", c->idx, h.id);
+	c->id = h.id;
 	c->comp = h.comp;
 	c->offs_cap = h.packet_pages;
 	c->wire = calloc(h.packet_pages, 8);
