@@ -836,26 +836,23 @@ int ferry__pcd_place(struct ferry_pcd *pcd, unsigned block, uint64_t off,
 	struct ram_block *b = &pcd->ram->blocks[block];
 	uint64_t pg = off / b->page_size, bit = 1ull << (pg % WORD_BITS);
 	uintptr_t addr = (uintptr_t)b->host + off;
+	struct uffdio_zeropage zp = {
+		.range = { .start = addr, .len = b->page_size } };
 	int r;
 
+	if (data || !pcd->zeropage)
+		return ferry__pcd_place_run(pcd, block, off, 1,
+					    data ? data : pcd->zero, err);
+	/* A zero page: the same claim, then UFFDIO_ZEROPAGE. */
 	if (__atomic_fetch_or(&pcd->received[block][pg / WORD_BITS], bit,
 			      __ATOMIC_SEQ_CST) & bit) {
 		__atomic_fetch_add(&pcd->duplicates, 1, __ATOMIC_RELAXED);
 		return 0;
 	}
-	if (!data && !pcd->zeropage)
-		data = pcd->zero;
-	if (data) {
-		r = copy_in(pcd, addr, data, b->page_size);
-	} else {
-		struct uffdio_zeropage zp = {
-			.range = { .start = addr, .len = b->page_size } };
-
-		/* EAGAIN: the mappings were changing; the page is not in. */
-		do
-			r = ioctl(pcd->uffd, UFFDIO_ZEROPAGE, &zp) ? -errno : 0;
-		while (r == -EAGAIN);
-	}
+	/* EAGAIN: the mappings were changing; the page is not in. */
+	do
+		r = ioctl(pcd->uffd, UFFDIO_ZEROPAGE, &zp) ? -errno : 0;
+	while (r == -EAGAIN);
 	if (r)
 		return place_failed(b, off, r, err);
 	__atomic_fetch_add(&pcd->placed, 1, __ATOMIC_RELAXED);
