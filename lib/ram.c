@@ -1023,7 +1023,7 @@ static int pc_flush(struct ferry_ram *ram, struct ferry_error *err)
 static int load_pages(struct ferry_ram *ram, struct ferry_chan *c,
 		      struct ferry_error *err)
 {
-	/* A run never outlives its section: the END of each one places it,
+	/* A run never outlives its section: the end of each (EOS) places it,
 	 * so no page waits here while the stream waits for the next. */
 	int r = load_pages_run(ram, c, err);
 
