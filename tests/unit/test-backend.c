@@ -8,6 +8,7 @@
  */
 #include "../harness.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -377,6 +378,71 @@ TEST(backend_uffd_dirty_split)
 	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
 	expect_bits(b, len, pages + 1, 1, "split, again");
 	uffd_dirty_destroy(d);
+	munmap(mem, len);
+	free(b);
+}
+
+/* Page @p's uffd-wp bit in /proc/self/pagemap (bit 57), or -1. */
+static int pagemap_wp(const void *p)
+{
+	uint64_t ent = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	ssize_t n = fd < 0 ? -1 : pread(fd, &ent, sizeof(ent),
+				       (off_t)((uintptr_t)p / PAGE * 8));
+
+	if (fd >= 0)
+		close(fd);
+	return n == sizeof(ent) ? (int)(ent >> 57 & 1) : -1;
+}
+
+/*
+ * Stopping leaves the unprotect to a thread: the call returns at once, the
+ * protection goes away in the background, and a start right after a stop
+ * still tracks exactly.
+ */
+TEST(backend_uffd_dirty_stop_background)
+{
+	size_t len = 96UL << 20, words = uffd_dirty_bitmap_words(len);
+	static const size_t touched[] = { 3, 9000, 20000 };
+	uint64_t *b = bitmap_new(len);
+	uint8_t *mem = map_anon(len);
+	struct ferry_error e = { 0 };
+	struct uffd_dirty *d = uffd_or_skip(mem, len);
+	int left = -1;
+
+	for (size_t i = 0; i < sizeof(touched) / sizeof(touched[0]); i++)
+		mem[touched[i] * PAGE] = 1;
+	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
+	for (size_t i = 0; i < sizeof(touched) / sizeof(touched[0]); i++)
+		ASSERT_EQ(pagemap_wp(mem + touched[i] * PAGE), 1);
+	ASSERT_OK_E(uffd_dirty_stop(d, &e), e);
+	mem[3 * PAGE] = 2;  /* a protected page's write still goes through */
+	ASSERT_EQ(pagemap_wp(mem + 3 * PAGE), 0);
+	for (int tries = 0; tries < 500 && left; tries++) {
+		left = pagemap_wp(mem + 9000 * PAGE) +
+		       pagemap_wp(mem + 20000 * PAGE);
+		if (left)
+			usleep(10000);
+	}
+	ASSERT_EQ(left, 0);
+
+	/* Stop and start at once: the start waits out (or cancels) the
+	 * unprotect, then protects everything again. */
+	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
+	ASSERT_OK_E(uffd_dirty_stop(d, &e), e);
+	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
+	ASSERT_EQ(pagemap_wp(mem + 20000 * PAGE), 1);
+	mem[7 * PAGE] = 1;
+	mem[9000 * PAGE] = 2;
+	memset(b, 0, words * sizeof(*b));
+	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
+	{
+		static const size_t want[] = { 7, 9000 };
+
+		expect_bits(b, len, want, 2, "start right after a stop");
+	}
+	ASSERT_OK_E(uffd_dirty_stop(d, &e), e);
+	uffd_dirty_destroy(d);  /* during the unprotect: joins it */
 	munmap(mem, len);
 	free(b);
 }
