@@ -105,7 +105,8 @@ static void tb_dirty_stop(void *priv)
 {
 	struct thread_backend *tb = priv;
 
-	/* Unprotect so the guest writes at full speed again. */
+	/* Tracking ends at once; pages stay protected until written (one
+	 * minor fault each, resolved by the kernel: dirty-uffd.c). */
 	if (tb->dirty)
 		uffd_dirty_stop(tb->dirty, NULL);
 }

@@ -89,25 +89,13 @@ struct pm_scan_arg {
 #define SCAN_VEC_LEN	512	/* regions per PAGEMAP_SCAN call */
 #define SPLIT_MIN	(1ULL << 30)	/* sync ranges this large in two halves */
 
-#define UNPROTECT_STEP	(32ULL << 20)	/* a background unprotect's ioctl */
-
-/* Everything belongs to the one thread using the handle (see the header),
- * but for the background unprotect's thread (struct below). */
+/* Everything belongs to the one thread using the handle (see the header). */
 struct uffd_dirty {
 	int uffd;		/* userfaultfd, registered over the range */
 	int pagemap_fd;		/* /proc/self/pagemap, for PAGEMAP_SCAN */
 	uintptr_t base;
 	size_t len;
 	bool started;
-	/* The unprotect after a stop, on a thread of its own: unlike
-	 * protecting, it is slow (a 1 GiB guest: 0.2 s here, clearing every
-	 * never-touched page's marker) and nobody needs to wait for it. The
-	 * owner sets unprot_cancel and joins before anything else touches
-	 * the protection (start, destroy); the thread reads the flag
-	 * between steps. */
-	bool unprot_running;
-	bool unprot_cancel;	/* atomic: owner writes, thread reads */
-	pthread_t unprot;
 	struct page_region vec[SCAN_VEC_LEN];
 };
 
@@ -341,41 +329,9 @@ static int writeprotect(struct uffd_dirty *d, bool on, struct ferry_error *err)
 	return 0;
 }
 
-/* The background unprotect: steps of UNPROTECT_STEP, so a start or a
- * destroy that cancels it waits for one step at most. */
-static void *unprotect_main(void *arg)
-{
-	struct uffd_dirty *d = arg;
-
-	for (uintptr_t a = d->base; a < d->base + d->len; a += UNPROTECT_STEP) {
-		struct uffdio_writeprotect wp = { .range = { .start = a,
-			.len = d->base + d->len - a < UNPROTECT_STEP
-				? d->base + d->len - a : UNPROTECT_STEP } };
-
-		if (__atomic_load_n(&d->unprot_cancel, __ATOMIC_ACQUIRE))
-			break;
-		/* Failure leaves pages protected: async mode resolves their
-		 * writes in the kernel anyway, so nothing is lost but speed. */
-		ioctl(d->uffd, UFFDIO_WRITEPROTECT, &wp);
-	}
-	return NULL;
-}
-
-static void unprotect_join(struct uffd_dirty *d)
-{
-	if (!d->unprot_running)
-		return;
-	__atomic_store_n(&d->unprot_cancel, true, __ATOMIC_RELEASE);
-	pthread_join(d->unprot, NULL);
-	d->unprot_running = false;
-}
-
 int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err)
 {
-	int r;
-
-	unprotect_join(d);
-	r = writeprotect(d, true, err);
+	int r = writeprotect(d, true, err);
 
 	if (!r)
 		d->started = true;
@@ -448,21 +404,21 @@ int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
 	return 0;
 }
 
+/*
+ * Tracking ends; the protection stays. Removing it is slow (a 1 GiB guest:
+ * 0.2 s here, clearing every never-touched page's marker; a thread doing
+ * it in the background starves the migration's teardown of CPU and of
+ * mmap_lock), and nothing needs it: in async mode the kernel resolves a
+ * protected page's write itself, so each page costs at most one minor
+ * fault, on its first write (KVM too leaves the entries it protected for
+ * dirty logging to the next write fault). A start protects
+ * everything again; unregistering drops what is left.
+ */
 int uffd_dirty_stop(struct uffd_dirty *d, struct ferry_error *err)
 {
-	if (!d->started)
-		return 0;
-	/* Tracking ends here: in async mode a protected page's write is
-	 * resolved by the kernel, so the protection left behind costs the
-	 * guest a minor fault per page at most, until the thread removes
-	 * it. Without a thread, here and now. */
+	(void)err;
 	d->started = false;
-	__atomic_store_n(&d->unprot_cancel, false, __ATOMIC_RELAXED);
-	if (!pthread_create(&d->unprot, NULL, unprotect_main, d)) {
-		d->unprot_running = true;
-		return 0;
-	}
-	return writeprotect(d, false, err);
+	return 0;
 }
 
 void uffd_dirty_destroy(struct uffd_dirty *d)
@@ -471,8 +427,7 @@ void uffd_dirty_destroy(struct uffd_dirty *d)
 
 	if (!d)
 		return;
-	unprotect_join(d);
-	/* Unregistering also drops any protection left behind. */
+	/* Unregistering also drops the protection left behind. */
 	range.start = d->base;
 	range.len = d->len;
 	ioctl(d->uffd, UFFDIO_UNREGISTER, &range);

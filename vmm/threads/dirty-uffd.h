@@ -66,13 +66,12 @@ int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err);
 int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
 		    struct ferry_error *err);
 
-/* End tracking: the write protection is removed on a thread of its own
- * (a start or destroy waits for it); meanwhile a protected page's first
- * write costs a minor fault, resolved by the kernel.  0, or -errno if the
- * thread cannot start and the unprotect done here fails. */
+/* End tracking, at once: writes are no longer reported.  The protection
+ * stays until a page is written (one minor fault, resolved by the kernel)
+ * or the range is unregistered.  Always 0. */
 int uffd_dirty_stop(struct uffd_dirty *d, struct ferry_error *err);
 
-/* Wait for a background unprotect, unregister, close.  NULL is fine. */
+/* Unregister (dropping any protection left), close.  NULL is fine. */
 void uffd_dirty_destroy(struct uffd_dirty *d);
 
 static inline size_t uffd_dirty_bitmap_words(size_t len)
