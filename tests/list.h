@@ -306,6 +306,8 @@ X(live_kvm_postcopy_dest_killed, 120)
 X(live_thread_postcopy_dest_killed, 120)
 X(live_kvm_postcopy_src_killed, 120)
 X(live_thread_postcopy_src_killed, 120)
+X(live_kvm_postcopy_back, 120)
+X(live_thread_postcopy_back, 120)
 /* ---- devices with large state between VMs (tests/e2e/test-devices-vm.c) ---- */
 X(devices_kvm_4x512M_multifd, 120)
 X(devices_kvm_4x512M_main, 120)

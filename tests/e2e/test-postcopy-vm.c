@@ -274,3 +274,63 @@ static void postcopy_src_killed(const char *backend)
 
 TEST(live_kvm_postcopy_src_killed) { postcopy_src_killed("kvm"); }
 TEST(live_thread_postcopy_src_killed) { postcopy_src_killed("thread"); }
+
+/*
+ * A VM that migrated out takes a postcopy migration back (the soak's
+ * ping-pong, with postcopy): its RAM, still registered for the dirty
+ * tracking of its own outgoing migration on the thread backend, is let go
+ * at migrate-incoming, so the postcopy load can register it; the guest
+ * comes back whole.
+ */
+static void postcopy_back(const char *backend)
+{
+	struct proc s, a, b;
+	json_t *m;
+	long long g;
+	int port = pair(&s, &a, backend, true), port2 = free_port();
+
+	vm_quit(&a);
+	vm_spawn(&a, "a", test_fmt("--backend %s --mem 512M --postcopy "
+				   "--incoming defer", backend));
+	json_decref(call(&a, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	vm_spawn(&b, "b", test_fmt("--backend %s --mem 512M --postcopy "
+				   "--incoming tcp:127.0.0.1:%d", backend, port2));
+	/* s to a, then a to b: precopy, a now migrated out. */
+	json_decref(call(&s, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port))));
+	wait_migration(&s, "completed");
+	wait_loaded(&a);
+	wait_generation(&a, generation(&a) + 50);
+	json_decref(call(&a, "migrate", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port2))));
+	wait_migration(&a, "completed");
+	ASSERT_STREQ(status_of(&a), "postmigrate");
+	wait_loaded(&b);
+	/* b back to a, in postcopy. */
+	json_decref(call(&a, "migrate-incoming", json_pack("{s:s}", "uri",
+			 test_fmt("tcp:127.0.0.1:%d", port = free_port()))));
+	caps(&b, false);
+	migrate_postcopy(&b, port);
+	wait_migration(&b, "completed");
+	ASSERT_STREQ(status_of(&b), "postmigrate");
+	m = call(&b, "query-migrate", NULL);
+	ASSERT_GT(geti(json_object_get(m, "ram"), "postcopy-bytes"), 0);
+	json_decref(m);
+	wait_loaded(&a);
+	m = call(&a, "query-migrate", NULL);
+	ASSERT_STREQ(gets(m, "status"), "completed");
+	json_decref(m);
+	ASSERT_STREQ(status_of(&a), "running");
+	g = generation(&a);
+	wait_generation(&a, g + 50);
+	m = verify(&a);
+	ASSERT_EQ(geti(m, "bad-pages"), 0);
+	json_decref(m);
+	vm_quit(&s);
+	vm_quit(&a);
+	vm_quit(&b);
+}
+
+TEST(live_kvm_postcopy_back) { postcopy_back("kvm"); }
+TEST(live_thread_postcopy_back) { postcopy_back("thread"); }

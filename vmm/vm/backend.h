@@ -36,6 +36,11 @@ struct backend_ops {
 	int (*dirty_start)(void *priv, struct ferry_error *err);
 	int (*dirty_sync)(void *priv, uint64_t *bitmap, struct ferry_error *err);
 	void (*dirty_stop)(void *priv);
+	/* Optional: let go of guest RAM for good (a stopped tracker may
+	 * still hold it: the thread backend's userfaultfd registration), so
+	 * that a postcopy load can register it with its own. Called where
+	 * the VM waits for an incoming state; may be slow. */
+	void (*dirty_release)(void *priv);
 	/* Per-vCPU state description and object, registered as "cpu" N. */
 	const struct ferry_vmsd *cpu_vmsd;
 	void *(*cpu_state)(void *priv, unsigned index);

@@ -278,6 +278,11 @@ int vm_migrate_incoming(struct vm *vm, const char *uri, struct ferry_error *err)
 	}
 	vm_set_run_state(vm, FERRY_RUN_INMIGRATE);
 	pthread_mutex_unlock(&vm->lock);
+	/* A VM migrated out may still have its RAM registered for dirty
+	 * tracking: a postcopy load could not register it (EBUSY). Its
+	 * outgoing migration is over, so nothing tracks any more. */
+	if (st == FERRY_RUN_POSTMIGRATE && vm->be->dirty_release)
+		vm->be->dirty_release(vm->be_priv);
 	r = ferry_mig_incoming(vm->mig, uri, err);
 	if (r && st != FERRY_RUN_INMIGRATE) {
 		pthread_mutex_lock(&vm->lock);
