@@ -399,7 +399,8 @@ static int pagemap_wp(const void *p)
  * Stopping ends tracking at once and leaves the protection where nothing
  * writes: a protected page's write goes through (the kernel resolves it),
  * a page nobody writes stays protected until a start or the unregister,
- * and a start right after a stop tracks exactly.
+ * and a start right after a stop tracks exactly - as does one after a
+ * release.
  */
 TEST(backend_uffd_dirty_stop_lazy)
 {
@@ -432,6 +433,21 @@ TEST(backend_uffd_dirty_stop_lazy)
 		static const size_t want[] = { 7, 9000 };
 
 		expect_bits(b, len, want, 2, "start right after a stop");
+	}
+	/* Released (for a postcopy load's own registration): nothing
+	 * protected is left; a start registers again and tracks exactly. */
+	uffd_dirty_release(d);
+	ASSERT_EQ(pagemap_wp(mem + 20000 * PAGE), 0);
+	ASSERT_ERR(uffd_dirty_sync(d, b, NULL), -EINVAL);
+	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
+	ASSERT_EQ(pagemap_wp(mem + 20000 * PAGE), 1);
+	mem[11 * PAGE] = 1;
+	memset(b, 0, words * sizeof(*b));
+	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
+	{
+		static const size_t want[] = { 11 };
+
+		expect_bits(b, len, want, 1, "start after a release");
 	}
 	ASSERT_OK_E(uffd_dirty_stop(d, &e), e);
 	uffd_dirty_destroy(d);

@@ -116,9 +116,11 @@ static void tb_dirty_release(void *priv)
 	struct thread_backend *tb = priv;
 
 	/* Unregistering walks all of RAM to drop what protection is left
-	 * (0.2 s per GiB here); the next dirty_start registers anew. */
-	uffd_dirty_destroy(tb->dirty);
-	tb->dirty = NULL;
+	 * (0.2 s per GiB here); the next dirty_start registers again. The
+	 * fds stay: a VM that migrates back and forth keeps a steady
+	 * count. */
+	if (tb->dirty)
+		uffd_dirty_release(tb->dirty);
 }
 
 static bool tb_failed(void *priv, char *msg, size_t len)

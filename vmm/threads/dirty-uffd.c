@@ -96,6 +96,7 @@ struct uffd_dirty {
 	uintptr_t base;
 	size_t len;
 	bool started;
+	bool registered;	/* the range, with uffd (uffd_dirty_release) */
 	struct page_region vec[SCAN_VEC_LEN];
 };
 
@@ -264,6 +265,7 @@ int uffd_dirty_create(struct uffd_dirty **out, void *base, size_t len,
 		goto fail_unreg;
 	}
 
+	d->registered = true;
 	d->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (d->pagemap_fd < 0) {
 		r = ferry_error_set(err, -errno, "open /proc/self/pagemap: %s",
@@ -331,7 +333,21 @@ static int writeprotect(struct uffd_dirty *d, bool on, struct ferry_error *err)
 
 int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err)
 {
-	int r = writeprotect(d, true, err);
+	int r;
+
+	if (!d->registered) {
+		struct uffdio_register reg = {
+			.range = { .start = d->base, .len = d->len },
+			.mode = UFFDIO_REGISTER_MODE_WP,
+		};
+
+		if (ioctl(d->uffd, UFFDIO_REGISTER, &reg) < 0)
+			return ferry_error_set(err, -errno, "UFFDIO_REGISTER(wp, "
+					       "%#" PRIxPTR "+%#zx): %s", d->base,
+					       d->len, strerror(errno));
+		d->registered = true;
+	}
+	r = writeprotect(d, true, err);
 
 	if (!r)
 		d->started = true;
@@ -421,16 +437,22 @@ int uffd_dirty_stop(struct uffd_dirty *d, struct ferry_error *err)
 	return 0;
 }
 
+void uffd_dirty_release(struct uffd_dirty *d)
+{
+	struct uffdio_range range = { .start = d->base, .len = d->len };
+
+	/* Unregistering also drops the protection left behind (walking
+	 * the whole range: slow). */
+	d->started = false;
+	if (d->registered && !ioctl(d->uffd, UFFDIO_UNREGISTER, &range))
+		d->registered = false;
+}
+
 void uffd_dirty_destroy(struct uffd_dirty *d)
 {
-	struct uffdio_range range;
-
 	if (!d)
 		return;
-	/* Unregistering also drops the protection left behind. */
-	range.start = d->base;
-	range.len = d->len;
-	ioctl(d->uffd, UFFDIO_UNREGISTER, &range);
+	uffd_dirty_release(d);
 	close(d->uffd);
 	close(d->pagemap_fd);
 	free(d);

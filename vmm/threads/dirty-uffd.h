@@ -71,7 +71,13 @@ int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
  * or the range is unregistered.  Always 0. */
 int uffd_dirty_stop(struct uffd_dirty *d, struct ferry_error *err);
 
-/* Unregister (dropping any protection left), close.  NULL is fine. */
+/* Stop, and let go of the range: unregister it (dropping the protection
+ * left, slowly: the whole range is walked), so that another userfaultfd
+ * may register it (a postcopy load).  The fds stay open; the next start
+ * registers again. */
+void uffd_dirty_release(struct uffd_dirty *d);
+
+/* Release, close.  NULL is fine. */
 void uffd_dirty_destroy(struct uffd_dirty *d);
 
 static inline size_t uffd_dirty_bitmap_words(size_t len)
