@@ -286,7 +286,7 @@ static void merge_scratch(struct ferry_ram *ram, struct ram_block *b,
 
 static int ram_sync(struct ferry_ram *ram, struct ferry_error *err)
 {
-	uint64_t found = 0;
+	uint64_t found = 0, t0 = ferry__mono_ns();
 
 	if (!ram->ops || !ram->ops->sync)
 		return 0;
@@ -300,6 +300,7 @@ static int ram_sync(struct ferry_ram *ram, struct ferry_error *err)
 	}
 	ram->st.dirty_sync_count++;
 	ram->st.dirty_pages_last_sync = found;
+	ram->st.last_sync_ns = ferry__mono_ns() - t0;
 	ram->round_done = false;
 	return 0;
 }

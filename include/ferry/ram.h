@@ -108,6 +108,7 @@ struct ferry_ram_stats {
 	uint64_t rounds;           /* completed passes over the bitmap */
 	uint64_t multifd_syncs;    /* MULTIFD_FLUSH sync points */
 	uint64_t prepopulated;     /* destination: bytes faulted in ahead */
+	uint64_t last_sync_ns;     /* how long the last dirty sync took */
 };
 
 struct ferry_ram;

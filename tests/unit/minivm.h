@@ -45,6 +45,7 @@ struct minivm {
 	uint64_t rate;             /* bytes/s dirtied, 0 = flat out */
 	uint64_t ws;               /* working set, bytes */
 	unsigned throttle;         /* percent, from vm_throttle */
+	uint64_t sync_delay_us;    /* each dirty sync takes this long */
 	unsigned starts, stops;    /* vm_start / vm_stop calls */
 	char log[64][40];          /* "out:setup", "in:completed", "pass" ... */
 	unsigned nlog;
