@@ -219,8 +219,15 @@ void vm_quit(struct proc *p)
 	call(p, "quit", NULL);
 	close(p->fd);
 	for (int i = 0; i < 1000; i++) {
-		if (waitpid(p->pid, &st, WNOHANG) == p->pid)
+		if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
+			/* A clean quit exits 0; a sanitizer that found
+			 * something (a race, a leak at exit) makes it
+			 * non-zero. */
+			if (!WIFEXITED(st) || WEXITSTATUS(st))
+				FAIL("ferry vm quit with status 0x%x (see its "
+				     "log)", st);
 			return;
+		}
 		usleep(10000);
 	}
 	kill(p->pid, SIGKILL);

@@ -62,7 +62,14 @@ static void hook_vm_set_state(void *opaque, enum ferry_run_state to)
 	struct vm *vm = opaque;
 
 	pthread_mutex_lock(&vm->lock);
-	vm_set_run_state(vm, to);
+	/* A VM told to quit is shut down for good: the engine's last word
+	 * on a migration the quit ended (postmigrate for a paused postcopy
+	 * whose destination died, say) comes too late to matter. */
+	if (vm->run_state == FERRY_RUN_SHUTDOWN)
+		vm_trace(vm, "run state stays shutdown (the migration "
+			 "asked for %s)", ferry_run_state_name(to));
+	else
+		vm_set_run_state(vm, to);
 	pthread_mutex_unlock(&vm->lock);
 }
 
