@@ -35,8 +35,13 @@ enum mode { POSTCOPY, PREEMPT, PREEMPT_PASS1, PRECOPY_AC };
 static const char *const mode_names[] = { "postcopy", "postcopy+preempt",
 	"postcopy+preempt after the first pass", "precopy+auto-converge" };
 
-static void bench(const char *backend, uint64_t mem, const char *ws,
-		  enum mode mode, uint64_t cap, int runs)
+/* Medians of one case, for the targets at the end (0: not run). */
+struct result {
+	double total, down, p50;
+};
+
+static struct result bench(const char *backend, uint64_t mem, const char *ws,
+			   enum mode mode, uint64_t cap, int runs)
 {
 	double total[MAXRUNS], down[MAXRUNS], pct[MAXRUNS], req[MAXRUNS],
 	       p50[MAXRUNS], p99[MAXRUNS], pmax[MAXRUNS], block[MAXRUNS],
@@ -127,11 +132,59 @@ static void bench(const char *backend, uint64_t mem, const char *ws,
 		stat3("blocktime", block, runs, "ms");
 	}
 	fflush(stdout);
+	/* stat3 sorted each array: the median is in the middle. */
+	return (struct result){ total[runs / 2], down[runs / 2],
+				mode != PRECOPY_AC ? p50[runs / 2] : 0 };
+}
+
+/* The targets against this run's medians. */
+static void targets(struct result res[2][2][PRECOPY_AC + 1],
+		    struct result capped[PRECOPY_AC + 1], double floor_us)
+{
+	static const char *const ws_names[2] = { "256 MiB", "all RAM" };
+
+	printf("targets, from this run's medians:\n");
+	for (int mi = 0; mi < 2; mi++)
+		for (int w = 0; w < 2; w++)
+			for (int mode = POSTCOPY; mode < PRECOPY_AC; mode++) {
+				struct result *r = &res[mi][w][mode];
+
+				if (!r->total)
+					continue;
+				printf("  %dG dirtying %s, %s: downtime %.1f ms "
+				       "(< 5: %s)", mi ? 4 : 1, ws_names[w],
+				       mode_names[mode], r->down,
+				       r->down < 5 ? "met" : "not met");
+				if (mode != POSTCOPY)
+					printf(", fault p50 %.2fx the bare "
+					       "round trip (<= 1.5x: %s)",
+					       r->p50 / floor_us,
+					       r->p50 <= 1.5 * floor_us ? "met"
+								       : "not met");
+				printf("\n");
+			}
+	for (int mode = PREEMPT; mode <= PREEMPT_PASS1; mode++)
+		if (capped[mode].total)
+			printf("  capped, %s: fault p50 %.2fx the bare round trip "
+			       "(<= 1.5x: %s)\n", mode_names[mode],
+			       capped[mode].p50 / floor_us,
+			       capped[mode].p50 <= 1.5 * floor_us ? "met"
+								  : "not met");
+	if (res[0][0][PREEMPT].total && res[0][0][PRECOPY_AC].total)
+		printf("  1G dirtying 256 MiB, total time of postcopy+preempt / "
+		       "precopy+auto-converge: %.2f (< 0.5: %s)\n",
+		       res[0][0][PREEMPT].total / res[0][0][PRECOPY_AC].total,
+		       res[0][0][PREEMPT].total < 0.5 * res[0][0][PRECOPY_AC].total
+		       ? "met" : "not met");
+	if (capped[PREEMPT].total && capped[PRECOPY_AC].total)
+		printf("  the same, link capped: %.2f\n",
+		       capped[PREEMPT].total / capped[PRECOPY_AC].total);
 }
 
 int main(int argc, char **argv)
 {
 	static const uint64_t mems[] = { 1ull << 30, 4ull << 30 };
+	static struct result res[2][2][PRECOPY_AC + 1], capped[PRECOPY_AC + 1];
 	const char *backend, *only = NULL;
 	int runs = 3;
 	int64_t floor_ns;
@@ -159,8 +212,8 @@ int main(int argc, char **argv)
 					 (unsigned long long)(mems[mi] >> 30),
 					 wss[w], mode_names[mode]);
 				if (!only || strstr(label, only))
-					bench(backend, mems[mi], wss[w],
-					      (enum mode)mode, 0, runs);
+					res[mi][w][mode] = bench(backend, mems[mi],
+						wss[w], (enum mode)mode, 0, runs);
 			}
 	}
 	/* A link slower than the guest dirties: where postcopy matters. */
@@ -170,8 +223,10 @@ int main(int argc, char **argv)
 		snprintf(label, sizeof(label), "1G ws=256M %s capped",
 			 mode_names[mode]);
 		if (!only || strstr(label, only))
-			bench(backend, 1ull << 30, "256M", (enum mode)mode,
-			      200ull * 1000 * 1000, runs);
+			capped[mode] = bench(backend, 1ull << 30, "256M",
+					     (enum mode)mode, 200ull * 1000 * 1000,
+					     runs);
 	}
+	targets(res, capped, (double)floor_ns / 1000.0);
 	return bench_end();
 }
