@@ -12,6 +12,7 @@
 uint64_t test_seed;
 static uint64_t rng_state;
 char test_tmpdir_path[256];
+int test_timeout_scale = 1;
 
 uint64_t test_rand(void)
 {

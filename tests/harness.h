@@ -32,6 +32,9 @@ extern uint64_t test_seed;
 uint64_t test_rand(void);
 /* Directory for scratch files, unique per test (removed after it passes). */
 const char *test_tmpdir(void);
+/* --timeout-scale (at least 1): waits of a test's own scale with it
+ * (a sanitizer build starts and runs everything slower). */
+extern int test_timeout_scale;
 /* Path of the ferry binary (from $FERRY_BIN, or build/ferry). */
 const char *test_ferry_bin(void);
 /* Printf into a fresh static buffer ring; handy for paths. */

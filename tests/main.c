@@ -153,6 +153,7 @@ int main(int argc, char **argv)
 	}
 	if (scale < 1)
 		scale = 1;
+	test_timeout_scale = scale;
 	if (!seeded) {
 		struct timespec ts;
 		clock_gettime(CLOCK_REALTIME, &ts);

@@ -120,7 +120,9 @@ static void spawn_in(struct proc *p, const char *netns, const char *name,
 		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
 		_exit(127);
 	}
-	for (int i = 0; i < 3000; i++) {
+	/* 30 s, scaled: a VM with 2 GiB of device state to stamp takes
+	 * longer than that to start under ThreadSanitizer. */
+	for (int i = 0; i < 3000 * test_timeout_scale; i++) {
 		int st;
 
 		if (access(p->sock, F_OK) == 0) {
