@@ -297,7 +297,7 @@ void cont_verified(struct proc *p)
 
 void wait_migration_live(struct proc *p, const char *want)
 {
-	for (int i = 0; i < 12000; i++) {
+	for (int i = 0; i < 12000 * test_timeout_scale; i++) {
 		json_t *m = call(p, "query-migrate", NULL);
 		bool hit = !strcmp(gets(m, "status"), want);
 
@@ -311,7 +311,8 @@ void wait_migration_live(struct proc *p, const char *want)
 
 void wait_migration(struct proc *p, const char *want)
 {
-	for (int i = 0; i < 12000; i++) {
+	/* 2 minutes, scaled (a sanitizer build moves state slower). */
+	for (int i = 0; i < 12000 * test_timeout_scale; i++) {
 		json_t *m = call(p, "query-migrate", NULL);
 		const char *s = gets(m, "status");
 
