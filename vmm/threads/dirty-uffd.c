@@ -317,16 +317,17 @@ fail:
 	return r;
 }
 
-static int writeprotect(struct uffd_dirty *d, bool on, struct ferry_error *err)
+/* Protect the whole range (removing it is left to the next write, or to
+ * the unregister: uffd_dirty_stop). */
+static int protect_all(struct uffd_dirty *d, struct ferry_error *err)
 {
 	struct uffdio_writeprotect wp = {
 		.range = { .start = d->base, .len = d->len },
-		.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+		.mode = UFFDIO_WRITEPROTECT_MODE_WP,
 	};
 
 	if (ioctl(d->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
-		return ferry_error_set(err, -errno, "UFFDIO_WRITEPROTECT(%s): %s",
-				       on ? "protect" : "unprotect",
+		return ferry_error_set(err, -errno, "UFFDIO_WRITEPROTECT: %s",
 				       strerror(errno));
 	return 0;
 }
@@ -347,8 +348,7 @@ int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err)
 					       d->len, strerror(errno));
 		d->registered = true;
 	}
-	r = writeprotect(d, true, err);
-
+	r = protect_all(d, err);
 	if (!r)
 		d->started = true;
 	return r;
