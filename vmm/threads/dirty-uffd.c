@@ -196,15 +196,43 @@ static int probe_features(uint64_t *features, struct ferry_error *err)
 	return r;
 }
 
+/* Register the range for async write-protect tracking (at create, and
+ * again at a start after uffd_dirty_release). */
+static int register_wp(struct uffd_dirty *d, struct ferry_error *err)
+{
+	struct uffdio_register reg = {
+		.range = { .start = d->base, .len = d->len },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	int r;
+
+	if (ioctl(d->uffd, UFFDIO_REGISTER, &reg) < 0) {
+		r = -errno;
+		if (r == -EINVAL)
+			return ferry_error_set(err, -EOPNOTSUPP, "uffd dirty "
+					       "tracking: cannot write-protect "
+					       "%#" PRIxPTR "+%#zx (only anonymous, "
+					       "shmem and memfd memory; shmem needs "
+					       "WP_HUGETLBFS_SHMEM)", d->base, d->len);
+		return ferry_error_set(err, r, "UFFDIO_REGISTER(wp, %#" PRIxPTR
+				       "+%#zx): %s", d->base, d->len,
+				       strerror(-r));
+	}
+	if (!(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
+		ioctl(d->uffd, UFFDIO_UNREGISTER, &reg.range);
+		return ferry_error_set(err, -EOPNOTSUPP, "uffd dirty tracking: "
+				       "UFFDIO_WRITEPROTECT not offered for this "
+				       "memory");
+	}
+	d->registered = true;
+	return 0;
+}
+
 int uffd_dirty_create(struct uffd_dirty **out, void *base, size_t len,
 		      struct ferry_error *err)
 {
 	uint64_t have = 0, want;
 	struct uffdio_api api = { .api = UFFD_API };
-	struct uffdio_register reg = {
-		.range = { .start = (uintptr_t)base, .len = len },
-		.mode = UFFDIO_REGISTER_MODE_WP,
-	};
 	struct uffd_dirty *d;
 	int r;
 
@@ -245,27 +273,8 @@ int uffd_dirty_create(struct uffd_dirty **out, void *base, size_t len,
 				    "): %s", want, strerror(errno));
 		goto fail;
 	}
-	if (ioctl(d->uffd, UFFDIO_REGISTER, &reg) < 0) {
-		r = -errno;
-		if (r == -EINVAL)
-			r = ferry_error_set(err, -EOPNOTSUPP, "uffd dirty "
-					    "tracking: cannot write-protect "
-					    "%p+%#zx (only anonymous, shmem and "
-					    "memfd memory; shmem needs "
-					    "WP_HUGETLBFS_SHMEM)", base, len);
-		else
-			r = ferry_error_set(err, r, "UFFDIO_REGISTER(wp, %p+%#zx):"
-					    " %s", base, len, strerror(-r));
+	if ((r = register_wp(d, err)))
 		goto fail;
-	}
-	if (!(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
-		r = ferry_error_set(err, -EOPNOTSUPP, "uffd dirty tracking: "
-				    "UFFDIO_WRITEPROTECT not offered for this "
-				    "memory");
-		goto fail_unreg;
-	}
-
-	d->registered = true;
 	d->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (d->pagemap_fd < 0) {
 		r = ferry_error_set(err, -errno, "open /proc/self/pagemap: %s",
@@ -307,7 +316,7 @@ int uffd_dirty_create(struct uffd_dirty **out, void *base, size_t len,
 	return 0;
 
 fail_unreg:
-	ioctl(d->uffd, UFFDIO_UNREGISTER, &reg.range);
+	uffd_dirty_release(d);
 fail:
 	if (d->pagemap_fd >= 0)
 		close(d->pagemap_fd);
@@ -336,18 +345,8 @@ int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err)
 {
 	int r;
 
-	if (!d->registered) {
-		struct uffdio_register reg = {
-			.range = { .start = d->base, .len = d->len },
-			.mode = UFFDIO_REGISTER_MODE_WP,
-		};
-
-		if (ioctl(d->uffd, UFFDIO_REGISTER, &reg) < 0)
-			return ferry_error_set(err, -errno, "UFFDIO_REGISTER(wp, "
-					       "%#" PRIxPTR "+%#zx): %s", d->base,
-					       d->len, strerror(errno));
-		d->registered = true;
-	}
+	if (!d->registered && (r = register_wp(d, err)))
+		return r;
 	r = protect_all(d, err);
 	if (!r)
 		d->started = true;
