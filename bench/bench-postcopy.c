@@ -137,11 +137,24 @@ static struct result bench(const char *backend, uint64_t mem, const char *ws,
 				mode != PRECOPY_AC ? p50[runs / 2] : 0 };
 }
 
+static const char *verdict(bool met)
+{
+	return met ? "met" : "not met";
+}
+
+/* "fault p50 ...x the bare round trip (<= 1.5x: met|not met)" */
+static void p50_verdict(double p50, double floor_us)
+{
+	printf("fault p50 %.2fx the bare round trip (<= 1.5x: %s)",
+	       p50 / floor_us, verdict(p50 <= 1.5 * floor_us));
+}
+
 /* The targets against this run's medians. */
 static void targets(struct result res[2][2][PRECOPY_AC + 1],
 		    struct result capped[PRECOPY_AC + 1], double floor_us)
 {
 	static const char *const ws_names[2] = { "256 MiB", "all RAM" };
+	const struct result *pre = &res[0][0][PREEMPT], *ac = &res[0][0][PRECOPY_AC];
 
 	printf("targets, from this run's medians:\n");
 	for (int mi = 0; mi < 2; mi++)
@@ -154,28 +167,23 @@ static void targets(struct result res[2][2][PRECOPY_AC + 1],
 				printf("  %dG dirtying %s, %s: downtime %.1f ms "
 				       "(< 5: %s)", mi ? 4 : 1, ws_names[w],
 				       mode_names[mode], r->down,
-				       r->down < 5 ? "met" : "not met");
-				if (mode != POSTCOPY)
-					printf(", fault p50 %.2fx the bare "
-					       "round trip (<= 1.5x: %s)",
-					       r->p50 / floor_us,
-					       r->p50 <= 1.5 * floor_us ? "met"
-								       : "not met");
+				       verdict(r->down < 5));
+				if (mode != POSTCOPY) {
+					printf(", ");
+					p50_verdict(r->p50, floor_us);
+				}
 				printf("\n");
 			}
 	for (int mode = PREEMPT; mode <= PREEMPT_PASS1; mode++)
-		if (capped[mode].total)
-			printf("  capped, %s: fault p50 %.2fx the bare round trip "
-			       "(<= 1.5x: %s)\n", mode_names[mode],
-			       capped[mode].p50 / floor_us,
-			       capped[mode].p50 <= 1.5 * floor_us ? "met"
-								  : "not met");
-	if (res[0][0][PREEMPT].total && res[0][0][PRECOPY_AC].total)
+		if (capped[mode].total) {
+			printf("  capped, %s: ", mode_names[mode]);
+			p50_verdict(capped[mode].p50, floor_us);
+			printf("\n");
+		}
+	if (pre->total && ac->total)
 		printf("  1G dirtying 256 MiB, total time of postcopy+preempt / "
 		       "precopy+auto-converge: %.2f (< 0.5: %s)\n",
-		       res[0][0][PREEMPT].total / res[0][0][PRECOPY_AC].total,
-		       res[0][0][PREEMPT].total < 0.5 * res[0][0][PRECOPY_AC].total
-		       ? "met" : "not met");
+		       pre->total / ac->total, verdict(pre->total < 0.5 * ac->total));
 	if (capped[PREEMPT].total && capped[PRECOPY_AC].total)
 		printf("  the same, link capped: %.2f\n",
 		       capped[PREEMPT].total / capped[PRECOPY_AC].total);
