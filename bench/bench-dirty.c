@@ -84,7 +84,7 @@ static int run(enum vm_backend_kind be, uint64_t mem)
 		fprintf(stderr, "bench-dirty: %s\n", err.msg);
 		return 1;
 	}
-	vm->be->dirty_sync(vm->be_priv, bm, &err);
+	vm->be->dirty_sync(vm->be_priv, bm, false, &err);
 	for (int i = 0; i < SYNCS; i++) {
 		uint64_t n = 0, ts, te, gb, ge;
 
@@ -92,7 +92,7 @@ static int run(enum vm_backend_kind be, uint64_t mem)
 		gb = gen(vm);
 		usleep(INTERVAL_MS * 1000);
 		ts = now_ns();
-		if (vm->be->dirty_sync(vm->be_priv, bm, &err)) {
+		if (vm->be->dirty_sync(vm->be_priv, bm, false, &err)) {
 			fprintf(stderr, "bench-dirty: %s\n", err.msg);
 			return 1;
 		}

@@ -284,15 +284,20 @@ static void merge_scratch(struct ferry_ram *ram, struct ram_block *b,
 	}
 }
 
-static int ram_sync(struct ferry_ram *ram, struct ferry_error *err)
+/* @final: the switchover's, VM stopped (ferry_ram_dirty_ops.sync_final). */
+static int ram_sync_how(struct ferry_ram *ram, bool final,
+			struct ferry_error *err)
 {
 	uint64_t found = 0, t0 = ferry__mono_ns();
+	int (*sync)(void *, unsigned, uint64_t *, struct ferry_error *);
 
 	if (!ram->ops || !ram->ops->sync)
 		return 0;
+	sync = final && ram->ops->sync_final ? ram->ops->sync_final :
+	       ram->ops->sync;
 	for (unsigned i = 0; i < ram->nblocks; i++) {
 		struct ram_block *b = &ram->blocks[i];
-		int r = ram->ops->sync(ram->opaque, i, b->scratch, err);
+		int r = sync(ram->opaque, i, b->scratch, err);
 		if (r)
 			return ferry_error_prefix(err, "RAM block '%s' dirty sync: ",
 						  b->name);
@@ -303,6 +308,11 @@ static int ram_sync(struct ferry_ram *ram, struct ferry_error *err)
 	ram->st.last_sync_ns = ferry__mono_ns() - t0;
 	ram->round_done = false;
 	return 0;
+}
+
+static int ram_sync(struct ferry_ram *ram, struct ferry_error *err)
+{
+	return ram_sync_how(ram, false, err);
 }
 
 /* ---- populated ranges ---------------------------------------------------- */
@@ -776,7 +786,7 @@ static int ram_save_complete(struct ferry_chan *c, void *opaque,
 	if (ram->mf_send && (r = mf_flush(ram, c, err)))
 		return r;
 	/* vCPUs are paused: this sync is final. Send everything. */
-	r = ram_sync(ram, err);
+	r = ram_sync_how(ram, true, err);
 	if (r)
 		return r;
 	ram->cur_block = 0;
@@ -818,7 +828,7 @@ int ferry__ram_pc_switch_section(struct ferry_chan *c, void *opaque,
 
 	if (ram->mf_send && (r = mf_flush(ram, c, err)))
 		return r;
-	if ((r = ram_sync(ram, err)))
+	if ((r = ram_sync_how(ram, true, err)))
 		return r;
 	ferry__ram_pc_enter(ram);
 	ram->cur_block = 0;

@@ -92,6 +92,13 @@ struct ferry_ram_dirty_ops {
 	 * were never touched (they read as zero) and are not sent at all. */
 	int (*populated)(void *opaque, unsigned block, uint64_t *bitmap,
 			 struct ferry_error *err);
+	/* Optional: the switchover's sync, with the VM stopped - as sync, but
+	 * nothing needs re-arming: no sync follows before stop or the next
+	 * start. Where re-arming costs (write-protecting each page found,
+	 * and the TLB flushes that takes) it is the cheaper call inside the
+	 * downtime. NULL = sync. */
+	int (*sync_final)(void *opaque, unsigned block, uint64_t *bitmap,
+			  struct ferry_error *err);
 };
 
 /* Counters, in QEMU's query-migrate vocabulary. Pages are block pages. */

@@ -336,7 +336,7 @@ TEST(memslot_kvm_remap_while_logging)
 	ASSERT_OK_E(vm->be->dirty_start(vm->be_priv, &err), err);
 	report(vm, rep);
 	ASSERT(rep->dirty_logging && rep->slot[0].dirty_log);
-	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, &err), err);
+	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, false, &err), err);
 	ASSERT_EQ_U64(popcount(bm, words), 0);
 
 	dev = memmap_region_new_mmio(vm->memmap, "dev", 2 * PAGE, &nop_ops, NULL, &err);
@@ -355,10 +355,10 @@ TEST(memslot_kvm_remap_while_logging)
 			ASSERT(s->gpa == at + 2 * PAGE &&
 			       s->size == (64ull << 20) - at - 2 * PAGE);
 	}
-	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, &err), err);
+	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, false, &err), err);
 	ASSERT_EQ_U64(popcount(bm, words), pages);
 	memset(bm, 0, words * 8);
-	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, &err), err);
+	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, false, &err), err);
 	ASSERT_EQ_U64(popcount(bm, words), 0);
 
 	ASSERT_OK_E(memmap_del_subregion(dev, &err), err);
@@ -366,14 +366,14 @@ TEST(memslot_kvm_remap_while_logging)
 	ASSERT_EQ(rep->nr, 1);
 	ASSERT(rep->slot[0].gpa == 0 && rep->slot[0].size == 64ull << 20);
 	ASSERT(rep->slot[0].dirty_log);
-	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, &err), err);
+	ASSERT_OK_E(vm->be->dirty_sync(vm->be_priv, bm, false, &err), err);
 	ASSERT_EQ_U64(popcount(bm, words), pages - 2);
 	ASSERT(!(bm[at / PAGE / 64] >> (at / PAGE % 64) & 3));
 
 	vm->be->dirty_stop(vm->be_priv);
 	report(vm, rep);
 	ASSERT(!rep->dirty_logging && !rep->slot[0].dirty_log);
-	ASSERT_ERR(vm->be->dirty_sync(vm->be_priv, bm, &err), -EINVAL);
+	ASSERT_ERR(vm->be->dirty_sync(vm->be_priv, bm, false, &err), -EINVAL);
 
 	memmap_region_free(dev);
 	vm_destroy(vm);

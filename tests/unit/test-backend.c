@@ -457,6 +457,48 @@ TEST(backend_uffd_dirty_stop_lazy)
 	free(b);
 }
 
+/* The switchover's sync reports exactly what a sync would and leaves
+ * those pages unprotected; a start re-arms everything. */
+TEST(backend_uffd_dirty_sync_final)
+{
+	size_t len = 96UL << 20, words = uffd_dirty_bitmap_words(len);
+	static const size_t written[] = { 5, 4097, 20000 };
+	uint64_t *b = bitmap_new(len);
+	uint8_t *mem = map_anon(len);
+	struct ferry_error e = { 0 };
+	struct uffd_dirty *d = uffd_or_skip(mem, len);
+
+	memset(mem, 1, len);
+	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
+	for (size_t i = 0; i < sizeof(written) / sizeof(written[0]); i++)
+		mem[written[i] * PAGE] = 2;
+	memset(b, 0, words * sizeof(*b));
+	ASSERT_OK_E(uffd_dirty_sync_final(d, b, &e), e);
+	expect_bits(b, len, written, 3, "final sync");
+	ASSERT_EQ(pagemap_wp(mem + 5 * PAGE), 0);
+	ASSERT_EQ(pagemap_wp(mem + 6 * PAGE), 1);
+	/* Not re-armed: a sync now reports them again (more, never less). */
+	memset(b, 0, words * sizeof(*b));
+	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
+	expect_bits(b, len, written, 3, "sync after a final sync");
+	/* A start protects everything again: only new writes count. */
+	ASSERT_OK_E(uffd_dirty_stop(d, &e), e);
+	ASSERT_ERR(uffd_dirty_sync_final(d, b, NULL), -EINVAL);
+	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
+	ASSERT_EQ(pagemap_wp(mem + 5 * PAGE), 1);
+	mem[77 * PAGE] = 3;
+	memset(b, 0, words * sizeof(*b));
+	ASSERT_OK_E(uffd_dirty_sync_final(d, b, &e), e);
+	{
+		static const size_t want[] = { 77 };
+
+		expect_bits(b, len, want, 1, "final sync after a new start");
+	}
+	uffd_dirty_destroy(d);
+	munmap(mem, len);
+	free(b);
+}
+
 TEST(backend_uffd_dirty_rejects)
 {
 	struct ferry_error e = { 0 };

@@ -21,6 +21,7 @@ struct fake {
 	uint8_t *populated[2];   /* page ever written */
 	bool tracking;
 	unsigned syncs, starts, stops;
+	unsigned final_syncs, syncs_after_final;
 };
 
 static void fake_write(struct fake *f, unsigned b, uint64_t page, uint64_t v)
@@ -51,6 +52,19 @@ static int f_sync(void *o, unsigned b, uint64_t *bm, struct ferry_error *e)
 		f->log[b][w] = 0;
 	}
 	f->syncs++;
+	f->syncs_after_final += f->final_syncs > 0;
+	return 0;
+}
+
+/* The switchover's sync: reports, re-arms nothing (the log stays). */
+static int f_sync_final(void *o, unsigned b, uint64_t *bm,
+			struct ferry_error *e)
+{
+	struct fake *f = o;
+	(void)e;
+	for (uint64_t w = 0; w < (f->npages[b] + 63) / 64; w++)
+		bm[w] |= f->log[b][w];
+	f->final_syncs++;
 	return 0;
 }
 
@@ -77,6 +91,12 @@ static const struct ferry_ram_dirty_ops fake_ops = {
 	.start = f_start, .sync = f_sync, .stop = f_stop, .populated = f_populated,
 };
 
+static const struct ferry_ram_dirty_ops fake_ops_final = {
+	.size = sizeof(struct ferry_ram_dirty_ops),
+	.start = f_start, .sync = f_sync, .stop = f_stop, .populated = f_populated,
+	.sync_final = f_sync_final,
+};
+
 static void fake_init(struct fake *f, uint64_t p0, uint64_t p1)
 {
 	memset(f, 0, sizeof(*f));
@@ -100,6 +120,8 @@ static void fake_free(struct fake *f)
 	}
 }
 
+static const struct ferry_ram_dirty_ops *src_ops = &fake_ops;
+
 static struct ferry_ram *ram_for(struct fake *f, bool src, struct ferry_ctx **ctx)
 {
 	struct ferry_error err = { 0 };
@@ -107,7 +129,7 @@ static struct ferry_ram *ram_for(struct fake *f, bool src, struct ferry_ctx **ct
 		{ "pc.ram", f->mem[0], f->npages[0] * PS, PS },
 		{ "hi.ram", f->mem[1], f->npages[1] * PS, PS },
 	};
-	struct ferry_ram *ram = ferry_ram_new(blocks, 2, src ? &fake_ops : NULL, f, &err);
+	struct ferry_ram *ram = ferry_ram_new(blocks, 2, src ? src_ops : NULL, f, &err);
 
 	if (!ram)
 		FAIL("ferry_ram_new: %s", err.msg);
@@ -175,7 +197,8 @@ TEST(ram_stopped_vm_roundtrip)
 
 /* Writes during precopy (tracked by the log) and VMM-side writes (marked
  * by hand) all reach the destination in their final form. */
-TEST(ram_precopy_with_dirtying)
+static void precopy_with_dirtying(const struct ferry_ram_dirty_ops *ops,
+				  unsigned *final_syncs)
 {
 	struct fake src, dst;
 	struct ferry_error err = { 0 };
@@ -192,7 +215,9 @@ TEST(ram_precopy_with_dirtying)
 	fake_init(&dst, 500, 64);
 	for (uint64_t p = 0; p < 500; p++)
 		fake_write(&src, 0, p, p * 77);
+	src_ops = ops;
 	ram = ram_for(&src, true, &ctx);
+	src_ops = &fake_ops;
 	s = ferry_save_begin(ctx, c, &err);
 	ASSERT_PTR(s);
 	for (int round = 0; round < 12; round++) {
@@ -208,7 +233,12 @@ TEST(ram_precopy_with_dirtying)
 			ferry_ram_mark_dirty(ram, 0, pg * PS + 100, 10);
 		}
 	}
+	/* The last writes: only the final sync can report them. */
+	for (uint64_t p = 100; p < 110; p++)
+		fake_write(&src, 0, p, p * 1234567);
 	ASSERT_OK_E(ferry_save_complete(s, &err), err);
+	ASSERT_EQ(src.syncs_after_final, 0);
+	*final_syncs = src.final_syncs;
 	ferry_save_end(s);
 	ferry_ram_get_stats(ram, &st);
 	ASSERT_GE(st.dirty_sync_count, 2);
@@ -223,6 +253,24 @@ TEST(ram_precopy_with_dirtying)
 	ferry_ram_free(ram);
 	fake_free(&src);
 	fake_free(&dst);
+}
+
+TEST(ram_precopy_with_dirtying)
+{
+	unsigned finals;
+
+	precopy_with_dirtying(&fake_ops, &finals);
+	ASSERT_EQ(finals, 0);
+}
+
+/* With sync_final, the switchover's sync is that one, and the last: what
+ * it reports arrives though nothing was re-armed. */
+TEST(ram_final_sync_without_rearm)
+{
+	unsigned finals;
+
+	precopy_with_dirtying(&fake_ops_final, &finals);
+	ASSERT_EQ(finals, 2);   /* one call per block */
 }
 
 static uint8_t *section_stream(const void *start, size_t slen, const void *part,

@@ -646,13 +646,17 @@ out:
 	return r;
 }
 
-static int kvm_dirty_sync(void *priv, uint64_t *bitmap, struct ferry_error *err)
+/* @final changes nothing here: KVM_GET_DIRTY_LOG re-arms as it fetches
+ * (without manual-protect mode there is no fetch that does not). */
+static int kvm_dirty_sync(void *priv, uint64_t *bitmap, bool final,
+			  struct ferry_error *err)
 {
 	struct kvm_backend *kb = priv;
 	size_t words = kvm_dirty_bitmap_words(vm_ram_size(kb->vm));
 	struct kvm_err ke = { 0 };
 	int r = 0;
 
+	(void)final;
 	pthread_mutex_lock(&kb->slot_lock);
 	if (!kb->dirty_on) {
 		r = ferry_error_set(err, -EINVAL, "dirty logging is off");

@@ -92,13 +92,15 @@ static int tb_dirty_start(void *priv, struct ferry_error *err)
 	return uffd_dirty_start(tb->dirty, err);
 }
 
-static int tb_dirty_sync(void *priv, uint64_t *bitmap, struct ferry_error *err)
+static int tb_dirty_sync(void *priv, uint64_t *bitmap, bool final,
+			 struct ferry_error *err)
 {
 	struct thread_backend *tb = priv;
 
 	if (!tb->dirty)
 		return ferry_error_set(err, -EINVAL, "dirty tracking not started");
-	return uffd_dirty_sync(tb->dirty, bitmap, err);
+	return final ? uffd_dirty_sync_final(tb->dirty, bitmap, err) :
+		       uffd_dirty_sync(tb->dirty, bitmap, err);
 }
 
 static void tb_dirty_stop(void *priv)

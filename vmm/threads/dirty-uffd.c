@@ -357,16 +357,19 @@ int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err)
 struct half {
 	struct uffd_dirty *d;
 	uintptr_t start, end;
+	bool rearm;
 	uint64_t *bitmap;
 	struct page_region vec[SCAN_VEC_LEN];
 	int r;
 };
 
+/* @rearm: write-protect the pages reported, in the same walk. */
 static int scan_written(struct uffd_dirty *d, struct page_region *vec,
-			uintptr_t start, uintptr_t end, uint64_t *bitmap)
+			uintptr_t start, uintptr_t end, bool rearm,
+			uint64_t *bitmap)
 {
 	return scan(d->pagemap_fd, vec, SCAN_VEC_LEN, d->base, start, end,
-		    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+		    (rearm ? PM_SCAN_WP_MATCHING : 0) | PM_SCAN_CHECK_WPASYNC,
 		    PAGE_IS_WRITTEN, 0, 0, bitmap);
 }
 
@@ -374,12 +377,13 @@ static void *half_main(void *arg)
 {
 	struct half *h = arg;
 
-	h->r = scan_written(h->d, h->vec, h->start, h->end, h->bitmap);
+	h->r = scan_written(h->d, h->vec, h->start, h->end, h->rearm,
+			    h->bitmap);
 	return NULL;
 }
 
-int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
-		    struct ferry_error *err)
+static int sync_written(struct uffd_dirty *d, uint64_t *bitmap, bool rearm,
+			struct ferry_error *err)
 {
 	uintptr_t mid = d->base + d->len / 2;
 	struct half *h = NULL;
@@ -400,13 +404,14 @@ int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
 	mid -= (mid - d->base) % (64 * PAGE_SIZE_);
 	if (d->len >= SPLIT_MIN && (h = malloc(sizeof(*h)))) {
 		*h = (struct half){ .d = d, .start = mid, .end = d->base + d->len,
-				    .bitmap = bitmap };
+				    .rearm = rearm, .bitmap = bitmap };
 		if (pthread_create(&th, NULL, half_main, h)) {
 			free(h);
 			h = NULL;
 		}
 	}
-	r = scan_written(d, d->vec, d->base, h ? mid : d->base + d->len, bitmap);
+	r = scan_written(d, d->vec, d->base, h ? mid : d->base + d->len, rearm,
+			 bitmap);
 	if (h) {
 		pthread_join(th, NULL);
 		if (!r)
@@ -414,9 +419,21 @@ int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
 		free(h);
 	}
 	if (r)
-		return ferry_error_set(err, r, "PAGEMAP_SCAN(written, "
-				       "re-protect): %s", strerror(-r));
+		return ferry_error_set(err, r, "PAGEMAP_SCAN(written%s): %s",
+				       rearm ? ", re-protect" : "", strerror(-r));
 	return 0;
+}
+
+int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
+		    struct ferry_error *err)
+{
+	return sync_written(d, bitmap, true, err);
+}
+
+int uffd_dirty_sync_final(struct uffd_dirty *d, uint64_t *bitmap,
+			  struct ferry_error *err)
+{
+	return sync_written(d, bitmap, false, err);
 }
 
 /*

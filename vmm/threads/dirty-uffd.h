@@ -66,6 +66,17 @@ int uffd_dirty_start(struct uffd_dirty *d, struct ferry_error *err);
 int uffd_dirty_sync(struct uffd_dirty *d, uint64_t *bitmap,
 		    struct ferry_error *err);
 
+/*
+ * The same without write-protecting what it reports, for the last sync
+ * before a stop (the switchover's, with the writers stopped): re-arming is
+ * most of a sync's cost when many pages were written (each needs its PTE
+ * changed and the TLB flushed: 4 GiB with 8 MiB written scattered, 4.7 ms
+ * against 2.0 ms measured). A later sync without a start in between would
+ * report those pages again (more, never fewer).
+ */
+int uffd_dirty_sync_final(struct uffd_dirty *d, uint64_t *bitmap,
+			  struct ferry_error *err);
+
 /* End tracking, at once: writes are no longer reported.  The protection
  * stays until a page is written (one minor fault, resolved by the kernel)
  * or the range is unregistered.  Always 0. */

@@ -34,7 +34,11 @@ struct backend_ops {
 	void (*resume)(void *priv);
 	/* Dirty tracking over all of guest RAM (one bitmap, bit = 4 KiB page). */
 	int (*dirty_start)(void *priv, struct ferry_error *err);
-	int (*dirty_sync)(void *priv, uint64_t *bitmap, struct ferry_error *err);
+	/* @final: the switchover's sync (vCPUs stopped; no sync follows
+	 * before dirty_stop or the next dirty_start), which need not re-arm
+	 * tracking for the pages it reports. */
+	int (*dirty_sync)(void *priv, uint64_t *bitmap, bool final,
+			  struct ferry_error *err);
 	void (*dirty_stop)(void *priv);
 	/* Optional: let go of guest RAM for good (a stopped tracker may
 	 * still hold it: the thread backend's userfaultfd registration), so

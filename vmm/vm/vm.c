@@ -272,7 +272,15 @@ static int ram_dirty_sync(void *opaque, unsigned block, uint64_t *bitmap,
 {
 	struct vm *vm = opaque;
 	(void)block;
-	return vm->be->dirty_sync(vm->be_priv, bitmap, err);
+	return vm->be->dirty_sync(vm->be_priv, bitmap, false, err);
+}
+
+static int ram_dirty_sync_final(void *opaque, unsigned block,
+				uint64_t *bitmap, struct ferry_error *err)
+{
+	struct vm *vm = opaque;
+	(void)block;
+	return vm->be->dirty_sync(vm->be_priv, bitmap, true, err);
 }
 
 static void ram_dirty_stop(void *opaque)
@@ -295,6 +303,7 @@ static const struct ferry_ram_dirty_ops ram_dirty_ops = {
 	.sync = ram_dirty_sync,
 	.stop = ram_dirty_stop,
 	.populated = ram_populated,
+	.sync_final = ram_dirty_sync_final,
 };
 
 /* ---- creation ------------------------------------------------------------ */
