@@ -201,6 +201,7 @@ X(backend_thread_run_pause_resume, 30)
 X(backend_thread_verify_and_corruption, 30)
 X(backend_thread_snapshot_restore, 30)
 X(backend_thread_panic, 30)
+X(backend_thread_start_touches_no_guest_memory, 30)
 X(backend_thread_precopy_uffd, 30)
 /* ---- RAM precopy device (tests/unit/test-ram.c) ---- */
 X(ram_stopped_vm_roundtrip, 20)

@@ -173,15 +173,63 @@ static void wl_plat_panic(struct wl_ctx *c, uint32_t code)
 
 /* ---- vCPU threads ------------------------------------------------------- */
 
+/* A fault of the guest's own making that the host caught (as KVM would
+ * report an internal error): the VM panics with @msg. */
+static void host_panic(struct thread_vcpu *v, const char *msg)
+{
+	struct thread_vm *t = v->vm;
+
+	pthread_mutex_lock(&t->lock);
+	if (!t->panicked) {
+		t->panicked = true;
+		snprintf(t->panic_msg, sizeof(t->panic_msg), "vCPU %u: %s",
+			 v->index, msg);
+	}
+	pthread_mutex_unlock(&t->lock);
+}
+
 static void *vcpu_main(void *arg)
 {
 	struct thread_vcpu *v = arg;
 	struct thread_vm *t = v->vm;
+	const struct guest_cmd *cmd =
+		(const struct guest_cmd *)(t->ram + GUEST_CMD_GPA);
+	uint64_t dp;
+	bool run;
+
+	/* Created with the VM, run from thread_vm_start (see there). */
+	pthread_mutex_lock(&t->lock);
+	while (!t->started && !t->stop_req)
+		pthread_cond_wait(&t->wake, &t->lock);
+	run = t->started;       /* counted in live: must uncount itself */
+	pthread_mutex_unlock(&t->lock);
+	if (!run)
+		return NULL;
 
 	wl_ctx_init(&v->ctx, (uintptr_t)t->ram, v->index, v);
 	guest_code_begin();
-	wl_run(&v->ctx);	/* returns on stop or panic */
-	guest_code_end();
+	/*
+	 * In the thread backend a page index is a host address: the guest's
+	 * own range check (data_pages <= gen[] entries) is not enough, the
+	 * data area must also fit in this mapping. Checked here, by the vCPU,
+	 * and not in thread_vm_start: the command block is guest memory, and
+	 * on a postcopy destination reading it may wait for the page to come
+	 * from the source - 3-4 ms measured, which the VM's start (the end of
+	 * the downtime, vm->lock held) must not wait for; a vCPU may.
+	 */
+	dp = WL_READ_ONCE(cmd->data_pages);
+	if (dp <= GUEST_DATA_PAGES(t->ram_size)) {
+		wl_run(&v->ctx);	/* returns on stop or panic */
+		guest_code_end();
+	} else {
+		char msg[128];
+
+		guest_code_end();
+		snprintf(msg, sizeof(msg), "command block asks for %llu data "
+			 "pages, RAM holds %llu", (unsigned long long)dp,
+			 (unsigned long long)GUEST_DATA_PAGES(t->ram_size));
+		host_panic(v, msg);
+	}
 
 	pthread_mutex_lock(&t->lock);
 	t->live--;
@@ -212,6 +260,52 @@ static int check_ram(uint8_t *ram, uint64_t ram_size, struct ferry_error *err)
 				       (unsigned long long)(GUEST_MIN_RAM >> 20),
 				       (unsigned long long)(GUEST_MAX_RAM >> 30));
 	return 0;
+}
+
+/* Stop and join every created vCPU thread. */
+static void stop_all(struct thread_vm *t)
+{
+	unsigned i;
+
+	pthread_mutex_lock(&t->lock);
+	t->stop_req = true;
+	update_gate_locked(t);
+	pthread_mutex_unlock(&t->lock);
+	for (i = 0; i < t->nvcpus; i++) {
+		if (t->vcpus[i].created)
+			pthread_join(t->vcpus[i].thread, NULL);
+		t->vcpus[i].created = false;
+	}
+}
+
+/*
+ * The vCPU threads, waiting for thread_vm_start. Created with the VM and
+ * not at its start: on a postcopy destination the start ends the downtime,
+ * and creating a thread there took 0.2-2 ms (its stack's mmap waits for
+ * mmap_lock, which the threads placing pages hold).
+ */
+static int spawn_all(struct thread_vm *t, struct ferry_error *err)
+{
+	sigset_t all, old;
+	unsigned i;
+	int r = 0;
+
+	/* vCPU threads take no signals: they belong to the VMM's threads. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	for (i = 0; i < t->nvcpus; i++) {
+		struct thread_vcpu *v = &t->vcpus[i];
+
+		r = pthread_create(&v->thread, NULL, vcpu_main, v);
+		if (r) {
+			r = ferry_error_set(err, -r, "vCPU %u thread: %s", i,
+					    strerror(r));
+			break;
+		}
+		v->created = true;
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return r;
 }
 
 int thread_vm_create(struct thread_vm **out, uint8_t *ram, uint64_t ram_size,
@@ -248,90 +342,34 @@ int thread_vm_create(struct thread_vm **out, uint8_t *ram, uint64_t ram_size,
 	pthread_cond_init(&t->wake, &ca);
 	pthread_condattr_destroy(&ca);
 	pthread_cond_init(&t->parked_cond, NULL);
+	r = spawn_all(t, err);
+	if (r) {
+		thread_vm_destroy(t);
+		return r;
+	}
 	*out = t;
 	return 0;
 }
 
-/* Stop and join every created vCPU thread. */
-static void stop_all(struct thread_vm *t)
-{
-	unsigned i;
-
-	pthread_mutex_lock(&t->lock);
-	t->stop_req = true;
-	update_gate_locked(t);
-	pthread_mutex_unlock(&t->lock);
-	for (i = 0; i < t->nvcpus; i++) {
-		if (t->vcpus[i].created)
-			pthread_join(t->vcpus[i].thread, NULL);
-		t->vcpus[i].created = false;
-	}
-}
-
 int thread_vm_start(struct thread_vm *t, struct ferry_error *err)
 {
-	const struct guest_cmd *cmd =
-		(const struct guest_cmd *)(t->ram + GUEST_CMD_GPA);
-	uint64_t dp = WL_READ_ONCE(cmd->data_pages);
-	sigset_t all, old;
 	unsigned i;
-	int r = 0;
 
 	pthread_mutex_lock(&t->lock);
-	if (t->started) {
+	if (t->started || t->stop_req) {
 		pthread_mutex_unlock(&t->lock);
-		return ferry_error_set(err, -EBUSY, "thread VM already started");
+		return ferry_error_set(err, -EBUSY, "thread VM already %s",
+				       t->started ? "started" : "stopped");
 	}
-	pthread_mutex_unlock(&t->lock);
-
-	/*
-	 * In the thread backend a page index is a host address: the guest's
-	 * own range check (data_pages <= gen[] entries) is not enough, the
-	 * data area must also fit in this mapping.
-	 */
-	if (dp > GUEST_DATA_PAGES(t->ram_size))
-		return ferry_error_set(err, -EINVAL, "command block asks for "
-				       "%llu data pages, RAM holds %llu",
-				       (unsigned long long)dp,
-				       (unsigned long long)
-				       GUEST_DATA_PAGES(t->ram_size));
-
-	pthread_mutex_lock(&t->lock);
+	/* The threads exist (spawn_all): let them go. The command block's
+	 * data_pages is checked by each of them (vcpu_main), not here: see
+	 * there. */
 	t->started = true;
-	t->stop_req = false;
+	for (i = 0; i < t->nvcpus; i++)
+		t->live += t->vcpus[i].created;
 	update_gate_locked(t);
 	pthread_mutex_unlock(&t->lock);
-
-	/* vCPU threads take no signals: they belong to the VMM's threads. */
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	for (i = 0; i < t->nvcpus; i++) {
-		struct thread_vcpu *v = &t->vcpus[i];
-
-		pthread_mutex_lock(&t->lock);
-		t->live++;
-		pthread_mutex_unlock(&t->lock);
-		r = pthread_create(&v->thread, NULL, vcpu_main, v);
-		if (r) {
-			pthread_mutex_lock(&t->lock);
-			t->live--;
-			pthread_mutex_unlock(&t->lock);
-			r = ferry_error_set(err, -r, "vCPU %u thread: %s", i,
-					    strerror(r));
-			break;
-		}
-		v->created = true;
-	}
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (r) {
-		stop_all(t);
-		pthread_mutex_lock(&t->lock);
-		t->started = false;
-		t->stop_req = false;
-		update_gate_locked(t);
-		pthread_mutex_unlock(&t->lock);
-	}
-	return r;
+	return 0;
 }
 
 int thread_vm_pause(struct thread_vm *t, struct ferry_error *err)

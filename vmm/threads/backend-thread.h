@@ -31,17 +31,20 @@ struct thread_vm;
 /*
  * A VM of nvcpus (1..GUEST_MAX_VCPUS) vCPUs over ram (ram_size bytes,
  * page aligned, GUEST_MIN_RAM..GUEST_MAX_RAM, owned by the caller and
- * outliving the VM).  Nothing runs yet.
+ * outliving the VM).  Its vCPU threads are created here and wait for
+ * thread_vm_start(); nothing runs yet.
  */
 int thread_vm_create(struct thread_vm **out, uint8_t *ram, uint64_t ram_size,
 		     unsigned nvcpus, struct ferry_error *err);
 
 /*
- * Start one thread per vCPU.  The command block must be filled in first
- * (guest_cmd_fill()).  RAM whose status.magic is set is a guest resumed
- * from a snapshot: it continues from RAM.  -EINVAL if the command block
- * asks for more data pages than RAM holds; -EBUSY if already started.
- * A bad command block is reported the guest's way, as a panic.
+ * Let the vCPU threads run (no thread is created here: quick, and it
+ * cannot fail for want of memory).  The command block must be filled in
+ * first (guest_cmd_fill()).  RAM whose status.magic is set is a guest resumed
+ * from a snapshot: it continues from RAM.  -EBUSY if already started.
+ * Touches no guest memory (on a postcopy destination a page may still be
+ * on its way): a bad command block, or one asking for more data pages than
+ * RAM holds, is reported by the vCPUs, as a panic.
  */
 int thread_vm_start(struct thread_vm *t, struct ferry_error *err);
 
