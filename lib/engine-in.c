@@ -625,6 +625,11 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 			return ferry_error_set(err, -EPROTO, "POSTCOPY_ADVISE in "
 				"postcopy state %s (it belongs in state none)",
 				ferry_pc_state_name(ferry__pcd_state(pcd)));
+		/* The threads the switch will need, now, while the guest
+		 * still runs on the source: the fault thread (LISTEN) and the
+		 * listen thread (PACKAGED) start as jobs on them. */
+		if ((r = ferry__pool_reserve_idle(m->ctx, 2, err)))
+			return ferry_error_prefix(err, "postcopy: ");
 		pcd = ferry__pcd_new(m->ram, msg->u.advise.host_page_size,
 				     msg->u.advise.target_page_size, pcd_trace,
 				     in, err);
@@ -643,7 +648,7 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 	case FERRY_CMD_POSTCOPY_LISTEN:
 		if (!pcd)
 			break;
-		return ferry__pcd_listen(pcd, request_pages, in, err);
+		return ferry__pcd_listen(pcd, m->ctx, request_pages, in, err);
 	case FERRY_CMD_POSTCOPY_RUN: {
 		struct ferry_rp_msg run = { .type = FERRY_RP_RUNNING };
 

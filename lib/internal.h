@@ -117,8 +117,14 @@ struct ferry_ctx {
 #define FERRY__POOL_MAX 16u
 int ferry__pool_reserve(struct ferry_ctx *ctx, unsigned n,
 			struct ferry_error *err);
-/* A batch of jobs: fn(args[i]) for every i, on the pool's threads (jobs
- * beyond the thread count wait for one). NULL on failure, nothing queued. */
+/* At least @n threads of @ctx's pool idle (no job queued or running on
+ * them), so that @n jobs submitted later start at once. -EAGAIN if that
+ * would take more than FERRY__POOL_MAX threads. */
+int ferry__pool_reserve_idle(struct ferry_ctx *ctx, unsigned n,
+			     struct ferry_error *err);
+/* A batch of jobs: fn(args[i]) for every i, each on a pool thread of its
+ * own, started at once (threads are added when too few are idle). NULL on
+ * failure, nothing queued. */
 struct ferry__pool_batch;
 struct ferry__pool_batch *ferry__pool_submit(struct ferry_ctx *ctx, unsigned n,
 					     void (*fn)(void *arg),

@@ -1,10 +1,16 @@
 /*
- * pool.c - the context's worker threads for save_complete_thread hooks.
+ * pool.c - the context's worker threads: save_complete_thread hooks on a
+ * source, postcopy's fault and listen threads on a destination.
  *
- * Why a pool: the hooks run at the switchover, with the guest stopped, and
- * starting a thread there costs downtime for nothing. The save reserves
- * the threads at setup (ferry_save_setup), they wait on a condition
- * variable, and the switchover only hands them jobs.
+ * Why a pool: these run from the switchover on, with the guest stopped,
+ * and starting a thread there costs downtime for nothing (0.2-3 ms each
+ * measured on a postcopy destination, where the new stack's mmap waits
+ * for mmap_lock behind the threads placing pages). The save reserves the
+ * threads at setup (ferry_save_setup), the destination at POSTCOPY_ADVISE;
+ * they wait on a condition variable, and the switchover only hands them
+ * jobs. A job may run as long as it likes (a fault thread runs until every
+ * page is in): submit makes sure each job of a batch has a thread of its
+ * own, never one that a long job holds.
  *
  * Locks: p->lock guards the job list, the quit flag and every batch's
  * countdown; the jobs themselves run without it. A batch is submitted and
@@ -31,6 +37,7 @@ struct ferry__pool {
 	struct pool_job *head, **tail; /* lock */
 	bool quit;                  /* lock */
 	unsigned nthreads;          /* lock */
+	unsigned busy;              /* lock: jobs queued or running */
 	pthread_t threads[FERRY__POOL_MAX];
 };
 
@@ -54,46 +61,84 @@ static void *pool_main(void *arg)
 		j->fn(j->arg);
 		ferry__mutex_lock(&p->lock);
 		(*j->left)--;
+		p->busy--;
 		pthread_cond_broadcast(&p->done);
 	}
 	ferry__mutex_unlock(&p->lock);
 	return NULL;
 }
 
-int ferry__pool_reserve(struct ferry_ctx *ctx, unsigned n,
-			struct ferry_error *err)
+/* The pool of @ctx, created empty if it has none. The context's one
+ * migration thread at a time calls this (save setup, the load thread). */
+static struct ferry__pool *pool_of(struct ferry_ctx *ctx,
+				   struct ferry_error *err)
 {
 	struct ferry__pool *p = ctx->pool;
-	int r = 0;
 
-	if (n > FERRY__POOL_MAX)
-		n = FERRY__POOL_MAX;
+	if (p)
+		return p;
+	p = calloc(1, sizeof(*p));
 	if (!p) {
-		if (!n)
-			return 0;
-		p = calloc(1, sizeof(*p));
-		if (!p)
-			return ferry_error_set(err, -ENOMEM, "out of memory");
-		pthread_mutex_init(&p->lock, NULL);
-		pthread_cond_init(&p->work, NULL);
-		pthread_cond_init(&p->done, NULL);
-		p->tail = &p->head;
-		ctx->pool = p;
+		ferry_error_set(err, -ENOMEM, "out of memory");
+		return NULL;
 	}
-	ferry__mutex_lock(&p->lock);
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->work, NULL);
+	pthread_cond_init(&p->done, NULL);
+	p->tail = &p->head;
+	ctx->pool = p;
+	return p;
+}
+
+/* At least @n threads, or with @idle @n threads beyond the busy ones.
+ * Lock held. */
+static int reserve_locked(struct ferry__pool *p, unsigned n, bool idle,
+			  struct ferry_error *err)
+{
+	if (idle)
+		n += p->busy;
+	if (n > FERRY__POOL_MAX)
+		return ferry_error_set(err, -EAGAIN, "more than %u jobs for the "
+				       "context's threads", FERRY__POOL_MAX);
 	while (p->nthreads < n) {
 		int e = pthread_create(&p->threads[p->nthreads], NULL,
 				       pool_main, p);
 
-		if (e) {
-			r = ferry_error_set(err, -e, "cannot start a save thread: "
-					    "%s", strerror(e));
-			break;
-		}
+		if (e)
+			return ferry_error_set(err, -e, "cannot start a worker "
+					       "thread: %s", strerror(e));
 		p->nthreads++;
 	}
+	return 0;
+}
+
+static int reserve(struct ferry_ctx *ctx, unsigned n, bool idle,
+		   struct ferry_error *err)
+{
+	struct ferry__pool *p;
+	int r;
+
+	if (!n && !ctx->pool)
+		return 0;
+	if (!(p = pool_of(ctx, err)))
+		return -ENOMEM;
+	ferry__mutex_lock(&p->lock);
+	r = reserve_locked(p, n, idle, err);
 	ferry__mutex_unlock(&p->lock);
 	return r;
+}
+
+int ferry__pool_reserve(struct ferry_ctx *ctx, unsigned n,
+			struct ferry_error *err)
+{
+	return reserve(ctx, n > FERRY__POOL_MAX ? FERRY__POOL_MAX : n, false,
+		       err);
+}
+
+int ferry__pool_reserve_idle(struct ferry_ctx *ctx, unsigned n,
+			     struct ferry_error *err)
+{
+	return reserve(ctx, n, true, err);
 }
 
 struct ferry__pool_batch {
@@ -109,16 +154,22 @@ struct ferry__pool_batch *ferry__pool_submit(struct ferry_ctx *ctx, unsigned n,
 	struct ferry__pool_batch *batch;
 	struct ferry__pool *p;
 
-	if (ferry__pool_reserve(ctx, n ? n : 1, err))
+	if (!(p = pool_of(ctx, err)))
 		return NULL;
 	batch = calloc(1, sizeof(*batch) + (size_t)n * sizeof(batch->jobs[0]));
 	if (!batch) {
 		ferry_error_set(err, -ENOMEM, "out of memory");
 		return NULL;
 	}
-	p = ctx->pool;
 	ferry__mutex_lock(&p->lock);
+	/* A thread for each job, counted and queued in one go. */
+	if (reserve_locked(p, n, true, err)) {
+		ferry__mutex_unlock(&p->lock);
+		free(batch);
+		return NULL;
+	}
 	batch->left = n;
+	p->busy += n;
 	for (unsigned i = 0; i < n; i++) {
 		batch->jobs[i] = (struct pool_job){ .fn = fn, .arg = args[i],
 						    .left = &batch->left };

@@ -395,7 +395,8 @@ struct ferry_pcd {
 	bool registered;              /* load/listen thread */
 	bool zeropage;                /* UFFDIO_ZEROPAGE available */
 	int wake;                     /* eventfd: stop the fault thread */
-	pthread_t fault_thread;
+	struct ferry_ctx *pool_ctx;   /* whose pool runs the fault thread */
+	struct ferry__pool_batch *fault_job; /* load/listen thread */
 	bool fault_live;              /* load/listen thread */
 	ferry_pcd_request_fn req;     /* immutable once LISTEN ran */
 	void *req_opaque;
@@ -520,7 +521,8 @@ static void fault_thread_stop(struct ferry_pcd *pcd)
 		return;
 	if (write(pcd->wake, &one, sizeof(one)) != sizeof(one))
 		abort();  /* an eventfd write cannot fail here */
-	pthread_join(pcd->fault_thread, NULL);
+	ferry__pool_wait(pcd->pool_ctx, pcd->fault_job);
+	pcd->fault_job = NULL;
 	pcd->fault_live = false;
 }
 
@@ -957,22 +959,40 @@ static void on_fault(struct ferry_pcd *pcd, uintptr_t addr)
 		ask(pcd, bi, pg);
 }
 
-void ferry__pc_urgent_thread(void)
+int ferry__pc_urgent_thread(void)
 {
+	id_t tid = (id_t)syscall(SYS_gettid);
+	int was;
+
 	/* A fault's round trip crosses four threads on two hosts; on a busy
 	 * host each hop can wait a scheduler tick behind the background
 	 * stream. These threads do little and must do it now: ask for a
 	 * better nice value (needs CAP_SYS_NICE; without it, nothing
 	 * changes). */
-	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10))
-		return;
+	errno = 0;
+	was = getpriority(PRIO_PROCESS, tid);
+	if (was == -1 && errno)
+		was = 0;
+	if (setpriority(PRIO_PROCESS, tid, -10))
+		return was;
+	return was;
 }
 
-static void *fault_main(void *arg)
+static void fault_loop(struct ferry_pcd *pcd);
+
+/* The fault thread, a job on the context's pool (pool.c: no thread is
+ * created in the downtime). Its nice value goes back with the thread. */
+static void fault_main(void *arg)
 {
 	struct ferry_pcd *pcd = arg;
+	int nice_was = ferry__pc_urgent_thread();
 
-	ferry__pc_urgent_thread();
+	fault_loop(pcd);
+	setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice_was);
+}
+
+static void fault_loop(struct ferry_pcd *pcd)
+{
 	for (;;) {
 		struct pollfd pf[2] = {
 			{ .fd = pcd->uffd, .events = POLLIN },
@@ -984,10 +1004,10 @@ static void *fault_main(void *arg)
 		if (poll(pf, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			return NULL;
+			return;
 		}
 		if (pf[1].revents)
-			return NULL;
+			return;
 		n = read(pcd->uffd, msgs, sizeof(msgs));
 		if (n < 0)
 			continue;  /* EAGAIN: another reader got there */
@@ -997,9 +1017,11 @@ static void *fault_main(void *arg)
 	}
 }
 
-int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
-		      void *req_opaque, struct ferry_error *err)
+int ferry__pcd_listen(struct ferry_pcd *pcd, struct ferry_ctx *ctx,
+		      ferry_pcd_request_fn req, void *req_opaque,
+		      struct ferry_error *err)
 {
+	void *job_arg = pcd;
 	struct ferry_ram *ram = pcd->ram;
 	struct uffdio_api api = { .api = UFFD_API };
 	uint64_t t0 = ferry__mono_ns(), have = 0;
@@ -1064,9 +1086,10 @@ int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
 	pcd->wake = eventfd(0, EFD_CLOEXEC);
 	if (pcd->wake < 0)
 		return ferry_error_set(err, -errno, "eventfd: %s", strerror(errno));
-	e = pthread_create(&pcd->fault_thread, NULL, fault_main, pcd);
-	if (e)
-		return ferry_error_set(err, -e, "cannot start the fault thread");
+	pcd->pool_ctx = ctx;
+	pcd->fault_job = ferry__pool_submit(ctx, 1, fault_main, &job_arg, err);
+	if (!pcd->fault_job)
+		return ferry_error_prefix(err, "the fault thread: ");
 	pcd->fault_live = true;
 	/* From here every page goes in through ferry__pcd_place. */
 	ram->pcd = pcd;

@@ -89,8 +89,9 @@ void ferry__pcd_release_dropped(struct ferry_pcd *pcd);
 /* POSTCOPY_LISTEN (ADVISE -> LISTENING): what is present now is what was
  * received; register RAM for missing-page faults, start the fault thread,
  * and place every later page through ferry__pcd_place. */
-int ferry__pcd_listen(struct ferry_pcd *pcd, ferry_pcd_request_fn req,
-		      void *req_opaque, struct ferry_error *err);
+int ferry__pcd_listen(struct ferry_pcd *pcd, struct ferry_ctx *ctx,
+		      ferry_pcd_request_fn req, void *req_opaque,
+		      struct ferry_error *err);
 
 /* Place one page received in postcopy (the listen thread, the preempt
  * reader; @off checked by the caller). @data NULL = a zero page. Placed
@@ -131,8 +132,9 @@ void ferry__pcd_get_stats(struct ferry_pcd *pcd, struct ferry_pcd_stats *st);
 
 /* Raise the calling thread's scheduling priority (best effort): the
  * threads on a page request's path (fault thread, preempt reader, the
- * source's return-path reader). */
-void ferry__pc_urgent_thread(void);
+ * source's return-path reader). Returns the nice value it had, for a
+ * thread that goes back to other work (a pool thread). */
+int ferry__pc_urgent_thread(void);
 
 /* The bare userfaultfd round trip of this machine (bench): a thread faults
  * on a missing page, another reads the fault and places it. Average ns

@@ -88,6 +88,7 @@ X(engine_versioned_structs, 20)
 X(engine_rate_limit_math, 10)
 X(engine_timed_wait_precision, 10)
 /* ---- postcopy (tests/unit/test-postcopy.c) ---- */
+X(pool_long_jobs_each_get_a_thread, 20)
 X(postcopy_dest_state_machine, 20)
 X(postcopy_commands_in_their_places, 10)
 X(postcopy_place_exactly_once, 30)

@@ -9,9 +9,11 @@
 #include "../harness.h"
 
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "minivm.h"
+#include "internal.h"
 #include "postcopy.h"
 
 #define X(name, timeout) TEST(name);
@@ -220,6 +222,7 @@ struct pcd_fixture {
 	size_t size;
 	struct ferry_ram *ram;
 	struct ferry_pcd *pcd;
+	struct ferry_ctx *ctx;        /* its pool runs the fault thread */
 	unsigned requests;
 };
 
@@ -247,11 +250,14 @@ static void fixture(struct pcd_fixture *f, size_t size)
 	f->pcd = ferry__pcd_new(f->ram, (uint64_t)sysconf(_SC_PAGESIZE), 4096,
 				NULL, NULL, &err);
 	ASSERT_PTR(f->pcd);
+	f->ctx = ferry_ctx_new(NULL);
+	ASSERT_PTR(f->ctx);
 }
 
 static void fixture_free(struct pcd_fixture *f)
 {
 	ferry__pcd_free(f->pcd);
+	ferry_ctx_free(f->ctx);
 	ferry_ram_free(f->ram);
 	munmap(f->mem, f->size);
 }
@@ -307,12 +313,12 @@ TEST(postcopy_dest_state_machine)
 	ASSERT_EQ(f.mem[65536], 0);
 	ASSERT_EQ(f.mem[8192], 0xab);
 	/* LISTEN: discards end, RUN is next. */
-	ASSERT_OK_E(ferry__pcd_listen(f.pcd, count_request, &f, &err), err);
+	ASSERT_OK_E(ferry__pcd_listen(f.pcd, f.ctx, count_request, &f, &err), err);
 	ASSERT_EQ(ferry__pcd_state(f.pcd), FERRY_PC_LISTENING);
 	ASSERT_ERR(discard1(&f, 0, 4096, 0, 0, 1, &err), -EPROTO);
 	ASSERT_CONTAINS(err.msg, "state listening");
 	ferry_error_clear(&err);
-	ASSERT_ERR(ferry__pcd_listen(f.pcd, count_request, &f, &err), -EPROTO);
+	ASSERT_ERR(ferry__pcd_listen(f.pcd, f.ctx, count_request, &f, &err), -EPROTO);
 	ferry_error_clear(&err);
 	ASSERT_ERR(ferry__pcd_move(f.pcd, FERRY_PC_RUNNING, FERRY_PC_END,
 				   "POSTCOPY_END", &err), -EPROTO);
@@ -381,7 +387,7 @@ TEST(postcopy_place_exactly_once)
 
 	need_uffd();
 	fixture(&f, 8 * MB + 3 * 4096);
-	ASSERT_OK_E(ferry__pcd_listen(f.pcd, count_request, &f, &err), err);
+	ASSERT_OK_E(ferry__pcd_listen(f.pcd, f.ctx, count_request, &f, &err), err);
 	ASSERT_OK(pthread_create(&tt, NULL, touch_all, &f));
 	ASSERT_OK(pthread_create(&ta, NULL, place_all, &a));
 	ASSERT_OK(pthread_create(&tb, NULL, place_all, &b));
@@ -699,4 +705,62 @@ TEST(postcopy_free_while_paused)
 	s.mig = NULL;
 	minivm_free(&s);
 	minivm_free(&d);
+}
+
+/* ---- the context's thread pool (lib/pool.c) ----------------------------- */
+
+static uint64_t pool_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+struct pool_probe {
+	int release;       /* atomic: the long job may end */
+	int ran;           /* atomic */
+};
+
+static void long_job(void *arg)
+{
+	struct pool_probe *p = arg;
+
+	__atomic_fetch_add(&p->ran, 1, __ATOMIC_RELAXED);
+	while (!__atomic_load_n(&p->release, __ATOMIC_ACQUIRE))
+		usleep(200);
+}
+
+static void short_job(void *arg)
+{
+	__atomic_fetch_add(&((struct pool_probe *)arg)->ran, 1,
+			   __ATOMIC_RELEASE);
+}
+
+/* A job that runs for ever (a fault thread until every page is in) never
+ * holds up the next one: each job of a batch gets a thread of its own. */
+TEST(pool_long_jobs_each_get_a_thread)
+{
+	struct ferry_error err = { 0 };
+	struct ferry_ctx *ctx = ferry_ctx_new(NULL);
+	struct pool_probe lp = { 0 }, sp = { 0 };
+	void *la = &lp, *sa = &sp;
+	struct ferry__pool_batch *lb, *sb;
+	uint64_t end = pool_now_ms() + 10000;
+
+	ASSERT_PTR(ctx);
+	ASSERT_OK_E(ferry__pool_reserve_idle(ctx, 1, &err), err);
+	ASSERT_PTR(lb = ferry__pool_submit(ctx, 1, long_job, &la, &err));
+	/* The one idle thread is taken: this one must not queue behind it. */
+	ASSERT_PTR(sb = ferry__pool_submit(ctx, 1, short_job, &sa, &err));
+	while (!__atomic_load_n(&sp.ran, __ATOMIC_ACQUIRE) && pool_now_ms() < end)
+		usleep(500);
+	ASSERT_EQ(__atomic_load_n(&sp.ran, __ATOMIC_ACQUIRE), 1);
+	ferry__pool_wait(ctx, sb);
+	__atomic_store_n(&lp.release, 1, __ATOMIC_RELEASE);
+	ferry__pool_wait(ctx, lb);
+	ASSERT_EQ(lp.ran, 1);
+	ASSERT_ERR(ferry__pool_reserve_idle(ctx, FERRY__POOL_MAX + 1, &err),
+		   -EAGAIN);
+	ferry_ctx_free(ctx);
 }
