@@ -123,8 +123,9 @@ int ferry__pool_reserve(struct ferry_ctx *ctx, unsigned n,
 int ferry__pool_reserve_idle(struct ferry_ctx *ctx, unsigned n,
 			     struct ferry_error *err);
 /* A batch of jobs: fn(args[i]) for every i, each on a pool thread of its
- * own, started at once (threads are added when too few are idle). NULL on
- * failure, nothing queued. */
+ * own, started at once (threads are added when too few are idle; with
+ * more than FERRY__POOL_MAX jobs busy, the rest wait for a thread). NULL
+ * on failure, nothing queued. */
 struct ferry__pool_batch;
 struct ferry__pool_batch *ferry__pool_submit(struct ferry_ctx *ctx, unsigned n,
 					     void (*fn)(void *arg),

@@ -10,7 +10,9 @@
  * they wait on a condition variable, and the switchover only hands them
  * jobs. A job may run as long as it likes (a fault thread runs until every
  * page is in): submit makes sure each job of a batch has a thread of its
- * own, never one that a long job holds.
+ * own, never one that a long job holds - while at most FERRY__POOL_MAX
+ * jobs are busy; past that, jobs queue for a thread (a source with more
+ * devices than that saving in parallel).
  *
  * Locks: p->lock guards the job list, the quit flag and every batch's
  * countdown; the jobs themselves run without it. A batch is submitted and
@@ -90,13 +92,16 @@ static struct ferry__pool *pool_of(struct ferry_ctx *ctx,
 	return p;
 }
 
-/* At least @n threads, or with @idle @n threads beyond the busy ones.
- * Lock held. */
+/* At least @n threads, or with @idle @n threads beyond the busy ones;
+ * with @cap at most FERRY__POOL_MAX (jobs beyond queue), else -EAGAIN
+ * past it. Lock held. */
 static int reserve_locked(struct ferry__pool *p, unsigned n, bool idle,
-			  struct ferry_error *err)
+			  bool cap, struct ferry_error *err)
 {
 	if (idle)
 		n += p->busy;
+	if (n > FERRY__POOL_MAX && cap)
+		n = FERRY__POOL_MAX;
 	if (n > FERRY__POOL_MAX)
 		return ferry_error_set(err, -EAGAIN, "more than %u jobs for the "
 				       "context's threads", FERRY__POOL_MAX);
@@ -123,7 +128,7 @@ static int reserve(struct ferry_ctx *ctx, unsigned n, bool idle,
 	if (!(p = pool_of(ctx, err)))
 		return -ENOMEM;
 	ferry__mutex_lock(&p->lock);
-	r = reserve_locked(p, n, idle, err);
+	r = reserve_locked(p, n, idle, false, err);
 	ferry__mutex_unlock(&p->lock);
 	return r;
 }
@@ -162,8 +167,9 @@ struct ferry__pool_batch *ferry__pool_submit(struct ferry_ctx *ctx, unsigned n,
 		return NULL;
 	}
 	ferry__mutex_lock(&p->lock);
-	/* A thread for each job, counted and queued in one go. */
-	if (reserve_locked(p, n, true, err)) {
+	/* A thread for each job (up to the cap: more jobs than that wait for
+	 * one), counted and queued in one go. */
+	if (reserve_locked(p, n, true, true, err)) {
 		ferry__mutex_unlock(&p->lock);
 		free(batch);
 		return NULL;

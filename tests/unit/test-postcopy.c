@@ -762,5 +762,19 @@ TEST(pool_long_jobs_each_get_a_thread)
 	ASSERT_EQ(lp.ran, 1);
 	ASSERT_ERR(ferry__pool_reserve_idle(ctx, FERRY__POOL_MAX + 1, &err),
 		   -EAGAIN);
+	/* More jobs than the pool may have threads: the rest wait for one
+	 * (a source saving more devices than that), they do not fail. */
+	{
+		void *args[FERRY__POOL_MAX + 4];
+		struct pool_probe many = { 0 };
+
+		for (unsigned i = 0; i < FERRY__POOL_MAX + 4; i++)
+			args[i] = &many;
+		ASSERT_PTR(sb = ferry__pool_submit(ctx, FERRY__POOL_MAX + 4,
+						   short_job, args, &err));
+		ferry__pool_wait(ctx, sb);
+		ASSERT_EQ(__atomic_load_n(&many.ran, __ATOMIC_ACQUIRE),
+			  FERRY__POOL_MAX + 4);
+	}
 	ferry_ctx_free(ctx);
 }
