@@ -14,10 +14,11 @@
  * jobs are busy; past that, jobs queue for a thread (a source with more
  * devices than that saving in parallel).
  *
- * Locks: p->lock guards the job list, the quit flag and every batch's
- * countdown; the jobs themselves run without it. A batch is submitted and
- * waited for by one thread (the migration thread); its jobs must not
- * submit jobs themselves (they would wait for a thread they hold).
+ * Locks: p->lock guards the job list, the quit flag, the busy count and
+ * every batch's countdown; the jobs themselves run without it. Batches are
+ * submitted by the context's one migration thread at a time (the source's
+ * migration thread, the destination's load thread), each is waited for
+ * once, by one thread.
  */
 #include <errno.h>
 #include <stdlib.h>

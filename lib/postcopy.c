@@ -973,22 +973,8 @@ int ferry__pc_urgent_thread(void)
 	was = getpriority(PRIO_PROCESS, tid);
 	if (was == -1 && errno)
 		was = 0;
-	if (setpriority(PRIO_PROCESS, tid, -10))
-		return was;
+	(void)setpriority(PRIO_PROCESS, tid, -10);
 	return was;
-}
-
-static void fault_loop(struct ferry_pcd *pcd);
-
-/* The fault thread, a job on the context's pool (pool.c: no thread is
- * created in the downtime). Its nice value goes back with the thread. */
-static void fault_main(void *arg)
-{
-	struct ferry_pcd *pcd = arg;
-	int nice_was = ferry__pc_urgent_thread();
-
-	fault_loop(pcd);
-	setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice_was);
 }
 
 static void fault_loop(struct ferry_pcd *pcd)
@@ -1015,6 +1001,16 @@ static void fault_loop(struct ferry_pcd *pcd)
 			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
 				on_fault(pcd, (uintptr_t)msgs[i].arg.pagefault.address);
 	}
+}
+
+/* The fault thread, a job on the context's pool (pool.c: no thread is
+ * created in the downtime). The thread's nice value goes back with it. */
+static void fault_main(void *arg)
+{
+	int nice_was = ferry__pc_urgent_thread();
+
+	fault_loop(arg);
+	(void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice_was);
 }
 
 int ferry__pcd_listen(struct ferry_pcd *pcd, struct ferry_ctx *ctx,
