@@ -276,8 +276,13 @@ TEST(fault_dest_stop_pass1)
 { source_survives("pause-pass-1", DEST_STOP, "no word from the destination"); }
 TEST(fault_dest_stall_pass2)
 { source_survives("pause-pass-2", DEST_STALL, "no word from the destination"); }
+/* Stalled while the source waits for LOADED. The stop lands at
+ * pause-stopped, before the rest and EOF go out: at pause-eof the EOF is
+ * already on the wire, and a destination quick enough to answer LOADED
+ * before the SIGSTOP gets GO - the source then rightly keeps its VM
+ * stopped (in doubt), which is not this test's case. */
 TEST(fault_dest_stop_eof)
-{ source_survives("pause-eof", DEST_STOP, "destination"); }
+{ source_survives("pause-stopped", DEST_STOP, "destination"); }
 
 /* ---- the connection reset ----------------------------------------------- */
 TEST(fault_reset_connected)
