@@ -406,6 +406,22 @@ static int pagemap_wp(const void *p)
  * and a start right after a stop tracks exactly - as does one after a
  * release.
  */
+/* Write page @page, sync (or sync_final), and expect exactly that page. */
+static void write_sync_expect(struct uffd_dirty *d, uint8_t *mem, size_t len,
+			      uint64_t *b, size_t page, bool final,
+			      const char *what)
+{
+	struct ferry_error e = { 0 };
+
+	mem[page * PAGE]++;
+	memset(b, 0, uffd_dirty_bitmap_words(len) * sizeof(*b));
+	if (final)
+		ASSERT_OK_E(uffd_dirty_sync_final(d, b, &e), e);
+	else
+		ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
+	expect_bits(b, len, &page, 1, what);
+}
+
 TEST(backend_uffd_dirty_stop_lazy)
 {
 	size_t len = 96UL << 20, words = uffd_dirty_bitmap_words(len);
@@ -445,14 +461,7 @@ TEST(backend_uffd_dirty_stop_lazy)
 	ASSERT_ERR(uffd_dirty_sync(d, b, NULL), -EINVAL);
 	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
 	ASSERT_EQ(pagemap_wp(mem + 20000 * PAGE), 1);
-	mem[11 * PAGE] = 1;
-	memset(b, 0, words * sizeof(*b));
-	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
-	{
-		static const size_t want[] = { 11 };
-
-		expect_bits(b, len, want, 1, "start after a release");
-	}
+	write_sync_expect(d, mem, len, b, 11, false, "start after a release");
 	ASSERT_OK_E(uffd_dirty_stop(d, &e), e);
 	uffd_dirty_destroy(d);
 	/* Unregistered: nothing protected is left. */
@@ -490,14 +499,8 @@ TEST(backend_uffd_dirty_sync_final)
 	ASSERT_ERR(uffd_dirty_sync_final(d, b, NULL), -EINVAL);
 	ASSERT_OK_E(uffd_dirty_start(d, &e), e);
 	ASSERT_EQ(pagemap_wp(mem + 5 * PAGE), 1);
-	mem[77 * PAGE] = 3;
-	memset(b, 0, words * sizeof(*b));
-	ASSERT_OK_E(uffd_dirty_sync_final(d, b, &e), e);
-	{
-		static const size_t want[] = { 77 };
-
-		expect_bits(b, len, want, 1, "final sync after a new start");
-	}
+	write_sync_expect(d, mem, len, b, 77, true,
+			  "final sync after a new start");
 	uffd_dirty_destroy(d);
 	munmap(mem, len);
 	free(b);
