@@ -381,6 +381,11 @@ TEST(backend_uffd_dirty_split)
 	mem[(seam - 1) * PAGE] = 9;
 	ASSERT_OK_E(uffd_dirty_sync(d, b, &e), e);
 	expect_bits(b, len, pages + 1, 1, "split, again");
+	/* The switchover's sync, split the same way (the helper's third job). */
+	memset(b, 0, uffd_dirty_bitmap_words(len) * sizeof(*b));
+	mem[(npages - 1) * PAGE] = 7;
+	ASSERT_OK_E(uffd_dirty_sync_final(d, b, &e), e);
+	expect_bits(b, len, pages + 5, 1, "split, final");
 	uffd_dirty_destroy(d);
 	munmap(mem, len);
 	free(b);
