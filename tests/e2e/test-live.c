@@ -249,9 +249,12 @@ static void source_survives(struct proc *s, const char *backend, const char *why
 	ASSERT_EQ(geti(v, "bad-pages"), 0);
 	json_decref(v);
 	/* The default peer-timeout for the follow-up: it proves the source
-	 * still migrates, and 1 s is tight on a busy 2-core machine. */
+	 * still migrates, and 1 s is tight on a busy 2-core machine. Scaled
+	 * with the run's timeouts: under TSan a destination loading at 4 MB/s
+	 * went 10 s without a word. */
 	json_decref(call(s, "migrate-set-parameters",
-			 json_pack("{s:i}", "peer-timeout", 10000)));
+			 json_pack("{s:i}", "peer-timeout",
+				   10000 * test_timeout_scale)));
 	port = spawn_dest(&d, backend, "512M", "");
 	json_decref(call(s, "migrate", json_pack("{s:s}", "uri",
 			 test_fmt("tcp:127.0.0.1:%d", port))));
