@@ -26,6 +26,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,6 +150,24 @@ static void wl_plat_poll(struct wl_ctx *c)
 	guest_code_begin();
 }
 
+/* The VM panics with the message @fmt makes; the first panic stays. */
+static void record_panic(struct thread_vm *t, const char *fmt, ...)
+	FERRY_PRINTF(2, 3);
+
+static void record_panic(struct thread_vm *t, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&t->lock);
+	if (!t->panicked) {
+		t->panicked = true;
+		va_start(ap, fmt);
+		vsnprintf(t->panic_msg, sizeof(t->panic_msg), fmt, ap);
+		va_end(ap);
+	}
+	pthread_mutex_unlock(&t->lock);
+}
+
 static void wl_plat_panic(struct wl_ctx *c, uint32_t code)
 {
 	struct thread_vcpu *v = c->plat;
@@ -160,33 +179,12 @@ static void wl_plat_panic(struct wl_ctx *c, uint32_t code)
 	memcpy(msg, c->status->panic_msg, sizeof(msg) - 1);
 	msg[sizeof(msg) - 1] = 0;
 	guest_code_end();
-	pthread_mutex_lock(&t->lock);
-	if (!t->panicked) {
-		t->panicked = true;
-		snprintf(t->panic_msg, sizeof(t->panic_msg),
-			 "guest panic %u on vCPU %u: %s", code, v->index, msg);
-	}
-	pthread_mutex_unlock(&t->lock);
+	record_panic(t, "guest panic %u on vCPU %u: %s", code, v->index, msg);
 	guest_code_begin();
 	c->stop = 1;
 }
 
 /* ---- vCPU threads ------------------------------------------------------- */
-
-/* A fault of the guest's own making that the host caught (as KVM would
- * report an internal error): the VM panics with @msg. */
-static void host_panic(struct thread_vcpu *v, const char *msg)
-{
-	struct thread_vm *t = v->vm;
-
-	pthread_mutex_lock(&t->lock);
-	if (!t->panicked) {
-		t->panicked = true;
-		snprintf(t->panic_msg, sizeof(t->panic_msg), "vCPU %u: %s",
-			 v->index, msg);
-	}
-	pthread_mutex_unlock(&t->lock);
-}
 
 static void *vcpu_main(void *arg)
 {
@@ -222,13 +220,12 @@ static void *vcpu_main(void *arg)
 		wl_run(&v->ctx);	/* returns on stop or panic */
 		guest_code_end();
 	} else {
-		char msg[128];
-
+		/* Caught by the host, as KVM would report an internal error. */
 		guest_code_end();
-		snprintf(msg, sizeof(msg), "command block asks for %llu data "
-			 "pages, RAM holds %llu", (unsigned long long)dp,
-			 (unsigned long long)GUEST_DATA_PAGES(t->ram_size));
-		host_panic(v, msg);
+		record_panic(t, "vCPU %u: command block asks for %llu data "
+			     "pages, RAM holds %llu", v->index,
+			     (unsigned long long)dp,
+			     (unsigned long long)GUEST_DATA_PAGES(t->ram_size));
 	}
 
 	pthread_mutex_lock(&t->lock);
