@@ -404,13 +404,6 @@ static int pagemap_wp(const void *p)
 	return n == sizeof(ent) ? (int)(ent >> 57 & 1) : -1;
 }
 
-/*
- * Stopping ends tracking at once and leaves the protection where nothing
- * writes: a protected page's write goes through (the kernel resolves it),
- * a page nobody writes stays protected until a start or the unregister,
- * and a start right after a stop tracks exactly - as does one after a
- * release.
- */
 /* Write page @page, sync (or sync_final), and expect exactly that page. */
 static void write_sync_expect(struct uffd_dirty *d, uint8_t *mem, size_t len,
 			      uint64_t *b, size_t page, bool final,
@@ -427,6 +420,13 @@ static void write_sync_expect(struct uffd_dirty *d, uint8_t *mem, size_t len,
 	expect_bits(b, len, &page, 1, what);
 }
 
+/*
+ * Stopping ends tracking at once and leaves the protection where nothing
+ * writes: a protected page's write goes through (the kernel resolves it),
+ * a page nobody writes stays protected until a start or the unregister,
+ * and a start right after a stop tracks exactly - as does one after a
+ * release.
+ */
 TEST(backend_uffd_dirty_stop_lazy)
 {
 	size_t len = 96UL << 20, words = uffd_dirty_bitmap_words(len);

@@ -9,9 +9,9 @@
 #include "../harness.h"
 
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "../e2e/vmproc.h"
 #include "minivm.h"
 #include "internal.h"
 #include "postcopy.h"
@@ -709,14 +709,6 @@ TEST(postcopy_free_while_paused)
 
 /* ---- the context's thread pool (lib/pool.c) ----------------------------- */
 
-static uint64_t pool_now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 struct pool_probe {
 	int release;       /* atomic: the long job may end */
 	int ran;           /* atomic */
@@ -746,14 +738,14 @@ TEST(pool_long_jobs_each_get_a_thread)
 	struct pool_probe lp = { 0 }, sp = { 0 };
 	void *la = &lp, *sa = &sp;
 	struct ferry__pool_batch *lb, *sb;
-	uint64_t end = pool_now_ms() + 10000;
+	double end = now_ms() + 10000;
 
 	ASSERT_PTR(ctx);
 	ASSERT_OK_E(ferry__pool_reserve_idle(ctx, 1, &err), err);
 	ASSERT_PTR(lb = ferry__pool_submit(ctx, 1, long_job, &la, &err));
 	/* The one idle thread is taken: this one must not queue behind it. */
 	ASSERT_PTR(sb = ferry__pool_submit(ctx, 1, short_job, &sa, &err));
-	while (!__atomic_load_n(&sp.ran, __ATOMIC_ACQUIRE) && pool_now_ms() < end)
+	while (!__atomic_load_n(&sp.ran, __ATOMIC_ACQUIRE) && now_ms() < end)
 		usleep(500);
 	ASSERT_EQ(__atomic_load_n(&sp.ran, __ATOMIC_ACQUIRE), 1);
 	ferry__pool_wait(ctx, sb);
