@@ -112,31 +112,15 @@ int ferry__ram_pc_discard(struct ferry_ram *ram,
 	for (unsigned bi = 0; bi < ram->nblocks && !r; bi++) {
 		struct ram_block *b = &ram->blocks[bi];
 		size_t nl = strlen(b->name), head = 1 + nl + 4, n = 0;
-		uint64_t p = 0;
+		uint64_t s, l, p = 0;
 
 		buf[0] = (uint8_t)nl;
 		memcpy(buf + 1, b->name, nl);
 		/* Runs of set bits: the pages the destination must not keep. */
-		while (p < b->npages && !r) {
-			uint64_t w = __atomic_load_n(&b->bitmap[p / WORD_BITS],
-						     __ATOMIC_RELAXED) >> (p % WORD_BITS);
-			uint64_t s;
-
-			if (!w) {
-				p = (p / WORD_BITS + 1) * WORD_BITS;
-				continue;
-			}
-			p += (uint64_t)__builtin_ctzll(w);
-			if (p >= b->npages)
-				break;
-			s = p;
-			while (p < b->npages &&
-			       (__atomic_load_n(&b->bitmap[p / WORD_BITS],
-						__ATOMIC_RELAXED) >> (p % WORD_BITS) & 1))
-				p++;
+		while (!r && ferry__next_run(b->bitmap, b->npages, p, &s, &l)) {
+			p = s + l;
 			ferry__put_be64(buf + head + n * 16, s * b->page_size);
-			ferry__put_be64(buf + head + n * 16 + 8,
-					(p - s) * b->page_size);
+			ferry__put_be64(buf + head + n * 16 + 8, l * b->page_size);
 			if (++n == PC_DISCARD_CHUNK) {
 				ferry__put_be32(buf + 1 + nl, (uint32_t)n);
 				r = emit(arg, buf, head + n * 16, err);
@@ -602,6 +586,24 @@ void ferry__pcd_release_dropped(struct ferry_pcd *pcd)
 	pcd->nheld = 0;
 }
 
+/* Clear bits [first, first + n) of an atomic bitmap a word at a time: a
+ * switch's discards cover 100k+ pages, and one atomic per page cost
+ * 0.4-0.5 ms of downtime. */
+static void clear_bits(uint64_t *map, uint64_t first, uint64_t n)
+{
+	while (n) {
+		uint64_t bit = first % WORD_BITS;
+		uint64_t take = WORD_BITS - bit < n ? WORD_BITS - bit : n;
+		uint64_t mask = take == WORD_BITS ? ~0ull :
+				((1ull << take) - 1) << bit;
+
+		__atomic_fetch_and(&map[first / WORD_BITS], ~mask,
+				   __ATOMIC_RELAXED);
+		first += take;
+		n -= take;
+	}
+}
+
 int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 		       const uint8_t *ranges, struct ferry_error *err)
 {
@@ -652,10 +654,7 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
 		uint64_t l = ferry__get_be64(ranges + i * 16 + 8);
 
 		pcd->discarded += l / b->page_size;
-		for (uint64_t pg = s / b->page_size; pg < (s + l) / b->page_size; pg++)
-			__atomic_fetch_and(&pcd->received[bi][pg / WORD_BITS],
-					   ~(1ull << (pg % WORD_BITS)),
-					   __ATOMIC_RELAXED);
+		clear_bits(pcd->received[bi], s / b->page_size, l / b->page_size);
 		if ((r = drop(pcd, b->host + s, l)))
 			return ferry_error_set(err, r, "discarding 0x%llx + 0x%llx "
 				"of RAM block '%s': %s", (unsigned long long)s,

@@ -119,6 +119,11 @@ struct pc_req {
 
 #define WORD_BITS 64u
 
+/* The next run of set bits of atomic bitmap @bm (@n bits) at or after
+ * @from, a word at a time; false when there is none. */
+bool ferry__next_run(const uint64_t *bm, uint64_t n, uint64_t from,
+		     uint64_t *start, uint64_t *len);
+
 static inline uint64_t words_for(uint64_t npages)
 {
 	return (npages + WORD_BITS - 1) / WORD_BITS;

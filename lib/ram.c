@@ -317,8 +317,7 @@ static int ram_sync(struct ferry_ram *ram, struct ferry_error *err)
 
 /* ---- populated ranges ---------------------------------------------------- */
 
-/* The next run of set bits at or after @from; false when there is none. */
-static bool next_run(const uint64_t *bm, uint64_t n, uint64_t from,
+bool ferry__next_run(const uint64_t *bm, uint64_t n, uint64_t from,
 		     uint64_t *start, uint64_t *len)
 {
 	uint64_t p = from;
@@ -358,7 +357,7 @@ static uint64_t walk_ranges(struct ferry_ram *ram, unsigned bi, uint64_t gap,
 	struct ram_block *b = &ram->blocks[bi];
 	uint64_t n = 0, s, l, cs = 0, cl = 0, from = 0;
 
-	while (next_run(b->bitmap, b->npages, from, &s, &l)) {
+	while (ferry__next_run(b->bitmap, b->npages, from, &s, &l)) {
 		from = s + l;
 		if (cl && s - (cs + cl) < gap) {
 			cl = s + l - cs;
@@ -819,14 +818,17 @@ int ferry__ram_pc_prepare_section(struct ferry_chan *c, void *opaque,
 /* The switch to postcopy, as a RAM PART section (VM stopped): the last
  * multifd sync point - the destination applies every page sent so far
  * before it reads the DISCARDs that follow - and the final dirty sync,
- * after which the bitmaps hold exactly the pages still to send. */
+ * after which the bitmaps hold exactly the pages still to send. The sync
+ * point only if pages went to the channels since the last one: after the
+ * prepare section none have, and an empty sync point cost 0.2-0.6 ms of
+ * downtime. */
 int ferry__ram_pc_switch_section(struct ferry_chan *c, void *opaque,
 				 struct ferry_error *err)
 {
 	struct ferry_ram *ram = opaque;
 	int r;
 
-	if (ram->mf_send && (r = mf_flush(ram, c, err)))
+	if (ram->mf_send && ram->mf_unsynced && (r = mf_flush(ram, c, err)))
 		return r;
 	if ((r = ram_sync_how(ram, true, err)))
 		return r;
