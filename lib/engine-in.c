@@ -131,6 +131,9 @@ struct mig_in {
 	 * missing. */
 	struct ferry_pcd *pcd;
 	bool pc_ran;                    /* m->lock: RUN took the VM */
+	/* Load thread: how it was scheduled before the switch raised it
+	 * (pc_switch_urgent). */
+	struct ferry__pc_sched pc_sched;
 	struct ferry_listener *rec_l;   /* m->lock: migrate-recover's */
 	char rec_uri[4096];             /* m->lock */
 	struct ferry_chan *rec_chan;    /* listen thread: the stream after a
@@ -485,7 +488,7 @@ static void *pre_main(void *arg)
 	ferry__mutex_unlock(&in->acc_lock);
 	io = (struct ferry_record_io){ .chan = c };
 	r = c ? 0 : -ENOMEM;
-	ferry__pc_urgent_thread();
+	ferry__pc_sched_raise(NULL, false);
 	if (!r) {
 		ferry_get_be32(c);  /* the magic, seen by classify() */
 		ferry_get_buf(c, session, sizeof(session));
@@ -605,6 +608,23 @@ static void stamp_resumed(struct ferry_rp_msg *msg)
 		(uint64_t)rt.tv_sec * 1000000000ull + (uint64_t)rt.tv_nsec;
 }
 
+/*
+ * From the switch's first DISCARD to RUN the guest runs nowhere, and this
+ * thread does everything that stands between it and running here. On a
+ * busy host it lost the CPU for 2-4 ms at a time to the threads the switch
+ * itself wakes (the listen thread's pool job, the vCPUs and the VMM's
+ * event writer at RUN, the source's background stream arriving), most of
+ * the downtime. Real-time priority for the window (ferry__pc_sched_raise),
+ * put back once the VM runs.
+ */
+static void pc_switch_urgent(struct mig_in *in, bool on)
+{
+	if (on)
+		ferry__pc_sched_raise(&in->pc_sched, true);
+	else
+		ferry__pc_sched_restore(&in->pc_sched);
+}
+
 static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 		      struct ferry_error *err)
 {
@@ -626,8 +646,9 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 				"postcopy state %s (it belongs in state none)",
 				ferry_pc_state_name(ferry__pcd_state(pcd)));
 		/* The threads the switch will need, now, while the guest
-		 * still runs on the source: the fault thread (LISTEN) and the
-		 * listen thread (PACKAGED) start as jobs on them. */
+		 * still runs on the source: the fault thread starts on one
+		 * at once (ferry__pcd_prepare), the listen thread on the
+		 * other at PACKAGED. */
 		if ((r = ferry__pool_reserve_idle(m->ctx, 2, err)))
 			return ferry_error_prefix(err, "postcopy: ");
 		pcd = ferry__pcd_new(m->ram, msg->u.advise.host_page_size,
@@ -638,16 +659,18 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 		ferry__mutex_lock(&m->lock);
 		in->pcd = pcd;
 		ferry__mutex_unlock(&m->lock);
-		return 0;
+		return ferry__pcd_prepare(pcd, m->ctx, request_pages, in, err);
 	case FERRY_CMD_POSTCOPY_DISCARD:
 		if (!pcd)
 			break;
+		pc_switch_urgent(in, true);
 		return ferry__pcd_discard(pcd, msg->u.discard.block,
 					  msg->u.discard.n, msg->u.discard.ranges,
 					  err);
 	case FERRY_CMD_POSTCOPY_LISTEN:
 		if (!pcd)
 			break;
+		pc_switch_urgent(in, true);
 		return ferry__pcd_listen(pcd, m->ctx, request_pages, in, err);
 	case FERRY_CMD_POSTCOPY_RUN: {
 		struct ferry_rp_msg run = { .type = FERRY_RP_RUNNING };
@@ -675,6 +698,7 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 				FERRY_MIG_POSTCOPY_ACTIVE);
 		shut_values(in, &run);
 		rp_send(in, &run, NULL);
+		pc_switch_urgent(in, false);
 		/* The VM runs: now free what the discards moved away. */
 		ferry__pcd_release_dropped(pcd);
 		return r;
@@ -1678,6 +1702,8 @@ static void *in_main(void *arg)
 	if (m->ram)
 		ferry__ram_set_multifd_provider(m->ram, provide_receiver, in);
 	r = ferry__load(m->ctx, c, &opts, &hooks, &io, &in->version, &err);
+	/* A load that failed inside the switch window. */
+	pc_switch_urgent(in, false);
 	if (r == -ETIMEDOUT) {
 		ferry_error_clear(&err);
 		ferry_error_set(&err, r, "no data from the source for %llu ms",

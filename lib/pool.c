@@ -182,8 +182,10 @@ struct ferry__pool_batch *ferry__pool_submit(struct ferry_ctx *ctx, unsigned n,
 						    .left = &batch->left };
 		*p->tail = &batch->jobs[i];
 		p->tail = &batch->jobs[i].next;
+		/* One waiter per job: waking every idle thread to fight for
+		 * the lock costs the submitter (inside the downtime). */
+		pthread_cond_signal(&p->work);
 	}
-	pthread_cond_broadcast(&p->work);
 	ferry__mutex_unlock(&p->lock);
 	return batch;
 }

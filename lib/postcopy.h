@@ -21,6 +21,7 @@
 #define FERRY_POSTCOPY_H
 
 #include <stdbool.h>
+#include <sched.h>
 #include <stdint.h>
 
 #include "ferry/ram.h"
@@ -86,9 +87,18 @@ int ferry__pcd_discard(struct ferry_pcd *pcd, const char *block, uint32_t n,
  * also done by ferry__pcd_free). Load thread. */
 void ferry__pcd_release_dropped(struct ferry_pcd *pcd);
 
+/* At POSTCOPY_ADVISE, off the downtime: open the userfaultfd and start the
+ * fault thread (a job on @ctx's pool), which forwards faults through @req
+ * once LISTEN registered RAM. Done by ferry__pcd_listen if not yet. Load
+ * thread. */
+int ferry__pcd_prepare(struct ferry_pcd *pcd, struct ferry_ctx *ctx,
+		       ferry_pcd_request_fn req, void *req_opaque,
+		       struct ferry_error *err);
+
 /* POSTCOPY_LISTEN (ADVISE -> LISTENING): what is present now is what was
- * received; register RAM for missing-page faults, start the fault thread,
- * and place every later page through ferry__pcd_place. */
+ * received; register RAM for missing-page faults (the fault thread starts
+ * here unless ferry__pcd_prepare started it), and place every later page
+ * through ferry__pcd_place. */
 int ferry__pcd_listen(struct ferry_pcd *pcd, struct ferry_ctx *ctx,
 		      ferry_pcd_request_fn req, void *req_opaque,
 		      struct ferry_error *err);
@@ -130,11 +140,23 @@ void ferry__pcd_rerequest(struct ferry_pcd *pcd);
 
 void ferry__pcd_get_stats(struct ferry_pcd *pcd, struct ferry_pcd_stats *st);
 
-/* Raise the calling thread's scheduling priority (best effort): the
- * threads on a page request's path (fault thread, preempt reader, the
- * source's return-path reader). Returns the nice value it had, for a
- * thread that goes back to other work (a pool thread). */
-int ferry__pc_urgent_thread(void);
+/* How a thread was scheduled before ferry__pc_sched_raise changed it. */
+struct ferry__pc_sched {
+	bool raised;              /* changed, to be put back */
+	bool fifo;                /* now SCHED_FIFO (else only reniced) */
+	int policy, nice;         /* before */
+	struct sched_param param; /* before */
+};
+
+/* Raise the calling thread's scheduling priority (best effort; needs
+ * CAP_SYS_NICE or RLIMIT_RTPRIO/RLIMIT_NICE, without which nothing
+ * changes). @realtime asks for SCHED_FIFO (the switch windows: a few ms
+ * of blocking waits and bounded work), falling back to nice -10; else nice
+ * -10 (the threads on a page request's path, for the whole of postcopy).
+ * @was (may be NULL for a thread that ends raised) records what to put
+ * back with ferry__pc_sched_restore. Idempotent while raised. */
+void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime);
+void ferry__pc_sched_restore(struct ferry__pc_sched *was);
 
 /* The bare userfaultfd round trip of this machine (bench): a thread faults
  * on a missing page, another reads the fault and places it. Average ns

@@ -90,6 +90,7 @@ X(engine_timed_wait_precision, 10)
 /* ---- postcopy (tests/unit/test-postcopy.c) ---- */
 X(pool_long_jobs_each_get_a_thread, 20)
 X(postcopy_dest_state_machine, 20)
+X(postcopy_switch_priority_raised_and_restored, 10)
 X(postcopy_commands_in_their_places, 10)
 X(postcopy_place_exactly_once, 30)
 X(postcopy_paused_dest_same_vm, 60)

@@ -9,6 +9,8 @@
 #include "../harness.h"
 
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "../e2e/vmproc.h"
@@ -769,4 +771,65 @@ TEST(pool_long_jobs_each_get_a_thread)
 			  FERRY__POOL_MAX + 4);
 	}
 	ferry_ctx_free(ctx);
+}
+
+/* The switch windows' scheduling (ferry__pc_sched_raise): raised, raised
+ * again without losing what to put back, and put back exactly. */
+struct sched_probe {
+	int policy[5], nice[5];
+	bool fifo, capable;
+};
+
+static void sched_now(struct sched_probe *sp, int i)
+{
+	struct sched_param p;
+
+	pthread_getschedparam(pthread_self(), &sp->policy[i], &p);
+	errno = 0;
+	sp->nice[i] = getpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid));
+}
+
+static void *sched_main(void *arg)
+{
+	struct sched_probe *sp = arg;
+	struct ferry__pc_sched s = { 0 };
+	struct sched_param fifo = { .sched_priority = 1 }, other = { 0 };
+
+	/* What this thread may do decides what to expect. */
+	sp->capable = !pthread_setschedparam(pthread_self(), SCHED_FIFO, &fifo);
+	if (sp->capable)
+		pthread_setschedparam(pthread_self(), SCHED_OTHER, &other);
+	sched_now(sp, 0);
+	ferry__pc_sched_raise(&s, true);
+	sp->fifo = s.fifo;
+	sched_now(sp, 1);
+	ferry__pc_sched_raise(&s, true);   /* idempotent */
+	ferry__pc_sched_restore(&s);
+	sched_now(sp, 2);
+	ferry__pc_sched_raise(&s, false);
+	sched_now(sp, 3);
+	ferry__pc_sched_restore(&s);
+	ferry__pc_sched_restore(&s);       /* nothing left to put back */
+	sched_now(sp, 4);
+	return NULL;
+}
+
+TEST(postcopy_switch_priority_raised_and_restored)
+{
+	struct sched_probe sp = { 0 };
+	pthread_t t;
+
+	ASSERT_EQ(pthread_create(&t, NULL, sched_main, &sp), 0);
+	pthread_join(t, NULL);
+	ASSERT_EQ(sp.policy[0], SCHED_OTHER);
+	ASSERT_EQ(sp.fifo, sp.capable);
+	if (sp.capable) {
+		ASSERT_EQ(sp.policy[1], SCHED_FIFO);
+		ASSERT_EQ(sp.policy[3], SCHED_OTHER);
+		ASSERT_EQ(sp.nice[3], -10);
+	}
+	for (int i = 2; i <= 4; i += 2) {
+		ASSERT_EQ(sp.policy[i], sp.policy[0]);
+		ASSERT_EQ(sp.nice[i], sp.nice[0]);
+	}
 }
