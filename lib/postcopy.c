@@ -975,6 +975,20 @@ static void on_fault(struct ferry_pcd *pcd, uintptr_t addr)
  * bounded work (the package is capped), so a real-time priority cannot
  * starve the host; the kernel's RT throttling is the backstop.
  */
+#ifndef SCHED_RESET_ON_FORK
+#define SCHED_RESET_ON_FORK 0x40000000
+#endif
+
+/*
+ * A raised thread must not hand its priority down: the windows call the
+ * VMM (vm_start, device loads), which may start threads there - KVM's
+ * vCPU threads are created at the start - and a vCPU running SCHED_FIFO
+ * (or at nice -10) for the rest of its life would starve the host. So
+ * every raise sets SCHED_RESET_ON_FORK: threads created meanwhile start
+ * SCHED_OTHER at nice 0 or above. (A helper that wants the window's
+ * priority asks for it explicitly, as the thread backend's split dirty
+ * sync does.)
+ */
 void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime)
 {
 	id_t tid = (id_t)syscall(SYS_gettid);
@@ -987,13 +1001,20 @@ void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime)
 	s.nice = getpriority(PRIO_PROCESS, tid);
 	if (s.nice == -1 && errno)
 		s.nice = 0;
-	if (pthread_getschedparam(pthread_self(), &s.policy, &s.param))
-		s.policy = SCHED_OTHER;
+	if ((s.policy = sched_getscheduler(0)) < 0 ||
+	    sched_getparam(0, &s.param))
+		return;  /* nothing changed, nothing to put back */
 	if (realtime && s.policy == SCHED_OTHER &&
-	    !pthread_setschedparam(pthread_self(), SCHED_FIFO, &fifo))
+	    !sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &fifo)) {
 		s.fifo = true;
-	else
-		(void)setpriority(PRIO_PROCESS, tid, -10);
+	} else if (!setpriority(PRIO_PROCESS, tid, -10)) {
+		/* Allowed to anyone; clearing it again needs CAP_SYS_NICE,
+		 * which a thread that may renice has, or RLIMIT_NICE. */
+		(void)sched_setscheduler(0, s.policy | SCHED_RESET_ON_FORK,
+					 &s.param);
+	} else {
+		return;
+	}
 	if (was)
 		*was = s;
 }
@@ -1002,12 +1023,10 @@ void ferry__pc_sched_restore(struct ferry__pc_sched *was)
 {
 	if (!was->raised)
 		return;
-	if (was->fifo)
-		(void)pthread_setschedparam(pthread_self(), was->policy,
-					    &was->param);
-	else
-		(void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid),
-				  was->nice);
+	/* The policy as it was (its reset-on-fork flag too), then the nice
+	 * value (a policy change keeps it). */
+	(void)sched_setscheduler(0, was->policy, &was->param);
+	(void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), was->nice);
 	was->raised = false;
 }
 

@@ -144,7 +144,8 @@ void ferry__pcd_get_stats(struct ferry_pcd *pcd, struct ferry_pcd_stats *st);
 struct ferry__pc_sched {
 	bool raised;              /* changed, to be put back */
 	bool fifo;                /* now SCHED_FIFO (else only reniced) */
-	int policy, nice;         /* before */
+	int policy, nice;         /* before (policy with its reset-on-fork
+				     flag, as sched_getscheduler says) */
 	struct sched_param param; /* before */
 };
 
@@ -153,6 +154,7 @@ struct ferry__pc_sched {
  * changes). @realtime asks for SCHED_FIFO (the switch windows: a few ms
  * of blocking waits and bounded work), falling back to nice -10; else nice
  * -10 (the threads on a page request's path, for the whole of postcopy).
+ * Threads the raised one creates do not inherit it (SCHED_RESET_ON_FORK).
  * @was (may be NULL for a thread that ends raised) records what to put
  * back with ferry__pc_sched_restore. Idempotent while raised. */
 void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime);

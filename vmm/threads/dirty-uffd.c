@@ -26,6 +26,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdbool.h>
@@ -83,6 +84,10 @@ struct pm_scan_arg {
 #define PAGE_IS_PRESENT		(1 << 3)
 #define PAGE_IS_SWAPPED		(1 << 4)
 #define PAGE_IS_PFNZERO		(1 << 5)
+#endif
+
+#ifndef SCHED_RESET_ON_FORK
+#define SCHED_RESET_ON_FORK	0x40000000
 #endif
 
 #define PAGE_SIZE_	4096ULL
@@ -382,6 +387,32 @@ static void *half_main(void *arg)
 	return NULL;
 }
 
+/*
+ * The helper walks at its caller's priority: libferry raises the thread
+ * that runs a postcopy switch (SCHED_FIFO, with SCHED_RESET_ON_FORK so
+ * that nothing it starts inherits it), and half of the switch's walk on a
+ * thread the fair scheduler may keep waiting would undo that. Asked for
+ * explicitly; the default, inheriting, gives SCHED_OTHER there.
+ */
+static int spawn_like_me(pthread_t *th, struct half *h)
+{
+	struct sched_param sp;
+	pthread_attr_t a;
+	int policy = sched_getscheduler(0), r;
+
+	if (policy < 0 || sched_getparam(0, &sp) ||
+	    (policy & ~SCHED_RESET_ON_FORK) == SCHED_OTHER)
+		return pthread_create(th, NULL, half_main, h);
+	pthread_attr_init(&a);
+	pthread_attr_setinheritsched(&a, PTHREAD_EXPLICIT_SCHED);
+	pthread_attr_setschedpolicy(&a, policy & ~SCHED_RESET_ON_FORK);
+	pthread_attr_setschedparam(&a, &sp);
+	r = pthread_create(th, &a, half_main, h);
+	pthread_attr_destroy(&a);
+	/* Not allowed after all: at the default priority. */
+	return r == EPERM ? pthread_create(th, NULL, half_main, h) : r;
+}
+
 static int sync_written(struct uffd_dirty *d, uint64_t *bitmap, bool rearm,
 			struct ferry_error *err)
 {
@@ -405,7 +436,7 @@ static int sync_written(struct uffd_dirty *d, uint64_t *bitmap, bool rearm,
 	if (d->len >= SPLIT_MIN && (h = malloc(sizeof(*h)))) {
 		*h = (struct half){ .d = d, .start = mid, .end = d->base + d->len,
 				    .rearm = rearm, .bitmap = bitmap };
-		if (pthread_create(&th, NULL, half_main, h)) {
+		if (spawn_like_me(&th, h)) {
 			free(h);
 			h = NULL;
 		}
