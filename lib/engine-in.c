@@ -1775,6 +1775,10 @@ static void *in_main(void *arg)
 		shut.values[FERRY_SHUT_T_RESUMED] = now_ns();
 		rp_send(in, &shut, NULL);
 	}
+	/* Postcopy advised, never switched to (precopy converged): the fault
+	 * thread started at ADVISE has nothing to serve. */
+	if (!r && in->pcd && !in->pc_ran)
+		ferry__pcd_finish(in->pcd);
 	if (swo == FERRY_SWO_IN_DOUBT) {
 		/* Whole and stopped: the operator decides (see above). */
 		m->ops.vm_set_state(m->opaque, FERRY_RUN_PAUSED);

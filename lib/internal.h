@@ -133,6 +133,8 @@ struct ferry__pool_batch *ferry__pool_submit(struct ferry_ctx *ctx, unsigned n,
 					     struct ferry_error *err);
 /* Wait for every job of @batch, and free it. NULL is a no-op. */
 void ferry__pool_wait(struct ferry_ctx *ctx, struct ferry__pool_batch *batch);
+/* Jobs queued or running on @ctx's pool now. */
+unsigned ferry__pool_busy(struct ferry_ctx *ctx);
 void ferry__pool_free(struct ferry__pool *p);
 
 static inline bool ferry__dev_iterable(const struct ferry_dev *d)

@@ -203,6 +203,19 @@ void ferry__pool_wait(struct ferry_ctx *ctx, struct ferry__pool_batch *batch)
 	free(batch);
 }
 
+unsigned ferry__pool_busy(struct ferry_ctx *ctx)
+{
+	struct ferry__pool *p = ctx->pool;
+	unsigned n;
+
+	if (!p)
+		return 0;
+	ferry__mutex_lock(&p->lock);
+	n = p->busy;
+	ferry__mutex_unlock(&p->lock);
+	return n;
+}
+
 void ferry__pool_free(struct ferry__pool *p)
 {
 	if (!p)

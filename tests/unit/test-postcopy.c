@@ -187,6 +187,29 @@ TEST(postcopy_capability_both_sides)
 	minivm_free(&d);
 }
 
+/* Postcopy advised on both sides but never switched to: precopy converges,
+ * and the fault thread the destination started at ADVISE is gone with
+ * the migration (it kept a pool thread and the userfaultfd before). */
+TEST(postcopy_advised_unswitched_leaves_no_thread)
+{
+	struct minivm s, d;
+	struct ferry_error err = { 0 };
+	const char *uri;
+
+	need_uffd();
+	minivm_init(&s, 16 * MB, 1 * MB, 1 * MB, true, false);
+	minivm_init(&d, 16 * MB, 1 * MB, 1 * MB, false, true);
+	both(&s, &d, "postcopy-ram");
+	uri = incoming(&d, "pc-unswitched");
+	ASSERT_OK_E(ferry_mig_start(s.mig, uri, &err), err);
+	ASSERT_EQ(minivm_wait(&s, 60000).status, FERRY_MIG_COMPLETED);
+	ASSERT_EQ(minivm_wait(&d, 60000).status, FERRY_MIG_COMPLETED);
+	ASSERT_EQ(minivm_state(&d), FERRY_RUN_RUNNING);
+	ASSERT_EQ(ferry__pool_busy(d.ctx), 0);
+	minivm_free(&s);
+	minivm_free(&d);
+}
+
 /* On a link capped below the dirty rate precopy cannot converge; with
  * postcopy-after-passes the source switches by itself and completes. */
 TEST(postcopy_auto_switch_capped_link)
