@@ -958,6 +958,10 @@ static void on_fault(struct ferry_pcd *pcd, uintptr_t addr)
 		ask(pcd, bi, pg);
 }
 
+#ifndef SCHED_RESET_ON_FORK
+#define SCHED_RESET_ON_FORK 0x40000000
+#endif
+
 /*
  * A fault's round trip crosses four threads on two hosts; on a busy host
  * each hop can wait a scheduler tick behind the background stream. Those
@@ -974,12 +978,7 @@ static void on_fault(struct ferry_pcd *pcd, uintptr_t addr)
  * best. Those windows block on reads and condition variables and do
  * bounded work (the package is capped), so a real-time priority cannot
  * starve the host; the kernel's RT throttling is the backstop.
- */
-#ifndef SCHED_RESET_ON_FORK
-#define SCHED_RESET_ON_FORK 0x40000000
-#endif
-
-/*
+ *
  * A raised thread must not hand its priority down: the windows call the
  * VMM (vm_start, device loads), which may start threads there - KVM's
  * vCPU threads are created at the start - and a vCPU running SCHED_FIFO
@@ -1089,10 +1088,14 @@ int ferry__pcd_prepare(struct ferry_pcd *pcd, struct ferry_ctx *ctx,
 	if (pcd->uffd < 0) {
 		if ((e = uffd_open(err)) < 0)
 			return e;
+		if (ioctl(e, UFFDIO_API, &api)) {
+			int api_err = -errno;
+
+			close(e);
+			return ferry_error_set(err, api_err, "UFFDIO_API: %s",
+					       strerror(-api_err));
+		}
 		pcd->uffd = e;
-		if (ioctl(pcd->uffd, UFFDIO_API, &api))
-			return ferry_error_set(err, -errno, "UFFDIO_API: %s",
-					       strerror(errno));
 	}
 	if (pcd->wake < 0 && (pcd->wake = eventfd(0, EFD_CLOEXEC)) < 0)
 		return ferry_error_set(err, -errno, "eventfd: %s", strerror(errno));
