@@ -132,8 +132,10 @@ struct mig_in {
 	struct ferry_pcd *pcd;
 	bool pc_ran;                    /* m->lock: RUN took the VM */
 	/* Load thread: how it was scheduled before the switch raised it
-	 * (pc_switch_urgent). */
+	 * (pc_switch_urgent); whether a DISCARD came (the drain's PING that
+	 * follows opens the window). */
 	struct ferry__pc_sched pc_sched;
+	bool pc_discarded;
 	struct ferry_listener *rec_l;   /* m->lock: migrate-recover's */
 	char rec_uri[4096];             /* m->lock */
 	struct ferry_chan *rec_chan;    /* listen thread: the stream after a
@@ -609,13 +611,16 @@ static void stamp_resumed(struct ferry_rp_msg *msg)
 }
 
 /*
- * From the switch's first DISCARD to RUN the guest runs nowhere, and this
- * thread does everything that stands between it and running here. On a
- * busy host it lost the CPU for 2-4 ms at a time to the threads the switch
- * itself wakes (the listen thread's pool job, the vCPUs and the VMM's
- * event writer at RUN, the source's background stream arriving), most of
- * the downtime. Real-time priority for the window (ferry__pc_sched_raise),
- * put back once the VM runs.
+ * From the source's stop to RUN the guest runs nowhere, and this thread
+ * does everything that stands between it and running here. On a busy host
+ * it lost the CPU for 2-4 ms at a time to the threads the switch itself
+ * wakes (the listen thread's pool job, the vCPUs and the VMM's event
+ * writer at RUN, the source's background stream arriving), most of the
+ * downtime. Real-time priority for the window (ferry__pc_sched_raise), put
+ * back once the VM runs. The window opens at the PONG that answers the
+ * source's drain (after the discards made while its VM still ran, which
+ * may be long - they are not downtime), or at LISTEN for a source that
+ * sends none.
  */
 static void pc_switch_urgent(struct mig_in *in, bool on)
 {
@@ -663,7 +668,7 @@ static int pc_command(struct mig_in *in, const struct ferry_cmd_msg *msg,
 	case FERRY_CMD_POSTCOPY_DISCARD:
 		if (!pcd)
 			break;
-		pc_switch_urgent(in, true);
+		in->pc_discarded = true;
 		return ferry__pcd_discard(pcd, msg->u.discard.block,
 					  msg->u.discard.n, msg->u.discard.ranges,
 					  err);
@@ -1473,6 +1478,11 @@ static int on_command(void *opaque, const struct ferry_cmd_msg *msg,
 	case FERRY_CMD_PING: {
 		struct ferry_rp_msg pong = { .type = FERRY_RP_PONG,
 					     .pong = msg->u.ping };
+
+		/* The drain before a postcopy switch: the stop comes next. */
+		if (in->pc_discarded && in->pcd &&
+		    ferry__pcd_state(in->pcd) == FERRY_PC_ADVISE)
+			pc_switch_urgent(in, true);
 		return rp_send(in, &pong, err);
 	}
 	case FERRY_CMD_AGREE:
@@ -1704,6 +1714,11 @@ static void *in_main(void *arg)
 	r = ferry__load(m->ctx, c, &opts, &hooks, &io, &in->version, &err);
 	/* A load that failed inside the switch window. */
 	pc_switch_urgent(in, false);
+	/* Postcopy advised but the VM never ran here (precopy converged, or
+	 * anything failed before RUN): nobody will serve a fault, and the
+	 * fault thread started at ADVISE must not outlive the load. */
+	if (in->pcd && !in->pc_ran)
+		ferry__pcd_finish(in->pcd);
 	if (r == -ETIMEDOUT) {
 		ferry_error_clear(&err);
 		ferry_error_set(&err, r, "no data from the source for %llu ms",
@@ -1754,10 +1769,6 @@ static void *in_main(void *arg)
 		struct ferry_rp_msg shut = { .type = FERRY_RP_SHUT,
 					     .status = (uint32_t)-r };
 
-		/* Postcopy that failed before RUN: the VM never ran here and
-		 * never will; nobody serves its faults any more. */
-		if (in->pcd)
-			ferry__pcd_finish(in->pcd);
 		ferry_error_prefix(&err, "incoming migration from %s failed: ",
 				   in->uri);
 		snprintf(shut.reason, sizeof(shut.reason), "%.250s", err.msg);
@@ -1775,10 +1786,6 @@ static void *in_main(void *arg)
 		shut.values[FERRY_SHUT_T_RESUMED] = now_ns();
 		rp_send(in, &shut, NULL);
 	}
-	/* Postcopy advised, never switched to (precopy converged): the fault
-	 * thread started at ADVISE has nothing to serve. */
-	if (!r && in->pcd && !in->pc_ran)
-		ferry__pcd_finish(in->pcd);
 	if (swo == FERRY_SWO_IN_DOUBT) {
 		/* Whole and stopped: the operator decides (see above). */
 		m->ops.vm_set_state(m->opaque, FERRY_RUN_PAUSED);

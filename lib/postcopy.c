@@ -375,14 +375,16 @@ struct ferry_pcd {
 	int state;                    /* atomic, enum ferry_pc_state */
 	ferry_pcd_trace_fn trace;     /* immutable */
 	void *trace_opaque;
-	int uffd;                     /* immutable once LISTEN ran; -1 before */
+	int uffd;                     /* load thread at ADVISE (ferry__pcd_prepare),
+					 then immutable; -1 before */
 	bool registered;              /* load/listen thread */
 	bool zeropage;                /* UFFDIO_ZEROPAGE available */
 	int wake;                     /* eventfd: stop the fault thread */
 	struct ferry_ctx *pool_ctx;   /* whose pool runs the fault thread */
 	struct ferry__pool_batch *fault_job; /* load/listen thread */
 	bool fault_live;              /* load/listen thread */
-	ferry_pcd_request_fn req;     /* immutable once LISTEN ran */
+	ferry_pcd_request_fn req;     /* set before the fault job starts (ADVISE),
+					 then immutable */
 	void *req_opaque;
 	uint64_t *received[FERRY_RAM_MAX_BLOCKS];  /* atomic words: the RAM
 						      blocks' recv_map */
@@ -984,9 +986,10 @@ static void on_fault(struct ferry_pcd *pcd, uintptr_t addr)
  * vCPU threads are created at the start - and a vCPU running SCHED_FIFO
  * (or at nice -10) for the rest of its life would starve the host. So
  * every raise sets SCHED_RESET_ON_FORK: threads created meanwhile start
- * SCHED_OTHER at nice 0 or above. (A helper that wants the window's
- * priority asks for it explicitly, as the thread backend's split dirty
- * sync does.)
+ * SCHED_OTHER at nice 0. (A helper that wants the window's priority asks
+ * for it explicitly, as the thread backend's split dirty sync does.) Only
+ * CAP_SYS_NICE may clear the flag again: a thread raised under
+ * RLIMIT_RTPRIO alone keeps it, and gets its policy back all the same.
  */
 void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime)
 {
@@ -994,8 +997,12 @@ void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime)
 	struct ferry__pc_sched s = { .raised = true };
 	struct sched_param fifo = { .sched_priority = 1 };
 
-	if (was && was->raised)
+	/* Raised already, or tried and not allowed: once per window (the
+	 * destination asks again at every command of its window). */
+	if (was && (was->raised || was->tried))
 		return;
+	if (was)
+		was->tried = true;
 	errno = 0;
 	s.nice = getpriority(PRIO_PROCESS, tid);
 	if (s.nice == -1 && errno)
@@ -1003,17 +1010,16 @@ void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime)
 	if ((s.policy = sched_getscheduler(0)) < 0 ||
 	    sched_getparam(0, &s.param))
 		return;  /* nothing changed, nothing to put back */
-	if (realtime && s.policy == SCHED_OTHER &&
+	if (realtime && (s.policy & ~SCHED_RESET_ON_FORK) == SCHED_OTHER &&
 	    !sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &fifo)) {
 		s.fifo = true;
 	} else if (!setpriority(PRIO_PROCESS, tid, -10)) {
-		/* Allowed to anyone; clearing it again needs CAP_SYS_NICE,
-		 * which a thread that may renice has, or RLIMIT_NICE. */
 		(void)sched_setscheduler(0, s.policy | SCHED_RESET_ON_FORK,
 					 &s.param);
 	} else {
 		return;
 	}
+	s.tried = true;
 	if (was)
 		*was = s;
 }
@@ -1022,11 +1028,14 @@ void ferry__pc_sched_restore(struct ferry__pc_sched *was)
 {
 	if (!was->raised)
 		return;
-	/* The policy as it was (its reset-on-fork flag too), then the nice
-	 * value (a policy change keeps it). */
-	(void)sched_setscheduler(0, was->policy, &was->param);
+	/* The policy as it was (its reset-on-fork flag too, if allowed: see
+	 * above), then the nice value (a policy change keeps it). */
+	if (sched_setscheduler(0, was->policy, &was->param) && errno == EPERM)
+		(void)sched_setscheduler(0, was->policy | SCHED_RESET_ON_FORK,
+					 &was->param);
 	(void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), was->nice);
 	was->raised = false;
+	was->tried = false;
 }
 
 static void fault_loop(struct ferry_pcd *pcd)

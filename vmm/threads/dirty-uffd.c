@@ -388,11 +388,13 @@ static void *half_main(void *arg)
 }
 
 /*
- * The helper walks at its caller's priority: libferry raises the thread
- * that runs a postcopy switch (SCHED_FIFO, with SCHED_RESET_ON_FORK so
- * that nothing it starts inherits it), and half of the switch's walk on a
- * thread the fair scheduler may keep waiting would undo that. Asked for
- * explicitly; the default, inheriting, gives SCHED_OTHER there.
+ * The helper walks at its caller's real-time policy, if it has one:
+ * libferry raises the thread that runs a postcopy switch (SCHED_FIFO, with
+ * SCHED_RESET_ON_FORK so that nothing it starts inherits it), and half of
+ * the switch's walk on a thread the fair scheduler may keep waiting would
+ * undo that. Asked for explicitly; the default, inheriting, gives
+ * SCHED_OTHER there. (A caller only reniced - the fallback without
+ * CAP_SYS_NICE - gets a helper at nice 0.)
  */
 static int spawn_like_me(pthread_t *th, struct half *h)
 {
