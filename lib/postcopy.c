@@ -970,7 +970,7 @@ static void on_fault(struct ferry_pcd *pcd, uintptr_t addr)
  * threads do little and must do it now: nice -10.
  *
  * The switch windows (the source from its stop to the package sent, the
- * destination's load thread from the first DISCARD to RUN) are the
+ * destination's load thread from the drain's PONG to RUN) are the
  * downtime itself, and a nice value is not enough there: the fair
  * scheduler bounds a thread's share, not its wait, and a thread that has
  * used its share waits out another's whole slice. Measured on a 2-core
