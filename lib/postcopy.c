@@ -995,7 +995,7 @@ void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime)
 {
 	id_t tid = (id_t)syscall(SYS_gettid);
 	struct ferry__pc_sched s = { .raised = true };
-	struct sched_param fifo = { .sched_priority = 1 };
+	struct sched_param rt = { .sched_priority = 1 };
 
 	/* Raised already, or tried and not allowed: once per window (the
 	 * destination asks again at every command of its window). */
@@ -1010,14 +1010,13 @@ void ferry__pc_sched_raise(struct ferry__pc_sched *was, bool realtime)
 	if ((s.policy = sched_getscheduler(0)) < 0 ||
 	    sched_getparam(0, &s.param))
 		return;  /* nothing changed, nothing to put back */
-	if (realtime && (s.policy & ~SCHED_RESET_ON_FORK) == SCHED_OTHER &&
-	    !sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &fifo)) {
-		s.fifo = true;
-	} else if (!setpriority(PRIO_PROCESS, tid, -10)) {
+	if (!realtime || (s.policy & ~SCHED_RESET_ON_FORK) != SCHED_OTHER ||
+	    sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &rt)) {
+		/* Not SCHED_FIFO: nice -10, if allowed. */
+		if (setpriority(PRIO_PROCESS, tid, -10))
+			return;
 		(void)sched_setscheduler(0, s.policy | SCHED_RESET_ON_FORK,
 					 &s.param);
-	} else {
-		return;
 	}
 	s.tried = true;
 	if (was)

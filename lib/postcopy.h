@@ -144,7 +144,6 @@ void ferry__pcd_get_stats(struct ferry_pcd *pcd, struct ferry_pcd_stats *st);
 struct ferry__pc_sched {
 	bool raised;              /* changed, to be put back */
 	bool tried;               /* raise ran (raised or not allowed) */
-	bool fifo;                /* now SCHED_FIFO (else only reniced) */
 	int policy, nice;         /* before (policy with its reset-on-fork
 				     flag, as sched_getscheduler says) */
 	struct sched_param param; /* before */
