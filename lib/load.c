@@ -642,7 +642,6 @@ static void listen_main(void *arg)
 			break;
 	}
 	lt->ret = r;
-	return;
 }
 
 /* The records of a package (@c), which must end with its EOF. */
