@@ -117,11 +117,18 @@ static double link_limit(int nconn)
 	return (double)LINK_BYTES / (t1 - t0);
 }
 
-static void bench(const char *backend, unsigned ndev, const char *channel,
-		  bool precopy, int runs, double limit)
+/* Medians of one case, for the targets at the end (0: not run). */
+struct result {
+	double down, rate, bytes;
+};
+
+static struct result bench(const char *backend, unsigned ndev,
+			   const char *channel, bool precopy, int runs,
+			   double limit)
 {
-	double down[MAXRUNS], tput[MAXRUNS], total[MAXRUNS],
+	double down[MAXRUNS], tput[MAXRUNS], total[MAXRUNS], bytes[MAXRUNS] = { 0 },
 	       ph[FERRY_PHASE__MAX][MAXRUNS];
+	struct result res = { 0 };
 
 	for (int r = 0; r < runs; r++) {
 		char devs[512] = "", args[1024];
@@ -159,6 +166,7 @@ static void bench(const char *backend, unsigned ndev, const char *channel,
 		/* Device state at the switchover over the time it took: from
 		 * the guest's stop to the destination having loaded it. */
 		sw = getd(json_object_get(m, "device-state"), "switchover-bytes");
+		bytes[r] = sw / 1048576.0;
 		dev_ms = ph[FERRY_PHASE_DEVICE_SAVE][r] + ph[FERRY_PHASE_TRANSFER][r] +
 			 ph[FERRY_PHASE_DEVICE_DATA][r] +
 			 ph[FERRY_PHASE_DEVICE_CONFIG][r];
@@ -174,6 +182,7 @@ static void bench(const char *backend, unsigned ndev, const char *channel,
 	       "s (2) with load threads" : "", runs);
 	stat3("total time", total, runs, "ms");
 	stat3("downtime", down, runs, "ms");
+	res.down = down[runs / 2];      /* stat3 sorted it */
 	for (int i = 0; i < FERRY_PHASE__MAX; i++)
 		stat3(ferry_phase_name(i), ph[i], runs, "ms");
 	if (!precopy) {
@@ -183,14 +192,60 @@ static void bench(const char *backend, unsigned ndev, const char *channel,
 		med = tput[runs / 2];   /* stat3 sorted it */
 		printf("  %-22s %.2fx the device state rate (target: at "
 		       "most 1.3x)\n", "link limit", med > 0 ? limit / 1e6 / med : 0);
+		res.rate = med;
+		stat3("device state at stop", bytes, runs, "MiB");
+		res.bytes = bytes[runs / 2] * 1048576.0;
 	}
 	fflush(stdout);
+	return res;
+}
+
+static const char *verdict(bool met)
+{
+	return met ? "met" : "not met";
+}
+
+/*
+ * The issue's targets against this run's medians, 4 devices without
+ * precopy. Next to the halving target, its floor on this machine: the
+ * time the same bytes take over the two-connection link alone (no device,
+ * no copy, no check), the fastest multifd could ever move them here. When
+ * that floor is above half the main channel's downtime, no multifd
+ * implementation can meet the target on this machine.
+ */
+static void targets(const struct result *main_ch, const struct result *mf,
+		    double l1, double l2)
+{
+	printf("targets, from this run's medians (4 x 512 MiB, no precopy):\n");
+	if (main_ch->down && mf->down) {
+		double floor_ms = mf->bytes / l2 * 1000.0;
+
+		printf("  downtime, multifd + load threads / main channel: "
+		       "%.0f / %.0f ms = %.2f (<= 0.5: %s)\n", mf->down,
+		       main_ch->down, mf->down / main_ch->down,
+		       verdict(mf->down <= 0.5 * main_ch->down));
+		printf("  floor: %.0f MiB over the 2-connection link alone take "
+		       "%.0f ms, %s than half the main channel's downtime "
+		       "(%.0f ms)%s\n", mf->bytes / 1048576.0, floor_ms,
+		       floor_ms > 0.5 * main_ch->down ? "more" : "less",
+		       0.5 * main_ch->down, floor_ms > 0.5 * main_ch->down ?
+		       ": out of reach on this machine" : "");
+	}
+	if (main_ch->rate)
+		printf("  1-connection link / main channel's device state "
+		       "rate: %.2fx (<= 1.3x: %s)\n",
+		       l1 / 1e6 / main_ch->rate, verdict(l1 / 1e6 <= 1.3 * main_ch->rate));
+	if (mf->rate)
+		printf("  2-connection link / multifd's device state rate: "
+		       "%.2fx (<= 1.3x: %s)\n",
+		       l2 / 1e6 / mf->rate, verdict(l2 / 1e6 <= 1.3 * mf->rate));
 }
 
 int main(int argc, char **argv)
 {
 	static const unsigned ndevs[] = { 1, 2, 4 };
 	static const char *const chans[] = { "main", "multifd" };
+	static struct result res[3][2];
 	const char *backend, *only = NULL;
 	double l1, l2;
 	int runs = 3;
@@ -207,8 +262,8 @@ int main(int argc, char **argv)
 
 			snprintf(label, sizeof(label), "%ux %s", ndevs[n], chans[c]);
 			if (!only || strstr(label, only))
-				bench(backend, ndevs[n], chans[c], false, runs,
-				      c ? l2 : l1);
+				res[n][c] = bench(backend, ndevs[n], chans[c],
+						  false, runs, c ? l2 : l1);
 		}
 	for (int c = 0; c < 2; c++) {
 		char label[64];
@@ -217,5 +272,6 @@ int main(int argc, char **argv)
 		if (!only || strstr(label, only))
 			bench(backend, 4, chans[c], true, runs, c ? l2 : l1);
 	}
+	targets(&res[2][0], &res[2][1], l1, l2);
 	return bench_end();
 }
