@@ -449,6 +449,27 @@ static bool same_ram(struct side *a, struct side *b)
 	return same;
 }
 
+/* A migration that does not end: the source's and (unless NULL: killed or
+ * stopped by the fault) the destination's query-migrate and status, so the
+ * report says where it stuck. */
+static void dump_stuck(struct side *src, struct side *dst)
+{
+	struct side *both[2] = { src, dst };
+
+	for (int k = 0; k < 2 && both[k]; k++) {
+		json_t *m = call(&both[k]->v, "query-migrate", NULL);
+		json_t *st = call(&both[k]->v, "query-status", NULL);
+		char *js = json_dumps(m, JSON_COMPACT);
+
+		fprintf(stderr, "soak: %s (%s, %s): %s\n", both[k]->name,
+			k ? "destination" : "source", jstr(st, "status"),
+			js ? js : "?");
+		free(js);
+		json_decref(m);
+		json_decref(st);
+	}
+}
+
 static bool migrate_once(int i, struct side *src, struct side *dst)
 {
 	char s1[32], s2[32];
@@ -460,6 +481,7 @@ static bool migrate_once(int i, struct side *src, struct side *dst)
 	m = wait_end(src, 300);
 	if (!m) {
 		unintended(i, "no end after 300 s", "");
+		dump_stuck(src, dst);
 		exit(1);
 	}
 	if (!strcmp(jstr(m, "status"), "completed")) {
@@ -591,6 +613,7 @@ static void migrate_faulted(int i, struct side *src, enum fault f)
 	m = wait_end(src, 120);
 	if (!m) {
 		unintended(i, fault_names[f], "no end after 120 s");
+		dump_stuck(src, NULL);
 		exit(1);
 	}
 	if (f == F_STOP_DEST)
