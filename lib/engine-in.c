@@ -1590,10 +1590,22 @@ static int handshake(struct mig_in *in, struct ferry_record_io *io,
 	ferry__mutex_unlock(&m->lock);
 	if (cancel)
 		return ferry_error_set(err, -ECANCELED, "cancelled");
-	if (mig_fault_take(m, FAULT_LOSE_LOADED))
+	if (mig_fault_take(m, FAULT_LOSE_LOADED)) {
 		rp_silence(in);
-	else if ((r = rp_send(in, &msg, err)))
-		return ferry_error_prefix(err, "sending LOADED: ");
+	} else if ((r = rp_send(in, &msg, err))) {
+		/* The source never had LOADED, so no GO exists and it resumes
+		 * the VM - unless it is gone (killed: the reset that broke
+		 * this send may be its kernel closing its socket). This side
+		 * cannot tell which, and in the second case it holds the only
+		 * whole copy: keep it, paused, for the operator's rule rather
+		 * than give it up. */
+		*swo = FERRY_SWO_IN_DOUBT;
+		return ferry_error_prefix(err, "switchover in doubt: this side "
+			"holds the loaded VM but could not send LOADED, so the "
+			"source resumed it unless it is gone; the VM stays "
+			"paused. Continue it only if the source is gone. "
+			"Sending LOADED: ");
+	}
 	*swo = FERRY_SWO_LOADED;
 	mig_set_switchover(m, true, FERRY_SWO_LOADED);
 
