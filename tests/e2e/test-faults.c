@@ -304,9 +304,8 @@ TEST(fault_reset_eof)
 	struct run r;
 
 	begin(&r, "pause-eof", false);
-	/* The EOF is out; strike once LOADED is too. Before that, a reset
-	 * makes the destination's LOADED fail and it gives up - safe, but
-	 * another cell (fault_reset_stopped). */
+	/* The EOF is out; strike once LOADED is too (a reset before it is
+	 * fault_reset_dest_loaded's cell). */
 	json_decref(wait_switchover(&r.d, "loaded"));
 	strike(&r, RESET);
 	go_on(&r.s);
