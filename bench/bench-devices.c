@@ -200,11 +200,6 @@ static struct result bench(const char *backend, unsigned ndev,
 	return res;
 }
 
-static const char *verdict(bool met)
-{
-	return met ? "met" : "not met";
-}
-
 /*
  * The issue's targets against this run's medians, 4 devices without
  * precopy. Next to the halving target, its floor on this machine: the

@@ -137,11 +137,6 @@ static struct result bench(const char *backend, uint64_t mem, const char *ws,
 				mode != PRECOPY_AC ? p50[runs / 2] : 0 };
 }
 
-static const char *verdict(bool met)
-{
-	return met ? "met" : "not met";
-}
-
 /* "fault p50 ...x the bare round trip (<= 1.5x: met|not met)" */
 static void p50_verdict(double p50, double floor_us)
 {

@@ -162,6 +162,11 @@ void stat3(const char *label, double *v, int n, const char *unit)
 	       v[n / 2], v[n - 1], unit);
 }
 
+const char *verdict(bool met)
+{
+	return met ? "met" : "not met";
+}
+
 
 static double mono_s(void)
 {

@@ -5,6 +5,7 @@
 #ifndef FERRY_BENCHVM_H
 #define FERRY_BENCHVM_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -65,5 +66,7 @@ json_t *bench_migrate(struct vmp *s, struct vmp *d, const char *uri,
 		      double secs, struct bench_mig *out);
 /* "label  min .. median .. max unit" over @n values (sorts @v). */
 void stat3(const char *label, double *v, int n, const char *unit);
+/* "met" or "not met", for a target checked at a bench's end. */
+const char *verdict(bool met);
 
 #endif
