@@ -870,7 +870,6 @@ TEST(postcopy_switch_priority_raised_and_restored)
 	ASSERT_EQ(sp.child_policy, SCHED_OTHER);
 	ASSERT_EQ(sp.child_nice, sp.capable ? 0 : sp.nice[0]);
 	if (sp.capable) {
-		ASSERT_EQ(sp.policy[1], SCHED_FIFO);
 		ASSERT_EQ(sp.policy[3], SCHED_OTHER);
 		ASSERT_EQ(sp.nice[3], -10);
 	}
